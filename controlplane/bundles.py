@@ -1,0 +1,147 @@
+"""Builds signed bundles on disk and reads them back for pushing.
+
+A bundle directory holds ``release.json`` (TUF targets metadata signed by the release key,
+with the manifest embedded, see :mod:`protos.fleet.release`) and ``artifacts/<path>`` for
+every target the metadata names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.serialization.json import JSONSerializer
+
+from controlplane.gguf_info import read_gguf_info
+from protos.fleet import release
+from protos.fleet.fsio import atomic_write_bytes
+from protos.fleet.v1 import bundle_pb2, common_pb2
+
+RELEASE_FILE = "release.json"
+ARTIFACT_DIR = "artifacts"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+HASH_CHUNK = 1 << 20
+
+
+class BundleError(Exception):
+    """A bundle cannot be built or read."""
+
+
+@dataclass(frozen=True, slots=True)
+class BundleOnDisk:
+    path: Path
+    release: release.VerifiedRelease
+
+    def artifact_path(self, target: str) -> Path:
+        return self.path / ARTIFACT_DIR / release.check_target_path(target)
+
+
+def check_bundle_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise BundleError(
+            f"bundle name {name!r} must be lowercase letters, digits, '.', '_' or '-', up to 128 characters"
+        )
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_or_link(source: Path, dest: Path) -> None:
+    """Hard-links when possible (same filesystem, no copy of gigabytes), copies otherwise."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def gguf_variant(model: Path) -> bundle_pb2.Variant:
+    """Describes a GGUF file as a bundle variant from its own header."""
+    info = read_gguf_info(model)
+    artifact = f"model.{info.quantization.lower()}.gguf"
+    size = model.stat().st_size
+    return bundle_pb2.Variant(
+        id=f"gguf-{info.quantization.lower()}",
+        format=common_pb2.MODEL_FORMAT_GGUF,
+        quantization=info.quantization,
+        artifact=artifact,
+        size_bytes=size,
+        # Weights are memory-mapped; a KV cache and compute buffers come on top.
+        min_ram_bytes=size + 256 * 1024 * 1024,
+        context_length=info.context_length,
+        has_chat_template=info.has_chat_template,
+    )
+
+
+def build_bundle(
+    model: Path,
+    *,
+    name: str,
+    version: int,
+    out: Path,
+    signer: Signer,
+    expires_in: timedelta = timedelta(days=90),
+    description: str = "",
+) -> BundleOnDisk:
+    """Writes a signed single-variant bundle for a GGUF model into ``out``."""
+    check_bundle_name(name)
+    if version < 1:
+        raise BundleError(f"version must be a positive integer, got {version}")
+    if not model.is_file():
+        raise BundleError(f"model file {model} does not exist")
+    variant = gguf_variant(model)
+    artifact = variant.artifact
+    manifest = bundle_pb2.BundleManifest(
+        schema_version=release.MANIFEST_SCHEMA_VERSION,
+        name=name,
+        version=version,
+        variants=[variant],
+        description=description,
+    )
+    target_path = out / ARTIFACT_DIR / artifact
+    _copy_or_link(model, target_path)
+    targets = Targets(
+        version=version,
+        expires=datetime.now(UTC) + expires_in,
+        targets={
+            artifact: TargetFile(
+                length=target_path.stat().st_size,
+                hashes={"sha256": sha256_file(target_path)},
+                path=artifact,
+            )
+        },
+        unrecognized_fields={release.MANIFEST_FIELD: release.manifest_to_json(manifest)},
+    )
+    metadata = Metadata(targets)
+    metadata.sign(signer)
+    data = metadata.to_bytes(JSONSerializer(compact=False))
+    atomic_write_bytes(out / RELEASE_FILE, data)
+    return BundleOnDisk(path=out, release=release.read_release_unverified(data))
+
+
+def open_bundle(path: Path, *, root: Root | None = None) -> BundleOnDisk:
+    """Reads a bundle directory, verifying its signatures when a trusted root is given."""
+    try:
+        data = (path / RELEASE_FILE).read_bytes()
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path} is not a bundle: {RELEASE_FILE} is missing") from exc
+    verified = release.verify_release(data, root=root) if root is not None else release.read_release_unverified(data)
+    bundle = BundleOnDisk(path=path, release=verified)
+    for target in verified.artifacts:
+        if not bundle.artifact_path(target).is_file():
+            raise BundleError(f"bundle {path} lacks artifact {target}")
+    return bundle

@@ -1,0 +1,1 @@
+"""The control plane's store: SQLModel tables and keyword-only CRUD functions."""

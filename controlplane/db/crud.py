@@ -1,0 +1,195 @@
+"""Keyword-only CRUD functions over a SQLModel session; the servicers stay thin.
+
+Each function does one unit of work and leaves committing to the caller's session scope
+(``with Session(engine) as s, s.begin():``), except where atomicity needs its own statement.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from controlplane.db.models import (
+    Bundle,
+    BundleArtifact,
+    Deployment,
+    Device,
+    EnrollmentToken,
+    TelemetryRecord,
+    utcnow,
+)
+from protos.fleet.release import VerifiedRelease, manifest_to_json
+
+
+class StoreError(Exception):
+    """Base of store refusals that operators and devices should see as such."""
+
+
+class TokenRejected(StoreError):
+    """The bootstrap token is unknown, used up or expired."""
+
+
+class BundleExists(StoreError):
+    """A bundle with that name and version was already pushed with different metadata."""
+
+
+class BundleNotFound(StoreError):
+    """No bundle with that name and version."""
+
+
+class DeviceNotFound(StoreError):
+    """No device with that id."""
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; everything here is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def create_token(
+    session: Session, *, token_sha256: str, uses: int, ttl: timedelta, labels: dict[str, str]
+) -> EnrollmentToken:
+    row = EnrollmentToken(
+        token_sha256=token_sha256, uses_left=uses, expires_at=utcnow() + ttl, labels=dict(labels)
+    )
+    session.add(row)
+    return row
+
+
+def consume_token(session: Session, *, token_sha256: str) -> EnrollmentToken:
+    """Uses one enrollment of a token, atomically, so two devices cannot share a single-use token."""
+    table = EnrollmentToken.__table__  # type: ignore[attr-defined]
+    result = session.execute(
+        update(table)
+        .where(table.c.token_sha256 == token_sha256)
+        .where(table.c.uses_left > 0)
+        .where(table.c.expires_at > utcnow())
+        .values(uses_left=table.c.uses_left - 1)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        row = session.get(EnrollmentToken, token_sha256)
+        if row is None:
+            raise TokenRejected("unknown enrollment token")
+        if row.uses_left <= 0:
+            raise TokenRejected("enrollment token has already been used")
+        raise TokenRejected("enrollment token has expired")
+    row = session.get(EnrollmentToken, token_sha256)
+    assert row is not None
+    return row
+
+
+def create_device(
+    session: Session, *, device_id: str, credential_sha256: str, hostname: str, labels: dict[str, str]
+) -> Device:
+    device = Device(id=device_id, credential_sha256=credential_sha256, hostname=hostname, labels=labels)
+    session.add(device)
+    return device
+
+
+def device_by_credential(session: Session, *, credential_sha256: str) -> Device | None:
+    return session.exec(select(Device).where(Device.credential_sha256 == credential_sha256)).first()
+
+
+def add_bundle(session: Session, *, release: VerifiedRelease) -> tuple[Bundle, bool]:
+    """Records a verified release; returns (bundle, already_present). Same bytes twice is idempotent."""
+    existing = get_bundle(session, name=release.name, version=release.version, missing_ok=True)
+    if existing is not None:
+        if existing.release_metadata != release.metadata:
+            raise BundleExists(
+                f"{release.name}@{release.version} already exists with different metadata; "
+                "push a higher version instead"
+            )
+        return existing, True
+    bundle = Bundle(
+        name=release.name,
+        version=release.version,
+        release_metadata=release.metadata,
+        manifest_json=json.dumps(manifest_to_json(release.manifest)),
+        expires_at=release.expires,
+        total_bytes=sum(a.length for a in release.artifacts.values()),
+    )
+    session.add(bundle)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise BundleExists(f"{release.name}@{release.version} was pushed concurrently") from exc
+    assert bundle.id is not None
+    for info in release.artifacts.values():
+        session.add(BundleArtifact(bundle_id=bundle.id, path=info.path, sha256=info.sha256, length=info.length))
+    return bundle, False
+
+
+def get_bundle(session: Session, *, name: str, version: int, missing_ok: bool = False) -> Bundle | None:
+    bundle = session.exec(select(Bundle).where(Bundle.name == name, Bundle.version == version)).first()
+    if bundle is None and not missing_ok:
+        raise BundleNotFound(f"no bundle {name}@{version}; push it first")
+    return bundle
+
+
+def list_bundles(session: Session) -> Sequence[Bundle]:
+    return session.exec(select(Bundle).order_by(col(Bundle.name), col(Bundle.version))).all()
+
+
+def bundle_artifacts(session: Session, *, bundle_id: int) -> Sequence[BundleArtifact]:
+    return session.exec(select(BundleArtifact).where(BundleArtifact.bundle_id == bundle_id)).all()
+
+
+@dataclass(frozen=True, slots=True)
+class DeployedTo:
+    device_id: str
+    generation: int
+
+
+def deploy(
+    session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None
+) -> list[DeployedTo]:
+    """Points devices (all when ``device_ids`` is None) at a bundle with a new generation each."""
+    query = select(Device)
+    if device_ids is not None:
+        query = query.where(col(Device.id).in_(list(device_ids)))
+    devices = session.exec(query.with_for_update()).all()
+    if device_ids is not None:
+        missing = set(device_ids) - {d.id for d in devices}
+        if missing:
+            raise DeviceNotFound(f"unknown device(s): {', '.join(sorted(missing))}")
+    assert bundle.id is not None
+    result = []
+    for device in devices:
+        device.desired_generation += 1
+        device.desired_bundle_id = bundle.id
+        session.add(device)
+        session.add(Deployment(device_id=device.id, bundle_id=bundle.id, generation=device.desired_generation))
+        result.append(DeployedTo(device_id=device.id, generation=device.desired_generation))
+    return result
+
+
+def artifact_deployed_to(session: Session, *, device_id: str, sha256: str) -> bool:
+    """Devices may fetch only artifacts of bundles that were deployed to them."""
+    query = (
+        select(BundleArtifact.sha256)
+        .join(Deployment, col(Deployment.bundle_id) == col(BundleArtifact.bundle_id))
+        .where(Deployment.device_id == device_id, BundleArtifact.sha256 == sha256)
+        .limit(1)
+    )
+    return session.exec(query).first() is not None
+
+
+def list_devices(session: Session) -> Sequence[Device]:
+    return session.exec(select(Device).order_by(col(Device.enrolled_at))).all()
+
+
+def query_telemetry(
+    session: Session, *, device_id: str | None, kind: str | None, limit: int
+) -> Sequence[TelemetryRecord]:
+    query = select(TelemetryRecord)
+    if device_id:
+        query = query.where(TelemetryRecord.device_id == device_id)
+    if kind:
+        query = query.where(TelemetryRecord.kind == kind)
+    return session.exec(query.order_by(col(TelemetryRecord.id).desc()).limit(limit)).all()

@@ -1,0 +1,97 @@
+"""SQLModel tables of the control plane.
+
+SQLite is the default (a file under the data dir); any SQLAlchemy URL works, PostgreSQL for
+scale. Times are stored as timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Device(SQLModel, table=True):
+    """An enrolled device and what it last told us about itself."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    credential_sha256: str = Field(index=True, unique=True, max_length=64)
+    hostname: str = ""
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    enrolled_at: datetime = Field(default_factory=utcnow)
+    last_seen: datetime | None = None
+    state: int = 0
+    active_bundle: str = ""
+    active_version: int = 0
+    variant: str = ""
+    api_url: str = ""
+    last_error: str = ""
+    desired_bundle_id: int | None = Field(default=None, foreign_key="bundle.id")
+    desired_generation: int = 0
+    applied_generation: int = 0
+    last_tokens_per_second: float = 0.0
+    last_latency_ms: float = 0.0
+    requests_total: int = 0
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """A bootstrap token; only its hash is kept, so a leaked database leaks no tokens."""
+
+    token_sha256: str = Field(primary_key=True, max_length=64)
+    uses_left: int
+    expires_at: datetime
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Bundle(SQLModel, table=True):
+    """A signed release as pushed by an operator; the metadata bytes are kept verbatim."""
+
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, max_length=128)
+    version: int
+    release_metadata: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    manifest_json: str
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    total_bytes: int = 0
+
+
+class BundleArtifact(SQLModel, table=True):
+    """One artifact of a bundle: its target path and content address in the blob store."""
+
+    bundle_id: int = Field(foreign_key="bundle.id", primary_key=True)
+    path: str = Field(primary_key=True, max_length=512)
+    sha256: str = Field(index=True, max_length=64)
+    length: int
+
+
+class Deployment(SQLModel, table=True):
+    """Each desired-state change of a device, in generation order."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", index=True)
+    bundle_id: int = Field(foreign_key="bundle.id")
+    generation: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TelemetryRecord(SQLModel, table=True):
+    """One telemetry message, deduplicated by (device, seq) so redelivery is harmless."""
+
+    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True, max_length=64)
+    kind: str = Field(index=True, max_length=32)
+    seq: int
+    time: datetime
+    received_at: datetime = Field(default_factory=utcnow)
+    payload: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -1,0 +1,42 @@
+from protos.fleet.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BundleManifest(_message.Message):
+    __slots__ = ("schema_version", "name", "version", "variants", "description")
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    name: str
+    version: int
+    variants: _containers.RepeatedCompositeFieldContainer[Variant]
+    description: str
+    def __init__(self, schema_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class Variant(_message.Message):
+    __slots__ = ("id", "format", "quantization", "artifact", "size_bytes", "min_ram_bytes", "context_length", "has_chat_template")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    format: _common_pb2.ModelFormat
+    quantization: str
+    artifact: str
+    size_bytes: int
+    min_ram_bytes: int
+    context_length: int
+    has_chat_template: bool
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., quantization: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., min_ram_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,90 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DeviceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEVICE_STATE_UNSPECIFIED: _ClassVar[DeviceState]
+    DEVICE_STATE_IDLE: _ClassVar[DeviceState]
+    DEVICE_STATE_FETCHING: _ClassVar[DeviceState]
+    DEVICE_STATE_VERIFYING: _ClassVar[DeviceState]
+    DEVICE_STATE_INSTALLING: _ClassVar[DeviceState]
+    DEVICE_STATE_TESTING: _ClassVar[DeviceState]
+    DEVICE_STATE_ACTIVE: _ClassVar[DeviceState]
+    DEVICE_STATE_FAILED: _ClassVar[DeviceState]
+    DEVICE_STATE_ROLLED_BACK: _ClassVar[DeviceState]
+
+class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_FORMAT_UNSPECIFIED: _ClassVar[ModelFormat]
+    MODEL_FORMAT_GGUF: _ClassVar[ModelFormat]
+    MODEL_FORMAT_ONNX: _ClassVar[ModelFormat]
+    MODEL_FORMAT_MLX: _ClassVar[ModelFormat]
+DEVICE_STATE_UNSPECIFIED: DeviceState
+DEVICE_STATE_IDLE: DeviceState
+DEVICE_STATE_FETCHING: DeviceState
+DEVICE_STATE_VERIFYING: DeviceState
+DEVICE_STATE_INSTALLING: DeviceState
+DEVICE_STATE_TESTING: DeviceState
+DEVICE_STATE_ACTIVE: DeviceState
+DEVICE_STATE_FAILED: DeviceState
+DEVICE_STATE_ROLLED_BACK: DeviceState
+MODEL_FORMAT_UNSPECIFIED: ModelFormat
+MODEL_FORMAT_GGUF: ModelFormat
+MODEL_FORMAT_ONNX: ModelFormat
+MODEL_FORMAT_MLX: ModelFormat
+
+class BundleRef(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DeviceSummary(_message.Message):
+    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    API_URL_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LAST_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    state: DeviceState
+    active_bundle: BundleRef
+    desired_bundle: BundleRef
+    api_url: str
+    last_seen: _timestamp_pb2.Timestamp
+    last_error: str
+    last_tokens_per_second: float
+    last_latency_ms: float
+    requests_total: int
+    desired_generation: int
+    applied_generation: int
+    labels: _containers.ScalarMap[str, str]
+    variant: str
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,104 @@
+from protos.fleet.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("bootstrap_token", "hostname", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BOOTSTRAP_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    bootstrap_token: str
+    hostname: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, bootstrap_token: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("device_id", "device_credential", "mqtt_topic_prefix", "mqtt_url")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    MQTT_TOPIC_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    MQTT_URL_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    device_credential: str
+    mqtt_topic_prefix: str
+    mqtt_url: str
+    def __init__(self, device_id: _Optional[str] = ..., device_credential: _Optional[str] = ..., mqtt_topic_prefix: _Optional[str] = ..., mqtt_url: _Optional[str] = ...) -> None: ...
+
+class WatchDesiredStateRequest(_message.Message):
+    __slots__ = ("known_generation",)
+    KNOWN_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    known_generation: int
+    def __init__(self, known_generation: _Optional[int] = ...) -> None: ...
+
+class DesiredState(_message.Message):
+    __slots__ = ("generation", "bundle", "release_metadata", "artifact_digests")
+    class ArtifactDigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    bundle: _common_pb2.BundleRef
+    release_metadata: bytes
+    artifact_digests: _containers.ScalarMap[str, str]
+    def __init__(self, generation: _Optional[int] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., release_metadata: _Optional[bytes] = ..., artifact_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StatusReport(_message.Message):
+    __slots__ = ("state", "generation", "active_bundle", "api_url", "error", "error_kind", "variant", "detail")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    API_URL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.DeviceState
+    generation: int
+    active_bundle: _common_pb2.BundleRef
+    api_url: str
+    error: str
+    error_kind: str
+    variant: str
+    detail: str
+    def __init__(self, state: _Optional[_Union[_common_pb2.DeviceState, str]] = ..., generation: _Optional[int] = ..., active_bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., variant: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class StatusAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FetchArtifactRequest(_message.Message):
+    __slots__ = ("sha256", "offset")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("offset", "data", "total_length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_length: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_length: _Optional[int] = ...) -> None: ...

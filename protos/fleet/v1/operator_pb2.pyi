@@ -1,0 +1,143 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from protos.fleet.v1 import common_pb2 as _common_pb2
+from protos.fleet.v1 import bundle_pb2 as _bundle_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PushBundleRequest(_message.Message):
+    __slots__ = ("release_metadata", "artifact")
+    RELEASE_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    release_metadata: bytes
+    artifact: ArtifactData
+    def __init__(self, release_metadata: _Optional[bytes] = ..., artifact: _Optional[_Union[ArtifactData, _Mapping]] = ...) -> None: ...
+
+class ArtifactData(_message.Message):
+    __slots__ = ("path", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    data: bytes
+    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushBundleResponse(_message.Message):
+    __slots__ = ("bundle", "already_present")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    bundle: _common_pb2.BundleRef
+    already_present: bool
+    def __init__(self, bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., already_present: _Optional[bool] = ...) -> None: ...
+
+class ListBundlesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BundleInfo(_message.Message):
+    __slots__ = ("manifest", "created", "expires", "total_bytes")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    manifest: _bundle_pb2.BundleManifest
+    created: _timestamp_pb2.Timestamp
+    expires: _timestamp_pb2.Timestamp
+    total_bytes: int
+    def __init__(self, manifest: _Optional[_Union[_bundle_pb2.BundleManifest, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class ListBundlesResponse(_message.Message):
+    __slots__ = ("bundles",)
+    BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    bundles: _containers.RepeatedCompositeFieldContainer[BundleInfo]
+    def __init__(self, bundles: _Optional[_Iterable[_Union[BundleInfo, _Mapping]]] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("uses", "ttl_seconds", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    USES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    uses: int
+    ttl_seconds: int
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, uses: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "expires", "uses")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    USES_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires: _timestamp_pb2.Timestamp
+    uses: int
+    def __init__(self, token: _Optional[str] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uses: _Optional[int] = ...) -> None: ...
+
+class DeployRequest(_message.Message):
+    __slots__ = ("bundle", "all_devices", "device_ids")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ALL_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    bundle: _common_pb2.BundleRef
+    all_devices: bool
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., all_devices: _Optional[bool] = ..., device_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeployResponse(_message.Message):
+    __slots__ = ("device_ids", "max_generation")
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_generation: int
+    def __init__(self, device_ids: _Optional[_Iterable[str]] = ..., max_generation: _Optional[int] = ...) -> None: ...
+
+class ListDevicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDevicesResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[_common_pb2.DeviceSummary]
+    def __init__(self, devices: _Optional[_Iterable[_Union[_common_pb2.DeviceSummary, _Mapping]]] = ...) -> None: ...
+
+class QueryTelemetryRequest(_message.Message):
+    __slots__ = ("device_id", "kind", "limit")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    kind: str
+    limit: int
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class TelemetryRow(_message.Message):
+    __slots__ = ("device_id", "kind", "seq", "time", "payload_json")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    kind: str
+    seq: int
+    time: _timestamp_pb2.Timestamp
+    payload_json: str
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payload_json: _Optional[str] = ...) -> None: ...
+
+class QueryTelemetryResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[TelemetryRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[TelemetryRow, _Mapping]]] = ...) -> None: ...
