@@ -1,0 +1,307 @@
+"""fleetctl: the operator's command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from controlplane import client, fleet_table
+from controlplane.bundles import BundleError, build_bundle
+from controlplane.keys import KeyDir, KeyError_, init_keys
+from controlplane.settings import DEFAULT_LISTEN, Settings
+from protos.fleet.v1 import common_pb2, operator_pb2
+
+app = typer.Typer(help="Operate an edgefleet: keys, bundles, devices, deployments.", no_args_is_help=True)
+keys_app = typer.Typer(help="Signing keys and the device trust file.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Build, push and list signed model bundles.", no_args_is_help=True)
+token_app = typer.Typer(help="Bootstrap tokens devices enroll with.", no_args_is_help=True)
+devices_app = typer.Typer(help="The fleet's devices.", no_args_is_help=True)
+telemetry_app = typer.Typer(help="Telemetry stored by the control plane.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(token_app, name="token")
+app.add_typer(devices_app, name="devices")
+app.add_typer(telemetry_app, name="telemetry")
+
+err = Console(stderr=True)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
+
+
+ControlPlaneOpt = Annotated[
+    str,
+    typer.Option("--controlplane", envvar="EDGEFLEET_CONTROLPLANE", help="control plane gRPC address HOST:PORT"),
+]
+KeysDirOpt = Annotated[
+    Path | None, typer.Option("--keys-dir", help="key directory (default: $EDGEFLEET_HOME/keys)")
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def rpc_error(exc: grpc.RpcError) -> typer.Exit:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return fail(f"{code.name if code else 'RPC'}: {details}")
+
+
+def parse_ref(ref: str) -> common_pb2.BundleRef:
+    name, sep, version = ref.rpartition("@")
+    if not sep or not name or not version.isdigit():
+        raise fail(f"expected NAME@VERSION, got {ref!r}")
+    return common_pb2.BundleRef(name=name, version=int(version))
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    listen: Annotated[str, typer.Option(help="gRPC listen address HOST:PORT")] = DEFAULT_LISTEN,
+    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under the data dir)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="state directory (default: $EDGEFLEET_HOME/controlplane)")] = None,
+    mqtt: Annotated[str | None, typer.Option(help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: embedded)")] = None,
+    trust: Annotated[Path | None, typer.Option(help="root metadata pushes are verified against")] = None,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
+) -> None:
+    """Start the control plane: gRPC + health service, store, blobs, telemetry ingestion."""
+    from controlplane.server import serve_forever
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    home = default_home()
+    settings = Settings(
+        data_dir=data_dir or home / "controlplane",
+        listen=listen,
+        db_url=db,
+        mqtt_url=mqtt,
+        trust_path=trust or home / "keys" / "root.json",
+    )
+    asyncio.run(serve_forever(settings))
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+@keys_app.command("init")
+def keys_init(
+    keys_dir: KeysDirOpt = None,
+    force: Annotated[bool, typer.Option(help="replace existing keys")] = False,
+    root_expiry_days: Annotated[int, typer.Option(help="days until the root metadata expires")] = 365,
+) -> None:
+    """Create Ed25519 root, release and online keys and the device trust file (root.json)."""
+    path = keys_dir or default_home() / "keys"
+    try:
+        keys = init_keys(path, root_expiry=timedelta(days=root_expiry_days), force=force)
+    except KeyError_ as exc:
+        raise fail(str(exc)) from exc
+    err.print(f"keys written to {path}")
+    typer.echo(str(keys.root_path))
+
+
+# -- bundles -------------------------------------------------------------------------------
+
+
+@bundle_app.command("build")
+def bundle_build(
+    model: Annotated[Path, typer.Argument(help="GGUF model file")],
+    name: Annotated[str, typer.Option(help="bundle name")],
+    version: Annotated[int, typer.Option(help="release version, increasing")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output bundle directory")],
+    keys_dir: KeysDirOpt = None,
+    expires_days: Annotated[int, typer.Option(help="days until the release metadata expires")] = 90,
+    description: Annotated[str, typer.Option(help="free text shown to operators")] = "",
+) -> None:
+    """Write a signed bundle: release metadata (TUF targets, signed by the release key) + artifacts."""
+    keys = KeyDir(keys_dir or default_home() / "keys")
+    try:
+        bundle = build_bundle(
+            model,
+            name=name,
+            version=version,
+            out=out,
+            signer=keys.signer("release"),
+            expires_in=timedelta(days=expires_days),
+            description=description,
+        )
+    except (BundleError, KeyError_) as exc:
+        raise fail(str(exc)) from exc
+    for variant in bundle.release.manifest.variants:
+        err.print(
+            f"{name}@{version}: {variant.id} {variant.quantization} "
+            f"{variant.size_bytes / 2**20:.1f} MiB -> {bundle.artifact_path(variant.artifact)}"
+        )
+    typer.echo(str(out))
+
+
+@bundle_app.command("push")
+def bundle_push(bundle_dir: Annotated[Path, typer.Argument(help="bundle directory")], controlplane: ControlPlaneOpt = DEFAULT_LISTEN) -> None:
+    """Upload a bundle; the control plane verifies its signature and every artifact's hash."""
+    try:
+        total = client.bundle_size(bundle_dir)
+    except BundleError as exc:
+        raise fail(str(exc)) from exc
+    channel, stub = client.operator_stub(controlplane)
+    with channel, Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=err, transient=True,
+    ) as progress:
+        task = progress.add_task(f"pushing {bundle_dir.name}", total=total)
+        try:
+            response = stub.PushBundle(
+                client.push_requests(bundle_dir, on_bytes=lambda n: progress.advance(task, n))
+            )
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    ref = f"{response.bundle.name}@{response.bundle.version}"
+    err.print(f"{ref} {'was already present' if response.already_present else 'pushed'}")
+    typer.echo(ref)
+
+
+@bundle_app.command("list")
+def bundle_list(controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List pushed bundles."""
+    channel, stub = client.operator_stub(controlplane)
+    with channel:
+        try:
+            bundles = stub.ListBundles(operator_pb2.ListBundlesRequest()).bundles
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    if as_json:
+        typer.echo(json.dumps([json_format.MessageToDict(b) for b in bundles], indent=2))
+        return
+    table = Table("bundle", "variants", "size", "expires")
+    for b in bundles:
+        table.add_row(
+            f"{b.manifest.name}@{b.manifest.version}",
+            ", ".join(v.id for v in b.manifest.variants),
+            f"{b.total_bytes / 2**20:.1f} MiB",
+            b.expires.ToDatetime().date().isoformat(),
+        )
+    Console().print(table)
+
+
+# -- tokens, deployments, devices ---------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+    uses: Annotated[int, typer.Option(help="how many devices may enroll with it")] = 1,
+    ttl_hours: Annotated[float, typer.Option(help="hours until it expires")] = 24.0,
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE given to devices enrolling with it")] = None,
+) -> None:
+    """Create a bootstrap token; prints the token alone on stdout."""
+    labels = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise fail(f"label {item!r} is not KEY=VALUE")
+        labels[key] = value
+    if uses < 1:
+        raise fail("--uses must be at least 1")
+    channel, stub = client.operator_stub(controlplane)
+    with channel:
+        try:
+            response = stub.CreateToken(
+                operator_pb2.CreateTokenRequest(uses=uses, ttl_seconds=int(ttl_hours * 3600), labels=labels)
+            )
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    typer.echo(response.token)
+
+
+@app.command()
+def deploy(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+    all_devices: Annotated[bool, typer.Option("--all", help="every enrolled device")] = False,
+    device: Annotated[list[str] | None, typer.Option(help="device id (repeatable)")] = None,
+) -> None:
+    """Point devices at a bundle release; their agents pick it up at once."""
+    if all_devices == bool(device):
+        raise fail("give either --all or --device ID")
+    channel, stub = client.operator_stub(controlplane)
+    with channel:
+        try:
+            response = stub.Deploy(
+                operator_pb2.DeployRequest(bundle=parse_ref(ref), all_devices=all_devices, device_ids=device or [])
+            )
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    err.print(f"{ref} deployed to {len(response.device_ids)} device(s)")
+    for device_id in response.device_ids:
+        typer.echo(device_id)
+
+
+@devices_app.command("list")
+def devices_list(controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show every device: state, active bundle, local API, last seen, last telemetry figures."""
+    channel, stub = client.operator_stub(controlplane)
+    with channel:
+        try:
+            devices = stub.ListDevices(operator_pb2.ListDevicesRequest()).devices
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(fleet_table.devices_json(devices), indent=2))
+    else:
+        Console().print(fleet_table.devices_table(devices))
+
+
+@telemetry_app.command("query")
+def telemetry_query(
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+    device: Annotated[str, typer.Option(help="only this device")] = "",
+    kind: Annotated[str, typer.Option(help="heartbeat, inference or deployment")] = "",
+    limit: Annotated[int, typer.Option(help="newest N rows")] = 20,
+) -> None:
+    """Print stored telemetry rows as JSON lines, newest first."""
+    channel, stub = client.operator_stub(controlplane)
+    with channel:
+        try:
+            rows = stub.QueryTelemetry(
+                operator_pb2.QueryTelemetryRequest(device_id=device, kind=kind, limit=limit)
+            ).rows
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    for row in rows:
+        typer.echo(json.dumps({"device": row.device_id, "kind": row.kind, "seq": row.seq,
+                               "payload": json.loads(row.payload_json)}))
+
+
+@app.command()
+def demo(
+    keep_running: Annotated[bool, typer.Option(help="leave the fleet up after the demo")] = False,
+    agents: Annotated[int, typer.Option(help="how many device agents")] = 3,
+    workdir: Annotated[Path | None, typer.Option(help="where to put state (default: a temp dir)")] = None,
+) -> None:
+    """Run a whole fleet on this machine: control plane, SmolLM2 bundle, agents, chat, telemetry."""
+    from controlplane.demo import DemoError, run_demo
+
+    try:
+        ok = run_demo(agents=agents, keep_running=keep_running, workdir=workdir)
+    except DemoError as exc:
+        raise fail(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    app()

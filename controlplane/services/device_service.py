@@ -1,0 +1,151 @@
+"""DeviceService: enrollment, desired-state stream, status reports, artifact download."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from sqlmodel import Session
+
+from controlplane.blobs import BlobNotFound, BlobStore, InvalidDigest
+from controlplane.db import crud
+from controlplane.db.database import Database
+from controlplane.db.models import Bundle, Device, utcnow
+from controlplane.notifier import DesiredStateNotifier, wait_event
+from controlplane.services.auth import (
+    authenticate_device,
+    new_device_id,
+    new_secret,
+    secret_sha256,
+)
+from protos.fleet import topics
+from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+MAX_LABELS = 32
+
+
+def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredState | None:
+    device = session.get(Device, device_id)
+    if device is None or device.desired_bundle_id is None:
+        return None
+    bundle = session.get(Bundle, device.desired_bundle_id)
+    assert bundle is not None and bundle.id is not None
+    artifacts = crud.bundle_artifacts(session, bundle_id=bundle.id)
+    return device_pb2.DesiredState(
+        generation=device.desired_generation,
+        bundle=common_pb2.BundleRef(name=bundle.name, version=bundle.version),
+        release_metadata=bundle.release_metadata,
+        artifact_digests={a.path: a.sha256 for a in artifacts},
+    )
+
+
+class DeviceService(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        notifier: DesiredStateNotifier,
+        chunk_size: int,
+        recheck_seconds: float,
+        mqtt_url: str,
+    ) -> None:
+        self.mqtt_url = mqtt_url
+        self.db = db
+        self.blobs = blobs
+        self.notifier = notifier
+        self.chunk_size = chunk_size
+        self.recheck_seconds = recheck_seconds
+
+    async def Enroll(
+        self, request: device_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.EnrollResponse:
+        if not request.bootstrap_token:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bootstrap_token is required")
+        if len(request.labels) > MAX_LABELS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LABELS} labels")
+        device_id, credential = new_device_id(), new_secret()
+
+        def enroll(session: Session) -> None:
+            token = crud.consume_token(session, token_sha256=secret_sha256(request.bootstrap_token))
+            crud.create_device(
+                session,
+                device_id=device_id,
+                credential_sha256=secret_sha256(credential),
+                hostname=request.hostname[:255],
+                labels={**dict(request.labels), **token.labels},
+            )
+
+        try:
+            await self.db.run(enroll)
+        except crud.TokenRejected as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return device_pb2.EnrollResponse(
+            device_id=device_id,
+            device_credential=credential,
+            mqtt_topic_prefix=topics.device_prefix(device_id),
+            mqtt_url=self.mqtt_url,
+        )
+
+    async def WatchDesiredState(
+        self, request: device_pb2.WatchDesiredStateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[device_pb2.DesiredState]:
+        device = await authenticate_device(self.db, context)
+        sent = 0
+        with self.notifier.subscribe(device.id) as changed:
+            while True:
+                changed.clear()
+                state = await self.db.run(lambda s: desired_state_of(s, device.id))
+                if state is not None and state.generation > sent:
+                    sent = state.generation
+                    yield state
+                await wait_event(changed, self.recheck_seconds)
+
+    async def ReportStatus(
+        self, request: device_pb2.StatusReport, context: grpc.aio.ServicerContext
+    ) -> device_pb2.StatusAck:
+        device = await authenticate_device(self.db, context)
+
+        def apply(session: Session) -> None:
+            row = session.get(Device, device.id)
+            assert row is not None
+            row.state = request.state
+            row.last_seen = utcnow()
+            row.api_url = request.api_url[:512]
+            row.variant = request.variant[:128]
+            row.last_error = request.error[:2000]
+            if request.HasField("active_bundle"):
+                row.active_bundle = request.active_bundle.name
+                row.active_version = request.active_bundle.version
+            if request.state == common_pb2.DEVICE_STATE_ACTIVE:
+                row.applied_generation = max(row.applied_generation, request.generation)
+            session.add(row)
+
+        await self.db.run(apply)
+        return device_pb2.StatusAck()
+
+    async def FetchArtifact(
+        self, request: device_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[device_pb2.ArtifactChunk]:
+        device = await authenticate_device(self.db, context)
+        digest = request.sha256.lower()
+        allowed = await self.db.run(
+            lambda s: crud.artifact_deployed_to(s, device_id=device.id, sha256=digest)
+        )
+        if not allowed:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"artifact {digest} is not deployed to this device")
+        try:
+            total = self.blobs.size(digest)
+        except (BlobNotFound, InvalidDigest) as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if request.offset > total:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the artifact's {total} bytes"
+            )
+        chunks = self.blobs.read(digest, offset=request.offset, chunk_size=self.chunk_size)
+        offset = request.offset
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield device_pb2.ArtifactChunk(offset=offset, data=chunk, total_length=total)
+            offset += len(chunk)
+

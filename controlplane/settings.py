@@ -1,0 +1,38 @@
+"""The control plane's one settings object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:7443"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``fleetctl serve`` is configured with.
+
+    ``mqtt_url`` None means: start the embedded broker on loopback (zero-setup default).
+    ``trust_path`` is the root metadata pushes are verified against.
+    """
+
+    data_dir: Path
+    listen: str = DEFAULT_LISTEN
+    db_url: str | None = None
+    mqtt_url: str | None = None
+    mqtt_advertise_url: str | None = None  # the broker URL devices are told; default: mqtt_url
+    trust_path: Path | None = None
+    chunk_size_bytes: int = 1 << 20
+    desired_state_recheck_seconds: float = 30.0
+
+    @property
+    def effective_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'controlplane.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def effective_trust_path(self) -> Path:
+        return self.trust_path or self.data_dir / "keys" / "root.json"

