@@ -1,0 +1,184 @@
+"""Verified artifact storage and resumable download over gRPC.
+
+Layout under the state dir: ``downloads/<sha256>.part`` while bytes arrive, then
+``artifacts/<sha256>`` (read-only) once length and hash matched the signed target info.
+Nothing under ``artifacts/`` was ever unverified, so the runtime only ever sees checked bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from agent.errors import ArtifactUnavailable, ControlPlaneUnavailable, InsufficientDisk
+from protos.fleet.fsio import fsync_dir
+from protos.fleet.release import ArtifactHashMismatch, ArtifactInfo, ArtifactVerifier
+from protos.fleet.v1 import device_pb2, device_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+DISK_HEADROOM_BYTES = 64 * 1024 * 1024
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+Progress = Callable[[int, int], None]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, ControlPlaneUnavailable)
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactStore:
+    artifact_dir: Path
+    download_dir: Path
+
+    def path(self, sha256: str) -> Path:
+        return self.artifact_dir / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def part_path(self, sha256: str) -> Path:
+        return self.download_dir / f"{sha256}.part"
+
+    def collect_garbage(self, keep: Iterable[str]) -> list[str]:
+        """Removes verified artifacts and partial downloads not in ``keep``; returns what it removed."""
+        wanted = set(keep)
+        removed = []
+        for directory, suffix in ((self.artifact_dir, ""), (self.download_dir, ".part")):
+            if not directory.is_dir():
+                continue
+            for entry in directory.iterdir():
+                digest = entry.name.removesuffix(suffix) if suffix else entry.name
+                if digest not in wanted:
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry.name)
+        return removed
+
+    def _resume(self, info: ArtifactInfo) -> tuple[ArtifactVerifier, int]:
+        """Re-hashes a partial download so it continues where it stopped."""
+        part = self.part_path(info.sha256)
+        verifier = ArtifactVerifier(info)
+        if not part.exists():
+            return verifier, 0
+        if part.stat().st_size > info.length:
+            part.unlink()
+            return verifier, 0
+        with part.open("rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                verifier.update(chunk)
+        return verifier, verifier.received
+
+    def _check_disk(self, needed: int) -> None:
+        free = shutil.disk_usage(self.download_dir).free
+        if free < needed + DISK_HEADROOM_BYTES:
+            raise InsufficientDisk(
+                f"need {needed + DISK_HEADROOM_BYTES} bytes free in {self.download_dir}, have {free}"
+            )
+
+    async def fetch(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        info: ArtifactInfo,
+        *,
+        metadata: tuple[tuple[str, str], ...],
+        progress: Progress | None = None,
+        attempts: int = 6,
+    ) -> Path:
+        """Downloads and verifies an artifact, resuming after dropped connections; returns its path."""
+        if self.has(info.sha256):
+            return self.path(info.sha256)
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            stop=stop_after_attempt(attempts),
+            reraise=True,
+        ):
+            with attempt:
+                await self._download_once(stub, info, metadata=metadata, progress=progress)
+        return self._publish(info)
+
+    async def _download_once(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        info: ArtifactInfo,
+        *,
+        metadata: tuple[tuple[str, str], ...],
+        progress: Progress | None,
+    ) -> None:
+        verifier, offset = self._resume(info)
+        self._check_disk(info.length - offset)
+        part = self.part_path(info.sha256)
+        if offset < info.length:
+            await self._stream_into(stub, part, info, verifier, metadata=metadata, progress=progress)
+        if verifier.received < info.length:
+            raise ControlPlaneUnavailable(
+                f"artifact stream ended at {verifier.received} of {info.length} bytes; resuming"
+            )
+        try:
+            verifier.finish()
+        except ArtifactHashMismatch:
+            part.unlink(missing_ok=True)  # wrong bytes: the next attempt starts clean
+            raise
+
+    async def _stream_into(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        part: Path,
+        info: ArtifactInfo,
+        verifier: ArtifactVerifier,
+        *,
+        metadata: tuple[tuple[str, str], ...],
+        progress: Progress | None,
+    ) -> None:
+        request = device_pb2.FetchArtifactRequest(sha256=info.sha256, offset=verifier.received)
+        try:
+            with part.open("ab") as out:
+                async for chunk in stub.FetchArtifact(request, metadata=metadata):
+                    if chunk.offset != verifier.received:
+                        raise ControlPlaneUnavailable(
+                            f"artifact chunk at offset {chunk.offset}, expected {verifier.received}"
+                        )
+                    verifier.update(chunk.data)  # raises before writing past the signed length
+                    out.write(chunk.data)
+                    if progress is not None:
+                        progress(verifier.received, info.length)
+                out.flush()
+                os.fsync(out.fileno())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise ControlPlaneUnavailable(f"artifact download interrupted: {exc.details()}") from exc
+            raise ArtifactUnavailable(f"artifact {info.sha256}: {exc.code().name}: {exc.details()}") from exc
+
+    def _publish(self, info: ArtifactInfo) -> Path:
+        part = self.part_path(info.sha256)
+        final = self.path(info.sha256)
+        os.chmod(part, 0o444)
+        os.replace(part, final)
+        fsync_dir(final.parent)
+        return final

@@ -1,0 +1,83 @@
+"""fleet-agent: the device-side command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.config import AgentConfig
+
+app = typer.Typer(help="The edgefleet device agent.", no_args_is_help=True)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise typer.BadParameter(f"expected HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@app.command()
+def run(
+    controlplane: Annotated[
+        str, typer.Option(envvar="EDGEFLEET_CONTROLPLANE", help="control plane HOST:PORT")
+    ],
+    trust: Annotated[Path, typer.Option(help="root metadata this device trusts (root.json)")],
+    state_dir: Annotated[Path, typer.Option(help="persistent state: identity, models, outbox")],
+    token: Annotated[
+        str | None, typer.Option(envvar="EDGEFLEET_TOKEN", help="bootstrap token, first start only")
+    ] = None,
+    listen: Annotated[str, typer.Option(help="local OpenAI-compatible API address")] = "127.0.0.1:8080",
+    mqtt: Annotated[
+        str | None, typer.Option(help="broker URL (default: the one the control plane advertises)")
+    ] = None,
+    heartbeat_seconds: Annotated[float, typer.Option(help="heartbeat interval")] = 15.0,
+    n_ctx: Annotated[int, typer.Option(help="context window per loaded model")] = 2048,
+    threads: Annotated[int | None, typer.Option(help="inference threads (default: runtime's choice)")] = None,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
+) -> None:
+    """Enroll (once), serve the installed model, and follow the control plane's desired state."""
+    from agent.service import run_agent
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = split_listen(listen)
+    if not trust.is_file():
+        raise typer.BadParameter(f"trust file {trust} does not exist", param_hint="--trust")
+    run_agent(
+        AgentConfig(
+            controlplane=controlplane,
+            state_dir=state_dir,
+            trust_path=trust,
+            token=token,
+            listen_host=host,
+            listen_port=port,
+            mqtt_url=mqtt,
+            heartbeat_interval_seconds=heartbeat_seconds,
+            n_ctx=n_ctx,
+            n_threads=threads,
+        )
+    )
+
+
+@app.command()
+def hardware(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    disk_path: Annotated[Path, typer.Option(help="where free disk is measured")] = Path("."),
+) -> None:
+    """Print what this device's hardware detection found."""
+    from agent.hardware import detect_hardware
+
+    profile = detect_hardware(disk_path=disk_path).to_dict()
+    if as_json:
+        typer.echo(json.dumps(profile, indent=2, sort_keys=True))
+    else:
+        for key, value in sorted(profile.items()):
+            typer.echo(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    app()

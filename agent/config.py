@@ -1,0 +1,47 @@
+"""The agent's one settings object, with units in the names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything ``fleet-agent run`` is configured with."""
+
+    controlplane: str
+    state_dir: Path
+    trust_path: Path
+    token: str | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    mqtt_url: str | None = None  # None: use the broker the control plane advertised at enrollment
+    heartbeat_interval_seconds: float = 15.0
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    hostname: str = ""
+
+    @property
+    def identity_path(self) -> Path:
+        return self.state_dir / "identity.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.state_dir / "artifacts"
+
+    @property
+    def download_dir(self) -> Path:
+        return self.state_dir / "downloads"
+
+    @property
+    def release_dir(self) -> Path:
+        return self.state_dir / "releases"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.state_dir / "outbox.sqlite"

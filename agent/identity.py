@@ -1,0 +1,45 @@
+"""The device's identity: obtained once by enrolling with a bootstrap token, then persisted.
+
+The credential is a secret; the file is written owner-readable only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from protos.fleet.fsio import atomic_write_bytes
+
+
+class IdentityError(Exception):
+    """The identity file is unreadable or incomplete."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    device_id: str
+    credential: str
+    mqtt_url: str
+    controlplane: str
+
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.credential}"),)
+
+
+def load_identity(path: Path) -> DeviceIdentity | None:
+    """The persisted identity, or None before the first enrollment."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise IdentityError(f"identity file {path} is unreadable: {exc}") from exc
+    try:
+        return DeviceIdentity(**{f.name: str(raw[f.name]) for f in fields(DeviceIdentity)})
+    except (KeyError, TypeError) as exc:
+        raise IdentityError(f"identity file {path} is incomplete: {exc}") from exc
+
+
+def save_identity(path: Path, identity: DeviceIdentity) -> None:
+    atomic_write_bytes(path, json.dumps(asdict(identity), indent=2).encode(), mode=0o600)

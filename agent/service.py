@@ -1,0 +1,333 @@
+"""The agent process: enroll once, restore the installed model, serve it, follow desired state.
+
+Tasks on one event loop: the local API (uvicorn), the desired-state watch (reconnecting with
+jittered backoff), the updater worker, the status reporter and the heartbeat. Blocking work
+(model loading, inference, SQLite, MQTT) runs in threads. When the control plane or broker is
+gone, the API keeps serving and telemetry waits in the durable outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import uvicorn
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from agent.api.app import create_app
+from agent.artifacts import ArtifactStore
+from agent.channel import open_channel
+from agent.config import AgentConfig
+from agent.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
+from agent.identity import DeviceIdentity, load_identity, save_identity
+from agent.latest import Latest
+from agent.serving import ActiveModel
+from agent.state import AgentState, load_state
+from agent.stats import InferenceStats
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.publisher import TelemetryPublisher
+from agent.telemetry.recorder import Telemetry
+from agent.updater import Updater
+from protos.fleet.release import load_trusted_root
+from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DeviceRevoked(Exception):
+    """The control plane no longer accepts this device's credential."""
+
+
+async def enroll(config: AgentConfig, stub: device_pb2_grpc.DeviceServiceStub) -> DeviceIdentity:
+    """Returns the persisted identity, or trades the bootstrap token for one and persists it."""
+    identity = load_identity(config.identity_path)
+    if identity is not None:
+        return identity
+    if not config.token:
+        raise NotEnrolled(f"no identity in {config.state_dir} and no --token to enroll with")
+    try:
+        response = await stub.Enroll(
+            device_pb2.EnrollRequest(
+                bootstrap_token=config.token, hostname=config.hostname or socket.gethostname()
+            )
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+            raise EnrollmentRefused(exc.details() or "enrollment refused") from exc
+        raise ControlPlaneUnavailable(f"enrollment failed: {exc.code().name}: {exc.details()}") from exc
+    identity = DeviceIdentity(
+        device_id=response.device_id,
+        credential=response.device_credential,
+        mqtt_url=response.mqtt_url,
+        controlplane=config.controlplane,
+    )
+    save_identity(config.identity_path, identity)
+    log.info("enrolled as %s", identity.device_id)
+    return identity
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil missing or /proc unreadable: report unknown
+        return 0
+
+
+def available_ram_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
+
+
+@dataclass
+class RequestCounter:
+    """Counts served requests across API threads."""
+
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self) -> None:
+        with self._lock:
+            self.total += 1
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.active = ActiveModel()
+        self.requests = RequestCounter()
+        self.reports: Latest[device_pb2.StatusReport] = Latest()
+        self.desired: Latest[device_pb2.DesiredState] = Latest()
+        self.api_url = ""
+        self.started = time.monotonic()
+        self.stop_event = asyncio.Event()
+
+    # -- wiring ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        config = self.config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.state_dir, 0o700)
+        root = load_trusted_root(config.trust_path.read_bytes())
+        state = load_state(config.state_path)
+        sock = self._bind()
+        self.api_url = f"http://{config.listen_host}:{sock.getsockname()[1]}"
+
+        channel = open_channel(config.controlplane)
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        identity = load_identity(config.identity_path)
+        # Serve what is installed first: enrollment and the control plane may be unreachable.
+        self.telemetry: Telemetry | None = None
+        self.updater = Updater(
+            config=config,
+            root=root,
+            store=ArtifactStore(config.artifact_dir, config.download_dir),
+            active=self.active,
+            state=state,
+            on_transition=self._on_transition,
+            available_ram=available_ram_bytes,
+        )
+        server = self._api_server()
+        api_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
+        await self.updater.restore()
+        log.info("local API at %s", self.api_url)
+
+        if identity is None:
+            identity = await self._enroll_with_retry(stub)
+        outbox = Outbox(config.outbox_path)
+        publisher = TelemetryPublisher(
+            device_id=identity.device_id, broker_url=config.mqtt_url or identity.mqtt_url, outbox=outbox
+        )
+        self.telemetry = Telemetry(device_id=identity.device_id, outbox=outbox, nudge=publisher.nudge)
+        publisher.start()
+        self._on_transition(self.updater.state, self.updater.state.desired_generation, "agent started")
+
+        metadata = identity.auth_metadata()
+        tasks = [
+            api_task,
+            asyncio.create_task(self._watch(stub, metadata), name="watch"),
+            asyncio.create_task(self._apply_loop(stub, metadata), name="updater"),
+            asyncio.create_task(self._report_loop(stub, metadata), name="reporter"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+        stopper = asyncio.create_task(self.stop_event.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            server.should_exit = True
+            for task in tasks[1:]:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(api_task, timeout=5)
+            await asyncio.gather(*tasks[1:], return_exceptions=True)
+            stopper.cancel()
+            await asyncio.to_thread(publisher.stop)
+            outbox.close()
+            old = self.active.swap(None)
+            if old is not None:
+                await asyncio.to_thread(self.active.retire, old, timeout=5)
+            await channel.close()
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.listen_host, self.config.listen_port))
+        sock.set_inheritable(True)
+        return sock
+
+    def _api_server(self) -> uvicorn.Server:
+        app = create_app(active=self.active, observer=self._observe, health=self._health)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        return server
+
+    async def _enroll_with_retry(self, stub: device_pb2_grpc.DeviceServiceStub) -> DeviceIdentity:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(ControlPlaneUnavailable),
+            wait=wait_random_exponential(multiplier=0.5, max=30),
+            reraise=True,
+        ):
+            with attempt:
+                return await enroll(self.config, stub)
+        raise AssertionError("unreachable")
+
+    # -- callbacks from the API and the updater ---------------------------------------
+
+    def _observe(self, stats: InferenceStats) -> None:
+        self.requests.add()
+        if self.telemetry is not None:
+            self.telemetry.record_inference(stats)
+
+    def _health(self) -> dict[str, object]:
+        state = self.updater.state
+        return {
+            "state": common_pb2.DeviceState.Name(state.phase),
+            "active": state.active.model_id if state.active else None,
+            "last_error": state.last_error or None,
+        }
+
+    def _on_transition(self, state: AgentState, generation: int, detail: str) -> None:
+        active = state.active
+        report = device_pb2.StatusReport(
+            state=state.phase,  # type: ignore[arg-type]
+            generation=generation,
+            api_url=self.api_url,
+            error=state.last_error,
+            error_kind=state.last_error_kind,
+            variant=active.variant if active else "",
+            detail=detail,
+        )
+        if active is not None:
+            report.active_bundle.name = active.bundle
+            report.active_bundle.version = active.version
+        self.reports.put(report)
+        if self.telemetry is not None:
+            self.telemetry.record_deployment(
+                generation=generation,
+                bundle=(active.bundle, active.version) if active else None,
+                state=state.phase,
+                detail=detail,
+            )
+
+    # -- loops -------------------------------------------------------------------------
+
+    async def _watch(
+        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        """Keeps the desired-state stream open; reconnects with bounded, jittered backoff."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(ControlPlaneUnavailable),
+            wait=wait_random_exponential(multiplier=0.5, max=30),
+            reraise=True,
+        ):
+            with attempt:
+                await self._watch_once(stub, metadata)
+
+    async def _watch_once(
+        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        request = device_pb2.WatchDesiredStateRequest(known_generation=self.updater.state.applied_generation)
+        try:
+            async for desired in stub.WatchDesiredState(request, metadata=metadata):
+                log.info(
+                    "desired state: generation %d, %s@%d",
+                    desired.generation,
+                    desired.bundle.name,
+                    desired.bundle.version,
+                )
+                self.desired.put(desired)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise DeviceRevoked(exc.details() or "device credential refused") from exc
+            log.warning("desired-state stream lost: %s %s", exc.code().name, exc.details())
+            raise ControlPlaneUnavailable(str(exc.details())) from exc
+        raise ControlPlaneUnavailable("desired-state stream closed by the control plane")
+
+    async def _apply_loop(
+        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        while True:
+            desired = await self.desired.get()
+            try:
+                await self.updater.apply(desired, stub, metadata)
+            except ControlPlaneUnavailable as exc:
+                log.warning("generation %d will be retried: %s", desired.generation, exc)
+                await asyncio.sleep(5)
+                self.desired.put_if_empty(desired)
+
+    async def _report_loop(
+        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        while True:
+            report = await self.reports.get()
+            try:
+                await stub.ReportStatus(report, metadata=metadata, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.info("status report not delivered (%s); will send the latest when back", exc.code().name)
+                self.reports.put_if_empty(report)
+                await asyncio.sleep(2)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            state = self.updater.state
+            active = state.active
+            if self.telemetry is not None:
+                self.telemetry.record_heartbeat(
+                    state=state.phase,
+                    active_bundle=(active.bundle, active.version) if active else None,
+                    api_url=self.api_url,
+                    rss_bytes=rss_bytes(),
+                    uptime_seconds=time.monotonic() - self.started,
+                    requests_total=self.requests.total,
+                    variant=active.variant if active else "",
+                )
+            await asyncio.sleep(self.config.heartbeat_interval_seconds)
+
+
+def run_agent(config: AgentConfig) -> None:
+    """Runs the agent until SIGINT or SIGTERM."""
+
+    async def main() -> None:
+        service = AgentService(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, service.stop_event.set)
+        await service.run()
+
+    asyncio.run(main())

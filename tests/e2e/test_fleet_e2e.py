@@ -1,0 +1,299 @@
+"""The whole line with real parts: control plane, Mosquitto and two agents as separate processes,
+the real SmolLM2 GGUF, the official openai client, telemetry in the database, and a tampered
+artifact refused while the old model keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import openai
+import pytest
+
+from controlplane.bundles import BundleOnDisk, build_bundle
+from controlplane.keys import KeyDir
+from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from tests.conftest import free_port, port_open
+
+pytestmark = pytest.mark.e2e
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def spawn(args: list[str], log: Path) -> Proc:
+    out = log.open("ab")
+    popen = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return Proc(popen, log)
+
+
+def fleetctl(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"fleetctl {args} failed: {done.stderr}"
+    return done.stdout
+
+
+@dataclass
+class Fleet:
+    target: str
+    data_dir: Path
+    work: Path
+    keys: KeyDir
+    mqtt: str
+    controlplane: Proc
+    agents: list[Proc]
+    agent_ports: list[int]
+
+    def stub(self) -> operator_pb2_grpc.OperatorServiceStub:
+        return operator_pb2_grpc.OperatorServiceStub(grpc.insecure_channel(self.target))
+
+    def devices(self) -> list[common_pb2.DeviceSummary]:
+        return list(self.stub().ListDevices(operator_pb2.ListDevicesRequest()).devices)
+
+    def start_controlplane(self) -> None:
+        port = int(self.target.rsplit(":", 1)[1])
+        self.controlplane = spawn(
+            [
+                "controlplane.cli",
+                "serve",
+                "--listen",
+                self.target,
+                "--data-dir",
+                str(self.data_dir),
+                "--mqtt",
+                self.mqtt,
+                "--trust",
+                str(self.keys.root_path),
+            ],
+            self.work / "controlplane.log",
+        )
+        wait_for("control plane port", lambda: port_open("127.0.0.1", port), timeout=60)
+
+    def start_agent(self, i: int, token: str | None) -> Proc:
+        args = [
+            "agent.cli",
+            "run",
+            "--controlplane",
+            self.target,
+            "--trust",
+            str(self.keys.root_path),
+            "--state-dir",
+            str(self.work / f"agent-{i}"),
+            "--listen",
+            f"127.0.0.1:{self.agent_ports[i]}",
+            "--heartbeat-seconds",
+            "1",
+            "--threads",
+            "1",
+        ]
+        if token:
+            args += ["--token", token]
+        return spawn(args, self.work / f"agent-{i}.log")
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, mosquitto: str, smollm2_bundle: BundleOnDisk
+) -> Iterator[Fleet]:
+    work = tmp_path_factory.mktemp("fleet")
+    fleet = Fleet(
+        target=f"127.0.0.1:{free_port()}",
+        data_dir=work / "cp",
+        work=work,
+        keys=keys,
+        mqtt=mosquitto,
+        controlplane=None,
+        agents=[],
+        agent_ports=[free_port(), free_port()],
+    )  # type: ignore[arg-type]
+    fleet.start_controlplane()
+    try:
+        assert (
+            fleetctl("bundle", "push", str(smollm2_bundle.path), "--controlplane", fleet.target).strip()
+            == "smollm2@1"
+        )
+        token = fleetctl("token", "create", "--uses", "2", "--controlplane", fleet.target).strip()
+        assert len(token.splitlines()) == 1 and len(token) >= 32
+        fleet.agents = [fleet.start_agent(i, token) for i in range(2)]
+        wait_for("two enrolled devices", lambda: len(fleet.devices()) == 2, timeout=60)
+        deployed = fleetctl("deploy", "smollm2@1", "--all", "--controlplane", fleet.target).split()
+        assert len(deployed) == 2
+
+        def all_active() -> bool:
+            return all(
+                d.state == common_pb2.DEVICE_STATE_ACTIVE and d.applied_generation == 1
+                for d in fleet.devices()
+            )
+
+        wait_for("both devices active", all_active, timeout=240)
+        yield fleet
+    finally:
+        for agent in fleet.agents:
+            agent.stop()
+        fleet.controlplane.stop()
+        for log in sorted(work.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_every_agent_serves_chat_and_completions(fleet: Fleet) -> None:
+    devices = fleet.devices()
+    assert {d.api_url for d in devices} == {f"http://127.0.0.1:{p}" for p in fleet.agent_ports}
+    for device in devices:
+        assert device.active_bundle.name == "smollm2" and device.active_bundle.version == 1
+        client = client_for(device.api_url)
+        assert [m.id for m in client.models.list().data] == ["smollm2"]
+
+        chat = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        assert chat.choices[0].message.content
+        assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+        pieces = [
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": "Say hello."}],
+                max_tokens=16,
+                temperature=0,
+                stream=True,
+            )
+            if chunk.choices
+        ]
+        assert "".join(pieces).strip()
+
+        completion = client.completions.create(
+            model="smollm2", prompt="The sky is", max_tokens=8, temperature=0
+        )
+        assert completion.choices[0].text
+
+
+def test_telemetry_reaches_the_database(fleet: Fleet) -> None:
+    stub = fleet.stub()
+
+    def inference_rows() -> list[operator_pb2.TelemetryRow] | None:
+        rows = stub.QueryTelemetry(operator_pb2.QueryTelemetryRequest(kind="inference", limit=100)).rows
+        return list(rows) if {r.device_id for r in rows} == {d.device_id for d in fleet.devices()} else None
+
+    rows = wait_for("inference telemetry from both devices", inference_rows, timeout=30)
+    payload = json.loads(rows[0].payload_json)
+    assert payload["completionTokens"] > 0 and payload["tokensPerSecond"] > 0 and payload["latencyMs"] > 0
+    heartbeats = stub.QueryTelemetry(operator_pb2.QueryTelemetryRequest(kind="heartbeat", limit=10)).rows
+    assert heartbeats, "no heartbeats stored"
+    listed = json.loads(fleetctl("devices", "list", "--json", "--controlplane", fleet.target))
+    assert all(d["last_seen"] and d["tokens_per_second"] > 0 for d in listed)
+
+
+def test_tampered_artifact_is_refused_and_old_model_keeps_serving(
+    fleet: Fleet, keys: KeyDir, smollm2_path: Path, tmp_path: Path
+) -> None:
+    # A second release with different bytes (trailing padding llama.cpp ignores).
+    model = tmp_path / "smollm2-v2.gguf"
+    model.write_bytes(smollm2_path.read_bytes() + b"\0" * 4096)
+    v2 = build_bundle(model, name="smollm2", version=2, out=tmp_path / "v2", signer=keys.signer("release"))
+    assert fleetctl("bundle", "push", str(v2.path), "--controlplane", fleet.target).strip() == "smollm2@2"
+    # Corrupt the control plane's stored copy after it was verified (compromised storage).
+    digest = next(iter(v2.release.artifacts.values())).sha256
+    blob = fleet.data_dir / "blobs" / "sha256" / digest[:2] / digest
+    os.chmod(blob, 0o644)
+    with blob.open("r+b") as f:
+        f.seek(5_000_000)
+        byte = f.read(1)
+        f.seek(5_000_000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fleetctl("deploy", "smollm2@2", "--all", "--controlplane", fleet.target)
+
+    def all_refused() -> list[common_pb2.DeviceSummary] | None:
+        devices = fleet.devices()
+        return devices if all(d.state == common_pb2.DEVICE_STATE_FAILED for d in devices) else None
+
+    for device in wait_for("both devices to refuse v2", all_refused, timeout=120):
+        assert "ArtifactHashMismatch" in device.last_error or "sha256" in device.last_error
+        assert (device.active_bundle.name, device.active_bundle.version) == ("smollm2", 1)
+        answer = client_for(device.api_url).chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+        )
+        assert answer.choices[0].message.content is not None
+
+    def refusal_events() -> list[operator_pb2.TelemetryRow]:
+        rows = (
+            fleet.stub().QueryTelemetry(operator_pb2.QueryTelemetryRequest(kind="deployment", limit=500)).rows
+        )
+        return [r for r in rows if "ArtifactHashMismatch" in r.payload_json]
+
+    assert len(wait_for("refusal events in the database", refusal_events, timeout=30)) >= 2
+
+
+def test_restarted_agent_serves_without_control_plane(fleet: Fleet) -> None:
+    fleet.controlplane.stop()
+    agent = fleet.agents[0]
+    agent.stop()
+    fleet.agents[0] = fleet.start_agent(0, token=None)
+    url = f"http://127.0.0.1:{fleet.agent_ports[0]}"
+    wait_for("restarted agent to serve", lambda: port_open("127.0.0.1", fleet.agent_ports[0]), timeout=60)
+    client = client_for(url)
+
+    def model_ids() -> list[str] | None:
+        try:
+            return [m.id for m in client.models.list().data] or None
+        except openai.APIError:
+            return None
+
+    assert wait_for("model loaded after restart", model_ids, timeout=60) == ["smollm2"]
+    reply = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content is not None
+    fleet.start_controlplane()  # leave the module's fixture as it found it

@@ -1,0 +1,102 @@
+"""Persisted agent state, identity, variant selection and the latest-value mailbox."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent.errors import NoUsableVariant
+from agent.identity import DeviceIdentity, IdentityError, load_identity, save_identity
+from agent.latest import Latest
+from agent.selection import select_variant
+from agent.state import AgentState, InstallRecord, StateError, load_state, save_state
+from protos.fleet.release import ArtifactInfo, VerifiedRelease
+from protos.fleet.v1 import bundle_pb2, common_pb2
+
+GIB = 1 << 30
+
+
+def test_state_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    assert load_state(path) == AgentState()
+    record = InstallRecord("m", 2, 5, "gguf-q4_0", common_pb2.MODEL_FORMAT_GGUF, "ab" * 32, "m-2.json")
+    state = AgentState(
+        phase=common_pb2.DEVICE_STATE_ACTIVE, desired_generation=5, applied_generation=5, active=record
+    )
+    save_state(path, state)
+    assert load_state(path) == state
+    assert path.stat().st_mode & 0o077 == 0
+    assert not list(tmp_path.glob(".*tmp")), "temporary file left behind"
+
+
+@pytest.mark.parametrize("content", [b"{", b"[]", b'{"phase": "x"}'])
+def test_corrupt_state_is_a_typed_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    with pytest.raises(StateError):
+        load_state(path)
+
+
+def test_identity_round_trip_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "identity.json"
+    assert load_identity(path) is None
+    identity = DeviceIdentity("dev-1", "secret", "mqtt://127.0.0.1:1883", "127.0.0.1:7443")
+    save_identity(path, identity)
+    assert load_identity(path) == identity
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert identity.auth_metadata() == (("authorization", "Bearer secret"),)
+    path.write_text('{"device_id": "x"}')
+    with pytest.raises(IdentityError):
+        load_identity(path)
+
+
+def release_with(*variants: bundle_pb2.Variant) -> VerifiedRelease:
+    manifest = bundle_pb2.BundleManifest(name="m", version=1, variants=list(variants))
+    artifacts = {
+        v.artifact: ArtifactInfo(v.artifact, v.size_bytes, hashlib.sha256(v.artifact.encode()).hexdigest())
+        for v in variants
+    }
+    return VerifiedRelease("m", 1, datetime.now(UTC), manifest, artifacts, b"")
+
+
+def variant(vid: str, fmt: int, size: int, ram: int) -> bundle_pb2.Variant:
+    return bundle_pb2.Variant(id=vid, format=fmt, artifact=f"{vid}.bin", size_bytes=size, min_ram_bytes=ram)
+
+
+GGUF, ONNX = common_pb2.MODEL_FORMAT_GGUF, common_pb2.MODEL_FORMAT_ONNX
+
+
+def test_selection_prefers_largest_that_fits() -> None:
+    rel = release_with(variant("q4", GGUF, 1 * GIB, 2 * GIB), variant("q8", GGUF, 2 * GIB, 3 * GIB))
+    assert select_variant(rel, supported_formats={GGUF}, available_ram_bytes=8 * GIB).variant.id == "q8"
+    small = select_variant(rel, supported_formats={GGUF}, available_ram_bytes=2 * GIB + 1)
+    assert small.variant.id == "q4"
+    assert "q8" in small.reason and "RAM" in small.reason
+
+
+def test_selection_explains_why_nothing_fits() -> None:
+    rel = release_with(variant("onnx", ONNX, GIB, GIB), variant("q8", GGUF, 2 * GIB, 3 * GIB))
+    with pytest.raises(NoUsableVariant) as err:
+        select_variant(rel, supported_formats={GGUF}, available_ram_bytes=GIB)
+    assert "no runtime for MODEL_FORMAT_ONNX" in str(err.value)
+    assert "needs" in str(err.value)
+
+
+async def test_latest_keeps_only_newest() -> None:
+    box: Latest[int] = Latest()
+    box.put(1)
+    box.put(2)
+    assert await box.get() == 2
+    box.put_if_empty(3)
+    box.put(4)
+    box.put_if_empty(3)
+    assert await box.get() == 4
+    waiter = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    box.put(5)
+    assert await waiter == 5
