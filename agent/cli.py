@@ -55,7 +55,7 @@ def run(
             token=token,
             listen_host=host,
             listen_port=port,
-            mqtt_url=mqtt,
+            mqtt_url=mqtt or None,
             heartbeat_interval_seconds=heartbeat_seconds,
             n_ctx=n_ctx,
             n_threads=threads,

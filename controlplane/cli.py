@@ -45,7 +45,9 @@ def default_home() -> Path:
 
 ControlPlaneOpt = Annotated[
     str,
-    typer.Option("--controlplane", envvar="EDGEFLEET_CONTROLPLANE", help="control plane gRPC address HOST:PORT"),
+    typer.Option(
+        "--controlplane", envvar="EDGEFLEET_CONTROLPLANE", help="control plane gRPC address HOST:PORT"
+    ),
 ]
 KeysDirOpt = Annotated[
     Path | None, typer.Option("--keys-dir", help="key directory (default: $EDGEFLEET_HOME/keys)")
@@ -76,9 +78,16 @@ def parse_ref(ref: str) -> common_pb2.BundleRef:
 @app.command()
 def serve(
     listen: Annotated[str, typer.Option(help="gRPC listen address HOST:PORT")] = DEFAULT_LISTEN,
-    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under the data dir)")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="state directory (default: $EDGEFLEET_HOME/controlplane)")] = None,
-    mqtt: Annotated[str | None, typer.Option(help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: embedded)")] = None,
+    db: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under the data dir)")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="state directory (default: $EDGEFLEET_HOME/controlplane)")
+    ] = None,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(envvar="EDGEFLEET_MQTT", help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: embedded)"),
+    ] = None,
     trust: Annotated[Path | None, typer.Option(help="root metadata pushes are verified against")] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
@@ -91,7 +100,7 @@ def serve(
         data_dir=data_dir or home / "controlplane",
         listen=listen,
         db_url=db,
-        mqtt_url=mqtt,
+        mqtt_url=mqtt or None,
         trust_path=trust or home / "keys" / "root.json",
     )
     asyncio.run(serve_forever(settings))
@@ -152,17 +161,27 @@ def bundle_build(
 
 
 @bundle_app.command("push")
-def bundle_push(bundle_dir: Annotated[Path, typer.Argument(help="bundle directory")], controlplane: ControlPlaneOpt = DEFAULT_LISTEN) -> None:
+def bundle_push(
+    bundle_dir: Annotated[Path, typer.Argument(help="bundle directory")],
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+) -> None:
     """Upload a bundle; the control plane verifies its signature and every artifact's hash."""
     try:
         total = client.bundle_size(bundle_dir)
     except BundleError as exc:
         raise fail(str(exc)) from exc
     channel, stub = client.operator_stub(controlplane)
-    with channel, Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=err, transient=True,
-    ) as progress:
+    with (
+        channel,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err,
+            transient=True,
+        ) as progress,
+    ):
         task = progress.add_task(f"pushing {bundle_dir.name}", total=total)
         try:
             response = stub.PushBundle(
@@ -176,7 +195,9 @@ def bundle_push(bundle_dir: Annotated[Path, typer.Argument(help="bundle director
 
 
 @bundle_app.command("list")
-def bundle_list(controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def bundle_list(
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """List pushed bundles."""
     channel, stub = client.operator_stub(controlplane)
     with channel:
@@ -206,7 +227,9 @@ def token_create(
     controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
     uses: Annotated[int, typer.Option(help="how many devices may enroll with it")] = 1,
     ttl_hours: Annotated[float, typer.Option(help="hours until it expires")] = 24.0,
-    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE given to devices enrolling with it")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE given to devices enrolling with it")
+    ] = None,
 ) -> None:
     """Create a bootstrap token; prints the token alone on stdout."""
     labels = {}
@@ -242,7 +265,9 @@ def deploy(
     with channel:
         try:
             response = stub.Deploy(
-                operator_pb2.DeployRequest(bundle=parse_ref(ref), all_devices=all_devices, device_ids=device or [])
+                operator_pb2.DeployRequest(
+                    bundle=parse_ref(ref), all_devices=all_devices, device_ids=device or []
+                )
             )
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
@@ -252,7 +277,9 @@ def deploy(
 
 
 @devices_app.command("list")
-def devices_list(controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def devices_list(
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """Show every device: state, active bundle, local API, last seen, last telemetry figures."""
     channel, stub = client.operator_stub(controlplane)
     with channel:
@@ -283,8 +310,16 @@ def telemetry_query(
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
     for row in rows:
-        typer.echo(json.dumps({"device": row.device_id, "kind": row.kind, "seq": row.seq,
-                               "payload": json.loads(row.payload_json)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "device": row.device_id,
+                    "kind": row.kind,
+                    "seq": row.seq,
+                    "payload": json.loads(row.payload_json),
+                }
+            )
+        )
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import importlib.util
 import shutil
 import socket
@@ -50,7 +51,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyDir:
 
 
 @pytest.fixture(scope="session")
-def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, smollm2_path: Path) -> BundleOnDisk:
+def smollm2_bundle(
+    tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, smollm2_path: Path
+) -> BundleOnDisk:
     out = tmp_path_factory.mktemp("bundles") / "smollm2-1"
     return build_bundle(smollm2_path, name="smollm2", version=1, out=out, signer=keys.signer("release"))
 
@@ -63,9 +66,10 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("mosquitto")
     port = free_port()
     conf = work / "mosquitto.conf"
+    # "user" keeps a root-run broker from dropping to an account that cannot write here.
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-        f"persistence_location {work}/\nmax_queued_messages 100000\n"
+        f"persistence_location {work}/\nmax_queued_messages 100000\nuser {getpass.getuser()}\n"
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
