@@ -86,7 +86,10 @@ def serve(
     ] = None,
     mqtt: Annotated[
         str | None,
-        typer.Option(envvar="EDGEFLEET_MQTT", help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: embedded)"),
+        typer.Option(
+            envvar="EDGEFLEET_MQTT",
+            help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: embedded broker)",
+        ),
     ] = None,
     trust: Annotated[Path | None, typer.Option(help="root metadata pushes are verified against")] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",

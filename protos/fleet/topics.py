@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TypeAlias
+
+from protos.fleet.v1 import telemetry_pb2
 
 ROOT = "fleet/v1/devices"
 
@@ -19,6 +22,18 @@ class TopicKind(enum.StrEnum):
     HEARTBEAT = "heartbeat"
     INFERENCE = "inference"
     DEPLOYMENT = "deployment"
+
+
+TelemetryMessage: TypeAlias = (
+    telemetry_pb2.Heartbeat | telemetry_pb2.InferenceRecord | telemetry_pb2.DeploymentEvent
+)
+
+# The message each telemetry topic carries: a topic never lies about its payload.
+MESSAGE_TYPES: dict[TopicKind, type[TelemetryMessage]] = {
+    TopicKind.HEARTBEAT: telemetry_pb2.Heartbeat,
+    TopicKind.INFERENCE: telemetry_pb2.InferenceRecord,
+    TopicKind.DEPLOYMENT: telemetry_pb2.DeploymentEvent,
+}
 
 
 class TopicError(ValueError):
