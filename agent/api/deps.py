@@ -1,0 +1,43 @@
+"""FastAPI dependencies: everything a route needs comes from `app.state`, set by create_app.
+
+No module-level state, so several apps (tests, a bench) can live in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from fastapi import Request
+
+from agent.api.serving_chat import ServingChat
+from agent.api.serving_completion import ServingCompletion
+from agent.serving import ActiveModel
+
+T = TypeVar("T")
+
+HealthProbe = Callable[[], dict[str, object]]
+
+
+def _state(request: Request, name: str, kind: type[T]) -> T:
+    value = getattr(request.app.state, name)
+    if not isinstance(value, kind):
+        raise TypeError(f"app.state.{name} is not a {kind.__name__}; build the app with create_app()")
+    return value
+
+
+def chat_serving(request: Request) -> ServingChat:
+    return _state(request, "serving_chat", ServingChat)
+
+
+def completion_serving(request: Request) -> ServingCompletion:
+    return _state(request, "serving_completion", ServingCompletion)
+
+
+def active_model(request: Request) -> ActiveModel:
+    return _state(request, "active_model", ActiveModel)
+
+
+def health_probe(request: Request) -> HealthProbe | None:
+    probe: HealthProbe | None = getattr(request.app.state, "health_probe", None)
+    return probe

@@ -1,0 +1,147 @@
+"""Every failure leaves the API as an OpenAI error body with the right status.
+
+Clients written against OpenAI (the official SDKs included) decide on retries and
+exception types from the status and `error.code`, so nothing here may leak FastAPI's
+default 422 shape or a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from types import MappingProxyType
+from typing import Final
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agent.api.protocol import ErrorInfo, ErrorResponse
+from agent.runtimes.base import (
+    ChatNotSupported,
+    ContextLengthExceeded,
+    InvalidPromptError,
+    RuntimeFailure,
+    RuntimeUnloaded,
+)
+from agent.serving import NoActiveModel
+
+logger = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+NOT_FOUND = "not_found_error"
+SERVER_ERROR = "server_error"
+UNAVAILABLE = "service_unavailable_error"
+
+
+class APIError(Exception):
+    """An error the API reports as-is; raised by serving code, rendered by the handler below."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = INVALID_REQUEST,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.info)
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapping:
+    status: int
+    type: str
+    code: str
+
+
+# Most specific first: the first entry the exception is an instance of wins.
+_FAILURES: Final[Mapping[type[Exception], _Mapping]] = MappingProxyType(
+    {
+        ContextLengthExceeded: _Mapping(400, INVALID_REQUEST, "context_length_exceeded"),
+        ChatNotSupported: _Mapping(400, INVALID_REQUEST, "chat_not_supported"),
+        InvalidPromptError: _Mapping(400, INVALID_REQUEST, "invalid_prompt"),
+        RuntimeUnloaded: _Mapping(503, UNAVAILABLE, "model_unloaded"),
+        NoActiveModel: _Mapping(503, UNAVAILABLE, "model_not_loaded"),
+        RuntimeFailure: _Mapping(500, SERVER_ERROR, "generation_failed"),
+    }
+)
+
+
+def api_error_for(exc: Exception, *, param: str | None = None) -> APIError:
+    """The API error a runtime/serving exception stands for; unknown ones are internal errors."""
+    for kind, mapping in _FAILURES.items():
+        if isinstance(exc, kind):
+            return APIError(mapping.status, str(exc), type=mapping.type, code=mapping.code, param=param)
+    return APIError(500, "internal server error", type=SERVER_ERROR, code="internal_error")
+
+
+def error_response(status: int, info: ErrorInfo) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=info).model_dump(mode="json"), status_code=status)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """Pydantic's first complaint, phrased for a client: which field, what is wrong."""
+    errors = exc.errors()
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
+    if not loc and kind in ("model_attributes_type", "dict_type", "missing"):
+        return APIError(400, "request body must be a JSON object sent with Content-Type: application/json")
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if param:
+        message = f"{param}: {message}"
+    return APIError(400, message, param=param, code="invalid_value" if kind != "missing" else "missing")
+
+
+def install_error_handlers(
+    app: FastAPI, *, on_rejected: Callable[[Request, APIError], None] | None = None
+) -> None:
+    """Route every error path (ours, FastAPI's, Starlette's, unexpected) to an OpenAI body.
+
+    `on_rejected` sees requests refused before any serving code ran (malformed bodies), so
+    telemetry counts them too.
+    """
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return exc.response()
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        error = validation_error(exc)
+        if on_rejected is not None:
+            on_rejected(request, error)
+        return error.response()
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        status = exc.status_code
+        kind = NOT_FOUND if status == 404 else INVALID_REQUEST if status < 500 else SERVER_ERROR
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
+        return error_response(status, ErrorInfo(message=message, type=kind, code=None))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return api_error_for(exc).response()
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

