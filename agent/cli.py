@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +38,7 @@ def run(
     ] = None,
     heartbeat_seconds: Annotated[float, typer.Option(help="heartbeat interval")] = 15.0,
     n_ctx: Annotated[int, typer.Option(help="context window per loaded model")] = 2048,
-    threads: Annotated[int | None, typer.Option(help="inference threads (default: runtime's choice)")] = None,
+    threads: Annotated[int | None, typer.Option(help="inference threads (default: all cores)")] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
@@ -58,7 +59,7 @@ def run(
             mqtt_url=mqtt or None,
             heartbeat_interval_seconds=heartbeat_seconds,
             n_ctx=n_ctx,
-            n_threads=threads,
+            n_threads=threads or len(os.sched_getaffinity(0)),
         )
     )
 

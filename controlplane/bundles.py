@@ -139,7 +139,9 @@ def open_bundle(path: Path, *, root: Root | None = None) -> BundleOnDisk:
         data = (path / RELEASE_FILE).read_bytes()
     except FileNotFoundError as exc:
         raise BundleError(f"{path} is not a bundle: {RELEASE_FILE} is missing") from exc
-    verified = release.verify_release(data, root=root) if root is not None else release.read_release_unverified(data)
+    verified = (
+        release.verify_release(data, root=root) if root is not None else release.read_release_unverified(data)
+    )
     bundle = BundleOnDisk(path=path, release=verified)
     for target in verified.artifacts:
         if not bundle.artifact_path(target).is_file():

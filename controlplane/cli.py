@@ -20,6 +20,7 @@ from rich.table import Table
 
 from controlplane import client, fleet_table
 from controlplane.bundles import BundleError, build_bundle
+from controlplane.gguf_info import GgufError
 from controlplane.keys import KeyDir, KeyError_, init_keys
 from controlplane.settings import DEFAULT_LISTEN, Settings
 from protos.fleet.v1 import common_pb2, operator_pb2
@@ -55,7 +56,7 @@ KeysDirOpt = Annotated[
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 
@@ -153,7 +154,7 @@ def bundle_build(
             expires_in=timedelta(days=expires_days),
             description=description,
         )
-    except (BundleError, KeyError_) as exc:
+    except (BundleError, GgufError, KeyError_) as exc:
         raise fail(str(exc)) from exc
     for variant in bundle.release.manifest.variants:
         err.print(

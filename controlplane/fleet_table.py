@@ -16,7 +16,7 @@ def _ref(ref: common_pb2.BundleRef) -> str:
 
 
 def _state(value: int) -> str:
-    return common_pb2.DeviceState.Name(value).removeprefix("DEVICE_STATE_").lower()  # type: ignore[arg-type]
+    return common_pb2.DeviceState.Name(value).removeprefix("DEVICE_STATE_").lower()
 
 
 def _last_seen(device: common_pb2.DeviceSummary) -> datetime | None:

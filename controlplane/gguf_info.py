@@ -35,8 +35,10 @@ def read_gguf_info(path: Path) -> GgufInfo:
     arch = str(field("general.architecture") or "unknown")
     file_type = field("general.file_type")
     try:
-        quant = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else ""
-    except (ValueError, TypeError):
+        quant = (
+            LlamaFileType(int(str(file_type))).name.removeprefix("MOSTLY_") if file_type is not None else ""
+        )
+    except ValueError:
         quant = f"type{file_type}"
     ctx = field(f"{arch}.context_length")
     return GgufInfo(

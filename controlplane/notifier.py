@@ -43,7 +43,7 @@ class DesiredStateNotifier:
         return sum(len(v) for v in self._events.values())
 
 
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Waits for ``event`` at most ``timeout`` seconds."""
+async def wait_event(event: asyncio.Event, within: float) -> None:
+    """Waits for ``event`` at most ``within`` seconds."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), within)

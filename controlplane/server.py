@@ -106,7 +106,9 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningControlPlane(server=server, port=port, engine=engine, mqtt_url=mqtt_url, broker=broker, ingestor=ingestor)
+    return RunningControlPlane(
+        server=server, port=port, engine=engine, mqtt_url=mqtt_url, broker=broker, ingestor=ingestor
+    )
 
 
 async def serve_forever(settings: Settings, *, on_ready: object = None) -> None:

@@ -121,7 +121,9 @@ def add_bundle(session: Session, *, release: VerifiedRelease) -> tuple[Bundle, b
         raise BundleExists(f"{release.name}@{release.version} was pushed concurrently") from exc
     assert bundle.id is not None
     for info in release.artifacts.values():
-        session.add(BundleArtifact(bundle_id=bundle.id, path=info.path, sha256=info.sha256, length=info.length))
+        session.add(
+            BundleArtifact(bundle_id=bundle.id, path=info.path, sha256=info.sha256, length=info.length)
+        )
     return bundle, False
 
 
@@ -146,9 +148,7 @@ class DeployedTo:
     generation: int
 
 
-def deploy(
-    session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None
-) -> list[DeployedTo]:
+def deploy(session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None) -> list[DeployedTo]:
     """Points devices (all when ``device_ids`` is None) at a bundle with a new generation each."""
     query = select(Device)
     if device_ids is not None:
@@ -164,7 +164,9 @@ def deploy(
         device.desired_generation += 1
         device.desired_bundle_id = bundle.id
         session.add(device)
-        session.add(Deployment(device_id=device.id, bundle_id=bundle.id, generation=device.desired_generation))
+        session.add(
+            Deployment(device_id=device.id, bundle_id=bundle.id, generation=device.desired_generation)
+        )
         result.append(DeployedTo(device_id=device.id, generation=device.desired_generation))
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Any
 
 import grpc
 
@@ -13,6 +14,9 @@ from controlplane.db.models import Device
 
 AUTH_HEADER = "authorization"
 BEARER = "Bearer "
+
+Context = grpc.aio.ServicerContext[Any, Any]
+"""Servicer context of any call; the servicers are typed by their generated stubs."""
 
 
 def secret_sha256(secret: str) -> str:
@@ -28,14 +32,14 @@ def new_device_id() -> str:
     return f"dev-{secrets.token_hex(6)}"
 
 
-def bearer_from_metadata(context: grpc.aio.ServicerContext) -> str | None:
+def bearer_from_metadata(context: Context) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == AUTH_HEADER and isinstance(value, str) and value.startswith(BEARER):
             return value[len(BEARER) :]
     return None
 
 
-async def authenticate_device(db: Database, context: grpc.aio.ServicerContext) -> Device:
+async def authenticate_device(db: Database, context: Context) -> Device:
     """Returns the calling device, or aborts the call with UNAUTHENTICATED."""
     credential = bearer_from_metadata(context)
     if not credential:

@@ -14,6 +14,7 @@ from controlplane.db.database import Database
 from controlplane.db.models import Bundle, Device, utcnow
 from controlplane.notifier import DesiredStateNotifier, wait_event
 from controlplane.services.auth import (
+    Context,
     authenticate_device,
     new_device_id,
     new_secret,
@@ -58,9 +59,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self.chunk_size = chunk_size
         self.recheck_seconds = recheck_seconds
 
-    async def Enroll(
-        self, request: device_pb2.EnrollRequest, context: grpc.aio.ServicerContext
-    ) -> device_pb2.EnrollResponse:
+    async def Enroll(self, request: device_pb2.EnrollRequest, context: Context) -> device_pb2.EnrollResponse:
         if not request.bootstrap_token:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bootstrap_token is required")
         if len(request.labels) > MAX_LABELS:
@@ -89,7 +88,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         )
 
     async def WatchDesiredState(
-        self, request: device_pb2.WatchDesiredStateRequest, context: grpc.aio.ServicerContext
+        self, request: device_pb2.WatchDesiredStateRequest, context: Context
     ) -> AsyncIterator[device_pb2.DesiredState]:
         device = await authenticate_device(self.db, context)
         sent = 0
@@ -102,9 +101,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     yield state
                 await wait_event(changed, self.recheck_seconds)
 
-    async def ReportStatus(
-        self, request: device_pb2.StatusReport, context: grpc.aio.ServicerContext
-    ) -> device_pb2.StatusAck:
+    async def ReportStatus(self, request: device_pb2.StatusReport, context: Context) -> device_pb2.StatusAck:
         device = await authenticate_device(self.db, context)
 
         def apply(session: Session) -> None:
@@ -126,7 +123,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.StatusAck()
 
     async def FetchArtifact(
-        self, request: device_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
+        self, request: device_pb2.FetchArtifactRequest, context: Context
     ) -> AsyncIterator[device_pb2.ArtifactChunk]:
         device = await authenticate_device(self.db, context)
         digest = request.sha256.lower()
@@ -134,7 +131,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             lambda s: crud.artifact_deployed_to(s, device_id=device.id, sha256=digest)
         )
         if not allowed:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"artifact {digest} is not deployed to this device")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"artifact {digest} is not deployed to this device"
+            )
         try:
             total = self.blobs.size(digest)
         except (BlobNotFound, InvalidDigest) as exc:
@@ -148,4 +147,3 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             yield device_pb2.ArtifactChunk(offset=offset, data=chunk, total_length=total)
             offset += len(chunk)
-

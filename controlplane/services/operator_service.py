@@ -17,7 +17,7 @@ from controlplane.db import crud
 from controlplane.db.database import Database
 from controlplane.db.models import Bundle, Device
 from controlplane.notifier import DesiredStateNotifier
-from controlplane.services.auth import new_secret, secret_sha256
+from controlplane.services.auth import Context, new_secret, secret_sha256
 from protos.fleet import release
 from protos.fleet.v1 import bundle_pb2, common_pb2, operator_pb2, operator_pb2_grpc
 
@@ -75,7 +75,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def PushBundle(
         self,
         request_iterator: AsyncIterator[operator_pb2.PushBundleRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> operator_pb2.PushBundleResponse:
         if self.trusted_root is None:
             await context.abort(
@@ -95,9 +95,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                     try:
                         verified = release.verify_release(message.release_metadata, root=self.trusted_root)
                     except release.ReleaseError as exc:
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}"
-                        )
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
                     continue
                 if verified is None:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release metadata must come first")
@@ -147,7 +145,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
 
     async def ListBundles(
-        self, request: operator_pb2.ListBundlesRequest, context: grpc.aio.ServicerContext
+        self, request: operator_pb2.ListBundlesRequest, context: Context
     ) -> operator_pb2.ListBundlesResponse:
         bundles = await self.db.run(crud.list_bundles)
         return operator_pb2.ListBundlesResponse(
@@ -165,7 +163,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
 
     async def CreateToken(
-        self, request: operator_pb2.CreateTokenRequest, context: grpc.aio.ServicerContext
+        self, request: operator_pb2.CreateTokenRequest, context: Context
     ) -> operator_pb2.CreateTokenResponse:
         uses = request.uses or 1
         if uses > MAX_TOKEN_USES:
@@ -180,7 +178,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return operator_pb2.CreateTokenResponse(token=token, expires=timestamp(row.expires_at), uses=uses)
 
     async def Deploy(
-        self, request: operator_pb2.DeployRequest, context: grpc.aio.ServicerContext
+        self, request: operator_pb2.DeployRequest, context: Context
     ) -> operator_pb2.DeployResponse:
         if request.all_devices == bool(request.device_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either all_devices or device_ids")
@@ -202,7 +200,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
 
     async def ListDevices(
-        self, request: operator_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
+        self, request: operator_pb2.ListDevicesRequest, context: Context
     ) -> operator_pb2.ListDevicesResponse:
         def summaries(session: Session) -> list[common_pb2.DeviceSummary]:
             return [
@@ -213,7 +211,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return operator_pb2.ListDevicesResponse(devices=await self.db.run(summaries))
 
     async def QueryTelemetry(
-        self, request: operator_pb2.QueryTelemetryRequest, context: grpc.aio.ServicerContext
+        self, request: operator_pb2.QueryTelemetryRequest, context: Context
     ) -> operator_pb2.QueryTelemetryResponse:
         limit = min(request.limit or 100, MAX_TELEMETRY_ROWS)
         rows = await self.db.run(

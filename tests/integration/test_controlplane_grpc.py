@@ -127,17 +127,23 @@ async def test_push_deploy_watch_fetch(
 
     # Not deployed to this device yet: not fetchable.
     with pytest.raises(grpc.aio.AioRpcError) as hidden:
-        async for _ in dev.FetchArtifact(device_pb2.FetchArtifactRequest(sha256=info.sha256), metadata=auth(enrolled)):
+        async for _ in dev.FetchArtifact(
+            device_pb2.FetchArtifactRequest(sha256=info.sha256), metadata=auth(enrolled)
+        ):
             pass
     assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
 
     stream = dev.WatchDesiredState(device_pb2.WatchDesiredStateRequest(), metadata=auth(enrolled))
-    deployed = await op.Deploy(operator_pb2.DeployRequest(bundle=pushed.bundle, device_ids=[enrolled.device_id]))
+    deployed = await op.Deploy(
+        operator_pb2.DeployRequest(bundle=pushed.bundle, device_ids=[enrolled.device_id])
+    )
     assert list(deployed.device_ids) == [enrolled.device_id]
     desired = await stream.read()
     stream.cancel()
     assert desired.generation == 1
-    verified = release.verify_release(desired.release_metadata, root=release.load_trusted_root(keys.root_bytes()))
+    verified = release.verify_release(
+        desired.release_metadata, root=release.load_trusted_root(keys.root_bytes())
+    )
     assert verified.name == "smollm2"
     assert desired.artifact_digests[info.path] == info.sha256
 
@@ -147,7 +153,9 @@ async def test_push_deploy_watch_fetch(
     store.download_dir.mkdir(parents=True)
     store.part_path(info.sha256).write_bytes(source[: 3 * 1024 * 1024 + 17])
     seen_offsets: list[int] = []
-    path = await store.fetch(dev, info, metadata=auth(enrolled), progress=lambda done, _: seen_offsets.append(done))
+    path = await store.fetch(
+        dev, info, metadata=auth(enrolled), progress=lambda done, _: seen_offsets.append(done)
+    )
     assert path.read_bytes() == source
     assert seen_offsets[0] > 3 * 1024 * 1024, "download restarted from zero instead of resuming"
 
@@ -172,14 +180,19 @@ async def test_push_refuses_tampered_and_foreign_bundles(
     assert "ArtifactHashMismatch" in (refused.value.details() or "")
 
     foreign = init_keys(tmp_path / "foreign")
-    other = build_bundle(smollm2_path, name="smollm2", version=7, out=tmp_path / "b7", signer=foreign.signer("release"))
+    other = build_bundle(
+        smollm2_path, name="smollm2", version=7, out=tmp_path / "b7", signer=foreign.signer("release")
+    )
     with pytest.raises(grpc.aio.AioRpcError) as untrusted:
         await push(channel, other.path)
     assert untrusted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UntrustedMetadata" in (untrusted.value.details() or "")
 
     op = operator_pb2_grpc.OperatorServiceStub(channel)
-    names = [(b.manifest.name, b.manifest.version) for b in (await op.ListBundles(operator_pb2.ListBundlesRequest())).bundles]
+    names = [
+        (b.manifest.name, b.manifest.version)
+        for b in (await op.ListBundles(operator_pb2.ListBundlesRequest())).bundles
+    ]
     assert ("smollm2", 7) not in names
 
 

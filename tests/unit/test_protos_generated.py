@@ -13,7 +13,9 @@ def test_generated_code_matches_sources(tmp_path: Path) -> None:
     committed_dir = generate.REPO_ROOT / "protos" / "fleet" / "v1"
     for path in fresh:
         committed = committed_dir / path.name
-        assert committed.exists(), f"{path.name} is generated but not committed: run python -m protos.generate"
+        assert committed.exists(), (
+            f"{path.name} is generated but not committed: run python -m protos.generate"
+        )
         assert committed.read_bytes() == path.read_bytes(), (
             f"{path.name} is stale: run python -m protos.generate"
         )

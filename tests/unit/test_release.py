@@ -50,9 +50,7 @@ def make_release(
     targets = Targets(
         version=version,
         expires=expires or datetime.now(UTC) + timedelta(days=1),
-        targets={
-            path: TargetFile(len(ARTIFACT), {"sha256": hashlib.sha256(ARTIFACT).hexdigest()}, path)
-        },
+        targets={path: TargetFile(len(ARTIFACT), {"sha256": hashlib.sha256(ARTIFACT).hexdigest()}, path)},
         unrecognized_fields={release.MANIFEST_FIELD: release.manifest_to_json(manifest)},
     )
     md = Metadata(targets)
@@ -115,7 +113,9 @@ def test_manifest_version_must_match_signed_version(keydir: KeyDir) -> None:
         release.verify_release(make_release(keydir, manifest_version=2), root=root_of(keydir))
 
 
-@pytest.mark.parametrize("data", [b"", b"{}", b"not json", b'{"signed": {"_type": "root"}, "signatures": []}'])
+@pytest.mark.parametrize(
+    "data", [b"", b"{}", b"not json", b'{"signed": {"_type": "root"}, "signatures": []}']
+)
 def test_garbage_is_malformed(keydir: KeyDir, data: bytes) -> None:
     with pytest.raises(release.MalformedMetadata):
         release.verify_release(data, root=root_of(keydir))
