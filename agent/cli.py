@@ -42,26 +42,33 @@ def run(
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
-    from agent.service import run_agent
+    from agent.errors import AgentError
+    from agent.identity import IdentityError
+    from agent.service import DeviceRevoked, run_agent
+    from agent.state import StateError
+    from protos.fleet.release import ReleaseError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = split_listen(listen)
     if not trust.is_file():
         raise typer.BadParameter(f"trust file {trust} does not exist", param_hint="--trust")
-    run_agent(
-        AgentConfig(
-            controlplane=controlplane,
-            state_dir=state_dir,
-            trust_path=trust,
-            token=token,
-            listen_host=host,
-            listen_port=port,
-            mqtt_url=mqtt or None,
-            heartbeat_interval_seconds=heartbeat_seconds,
-            n_ctx=n_ctx,
-            n_threads=threads or len(os.sched_getaffinity(0)),
-        )
+    config = AgentConfig(
+        controlplane=controlplane,
+        state_dir=state_dir,
+        trust_path=trust,
+        token=token,
+        listen_host=host,
+        listen_port=port,
+        mqtt_url=mqtt or None,
+        heartbeat_interval_seconds=heartbeat_seconds,
+        n_ctx=n_ctx,
+        n_threads=threads or len(os.sched_getaffinity(0)),
     )
+    try:
+        run_agent(config)
+    except (AgentError, DeviceRevoked, IdentityError, StateError, ReleaseError, OSError) as exc:
+        typer.echo(f"fleet-agent: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()

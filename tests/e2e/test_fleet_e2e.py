@@ -297,3 +297,31 @@ def test_restarted_agent_serves_without_control_plane(fleet: Fleet) -> None:
     )
     assert reply.choices[0].message.content is not None
     fleet.start_controlplane()  # leave the module's fixture as it found it
+
+
+def test_agent_with_a_wrong_token_exits_with_a_clear_error(fleet: Fleet, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--controlplane",
+            fleet.target,
+            "--token",
+            "forged",
+            "--trust",
+            str(fleet.keys.root_path),
+            "--state-dir",
+            str(tmp_path / "agent"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "EnrollmentRefused: unknown enrollment token" in done.stderr
+    assert not (tmp_path / "agent" / "identity.json").exists()
