@@ -111,13 +111,11 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
     )
 
 
-async def serve_forever(settings: Settings, *, on_ready: object = None) -> None:
+async def serve_forever(settings: Settings) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls."""
     running = await start_control_plane(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info("control plane listening on %s:%d, MQTT %s", host, running.port, running.mqtt_url)
-    if callable(on_ready):
-        on_ready(running)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -103,7 +104,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 part = message.artifact
                 if part.path != current_path:
                     if writer is not None:
-                        writer.commit()
+                        await asyncio.to_thread(writer.commit)
                         writer = None
                         done.add(current_path)
                     info = verified.artifacts.get(part.path)
@@ -119,9 +120,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                     current_path = part.path
                     writer = self.blobs.writer(info)
                 assert writer is not None
-                writer.write(part.data)
+                await asyncio.to_thread(writer.write, part.data)
             if writer is not None:
-                writer.commit()
+                await asyncio.to_thread(writer.commit)
                 done.add(current_path)
                 writer = None
         except release.ArtifactError as exc:
