@@ -90,6 +90,7 @@ class ArtifactStore:
         with part.open("rb") as f:
             while chunk := f.read(HASH_CHUNK):
                 verifier.update(chunk)
+        log.info("resuming download of %s at byte %d of %d", info.sha256[:12], verifier.received, info.length)
         return verifier, verifier.received
 
     def _check_disk(self, needed: int) -> None:
