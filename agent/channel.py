@@ -25,6 +25,7 @@ SERVICE_CONFIG = {
             "name": [
                 {"service": "fleet.v1.DeviceService", "method": "ReportStatus"},
                 {"service": "fleet.v1.DeviceService", "method": "FetchArtifact"},
+                {"service": "fleet.v1.DeviceService", "method": "FetchMetadata"},
             ],
             "retryPolicy": RETRY_POLICY,
             "timeout": "600s",

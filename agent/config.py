@@ -39,8 +39,8 @@ class AgentConfig:
         return self.state_dir / "downloads"
 
     @property
-    def release_dir(self) -> Path:
-        return self.state_dir / "releases"
+    def tuf_dir(self) -> Path:
+        return self.state_dir / "tuf"
 
     @property
     def outbox_path(self) -> Path:

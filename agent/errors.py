@@ -31,9 +31,5 @@ class NoUsableVariant(AgentError):
     """No variant of the release can run on this device; the message says why."""
 
 
-class DesiredStateMismatch(AgentError):
-    """The deployment record names a different release than its signed metadata."""
-
-
 class ArtifactUnavailable(AgentError):
     """The control plane does not have, or will not serve, an artifact."""

@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 
 from agent.api.app import create_app
 from agent.artifacts import ArtifactStore
-from agent.channel import open_channel
+from agent.channel import CHANNEL_OPTIONS, open_channel
 from agent.config import AgentConfig
 from agent.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
 from agent.identity import DeviceIdentity, load_identity, save_identity
@@ -36,7 +36,8 @@ from agent.telemetry.outbox import Outbox
 from agent.telemetry.publisher import TelemetryPublisher
 from agent.telemetry.recorder import Telemetry
 from agent.updater import Updater
-from protos.fleet.release import load_trusted_root
+from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier
+from protos.fleet.uptane import TrustAnchors
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class AgentService:
         config = self.config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.state_dir, 0o700)
-        root = load_trusted_root(config.trust_path.read_bytes())
+        anchors = TrustAnchors.from_bytes(config.trust_path.read_bytes())
         state = load_state(config.state_path)
         sock = self._bind()
         self.api_url = f"http://{config.listen_host}:{sock.getsockname()[1]}"
@@ -133,7 +134,6 @@ class AgentService:
         self.telemetry: Telemetry | None = None
         self.updater = Updater(
             config=config,
-            root=root,
             store=ArtifactStore(config.artifact_dir, config.download_dir),
             active=self.active,
             state=state,
@@ -156,10 +156,18 @@ class AgentService:
         self._on_transition(self.updater.state, self.updater.state.desired_generation, "agent started")
 
         metadata = identity.auth_metadata()
+        # ngclient is synchronous: its metadata fetcher gets a blocking channel of its own.
+        sync_channel = grpc.insecure_channel(config.controlplane, options=CHANNEL_OPTIONS)
+        verifier = UptaneVerifier(
+            tuf_dir=config.tuf_dir,
+            anchors=anchors,
+            fetcher=GrpcMetadataFetcher(device_pb2_grpc.DeviceServiceStub(sync_channel), metadata),
+            device_id=identity.device_id,
+        )
         tasks = [
             api_task,
             asyncio.create_task(self._watch(stub, metadata), name="watch"),
-            asyncio.create_task(self._apply_loop(stub, metadata), name="updater"),
+            asyncio.create_task(self._apply_loop(verifier, stub, metadata), name="updater"),
             asyncio.create_task(self._report_loop(stub, metadata), name="reporter"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
@@ -183,6 +191,7 @@ class AgentService:
             if old is not None:
                 await asyncio.to_thread(self.active.retire, old, timeout=5)
             await channel.close()
+            sync_channel.close()
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET)
@@ -280,12 +289,15 @@ class AgentService:
         raise ControlPlaneUnavailable("desired-state stream closed by the control plane")
 
     async def _apply_loop(
-        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
+        self,
+        verifier: UptaneVerifier,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        metadata: tuple[tuple[str, str], ...],
     ) -> None:
         while True:
             desired = await self.desired.get()
             try:
-                await self.updater.apply(desired, stub, metadata)
+                await self.updater.apply(desired, verifier, stub, metadata)
             except ControlPlaneUnavailable as exc:
                 log.warning("generation %d will be retried: %s", desired.generation, exc)
                 await asyncio.sleep(5)

@@ -29,7 +29,7 @@ class InstallRecord:
     variant: str
     model_format: int
     artifact_sha256: str
-    release_file: str  # under the release dir: the verified metadata, re-checked at boot
+    length: int
 
     @property
     def model_id(self) -> str:

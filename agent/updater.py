@@ -14,18 +14,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from tuf.api.metadata import Root
-
 from agent.artifacts import ArtifactStore
 from agent.config import AgentConfig
-from agent.errors import AgentError, ControlPlaneUnavailable, DesiredStateMismatch
+from agent.errors import AgentError, ControlPlaneUnavailable
 from agent.runtimes.base import Runtime, RuntimeFailure
 from agent.runtimes.registry import load_runtime, supported_formats
 from agent.selection import select_variant
 from agent.serving import ActiveModel
 from agent.state import AgentState, InstallRecord, save_state
+from agent.uptane_client import Assignment, UptaneVerifier
 from protos.fleet import release as rel
-from protos.fleet.fsio import atomic_write_bytes
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,6 @@ class Updater:
         self,
         *,
         config: AgentConfig,
-        root: Root,
         store: ArtifactStore,
         active: ActiveModel,
         state: AgentState,
@@ -50,7 +47,6 @@ class Updater:
         available_ram: Callable[[], int | None],
     ) -> None:
         self.config = config
-        self.root = root
         self.store = store
         self.active = active
         self.state = state
@@ -93,14 +89,11 @@ class Updater:
             return
 
     async def _load_installed(self, record: InstallRecord) -> Runtime:
-        metadata = (self.config.release_dir / record.release_file).read_bytes()
-        # Signatures are re-checked; expiry is not: an offline device keeps serving what it had.
-        verified = rel.verify_release(metadata, root=self.root, check_expiry=False)
-        variant = verified.variant(record.variant)
-        info = verified.artifacts[variant.artifact]
+        # The artifact was hashed against signed metadata before it entered the read-only
+        # store; at boot its size is re-checked, not its hash, so a large model starts fast.
         path = self.store.path(record.artifact_sha256)
-        if info.sha256 != record.artifact_sha256 or path.stat().st_size != info.length:
-            raise rel.ArtifactLengthMismatch(f"installed artifact of {record.model_id} does not match")
+        if path.stat().st_size != record.length:
+            raise rel.ArtifactLengthMismatch(f"installed artifact of {record.model_id} has the wrong size")
         return await self._load_and_test(record, path)
 
     async def _load_and_test(self, record: InstallRecord, path: Path) -> Runtime:
@@ -123,66 +116,71 @@ class Updater:
 
     async def apply(
         self,
-        desired: device_pb2.DesiredState,
+        nudge: device_pb2.DesiredState,
+        verifier: UptaneVerifier,
         stub: device_pb2_grpc.DeviceServiceStub,
         metadata: tuple[tuple[str, str], ...],
     ) -> None:
-        """Installs a desired state; on any refusal the active model keeps serving."""
-        generation = desired.generation
-        if generation <= self.state.applied_generation:
-            log.info("desired generation %d already applied (%d)", generation, self.state.applied_generation)
+        """Verifies what the repositories assign and installs it; a refusal keeps the active model.
+
+        ``nudge`` only says something changed; what to install comes from verified metadata.
+        """
+        hint = nudge.generation
+        if hint <= self.state.applied_generation:
+            log.info("generation %d already applied (%d)", hint, self.state.applied_generation)
             return
-        if generation == self.state.desired_generation and self.state.phase == S.DEVICE_STATE_FAILED:
+        if hint == self.state.desired_generation and self.state.phase == S.DEVICE_STATE_FAILED:
             # Refused for a reason retrying cannot fix; wait for the operator's next deployment.
-            log.info("desired generation %d was refused before: %s", generation, self.state.last_error)
+            log.info("generation %d was refused before: %s", hint, self.state.last_error)
             return
         self._transition(
-            replace(self.state.with_phase(S.DEVICE_STATE_VERIFYING), desired_generation=generation),
-            generation=generation,
-            detail=f"verifying {desired.bundle.name}@{desired.bundle.version}",
+            replace(self.state.with_phase(S.DEVICE_STATE_VERIFYING), desired_generation=hint),
+            generation=hint,
+            detail=f"verifying generation {hint}",
         )
         try:
-            await self._apply(desired, stub, metadata)
+            assignment = await asyncio.to_thread(verifier.refresh)
+            if assignment is None or assignment.generation <= self.state.applied_generation:
+                if assignment is not None and assignment.generation < self.state.applied_generation:
+                    raise rel.ReplayedMetadata(
+                        f"director generation {assignment.generation} is below the applied "
+                        f"{self.state.applied_generation}"
+                    )
+                self._settle(hint)
+                return
+            await self._install(assignment, stub, metadata)
         except ControlPlaneUnavailable:
             raise  # transient: the phase stays where it is and the caller retries
         except (AgentError, rel.ReleaseError, RuntimeFailure, OSError) as exc:
-            log.error("refused generation %d: %s: %s", generation, type(exc).__name__, exc)
+            log.error("refused generation %d: %s: %s", hint, type(exc).__name__, exc)
             self._transition(
-                replace(
-                    self.state.with_phase(
-                        S.DEVICE_STATE_FAILED, error=str(exc), error_kind=type(exc).__name__
-                    ),
-                    applied_generation=self.state.applied_generation,
-                ),
-                generation=generation,
+                self.state.with_phase(S.DEVICE_STATE_FAILED, error=str(exc), error_kind=type(exc).__name__),
+                generation=hint,
                 detail=f"{type(exc).__name__}: {exc}",
             )
 
-    async def _apply(
+    def _settle(self, generation: int) -> None:
+        """Nothing new to install: report the phase that matches what serves."""
+        phase = S.DEVICE_STATE_ACTIVE if self.state.active else S.DEVICE_STATE_IDLE
+        self._transition(self.state.with_phase(phase), generation=generation, detail="nothing new to install")
+
+    async def _install(
         self,
-        desired: device_pb2.DesiredState,
+        assignment: Assignment,
         stub: device_pb2_grpc.DeviceServiceStub,
         metadata: tuple[tuple[str, str], ...],
     ) -> None:
-        generation = desired.generation
-        verified = rel.verify_release(desired.release_metadata, root=self.root)
-        if (verified.name, verified.version) != (desired.bundle.name, desired.bundle.version):
-            raise DesiredStateMismatch(
-                f"deployment names {desired.bundle.name}@{desired.bundle.version} but its signed "
-                f"metadata is {verified.name}@{verified.version}"
-            )
+        generation = assignment.generation
+        verified = assignment.release
         selection = select_variant(
             verified, supported_formats=supported_formats(), available_ram_bytes=self.available_ram()
         )
         variant = selection.variant
         info = verified.artifacts[variant.artifact]
-        if desired.artifact_digests.get(variant.artifact, info.sha256) != info.sha256:
-            raise DesiredStateMismatch(
-                f"deployment digest for {variant.artifact} differs from the signed hash"
-            )
-
         self._transition(
-            self.state.with_phase(S.DEVICE_STATE_FETCHING), generation=generation, detail=selection.reason
+            replace(self.state.with_phase(S.DEVICE_STATE_FETCHING), desired_generation=generation),
+            generation=generation,
+            detail=selection.reason,
         )
 
         def progress(done: int, total: int) -> None:
@@ -191,8 +189,6 @@ class Updater:
         path = await self.store.fetch(stub, info, metadata=metadata, progress=progress)
 
         self._transition(self.state.with_phase(S.DEVICE_STATE_INSTALLING), generation=generation)
-        release_file = f"{verified.name}-{verified.version}.json"
-        atomic_write_bytes(self.config.release_dir / release_file, verified.metadata)
         record = InstallRecord(
             bundle=verified.name,
             version=verified.version,
@@ -200,7 +196,7 @@ class Updater:
             variant=variant.id,
             model_format=variant.format,
             artifact_sha256=info.sha256,
-            release_file=release_file,
+            length=info.length,
         )
 
         self._transition(self.state.with_phase(S.DEVICE_STATE_TESTING), generation=generation)

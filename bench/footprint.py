@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from controlplane.bundles import build_bundle
-from controlplane.client import operator_stub, push_requests
+from controlplane.client import operator_stub, publish_bundle
 from controlplane.demo import Processes, find_model, free_port, health_serving, wait_for
 from controlplane.keys import init_keys
 from protos.fleet.v1 import common_pb2, operator_pb2
@@ -86,18 +86,18 @@ def agent_rss(model: Path, work: Path, settle: float) -> int:
                 target,
                 "--data-dir",
                 str(work / "cp"),
-                "--trust",
-                str(keys.root_path),
+                "--keys-dir",
+                str(keys.path),
             ],
             work / "controlplane.log",
         )
         wait_for("control plane", lambda: health_serving(target), timeout=60)
         bundle = build_bundle(
-            model, name="smollm2", version=1, out=work / "bundle", signer=keys.signer("release")
+            model, name="smollm2", version=1, out=work / "bundle", signers=keys.release_signers()
         )
         channel, stub = operator_stub(target)
         with channel:
-            pushed = stub.PushBundle(push_requests(bundle.path))
+            pushed = publish_bundle(stub, bundle.path, keys.release_signers())
             token = stub.CreateToken(operator_pb2.CreateTokenRequest()).token
             agent = procs.start(
                 "agent",
@@ -111,7 +111,7 @@ def agent_rss(model: Path, work: Path, settle: float) -> int:
                     "--token",
                     token,
                     "--trust",
-                    str(keys.root_path),
+                    str(keys.trust_path),
                     "--state-dir",
                     str(work / "agent"),
                     "--listen",

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -93,7 +94,7 @@ def build_bundle(
     name: str,
     version: int,
     out: Path,
-    signer: Signer,
+    signers: Sequence[Signer],
     expires_in: timedelta = timedelta(days=90),
     description: str = "",
 ) -> BundleOnDisk:
@@ -127,7 +128,8 @@ def build_bundle(
         unrecognized_fields={release.MANIFEST_FIELD: release.manifest_to_json(manifest)},
     )
     metadata = Metadata(targets)
-    metadata.sign(signer)
+    for signer in signers:
+        metadata.sign(signer, append=True)
     data = metadata.to_bytes(JSONSerializer(compact=False))
     atomic_write_bytes(out / RELEASE_FILE, data)
     return BundleOnDisk(path=out, release=release.read_release_unverified(data))

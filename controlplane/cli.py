@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -20,13 +19,13 @@ from rich.table import Table
 
 from controlplane import client, fleet_table
 from controlplane.bundles import BundleError, build_bundle
+from controlplane.cli_keys import default_home, keys_app, open_keys
 from controlplane.gguf_info import GgufError
-from controlplane.keys import KeyDir, KeyError_, init_keys
+from controlplane.keys import KeyStoreError
 from controlplane.settings import DEFAULT_LISTEN, Settings
 from protos.fleet.v1 import common_pb2, operator_pb2
 
 app = typer.Typer(help="Operate an edgefleet: keys, bundles, devices, deployments.", no_args_is_help=True)
-keys_app = typer.Typer(help="Signing keys and the device trust file.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Build, push and list signed model bundles.", no_args_is_help=True)
 token_app = typer.Typer(help="Bootstrap tokens devices enroll with.", no_args_is_help=True)
 devices_app = typer.Typer(help="The fleet's devices.", no_args_is_help=True)
@@ -38,10 +37,6 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(telemetry_app, name="telemetry")
 
 err = Console(stderr=True)
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
 
 
 ControlPlaneOpt = Annotated[
@@ -92,11 +87,13 @@ def serve(
             help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: embedded broker)",
         ),
     ] = None,
-    trust: Annotated[Path | None, typer.Option(help="root metadata pushes are verified against")] = None,
+    keys_dir: Annotated[
+        Path | None, typer.Option(help="roots and online keys (default: $EDGEFLEET_HOME/keys)")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Start the control plane: gRPC + health service, store, blobs, telemetry ingestion."""
-    from controlplane.server import serve_forever
+    from controlplane.server import ServeError, serve_forever
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     home = default_home()
@@ -105,28 +102,13 @@ def serve(
         listen=listen,
         db_url=db,
         mqtt_url=mqtt or None,
-        trust_path=trust or home / "keys" / "root.json",
+        keys_dir=keys_dir or home / "keys",
+        key_passphrase=open_keys(keys_dir).passphrase,
     )
-    asyncio.run(serve_forever(settings))
-
-
-# -- keys ----------------------------------------------------------------------------------
-
-
-@keys_app.command("init")
-def keys_init(
-    keys_dir: KeysDirOpt = None,
-    force: Annotated[bool, typer.Option(help="replace existing keys")] = False,
-    root_expiry_days: Annotated[int, typer.Option(help="days until the root metadata expires")] = 365,
-) -> None:
-    """Create Ed25519 root, release and online keys and the device trust file (root.json)."""
-    path = keys_dir or default_home() / "keys"
     try:
-        keys = init_keys(path, root_expiry=timedelta(days=root_expiry_days), force=force)
-    except KeyError_ as exc:
+        asyncio.run(serve_forever(settings))
+    except ServeError as exc:
         raise fail(str(exc)) from exc
-    err.print(f"keys written to {path}")
-    typer.echo(str(keys.root_path))
 
 
 # -- bundles -------------------------------------------------------------------------------
@@ -143,18 +125,18 @@ def bundle_build(
     description: Annotated[str, typer.Option(help="free text shown to operators")] = "",
 ) -> None:
     """Write a signed bundle: release metadata (TUF targets, signed by the release key) + artifacts."""
-    keys = KeyDir(keys_dir or default_home() / "keys")
+    keys = open_keys(keys_dir)
     try:
         bundle = build_bundle(
             model,
             name=name,
             version=version,
             out=out,
-            signer=keys.signer("release"),
+            signers=keys.release_signers(),
             expires_in=timedelta(days=expires_days),
             description=description,
         )
-    except (BundleError, GgufError, KeyError_) as exc:
+    except (BundleError, GgufError, KeyStoreError) as exc:
         raise fail(str(exc)) from exc
     for variant in bundle.release.manifest.variants:
         err.print(
@@ -168,11 +150,14 @@ def bundle_build(
 def bundle_push(
     bundle_dir: Annotated[Path, typer.Argument(help="bundle directory")],
     controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+    keys_dir: KeysDirOpt = None,
 ) -> None:
-    """Upload a bundle; the control plane verifies its signature and every artifact's hash."""
+    """Publish a bundle: sign the image repository's new targets with the release keys here,
+    upload them with the artifacts; the control plane checks signatures and every hash."""
     try:
         total = client.bundle_size(bundle_dir)
-    except BundleError as exc:
+        signers = open_keys(keys_dir).release_signers()
+    except (BundleError, KeyStoreError) as exc:
         raise fail(str(exc)) from exc
     channel, stub = client.operator_stub(controlplane)
     with (
@@ -188,8 +173,8 @@ def bundle_push(
     ):
         task = progress.add_task(f"pushing {bundle_dir.name}", total=total)
         try:
-            response = stub.PushBundle(
-                client.push_requests(bundle_dir, on_bytes=lambda n: progress.advance(task, n))
+            response = client.publish_bundle(
+                stub, bundle_dir, signers, on_bytes=lambda n: progress.advance(task, n)
             )
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from securesystemslib.signer import Signer
+from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.serialization.json import JSONSerializer
 
-from controlplane.bundles import open_bundle
+from controlplane.bundles import BundleOnDisk, open_bundle
+from protos.fleet import uptane
 from protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 
 PUSH_CHUNK = 1 << 20
+IMAGE_TARGETS_EXPIRY = timedelta(days=90)
 SERVICE_CONFIG = {
     "methodConfig": [
         {
@@ -43,12 +49,47 @@ def operator_stub(target: str) -> tuple[grpc.Channel, operator_pb2_grpc.Operator
     return channel, operator_pb2_grpc.OperatorServiceStub(channel)
 
 
+def extend_image_targets(
+    current: bytes | None,
+    bundle: BundleOnDisk,
+    signers: Sequence[Signer],
+    *,
+    expires_in: timedelta = IMAGE_TARGETS_EXPIRY,
+) -> bytes:
+    """The image repository's next targets: everything it lists plus this release, signed.
+
+    This is where the release keys sign: on the operator's machine, never on the control plane.
+    """
+    targets: dict[str, TargetFile] = {}
+    version = 1
+    if current:
+        previous = Metadata[Targets].from_bytes(current).signed
+        targets = dict(previous.targets)
+        version = previous.version + 1
+    rel = bundle.release
+    for variant in rel.manifest.variants:
+        info = rel.artifacts[variant.artifact]
+        path = uptane.image_target_path(rel.name, rel.version, variant.artifact)
+        targets[path] = TargetFile(
+            info.length,
+            {"sha256": info.sha256},
+            path,
+            unrecognized_fields={"custom": uptane.image_target_custom(rel.name, rel.version, variant)},
+        )
+    metadata = Metadata(Targets(version=version, expires=datetime.now(UTC) + expires_in, targets=targets))
+    for signer in signers:
+        metadata.sign(signer, append=True)
+    return metadata.to_bytes(JSONSerializer(compact=True))
+
+
 def push_requests(
-    bundle_dir: Path, *, on_bytes: Callable[[int], None] | None = None
+    bundle_dir: Path, image_targets: bytes, *, on_bytes: Callable[[int], None] | None = None
 ) -> Iterator[operator_pb2.PushBundleRequest]:
-    """The metadata first, then every artifact in order, in 1 MiB chunks."""
+    """The header (release metadata and new image targets) first, then every artifact in 1 MiB chunks."""
     bundle = open_bundle(bundle_dir)
-    yield operator_pb2.PushBundleRequest(release_metadata=bundle.release.metadata)
+    yield operator_pb2.PushBundleRequest(
+        header=operator_pb2.PushHeader(release_metadata=bundle.release.metadata, image_targets=image_targets)
+    )
     for target in bundle.release.artifacts:
         with bundle.artifact_path(target).open("rb") as f:
             while chunk := f.read(PUSH_CHUNK):
@@ -57,6 +98,22 @@ def push_requests(
                 )
                 if on_bytes is not None:
                     on_bytes(len(chunk))
+
+
+def publish_bundle(
+    stub: operator_pb2_grpc.OperatorServiceStub,
+    bundle_dir: Path,
+    signers: Sequence[Signer],
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> operator_pb2.PushBundleResponse:
+    """Extends the image repository with a bundle and uploads both; the one way to publish."""
+    current = stub.GetImageTargets(operator_pb2.GetImageTargetsRequest()).targets
+    image_targets = extend_image_targets(current or None, open_bundle(bundle_dir), signers)
+    response: operator_pb2.PushBundleResponse = stub.PushBundle(
+        push_requests(bundle_dir, image_targets, on_bytes=on_bytes)
+    )
+    return response
 
 
 def bundle_size(bundle_dir: Path) -> int:

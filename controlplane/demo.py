@@ -156,8 +156,8 @@ def _run(
             target,
             "--data-dir",
             str(work / "controlplane"),
-            "--trust",
-            str(keys.root_path),
+            "--keys-dir",
+            str(keys.path),
         ],
         work / "logs" / "controlplane.log",
     )
@@ -174,12 +174,12 @@ def _run(
         name="smollm2",
         version=1,
         out=work / "bundles" / "smollm2-1",
-        signer=keys.signer("release"),
+        signers=keys.release_signers(),
         description="SmolLM2-135M-Instruct",
     )
     channel, stub = client.operator_stub(target)
     with channel:
-        pushed = stub.PushBundle(client.push_requests(bundle.path))
+        pushed = client.publish_bundle(stub, bundle.path, keys.release_signers())
         console.print(f"[bold]pushed[/bold] {pushed.bundle.name}@{pushed.bundle.version}")
         token = stub.CreateToken(operator_pb2.CreateTokenRequest(uses=agents, ttl_seconds=3600)).token
 
@@ -197,7 +197,7 @@ def _run(
                     "--token",
                     token,
                     "--trust",
-                    str(keys.root_path),
+                    str(keys.trust_path),
                     "--state-dir",
                     str(work / f"agent-{i + 1}"),
                     "--listen",

@@ -10,18 +10,18 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
-from tuf.api.metadata import Root
 
 from controlplane.blobs import BlobStore
 from controlplane.broker import EmbeddedBroker
 from controlplane.db.database import Database
 from controlplane.db.engine import make_engine
 from controlplane.ingest import TelemetryIngestor
+from controlplane.keys import KeyDir, KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
+from controlplane.repositories import Repositories
 from controlplane.services.device_service import DeviceService
 from controlplane.services.operator_service import OperatorService
 from controlplane.settings import Settings
-from protos.fleet.release import load_trusted_root
 from protos.fleet.v1 import device_pb2_grpc, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,20 +51,27 @@ class RunningControlPlane:
     mqtt_url: str
     broker: EmbeddedBroker | None
     ingestor: TelemetryIngestor
+    upkeep: asyncio.Task[None]
 
     async def stop(self, grace: float = 2.0) -> None:
+        self.upkeep.cancel()
         await self.server.stop(grace)
         await asyncio.to_thread(self.ingestor.stop)
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
 
 
-def _load_root(settings: Settings) -> Root | None:
-    path = settings.effective_trust_path
-    if not path.exists():
-        log.warning("no trust file at %s: bundle pushes will be refused until one exists", path)
-        return None
-    return load_trusted_root(path.read_bytes())
+async def _keep_metadata_fresh(db: Database, repositories: Repositories, every: float) -> None:
+    """Re-signs timestamps and director metadata before they expire, so online devices never
+    see a freeze that is only the control plane's own neglect."""
+    while True:
+        try:
+            refreshed = await db.run(repositories.refresh_expiring)
+            if refreshed:
+                log.info("re-signed %d repositories' expiring metadata", refreshed)
+        except Exception:
+            log.exception("metadata refresh failed; retrying in %.0fs", every)
+        await asyncio.sleep(every)
 
 
 async def start_control_plane(settings: Settings) -> RunningControlPlane:
@@ -72,6 +79,12 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_db_url)
     db = Database(engine)
+    keys = KeyDir(settings.effective_keys_dir, passphrase=settings.key_passphrase)
+    repositories = Repositories(keys)
+    try:
+        await db.run(repositories.bootstrap)
+    except KeyStoreError as exc:
+        raise ServeError(f"cannot load keys from {keys.path}: {exc}") from exc
     blobs = BlobStore(settings.blob_dir)
     notifier = DesiredStateNotifier()
 
@@ -92,11 +105,12 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
             chunk_size=settings.chunk_size_bytes,
             recheck_seconds=settings.desired_state_recheck_seconds,
             mqtt_url=settings.mqtt_advertise_url or mqtt_url,
+            repositories=repositories,
         ),
         server,
     )
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-        OperatorService(db=db, blobs=blobs, notifier=notifier, trusted_root=_load_root(settings)), server
+        OperatorService(db=db, blobs=blobs, notifier=notifier, repositories=repositories), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -106,8 +120,15 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    upkeep = asyncio.create_task(_keep_metadata_fresh(db, repositories, settings.metadata_refresh_seconds))
     return RunningControlPlane(
-        server=server, port=port, engine=engine, mqtt_url=mqtt_url, broker=broker, ingestor=ingestor
+        server=server,
+        port=port,
+        engine=engine,
+        mqtt_url=mqtt_url,
+        broker=broker,
+        ingestor=ingestor,
+        upkeep=upkeep,
     )
 
 

@@ -13,7 +13,8 @@ class Settings:
     """Everything ``fleetctl serve`` is configured with.
 
     ``mqtt_url`` None means: start the embedded broker on loopback (zero-setup default).
-    ``trust_path`` is the root metadata pushes are verified against.
+    ``keys_dir`` holds both repositories' roots and the online keys the control plane signs
+    snapshot, timestamp and director metadata with (the release keys may live elsewhere).
     """
 
     data_dir: Path
@@ -21,7 +22,8 @@ class Settings:
     db_url: str | None = None
     mqtt_url: str | None = None
     mqtt_advertise_url: str | None = None  # the broker URL devices are told; default: mqtt_url
-    trust_path: Path | None = None
+    keys_dir: Path | None = None
+    key_passphrase: bytes | None = None
     chunk_size_bytes: int = 1 << 20
     desired_state_recheck_seconds: float = 30.0
 
@@ -33,6 +35,8 @@ class Settings:
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
+    metadata_refresh_seconds: float = 600.0
+
     @property
-    def effective_trust_path(self) -> Path:
-        return self.trust_path or self.data_dir / "keys" / "root.json"
+    def effective_keys_dir(self) -> Path:
+        return self.keys_dir or self.data_dir / "keys"

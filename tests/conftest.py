@@ -55,7 +55,7 @@ def smollm2_bundle(
     tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, smollm2_path: Path
 ) -> BundleOnDisk:
     out = tmp_path_factory.mktemp("bundles") / "smollm2-1"
-    return build_bundle(smollm2_path, name="smollm2", version=1, out=out, signer=keys.signer("release"))
+    return build_bundle(smollm2_path, name="smollm2", version=1, out=out, signers=keys.release_signers())
 
 
 @pytest.fixture(scope="session")

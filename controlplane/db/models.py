@@ -95,3 +95,16 @@ class TelemetryRecord(SQLModel, table=True):
     time: datetime
     received_at: datetime = Field(default_factory=utcnow)
     payload: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class TufMetadata(SQLModel, table=True):
+    """Signed TUF metadata of the image repository (device_id "") and of each device's director
+    repository, every version kept so roots can be served as a chain."""
+
+    repository: str = Field(primary_key=True, max_length=16)
+    device_id: str = Field(primary_key=True, max_length=64)
+    role: str = Field(primary_key=True, max_length=16)
+    version: int = Field(primary_key=True)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    expires_at: datetime
+    created_at: datetime = Field(default_factory=utcnow)

@@ -13,6 +13,7 @@ from controlplane.db import crud
 from controlplane.db.database import Database
 from controlplane.db.models import Bundle, Device, utcnow
 from controlplane.notifier import DesiredStateNotifier, wait_event
+from controlplane.repositories import Repositories
 from controlplane.services.auth import (
     Context,
     authenticate_device,
@@ -21,6 +22,7 @@ from controlplane.services.auth import (
     secret_sha256,
 )
 from protos.fleet import topics
+from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 MAX_LABELS = 32
@@ -31,14 +33,14 @@ def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredStat
     if device is None or device.desired_bundle_id is None:
         return None
     bundle = session.get(Bundle, device.desired_bundle_id)
-    assert bundle is not None and bundle.id is not None
-    artifacts = crud.bundle_artifacts(session, bundle_id=bundle.id)
+    assert bundle is not None
     return device_pb2.DesiredState(
         generation=device.desired_generation,
         bundle=common_pb2.BundleRef(name=bundle.name, version=bundle.version),
-        release_metadata=bundle.release_metadata,
-        artifact_digests={a.path: a.sha256 for a in artifacts},
     )
+
+
+REPOSITORY_NAMES = {device_pb2.REPOSITORY_IMAGE: IMAGE, device_pb2.REPOSITORY_DIRECTOR: DIRECTOR}
 
 
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
@@ -51,8 +53,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         chunk_size: int,
         recheck_seconds: float,
         mqtt_url: str,
+        repositories: Repositories,
     ) -> None:
         self.mqtt_url = mqtt_url
+        self.repositories = repositories
         self.db = db
         self.blobs = blobs
         self.notifier = notifier
@@ -147,3 +151,17 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             yield device_pb2.ArtifactChunk(offset=offset, data=chunk, total_length=total)
             offset += len(chunk)
+
+    async def FetchMetadata(
+        self, request: device_pb2.FetchMetadataRequest, context: Context
+    ) -> device_pb2.MetadataFile:
+        device = await authenticate_device(self.db, context)
+        repo = REPOSITORY_NAMES.get(request.repository)
+        if repo is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "repository must be IMAGE or DIRECTOR")
+        data = await self.db.run(
+            lambda s: self.repositories.lookup(s, repo=repo, device_id=device.id, name=request.name)
+        )
+        if data is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no {repo} metadata {request.name!r}")
+        return device_pb2.MetadataFile(data=data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -11,15 +10,17 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlmodel import Session
-from tuf.api.metadata import Root
 
-from controlplane.blobs import BlobStore, BlobWriter
+from controlplane.blobs import BlobStore
 from controlplane.db import crud
 from controlplane.db.database import Database
 from controlplane.db.models import Bundle, Device
+from controlplane.keys import KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
+from controlplane.repositories import Repositories, RepositoryRefusal
 from controlplane.services.auth import Context, new_secret, secret_sha256
-from protos.fleet import release
+from controlplane.services.bundle_upload import BundleUpload, PushRefused
+from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import bundle_pb2, common_pb2, operator_pb2, operator_pb2_grpc
 
 DEFAULT_TOKEN_TTL = timedelta(hours=24)
@@ -66,81 +67,53 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         db: Database,
         blobs: BlobStore,
         notifier: DesiredStateNotifier,
-        trusted_root: Root | None,
+        repositories: Repositories,
     ) -> None:
         self.db = db
         self.blobs = blobs
         self.notifier = notifier
-        self.trusted_root = trusted_root
+        self.repositories = repositories
 
     async def PushBundle(
         self,
         request_iterator: AsyncIterator[operator_pb2.PushBundleRequest],
         context: Context,
     ) -> operator_pb2.PushBundleResponse:
-        if self.trusted_root is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the control plane has no trust file; start it with --trust or run 'fleetctl keys init'",
-            )
-        assert self.trusted_root is not None
-        verified: release.VerifiedRelease | None = None
-        writer: BlobWriter | None = None
-        current_path = ""
-        done: set[str] = set()
+        image_root = await self.db.run(lambda s: self.repositories.root(s, IMAGE))
+        upload = BundleUpload(blobs=self.blobs, image_root=image_root)
+        refusal: PushRefused | None = None
         try:
             async for message in request_iterator:
-                if message.HasField("release_metadata"):
-                    if verified is not None:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release metadata sent twice")
-                    try:
-                        verified = release.verify_release(message.release_metadata, root=self.trusted_root)
-                    except release.ReleaseError as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
-                    continue
-                if verified is None:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release metadata must come first")
-                assert verified is not None
-                part = message.artifact
-                if part.path != current_path:
-                    if writer is not None:
-                        await asyncio.to_thread(writer.commit)
-                        writer = None
-                        done.add(current_path)
-                    info = verified.artifacts.get(part.path)
-                    if info is None:
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, f"artifact {part.path!r} is not in the release"
-                        )
-                    assert info is not None
-                    if part.path in done:
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, f"artifact {part.path!r} sent twice"
-                        )
-                    current_path = part.path
-                    writer = self.blobs.writer(info)
-                assert writer is not None
-                await asyncio.to_thread(writer.write, part.data)
-            if writer is not None:
-                await asyncio.to_thread(writer.commit)
-                done.add(current_path)
-                writer = None
-        except release.ArtifactError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
+                if refusal is not None:
+                    continue  # drain, so the client reads our status instead of a broken stream
+                try:
+                    await upload.receive(message)
+                except PushRefused as exc:
+                    refusal = exc
+                    upload.abort()
+            if refusal is None:
+                verified = await upload.finish()
+        except PushRefused as exc:
+            refusal = exc
         finally:
-            if writer is not None:
-                writer.abort()
-        if verified is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no release metadata received")
-        assert verified is not None
-        missing = [p for p, info in verified.artifacts.items() if not self.blobs.exists(info.sha256)]
-        if missing:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"artifacts missing: {', '.join(missing)}")
+            upload.abort()
+        if refusal is not None:
+            await context.abort(refusal.code, refusal.message)
+        image_targets = upload.image_targets
         rel = verified
+
+        def record(session: Session) -> bool:
+            _, present = crud.add_bundle(session, release=rel)
+            if not present:
+                self.repositories.publish_image_targets(session, image_targets, release=rel)
+            return present
+
         try:
-            _, present = await self.db.run(lambda s: crud.add_bundle(s, release=rel))
+            present = await self.db.run(record)
         except crud.BundleExists as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except RepositoryRefusal as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return operator_pb2.PushBundleResponse(
             bundle=common_pb2.BundleRef(name=rel.name, version=rel.version), already_present=present
         )
@@ -188,12 +161,23 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             bundle = crud.get_bundle(session, name=request.bundle.name, version=request.bundle.version)
             assert bundle is not None
             ids = None if request.all_devices else list(request.device_ids)
-            return crud.deploy(session, bundle=bundle, device_ids=ids)
+            deployed = crud.deploy(session, bundle=bundle, device_ids=ids)
+            for target in deployed:
+                self.repositories.assign(
+                    session,
+                    device_id=target.device_id,
+                    generation=target.generation,
+                    bundle=bundle.name,
+                    version=bundle.version,
+                )
+            return deployed
 
         try:
             deployed = await self.db.run(deploy)
         except (crud.BundleNotFound, crud.DeviceNotFound) as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except RepositoryRefusal as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         self.notifier.notify([d.device_id for d in deployed])
         return operator_pb2.DeployResponse(
             device_ids=[d.device_id for d in deployed],
@@ -232,3 +216,22 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 for r in rows
             ]
         )
+
+    async def GetImageTargets(
+        self, request: operator_pb2.GetImageTargetsRequest, context: Context
+    ) -> operator_pb2.GetImageTargetsResponse:
+        data = await self.db.run(self.repositories.image_targets)
+        return operator_pb2.GetImageTargetsResponse(targets=data or b"")
+
+    async def PushRoot(
+        self, request: operator_pb2.PushRootRequest, context: Context
+    ) -> operator_pb2.PushRootResponse:
+        if request.repository not in (IMAGE, DIRECTOR):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "repository must be 'image' or 'director'")
+        try:
+            version = await self.db.run(
+                lambda s: self.repositories.push_root(s, request.repository, request.root)
+            )
+        except (RepositoryRefusal, KeyStoreError) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return operator_pb2.PushRootResponse(version=version)

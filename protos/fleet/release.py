@@ -58,6 +58,30 @@ class UnsafeTargetPath(ReleaseError):
     """A target path that could escape the bundle directory."""
 
 
+class ReplayedMetadata(ReleaseError):
+    """Metadata older than what this device already trusts (rollback or replay attack)."""
+
+
+class MetadataMismatch(ReleaseError):
+    """Metadata whose length, hash or version differs from what the signed index says."""
+
+
+class MetadataTooLong(ReleaseError):
+    """A metadata download exceeded its limit (endless data attack)."""
+
+
+class TargetForAnotherDevice(ReleaseError):
+    """Director metadata names a different device than this one."""
+
+
+class UnknownTarget(ReleaseError):
+    """The director names a target the image repository does not list (arbitrary software)."""
+
+
+class DirectorImageMismatch(ReleaseError):
+    """Director and image repositories disagree on a target's length or hashes (mix-and-match)."""
+
+
 class ArtifactError(ReleaseError):
     """Base of artifact byte checks."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -9,17 +10,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from securesystemslib.signer import CryptoSigner
 from sqlmodel import Session
 
 from agent.artifacts import ArtifactStore
-from controlplane.bundles import BundleOnDisk, build_bundle
-from controlplane.client import push_requests
+from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier
+from controlplane.bundles import BundleOnDisk, build_bundle, open_bundle
+from controlplane.client import extend_image_targets, push_requests
 from controlplane.db import crud
 from controlplane.keys import KeyDir, init_keys
 from controlplane.server import RunningControlPlane, start_control_plane
 from controlplane.services.auth import secret_sha256
 from controlplane.settings import Settings
-from protos.fleet import release
 from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def controlplane(tmp_path: Path, keys: KeyDir, mosquitto: str) -> AsyncIterator[RunningControlPlane]:
     settings = Settings(
-        data_dir=tmp_path / "cp", listen="127.0.0.1:0", mqtt_url=mosquitto, trust_path=keys.root_path
+        data_dir=tmp_path / "cp", listen="127.0.0.1:0", mqtt_url=mosquitto, keys_dir=keys.path
     )
     running = await start_control_plane(settings)
     yield running
@@ -41,11 +43,16 @@ async def channel(controlplane: RunningControlPlane) -> AsyncIterator[grpc.aio.C
         yield ch
 
 
-async def push(channel: grpc.aio.Channel, bundle_dir: Path) -> operator_pb2.PushBundleResponse:
+async def push(
+    channel: grpc.aio.Channel, bundle_dir: Path, signers: list[CryptoSigner]
+) -> operator_pb2.PushBundleResponse:
+    """What `fleetctl bundle push` does, over the async channel."""
     stub = operator_pb2_grpc.OperatorServiceStub(channel)
+    current = (await stub.GetImageTargets(operator_pb2.GetImageTargetsRequest())).targets
+    image_targets = extend_image_targets(current or None, open_bundle(bundle_dir), signers)
 
     async def requests() -> AsyncIterator[operator_pb2.PushBundleRequest]:
-        for r in push_requests(bundle_dir):
+        for r in push_requests(bundle_dir, image_targets):
             yield r
 
     return await stub.PushBundle(requests())
@@ -114,11 +121,15 @@ async def test_device_calls_need_a_credential(channel: grpc.aio.Channel) -> None
 
 
 async def test_push_deploy_watch_fetch(
-    channel: grpc.aio.Channel, smollm2_bundle: BundleOnDisk, keys: KeyDir, tmp_path: Path
+    channel: grpc.aio.Channel,
+    controlplane: RunningControlPlane,
+    smollm2_bundle: BundleOnDisk,
+    keys: KeyDir,
+    tmp_path: Path,
 ) -> None:
-    pushed = await push(channel, smollm2_bundle.path)
+    pushed = await push(channel, smollm2_bundle.path, keys.release_signers())
     assert (pushed.bundle.name, pushed.bundle.version, pushed.already_present) == ("smollm2", 1, False)
-    assert (await push(channel, smollm2_bundle.path)).already_present
+    assert (await push(channel, smollm2_bundle.path, keys.release_signers())).already_present
 
     _, enrolled = await enroll(channel)
     dev = device_pb2_grpc.DeviceServiceStub(channel)
@@ -141,11 +152,20 @@ async def test_push_deploy_watch_fetch(
     desired = await stream.read()
     stream.cancel()
     assert desired.generation == 1
-    verified = release.verify_release(
-        desired.release_metadata, root=release.load_trusted_root(keys.root_bytes())
-    )
-    assert verified.name == "smollm2"
-    assert desired.artifact_digests[info.path] == info.sha256
+
+    # What the device verifies: director and image repositories through python-tuf.
+    with grpc.insecure_channel(f"127.0.0.1:{controlplane.port}") as sync_channel:
+        verifier = UptaneVerifier(
+            tuf_dir=tmp_path / "tuf",
+            anchors=keys.trust_anchors(),
+            fetcher=GrpcMetadataFetcher(device_pb2_grpc.DeviceServiceStub(sync_channel), auth(enrolled)),
+            device_id=enrolled.device_id,
+        )
+        assignment = await asyncio.to_thread(verifier.refresh)
+    assert assignment is not None
+    assert (assignment.generation, assignment.release.name, assignment.release.version) == (1, "smollm2", 1)
+    verified = next(iter(assignment.release.artifacts.values()))
+    assert (verified.sha256, verified.length) == (info.sha256, info.length)
 
     # Resumable download: a partial file from an interrupted run is continued, not restarted.
     store = ArtifactStore(tmp_path / "artifacts", tmp_path / "downloads")
@@ -165,7 +185,7 @@ async def test_push_deploy_watch_fetch(
 
 
 async def test_push_refuses_tampered_and_foreign_bundles(
-    channel: grpc.aio.Channel, smollm2_bundle: BundleOnDisk, tmp_path: Path, smollm2_path: Path
+    channel: grpc.aio.Channel, smollm2_bundle: BundleOnDisk, tmp_path: Path, smollm2_path: Path, keys: KeyDir
 ) -> None:
     tampered = tmp_path / "tampered"
     shutil.copytree(smollm2_bundle.path, tampered)
@@ -175,16 +195,16 @@ async def test_push_refuses_tampered_and_foreign_bundles(
     artifact.unlink()
     artifact.write_bytes(bytes(data))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await push(channel, tampered)
+        await push(channel, tampered, keys.release_signers())
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ArtifactHashMismatch" in (refused.value.details() or "")
 
     foreign = init_keys(tmp_path / "foreign")
     other = build_bundle(
-        smollm2_path, name="smollm2", version=7, out=tmp_path / "b7", signer=foreign.signer("release")
+        smollm2_path, name="smollm2", version=7, out=tmp_path / "b7", signers=foreign.release_signers()
     )
     with pytest.raises(grpc.aio.AioRpcError) as untrusted:
-        await push(channel, other.path)
+        await push(channel, other.path, foreign.release_signers())
     assert untrusted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UntrustedMetadata" in (untrusted.value.details() or "")
 

@@ -25,7 +25,7 @@ def test_hardware_json() -> None:
 def test_keys_init_refuses_to_overwrite(tmp_path: Path) -> None:
     first = runner.invoke(fleetctl, ["keys", "init", "--keys-dir", str(tmp_path / "k")])
     assert first.exit_code == 0, first.output
-    assert Path(first.stdout.strip()).name == "root.json"
+    assert Path(first.stdout.strip()).name == "trust.json"
     again = runner.invoke(fleetctl, ["keys", "init", "--keys-dir", str(tmp_path / "k")])
     assert again.exit_code == 1
     assert "already exist" in again.output

@@ -13,6 +13,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from controlplane.keys import KeyDir, init_keys
 from protos.fleet import release
+from protos.fleet.uptane import IMAGE
 from protos.fleet.v1 import bundle_pb2, common_pb2
 
 ARTIFACT = b"GGUF" + bytes(range(256)) * 8
@@ -54,12 +55,14 @@ def make_release(
         unrecognized_fields={release.MANIFEST_FIELD: release.manifest_to_json(manifest)},
     )
     md = Metadata(targets)
-    md.sign(keydir.signer(signer))
+    signers = keydir.release_signers() if signer == "release" else keydir.signers(IMAGE, "timestamp")
+    for key in signers:
+        md.sign(key, append=True)
     return md.to_bytes(JSONSerializer())
 
 
 def root_of(keydir: KeyDir) -> release.Root:
-    return release.load_trusted_root(keydir.root_bytes())
+    return release.load_trusted_root(keydir.root_bytes(IMAGE))
 
 
 def test_valid_release(keydir: KeyDir) -> None:
@@ -122,7 +125,7 @@ def test_garbage_is_malformed(keydir: KeyDir, data: bytes) -> None:
 
 
 def test_tampered_root_is_refused(keydir: KeyDir) -> None:
-    data = keydir.root_bytes().replace(b'"threshold": 1', b'"threshold": 0', 1)
+    data = keydir.root_bytes(IMAGE).replace(b'"threshold": 1', b'"threshold": 0', 1)
     with pytest.raises((release.UntrustedMetadata, release.MalformedMetadata)):
         release.load_trusted_root(data)
 

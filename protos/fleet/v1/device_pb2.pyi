@@ -1,11 +1,35 @@
 from protos.fleet.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Repository(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPOSITORY_UNSPECIFIED: _ClassVar[Repository]
+    REPOSITORY_IMAGE: _ClassVar[Repository]
+    REPOSITORY_DIRECTOR: _ClassVar[Repository]
+REPOSITORY_UNSPECIFIED: Repository
+REPOSITORY_IMAGE: Repository
+REPOSITORY_DIRECTOR: Repository
+
+class FetchMetadataRequest(_message.Message):
+    __slots__ = ("repository", "name")
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    repository: Repository
+    name: str
+    def __init__(self, repository: _Optional[_Union[Repository, str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class MetadataFile(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
     __slots__ = ("bootstrap_token", "hostname", "labels")
@@ -43,23 +67,12 @@ class WatchDesiredStateRequest(_message.Message):
     def __init__(self, known_generation: _Optional[int] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("generation", "bundle", "release_metadata", "artifact_digests")
-    class ArtifactDigestsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("generation", "bundle")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
-    RELEASE_METADATA_FIELD_NUMBER: _ClassVar[int]
-    ARTIFACT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     bundle: _common_pb2.BundleRef
-    release_metadata: bytes
-    artifact_digests: _containers.ScalarMap[str, str]
-    def __init__(self, generation: _Optional[int] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., release_metadata: _Optional[bytes] = ..., artifact_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, generation: _Optional[int] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("state", "generation", "active_bundle", "api_url", "error", "error_kind", "variant", "detail")

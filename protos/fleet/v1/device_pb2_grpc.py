@@ -54,6 +54,11 @@ class DeviceServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.FetchMetadata = channel.unary_unary(
+                '/fleet.v1.DeviceService/FetchMetadata',
+                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -87,6 +92,14 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchMetadata(self, request, context):
+        """Serves TUF metadata of the image repository and of this device's director repository,
+        by file name as python-tuf's updater asks for it ("timestamp.json", "2.root.json", ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.FetchArtifact,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'FetchMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchMetadata,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class DeviceService:
             '/fleet.v1.DeviceService/FetchArtifact',
             protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.DeviceService/FetchMetadata',
+            protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,7 @@ from protos.fleet.v1 import common_pb2 as protos_dot_fleet_dot_v1_dot_common__pb
 from protos.fleet.v1 import bundle_pb2 as protos_dot_fleet_dot_v1_dot_bundle__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fleet/v1/operator.proto\x12\x08\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cprotos/fleet/v1/common.proto\x1a\x1cprotos/fleet/v1/bundle.proto\"c\n\x11PushBundleRequest\x12\x1a\n\x10release_metadata\x18\x01 \x01(\x0cH\x00\x12*\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x16.fleet.v1.ArtifactDataH\x00\x42\x06\n\x04part\"*\n\x0c\x41rtifactData\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"R\n\x12PushBundleResponse\x12#\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\"\x14\n\x12ListBundlesRequest\"\xa7\x01\n\nBundleInfo\x12*\n\x08manifest\x18\x01 \x01(\x0b\x32\x18.fleet.v1.BundleManifest\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65xpires\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"<\n\x13ListBundlesResponse\x12%\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x14.fleet.v1.BundleInfo\"\xa0\x01\n\x12\x43reateTokenRequest\x12\x0c\n\x04uses\x18\x01 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.fleet.v1.CreateTokenRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12+\n\x07\x65xpires\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04uses\x18\x03 \x01(\r\"]\n\rDeployRequest\x12#\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x13\n\x0b\x61ll_devices\x18\x02 \x01(\x08\x12\x12\n\ndevice_ids\x18\x03 \x03(\t\"<\n\x0e\x44\x65ployResponse\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x16\n\x0emax_generation\x18\x02 \x01(\x04\"\x14\n\x12ListDevicesRequest\"?\n\x13ListDevicesResponse\x12(\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x17.fleet.v1.DeviceSummary\"G\n\x15QueryTelemetryRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"|\n\x0cTelemetryRow\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\">\n\x16QueryTelemetryResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.fleet.v1.TelemetryRow2\xd2\x03\n\x0fOperatorService\x12I\n\nPushBundle\x12\x1b.fleet.v1.PushBundleRequest\x1a\x1c.fleet.v1.PushBundleResponse(\x01\x12J\n\x0bListBundles\x12\x1c.fleet.v1.ListBundlesRequest\x1a\x1d.fleet.v1.ListBundlesResponse\x12J\n\x0b\x43reateToken\x12\x1c.fleet.v1.CreateTokenRequest\x1a\x1d.fleet.v1.CreateTokenResponse\x12;\n\x06\x44\x65ploy\x12\x17.fleet.v1.DeployRequest\x1a\x18.fleet.v1.DeployResponse\x12J\n\x0bListDevices\x12\x1c.fleet.v1.ListDevicesRequest\x1a\x1d.fleet.v1.ListDevicesResponse\x12S\n\x0eQueryTelemetry\x12\x1f.fleet.v1.QueryTelemetryRequest\x1a .fleet.v1.QueryTelemetryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fleet/v1/operator.proto\x12\x08\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cprotos/fleet/v1/common.proto\x1a\x1cprotos/fleet/v1/bundle.proto\"\x18\n\x16GetImageTargetsRequest\"*\n\x17GetImageTargetsResponse\x12\x0f\n\x07targets\x18\x01 \x01(\x0c\"3\n\x0fPushRootRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\x0c\"#\n\x10PushRootResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"o\n\x11PushBundleRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.fleet.v1.PushHeaderH\x00\x12*\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x16.fleet.v1.ArtifactDataH\x00\x42\x06\n\x04part\"=\n\nPushHeader\x12\x18\n\x10release_metadata\x18\x01 \x01(\x0c\x12\x15\n\rimage_targets\x18\x02 \x01(\x0c\"*\n\x0c\x41rtifactData\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"R\n\x12PushBundleResponse\x12#\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\"\x14\n\x12ListBundlesRequest\"\xa7\x01\n\nBundleInfo\x12*\n\x08manifest\x18\x01 \x01(\x0b\x32\x18.fleet.v1.BundleManifest\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65xpires\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"<\n\x13ListBundlesResponse\x12%\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x14.fleet.v1.BundleInfo\"\xa0\x01\n\x12\x43reateTokenRequest\x12\x0c\n\x04uses\x18\x01 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.fleet.v1.CreateTokenRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12+\n\x07\x65xpires\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04uses\x18\x03 \x01(\r\"]\n\rDeployRequest\x12#\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x13\n\x0b\x61ll_devices\x18\x02 \x01(\x08\x12\x12\n\ndevice_ids\x18\x03 \x03(\t\"<\n\x0e\x44\x65ployResponse\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x16\n\x0emax_generation\x18\x02 \x01(\x04\"\x14\n\x12ListDevicesRequest\"?\n\x13ListDevicesResponse\x12(\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x17.fleet.v1.DeviceSummary\"G\n\x15QueryTelemetryRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"|\n\x0cTelemetryRow\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\">\n\x16QueryTelemetryResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.fleet.v1.TelemetryRow2\xed\x04\n\x0fOperatorService\x12I\n\nPushBundle\x12\x1b.fleet.v1.PushBundleRequest\x1a\x1c.fleet.v1.PushBundleResponse(\x01\x12J\n\x0bListBundles\x12\x1c.fleet.v1.ListBundlesRequest\x1a\x1d.fleet.v1.ListBundlesResponse\x12J\n\x0b\x43reateToken\x12\x1c.fleet.v1.CreateTokenRequest\x1a\x1d.fleet.v1.CreateTokenResponse\x12;\n\x06\x44\x65ploy\x12\x17.fleet.v1.DeployRequest\x1a\x18.fleet.v1.DeployResponse\x12J\n\x0bListDevices\x12\x1c.fleet.v1.ListDevicesRequest\x1a\x1d.fleet.v1.ListDevicesResponse\x12S\n\x0eQueryTelemetry\x12\x1f.fleet.v1.QueryTelemetryRequest\x1a .fleet.v1.QueryTelemetryResponse\x12V\n\x0fGetImageTargets\x12 .fleet.v1.GetImageTargetsRequest\x1a!.fleet.v1.GetImageTargetsResponse\x12\x41\n\x08PushRoot\x12\x19.fleet.v1.PushRootRequest\x1a\x1a.fleet.v1.PushRootResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,38 +36,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATETOKENREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PUSHBUNDLEREQUEST']._serialized_start=137
-  _globals['_PUSHBUNDLEREQUEST']._serialized_end=236
-  _globals['_ARTIFACTDATA']._serialized_start=238
-  _globals['_ARTIFACTDATA']._serialized_end=280
-  _globals['_PUSHBUNDLERESPONSE']._serialized_start=282
-  _globals['_PUSHBUNDLERESPONSE']._serialized_end=364
-  _globals['_LISTBUNDLESREQUEST']._serialized_start=366
-  _globals['_LISTBUNDLESREQUEST']._serialized_end=386
-  _globals['_BUNDLEINFO']._serialized_start=389
-  _globals['_BUNDLEINFO']._serialized_end=556
-  _globals['_LISTBUNDLESRESPONSE']._serialized_start=558
-  _globals['_LISTBUNDLESRESPONSE']._serialized_end=618
-  _globals['_CREATETOKENREQUEST']._serialized_start=621
-  _globals['_CREATETOKENREQUEST']._serialized_end=781
-  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_start=736
-  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_end=781
-  _globals['_CREATETOKENRESPONSE']._serialized_start=783
-  _globals['_CREATETOKENRESPONSE']._serialized_end=878
-  _globals['_DEPLOYREQUEST']._serialized_start=880
-  _globals['_DEPLOYREQUEST']._serialized_end=973
-  _globals['_DEPLOYRESPONSE']._serialized_start=975
-  _globals['_DEPLOYRESPONSE']._serialized_end=1035
-  _globals['_LISTDEVICESREQUEST']._serialized_start=1037
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1057
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1059
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1122
-  _globals['_QUERYTELEMETRYREQUEST']._serialized_start=1124
-  _globals['_QUERYTELEMETRYREQUEST']._serialized_end=1195
-  _globals['_TELEMETRYROW']._serialized_start=1197
-  _globals['_TELEMETRYROW']._serialized_end=1321
-  _globals['_QUERYTELEMETRYRESPONSE']._serialized_start=1323
-  _globals['_QUERYTELEMETRYRESPONSE']._serialized_end=1385
-  _globals['_OPERATORSERVICE']._serialized_start=1388
-  _globals['_OPERATORSERVICE']._serialized_end=1854
+  _globals['_GETIMAGETARGETSREQUEST']._serialized_start=137
+  _globals['_GETIMAGETARGETSREQUEST']._serialized_end=161
+  _globals['_GETIMAGETARGETSRESPONSE']._serialized_start=163
+  _globals['_GETIMAGETARGETSRESPONSE']._serialized_end=205
+  _globals['_PUSHROOTREQUEST']._serialized_start=207
+  _globals['_PUSHROOTREQUEST']._serialized_end=258
+  _globals['_PUSHROOTRESPONSE']._serialized_start=260
+  _globals['_PUSHROOTRESPONSE']._serialized_end=295
+  _globals['_PUSHBUNDLEREQUEST']._serialized_start=297
+  _globals['_PUSHBUNDLEREQUEST']._serialized_end=408
+  _globals['_PUSHHEADER']._serialized_start=410
+  _globals['_PUSHHEADER']._serialized_end=471
+  _globals['_ARTIFACTDATA']._serialized_start=473
+  _globals['_ARTIFACTDATA']._serialized_end=515
+  _globals['_PUSHBUNDLERESPONSE']._serialized_start=517
+  _globals['_PUSHBUNDLERESPONSE']._serialized_end=599
+  _globals['_LISTBUNDLESREQUEST']._serialized_start=601
+  _globals['_LISTBUNDLESREQUEST']._serialized_end=621
+  _globals['_BUNDLEINFO']._serialized_start=624
+  _globals['_BUNDLEINFO']._serialized_end=791
+  _globals['_LISTBUNDLESRESPONSE']._serialized_start=793
+  _globals['_LISTBUNDLESRESPONSE']._serialized_end=853
+  _globals['_CREATETOKENREQUEST']._serialized_start=856
+  _globals['_CREATETOKENREQUEST']._serialized_end=1016
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_start=971
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_end=1016
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1018
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1113
+  _globals['_DEPLOYREQUEST']._serialized_start=1115
+  _globals['_DEPLOYREQUEST']._serialized_end=1208
+  _globals['_DEPLOYRESPONSE']._serialized_start=1210
+  _globals['_DEPLOYRESPONSE']._serialized_end=1270
+  _globals['_LISTDEVICESREQUEST']._serialized_start=1272
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1292
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1294
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1357
+  _globals['_QUERYTELEMETRYREQUEST']._serialized_start=1359
+  _globals['_QUERYTELEMETRYREQUEST']._serialized_end=1430
+  _globals['_TELEMETRYROW']._serialized_start=1432
+  _globals['_TELEMETRYROW']._serialized_end=1556
+  _globals['_QUERYTELEMETRYRESPONSE']._serialized_start=1558
+  _globals['_QUERYTELEMETRYRESPONSE']._serialized_end=1620
+  _globals['_OPERATORSERVICE']._serialized_start=1623
+  _globals['_OPERATORSERVICE']._serialized_end=2244
 # @@protoc_insertion_point(module_scope)

@@ -11,13 +11,45 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetImageTargetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetImageTargetsResponse(_message.Message):
+    __slots__ = ("targets",)
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    targets: bytes
+    def __init__(self, targets: _Optional[bytes] = ...) -> None: ...
+
+class PushRootRequest(_message.Message):
+    __slots__ = ("repository", "root")
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    repository: str
+    root: bytes
+    def __init__(self, repository: _Optional[str] = ..., root: _Optional[bytes] = ...) -> None: ...
+
+class PushRootResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
 class PushBundleRequest(_message.Message):
-    __slots__ = ("release_metadata", "artifact")
-    RELEASE_METADATA_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("header", "artifact")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
-    release_metadata: bytes
+    header: PushHeader
     artifact: ArtifactData
-    def __init__(self, release_metadata: _Optional[bytes] = ..., artifact: _Optional[_Union[ArtifactData, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., artifact: _Optional[_Union[ArtifactData, _Mapping]] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("release_metadata", "image_targets")
+    RELEASE_METADATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    release_metadata: bytes
+    image_targets: bytes
+    def __init__(self, release_metadata: _Optional[bytes] = ..., image_targets: _Optional[bytes] = ...) -> None: ...
 
 class ArtifactData(_message.Message):
     __slots__ = ("path", "data")

@@ -64,6 +64,16 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryResponse.FromString,
                 _registered_method=True)
+        self.GetImageTargets = channel.unary_unary(
+                '/fleet.v1.OperatorService/GetImageTargets',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.GetImageTargetsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.GetImageTargetsResponse.FromString,
+                _registered_method=True)
+        self.PushRoot = channel.unary_unary(
+                '/fleet.v1.OperatorService/PushRoot',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -106,6 +116,20 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetImageTargets(self, request, context):
+        """The image repository's current targets metadata, which a new release extends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushRoot(self, request, context):
+        """Publishes a new root version (rotation, threshold change, revocation) of either repository.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +162,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.QueryTelemetry,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryResponse.SerializeToString,
+            ),
+            'GetImageTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImageTargets,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.GetImageTargetsRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.GetImageTargetsResponse.SerializeToString,
+            ),
+            'PushRoot': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushRoot,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +336,60 @@ class OperatorService:
             '/fleet.v1.OperatorService/QueryTelemetry',
             protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImageTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/GetImageTargets',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.GetImageTargetsRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.GetImageTargetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRoot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/PushRoot',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,147 @@
+"""The Uptane arrangement of TUF that both sides share: trust anchors, target naming, and the
+edgefleet fields carried inside signed targets metadata.
+
+* The **image repository** lists every release's artifacts as targets named
+  ``{bundle}/{version}/{artifact}``; each target's ``custom`` field says which release and
+  variant it belongs to. Its ``targets`` role is signed by the release keys (may be offline).
+* The **director repository** holds, per device, targets metadata signed online by the
+  control plane naming the targets that device should install; its signed part carries the
+  device id and the deployment generation.
+
+An agent installs only what both agree on (same path, length and hashes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+from tuf.api.metadata import TargetFile, Targets
+
+from protos.fleet.release import ArtifactInfo, MalformedMetadata, check_target_path
+from protos.fleet.v1 import bundle_pb2
+
+IMAGE = "image"
+DIRECTOR = "director"
+CUSTOM_KEY = "edgefleet"
+TRUST_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TrustAnchors:
+    """The root metadata of both repositories, as a device is provisioned with them."""
+
+    image_root: bytes
+    director_root: bytes
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "schema_version": TRUST_SCHEMA_VERSION,
+                IMAGE: json.loads(self.image_root),
+                DIRECTOR: json.loads(self.director_root),
+            },
+            indent=2,
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrustAnchors:
+        try:
+            raw = json.loads(data)
+            if raw.get("schema_version") != TRUST_SCHEMA_VERSION:
+                raise MalformedMetadata(f"trust file schema_version must be {TRUST_SCHEMA_VERSION}")
+            return cls(
+                image_root=json.dumps(raw[IMAGE]).encode(), director_root=json.dumps(raw[DIRECTOR]).encode()
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MalformedMetadata(f"trust file is not an edgefleet trust file: {exc}") from exc
+
+
+def image_target_path(bundle: str, version: int, artifact: str) -> str:
+    return check_target_path(f"{bundle}/{version}/{artifact}")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTarget:
+    """One artifact of one release, as the image repository describes it."""
+
+    bundle: str
+    version: int
+    variant: bundle_pb2.Variant
+    info: ArtifactInfo
+
+
+def image_target_custom(bundle: str, version: int, variant: bundle_pb2.Variant) -> dict[str, Any]:
+    return {CUSTOM_KEY: {"bundle": bundle, "version": version, "variant": json_format.MessageToDict(variant)}}
+
+
+def artifact_info(path: str, target: TargetFile) -> ArtifactInfo:
+    digest = target.hashes.get("sha256")
+    if digest is None:
+        raise MalformedMetadata(f"target {path!r} has no sha256 hash")
+    return ArtifactInfo(path=check_target_path(path), length=target.length, sha256=digest.lower())
+
+
+def parse_image_target(path: str, target: TargetFile) -> ImageTarget:
+    """Reads the release and variant a signed image target belongs to."""
+    raw = target.unrecognized_fields.get("custom", {}).get(CUSTOM_KEY)
+    if not isinstance(raw, dict):
+        raise MalformedMetadata(f"image target {path!r} has no {CUSTOM_KEY!r} custom field")
+    try:
+        variant = json_format.ParseDict(raw["variant"], bundle_pb2.Variant(), ignore_unknown_fields=True)
+        bundle, version = str(raw["bundle"]), int(raw["version"])
+    except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
+        raise MalformedMetadata(f"image target {path!r} has a malformed custom field: {exc}") from exc
+    return ImageTarget(bundle=bundle, version=version, variant=variant, info=artifact_info(path, target))
+
+
+def release_targets(targets: Targets, bundle: str, version: int) -> dict[str, ImageTarget]:
+    """Every target of one release in the image repository's targets metadata."""
+    found = {}
+    for path, target in targets.targets.items():
+        parsed = parse_image_target(path, target)
+        if (parsed.bundle, parsed.version) == (bundle, version):
+            found[path] = parsed
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorAssignment:
+    """What the director tells one device to run."""
+
+    device_id: str
+    generation: int
+    bundle: str
+    version: int
+    targets: Mapping[str, ArtifactInfo]
+
+
+def director_fields(device_id: str, generation: int, bundle: str, version: int) -> dict[str, Any]:
+    return {
+        CUSTOM_KEY: {
+            "deviceId": device_id,
+            "generation": generation,
+            "bundle": {"name": bundle, "version": version},
+        }
+    }
+
+
+def parse_director_targets(targets: Targets) -> DirectorAssignment:
+    raw = targets.unrecognized_fields.get(CUSTOM_KEY)
+    if not isinstance(raw, dict):
+        raise MalformedMetadata(f"director targets lack the {CUSTOM_KEY!r} field")
+    try:
+        assignment = DirectorAssignment(
+            device_id=str(raw["deviceId"]),
+            generation=int(raw["generation"]),
+            bundle=str(raw["bundle"]["name"]),
+            version=int(raw["bundle"]["version"]),
+            targets={path: artifact_info(path, t) for path, t in targets.targets.items()},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedMetadata(f"director targets have a malformed {CUSTOM_KEY!r} field: {exc}") from exc
+    return assignment
