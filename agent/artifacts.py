@@ -82,6 +82,10 @@ class ArtifactStore:
         """Re-hashes a partial download so it continues where it stopped."""
         part = self.part_path(info.sha256)
         verifier = ArtifactVerifier(info)
+        if part.is_symlink() or (part.exists() and not part.is_file()):
+            # Never follow a link or write into a device planted where a download goes.
+            log.warning("removing %s: not a regular file", part)
+            part.unlink()
         if not part.exists():
             return verifier, 0
         if part.stat().st_size > info.length:
@@ -159,7 +163,8 @@ class ArtifactStore:
     ) -> None:
         request = device_pb2.FetchArtifactRequest(sha256=info.sha256, offset=verifier.received)
         try:
-            with part.open("ab") as out:
+            fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "ab") as out:
                 async for chunk in stub.FetchArtifact(request, metadata=metadata):
                     if chunk.offset != verifier.received:
                         raise ControlPlaneUnavailable(
