@@ -39,6 +39,9 @@ def run(
     heartbeat_seconds: Annotated[float, typer.Option(help="heartbeat interval")] = 15.0,
     n_ctx: Annotated[int, typer.Option(help="context window per loaded model")] = 2048,
     threads: Annotated[int | None, typer.Option(help="inference threads (default: all cores)")] = None,
+    disk_budget_mb: Annotated[
+        int | None, typer.Option(help="disk for model files; the rollback copy goes first")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
@@ -63,6 +66,7 @@ def run(
         heartbeat_interval_seconds=heartbeat_seconds,
         n_ctx=n_ctx,
         n_threads=threads or len(os.sched_getaffinity(0)),
+        artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
     )
     try:
         run_agent(config)

@@ -21,6 +21,7 @@ class AgentConfig:
     n_ctx: int = 2048
     n_threads: int | None = None
     hostname: str = ""
+    artifact_budget_bytes: int | None = None  # None: keep the previous model for rollback regardless
 
     @property
     def identity_path(self) -> Path:

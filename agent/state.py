@@ -79,3 +79,14 @@ def load_state(path: Path) -> AgentState:
 
 def save_state(path: Path, state: AgentState) -> None:
     atomic_write_bytes(path, json.dumps(asdict(state), indent=2, sort_keys=True).encode(), mode=0o600)
+
+
+def retained(state: AgentState, *, budget_bytes: int | None) -> tuple[InstallRecord | None, ...]:
+    """The installs whose artifacts stay on disk: the active one always, the previous one (kept
+    for rollback) only while both fit in the disk budget."""
+    active, previous = state.active, state.previous
+    if previous is None or previous.artifact_sha256 == (active.artifact_sha256 if active else None):
+        return (active,) if active else ()
+    if budget_bytes is not None and (active.length if active else 0) + previous.length > budget_bytes:
+        return (active,) if active else ()
+    return tuple(r for r in (active, previous) if r is not None)

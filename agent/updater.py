@@ -21,7 +21,7 @@ from agent.runtimes.base import Runtime, RuntimeFailure
 from agent.runtimes.registry import load_runtime, supported_formats
 from agent.selection import select_variant
 from agent.serving import ActiveModel
-from agent.state import AgentState, InstallRecord, save_state
+from agent.state import AgentState, InstallRecord, retained, save_state
 from agent.uptane_client import Assignment, UptaneVerifier
 from protos.fleet import release as rel
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
@@ -219,7 +219,11 @@ class Updater:
         if old is not None and old is not runtime:
             # In-flight requests on the old model finish before it is unloaded.
             await asyncio.to_thread(self.active.retire, old, timeout=120)
-        keep = {r.artifact_sha256 for r in (self.state.active, self.state.previous) if r is not None}
-        removed = self.store.collect_garbage(keep)
+        kept = retained(self.state, budget_bytes=self.config.artifact_budget_bytes)
+        if self.state.previous is not None and self.state.previous not in kept:
+            self._transition(
+                replace(self.state, previous=None), generation=generation, detail="over disk budget"
+            )
+        removed = self.store.collect_garbage({r.artifact_sha256 for r in kept if r is not None})
         if removed:
             log.info("removed unused artifacts: %s", ", ".join(removed))

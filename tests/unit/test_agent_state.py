@@ -13,7 +13,7 @@ from agent.errors import NoUsableVariant
 from agent.identity import DeviceIdentity, IdentityError, load_identity, save_identity
 from agent.latest import Latest
 from agent.selection import select_variant
-from agent.state import AgentState, InstallRecord, StateError, load_state, save_state
+from agent.state import AgentState, InstallRecord, StateError, load_state, retained, save_state
 from protos.fleet.release import ArtifactInfo, VerifiedRelease
 from protos.fleet.v1 import bundle_pb2, common_pb2
 
@@ -23,7 +23,7 @@ GIB = 1 << 30
 def test_state_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     assert load_state(path) == AgentState()
-    record = InstallRecord("m", 2, 5, "gguf-q4_0", common_pb2.MODEL_FORMAT_GGUF, "ab" * 32, "m-2.json")
+    record = InstallRecord("m", 2, 5, "gguf-q4_0", common_pb2.MODEL_FORMAT_GGUF, "ab" * 32, 1000)
     state = AgentState(
         phase=common_pb2.DEVICE_STATE_ACTIVE, desired_generation=5, applied_generation=5, active=record
     )
@@ -100,3 +100,15 @@ async def test_latest_keeps_only_newest() -> None:
     assert not waiter.done()
     box.put(5)
     assert await waiter == 5
+
+
+def test_retention_keeps_the_rollback_copy_only_within_budget() -> None:
+    new = InstallRecord("m", 2, 2, "v", common_pb2.MODEL_FORMAT_GGUF, "aa" * 32, 600)
+    old = InstallRecord("m", 1, 1, "v", common_pb2.MODEL_FORMAT_GGUF, "bb" * 32, 500)
+    state = AgentState(active=new, previous=old)
+    assert retained(state, budget_bytes=None) == (new, old)
+    assert retained(state, budget_bytes=1100) == (new, old)
+    assert retained(state, budget_bytes=1099) == (new,)
+    assert retained(AgentState(), budget_bytes=10) == ()
+    same = InstallRecord("m", 1, 3, "v", common_pb2.MODEL_FORMAT_GGUF, "bb" * 32, 500)
+    assert retained(AgentState(active=same, previous=old), budget_bytes=None) == (same,)
