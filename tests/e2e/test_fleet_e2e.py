@@ -6,134 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
-import grpc
 import openai
 import pytest
 
 from controlplane.bundles import BundleOnDisk, build_bundle
 from controlplane.keys import KeyDir
-from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from protos.fleet.v1 import common_pb2, operator_pb2
 from tests.conftest import free_port, port_open
+from tests.e2e.fleet_harness import REPO, Fleet, client_for, fleetctl, wait_for
 
 pytestmark = pytest.mark.e2e
-T = TypeVar("T")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@dataclass
-class Proc:
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def spawn(args: list[str], log: Path) -> Proc:
-    out = log.open("ab")
-    popen = subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=REPO,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    return Proc(popen, log)
-
-
-def fleetctl(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, f"fleetctl {args} failed: {done.stderr}"
-    return done.stdout
-
-
-@dataclass
-class Fleet:
-    target: str
-    data_dir: Path
-    work: Path
-    keys: KeyDir
-    mqtt: str
-    controlplane: Proc
-    agents: list[Proc]
-    agent_ports: list[int]
-
-    def stub(self) -> operator_pb2_grpc.OperatorServiceStub:
-        return operator_pb2_grpc.OperatorServiceStub(grpc.insecure_channel(self.target))
-
-    def devices(self) -> list[common_pb2.DeviceSummary]:
-        return list(self.stub().ListDevices(operator_pb2.ListDevicesRequest()).devices)
-
-    def start_controlplane(self) -> None:
-        port = int(self.target.rsplit(":", 1)[1])
-        self.controlplane = spawn(
-            [
-                "controlplane.cli",
-                "serve",
-                "--listen",
-                self.target,
-                "--data-dir",
-                str(self.data_dir),
-                "--mqtt",
-                self.mqtt,
-                "--trust",
-                str(self.keys.root_path),
-            ],
-            self.work / "controlplane.log",
-        )
-        wait_for("control plane port", lambda: port_open("127.0.0.1", port), timeout=60)
-
-    def start_agent(self, i: int, token: str | None) -> Proc:
-        args = [
-            "agent.cli",
-            "run",
-            "--controlplane",
-            self.target,
-            "--trust",
-            str(self.keys.root_path),
-            "--state-dir",
-            str(self.work / f"agent-{i}"),
-            "--listen",
-            f"127.0.0.1:{self.agent_ports[i]}",
-            "--heartbeat-seconds",
-            "1",
-            "--threads",
-            "1",
-        ]
-        if token:
-            args += ["--token", token]
-        return spawn(args, self.work / f"agent-{i}.log")
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +34,8 @@ def fleet(
         work=work,
         keys=keys,
         mqtt=mosquitto,
-        controlplane=None,
-        agents=[],
         agent_ports=[free_port(), free_port()],
-    )  # type: ignore[arg-type]
+    )
     fleet.start_controlplane()
     try:
         assert (
@@ -173,15 +58,8 @@ def fleet(
         wait_for("both devices active", all_active, timeout=240)
         yield fleet
     finally:
-        for agent in fleet.agents:
-            agent.stop()
-        fleet.controlplane.stop()
-        for log in sorted(work.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def client_for(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        fleet.stop_all()
+        fleet.print_logs()
 
 
 def test_every_agent_serves_chat_and_completions(fleet: Fleet) -> None:
