@@ -30,7 +30,7 @@ from controlplane.bundles import BundleOnDisk
 from controlplane.client import extend_image_targets
 from controlplane.db.engine import make_engine
 from controlplane.keys import KeyDir, init_keys
-from controlplane.repositories import Repositories, RepositoryRefusal
+from controlplane.repositories import Expiry, Repositories, RepositoryRefusal
 from protos.fleet import release as rel
 from protos.fleet import uptane
 from protos.fleet.uptane import DIRECTOR, IMAGE
@@ -384,3 +384,13 @@ async def test_symlink_planted_at_the_download_path_is_not_followed(tmp_path: Pa
     path = await store.fetch(HostileArtifactServer(payload), info, metadata=())  # type: ignore[arg-type]
     assert path.read_bytes() == payload
     assert victim.read_bytes() == b"precious"
+
+
+def test_control_plane_re_signs_timestamps_before_they_expire(world: World) -> None:
+    world.repos.expiry = Expiry(image_timestamp=timedelta(days=10), director_timestamp=timedelta(days=10))
+    with Session(world.engine) as s, s.begin():
+        # Stored timestamps were signed for one day: under half of ten, so both get re-signed.
+        assert world.repos.refresh_expiring(s) == 2
+    with Session(world.engine) as s, s.begin():
+        assert world.repos.refresh_expiring(s) == 0
+    assert world.verifier().refresh() is not None
