@@ -88,6 +88,14 @@ def gguf_variant(model: Path) -> bundle_pb2.Variant:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class VariantFile:
+    """A built variant: the file that becomes its artifact and how the manifest describes it."""
+
+    path: Path
+    variant: bundle_pb2.Variant
+
+
 def build_bundle(
     model: Path,
     *,
@@ -100,34 +108,68 @@ def build_bundle(
 ) -> BundleOnDisk:
     """Writes a signed single-variant bundle for a GGUF model into ``out``."""
     check_bundle_name(name)
-    if version < 1:
-        raise BundleError(f"version must be a positive integer, got {version}")
     if not model.is_file():
         raise BundleError(f"model file {model} does not exist")
     variant = gguf_variant(model)
-    artifact = variant.artifact
+    return write_bundle(
+        [VariantFile(model, variant)],
+        name=name,
+        version=version,
+        out=out,
+        signers=signers,
+        expires_in=expires_in,
+        description=description,
+    )
+
+
+def write_bundle(
+    variants: Sequence[VariantFile],
+    *,
+    name: str,
+    version: int,
+    out: Path,
+    signers: Sequence[Signer],
+    expires_in: timedelta = timedelta(days=90),
+    description: str = "",
+) -> BundleOnDisk:
+    """Writes a signed bundle of one or more variants into ``out``."""
+    check_bundle_name(name)
+    if version < 1:
+        raise BundleError(f"version must be a positive integer, got {version}")
+    if not variants:
+        raise BundleError("a bundle needs at least one variant")
+    ids = [v.variant.id for v in variants]
+    if len(set(ids)) != len(ids):
+        raise BundleError(f"variant ids must be unique, got {ids}")
+    targets: dict[str, TargetFile] = {}
+    described = []
+    for item in variants:
+        variant = bundle_pb2.Variant()
+        variant.CopyFrom(item.variant)
+        artifact = release.check_target_path(variant.artifact)
+        target_path = out / ARTIFACT_DIR / artifact
+        _copy_or_link(item.path, target_path)
+        length = target_path.stat().st_size
+        variant.size_bytes = length
+        targets[artifact] = TargetFile(
+            length=length, hashes={"sha256": sha256_file(target_path)}, path=artifact
+        )
+        described.append(variant)
     manifest = bundle_pb2.BundleManifest(
         schema_version=release.MANIFEST_SCHEMA_VERSION,
         name=name,
         version=version,
-        variants=[variant],
+        variants=described,
         description=description,
     )
-    target_path = out / ARTIFACT_DIR / artifact
-    _copy_or_link(model, target_path)
-    targets = Targets(
-        version=version,
-        expires=datetime.now(UTC) + expires_in,
-        targets={
-            artifact: TargetFile(
-                length=target_path.stat().st_size,
-                hashes={"sha256": sha256_file(target_path)},
-                path=artifact,
-            )
-        },
-        unrecognized_fields={release.MANIFEST_FIELD: release.manifest_to_json(manifest)},
+    metadata = Metadata(
+        Targets(
+            version=version,
+            expires=datetime.now(UTC) + expires_in,
+            targets=targets,
+            unrecognized_fields={release.MANIFEST_FIELD: release.manifest_to_json(manifest)},
+        )
     )
-    metadata = Metadata(targets)
     for signer in signers:
         metadata.sign(signer, append=True)
     data = metadata.to_bytes(JSONSerializer(compact=False))
