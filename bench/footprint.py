@@ -26,6 +26,7 @@ from controlplane.bundles import build_bundle
 from controlplane.client import operator_stub, publish_bundle
 from controlplane.demo import Processes, find_model, free_port, health_serving, wait_for
 from controlplane.keys import init_keys
+from controlplane.rbac import ADMIN_TOKEN_FILE
 from protos.fleet.v1 import common_pb2, operator_pb2
 
 N_CTX = 2048
@@ -95,7 +96,8 @@ def agent_rss(model: Path, work: Path, settle: float) -> int:
         bundle = build_bundle(
             model, name="smollm2", version=1, out=work / "bundle", signers=keys.release_signers()
         )
-        channel, stub = operator_stub(target)
+        admin = (work / "cp" / ADMIN_TOKEN_FILE).read_text().strip()
+        channel, stub = operator_stub(target, admin)
         with channel:
             pushed = publish_bundle(stub, bundle.path, keys.release_signers())
             token = stub.CreateToken(operator_pb2.CreateTokenRequest()).token

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from controlplane import client, fleet_table
 from controlplane.bundles import BundleError, build_bundle
+from controlplane.cli_admin import audit_app, operators_app
 from controlplane.cli_keys import default_home, keys_app, open_keys
 from controlplane.gguf_info import GgufError
 from controlplane.keys import KeyStoreError
@@ -31,6 +32,8 @@ token_app = typer.Typer(help="Bootstrap tokens devices enroll with.", no_args_is
 devices_app = typer.Typer(help="The fleet's devices.", no_args_is_help=True)
 telemetry_app = typer.Typer(help="Telemetry stored by the control plane.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(operators_app, name="operators")
+app.add_typer(audit_app, name="audit")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")

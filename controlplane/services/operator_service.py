@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, timedelta
+from typing import NoReturn
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlmodel import Session
 
+from controlplane import audit
+from controlplane.audit import Outcome
 from controlplane.blobs import BlobStore
 from controlplane.db import crud
 from controlplane.db.database import Database
-from controlplane.db.models import Bundle, Device
+from controlplane.db.models import Bundle, Device, EnrollmentToken
 from controlplane.keys import KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
+from controlplane.rbac import (
+    OperatorExists,
+    OperatorIdentity,
+    Role,
+    authorize,
+    create_operator,
+    list_operators,
+    revoke_operator,
+)
 from controlplane.repositories import Repositories, RepositoryRefusal
 from controlplane.services.auth import Context, new_secret, secret_sha256
 from controlplane.services.bundle_upload import BundleUpload, PushRefused
@@ -74,11 +86,34 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self.notifier = notifier
         self.repositories = repositories
 
+    async def _refuse(
+        self,
+        context: Context,
+        who: OperatorIdentity,
+        action: str,
+        target: str,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> NoReturn:
+        """Records the refusal in the audit trail, then fails the call with ``code``."""
+        await self.db.run(
+            lambda s: audit.record(
+                s,
+                actor=who.actor,
+                action=action,
+                target=target,
+                outcome=Outcome.REFUSED,
+                detail={"reason": message},
+            )
+        )
+        await context.abort(code, message)
+
     async def PushBundle(
         self,
         request_iterator: AsyncIterator[operator_pb2.PushBundleRequest],
         context: Context,
     ) -> operator_pb2.PushBundleResponse:
+        who = await authorize(self.db, context, Role.OPERATOR)
         image_root = await self.db.run(lambda s: self.repositories.root(s, IMAGE))
         upload = BundleUpload(blobs=self.blobs, image_root=image_root)
         refusal: PushRefused | None = None
@@ -97,23 +132,33 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             refusal = exc
         finally:
             upload.abort()
+        pushed = f"{upload.release.name}@{upload.release.version}" if upload.release else "?"
         if refusal is not None:
-            await context.abort(refusal.code, refusal.message)
+            await self._refuse(context, who, "bundle.push", pushed, refusal.code, refusal.message)
         image_targets = upload.image_targets
         rel = verified
 
-        def record(session: Session) -> bool:
+        def publish(session: Session) -> bool:
             _, present = crud.add_bundle(session, release=rel)
             if not present:
                 self.repositories.publish_image_targets(session, image_targets, release=rel)
+                audit.record(
+                    session,
+                    actor=who.actor,
+                    action="bundle.push",
+                    target=pushed,
+                    detail={"artifacts": {p: a.sha256 for p, a in rel.artifacts.items()}},
+                )
             return present
 
         try:
-            present = await self.db.run(record)
+            present = await self.db.run(publish)
         except crud.BundleExists as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            await self._refuse(context, who, "bundle.push", pushed, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except RepositoryRefusal as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await self._refuse(
+                context, who, "bundle.push", pushed, grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            )
         return operator_pb2.PushBundleResponse(
             bundle=common_pb2.BundleRef(name=rel.name, version=rel.version), already_present=present
         )
@@ -121,6 +166,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListBundles(
         self, request: operator_pb2.ListBundlesRequest, context: Context
     ) -> operator_pb2.ListBundlesResponse:
+        await authorize(self.db, context, Role.VIEWER)
         bundles = await self.db.run(crud.list_bundles)
         return operator_pb2.ListBundlesResponse(
             bundles=[
@@ -139,21 +185,39 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def CreateToken(
         self, request: operator_pb2.CreateTokenRequest, context: Context
     ) -> operator_pb2.CreateTokenResponse:
+        who = await authorize(self.db, context, Role.ADMIN)
         uses = request.uses or 1
         if uses > MAX_TOKEN_USES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"uses must be at most {MAX_TOKEN_USES}")
         ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else DEFAULT_TOKEN_TTL
         token = new_secret()
-        row = await self.db.run(
-            lambda s: crud.create_token(
-                s, token_sha256=secret_sha256(token), uses=uses, ttl=ttl, labels=dict(request.labels)
+        digest = secret_sha256(token)
+
+        def create(session: Session) -> EnrollmentToken:
+            row = crud.create_token(
+                session, token_sha256=digest, uses=uses, ttl=ttl, labels=dict(request.labels)
             )
-        )
+            audit.record(
+                session,
+                actor=who.actor,
+                action="token.create",
+                target=f"token:{digest[:12]}",
+                detail={
+                    "uses": uses,
+                    "ttl_seconds": int(ttl.total_seconds()),
+                    "labels": dict(request.labels),
+                },
+            )
+            return row
+
+        row = await self.db.run(create)
         return operator_pb2.CreateTokenResponse(token=token, expires=timestamp(row.expires_at), uses=uses)
 
     async def Deploy(
         self, request: operator_pb2.DeployRequest, context: Context
     ) -> operator_pb2.DeployResponse:
+        who = await authorize(self.db, context, Role.OPERATOR)
+        ref = f"{request.bundle.name}@{request.bundle.version}"
         if request.all_devices == bool(request.device_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either all_devices or device_ids")
 
@@ -170,14 +234,21 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                     bundle=bundle.name,
                     version=bundle.version,
                 )
+            audit.record(
+                session,
+                actor=who.actor,
+                action="deploy",
+                target=ref,
+                detail={"devices": {d.device_id: d.generation for d in deployed}},
+            )
             return deployed
 
         try:
             deployed = await self.db.run(deploy)
         except (crud.BundleNotFound, crud.DeviceNotFound) as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await self._refuse(context, who, "deploy", ref, grpc.StatusCode.NOT_FOUND, str(exc))
         except RepositoryRefusal as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await self._refuse(context, who, "deploy", ref, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         self.notifier.notify([d.device_id for d in deployed])
         return operator_pb2.DeployResponse(
             device_ids=[d.device_id for d in deployed],
@@ -187,6 +258,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListDevices(
         self, request: operator_pb2.ListDevicesRequest, context: Context
     ) -> operator_pb2.ListDevicesResponse:
+        await authorize(self.db, context, Role.VIEWER)
+
         def summaries(session: Session) -> list[common_pb2.DeviceSummary]:
             return [
                 device_summary(d, session.get(Bundle, d.desired_bundle_id) if d.desired_bundle_id else None)
@@ -198,6 +271,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def QueryTelemetry(
         self, request: operator_pb2.QueryTelemetryRequest, context: Context
     ) -> operator_pb2.QueryTelemetryResponse:
+        await authorize(self.db, context, Role.VIEWER)
         limit = min(request.limit or 100, MAX_TELEMETRY_ROWS)
         rows = await self.db.run(
             lambda s: crud.query_telemetry(
@@ -220,18 +294,139 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def GetImageTargets(
         self, request: operator_pb2.GetImageTargetsRequest, context: Context
     ) -> operator_pb2.GetImageTargetsResponse:
+        await authorize(self.db, context, Role.VIEWER)
         data = await self.db.run(self.repositories.image_targets)
         return operator_pb2.GetImageTargetsResponse(targets=data or b"")
 
     async def PushRoot(
         self, request: operator_pb2.PushRootRequest, context: Context
     ) -> operator_pb2.PushRootResponse:
+        who = await authorize(self.db, context, Role.ADMIN)
         if request.repository not in (IMAGE, DIRECTOR):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "repository must be 'image' or 'director'")
         try:
-            version = await self.db.run(
-                lambda s: self.repositories.push_root(s, request.repository, request.root)
-            )
+
+            def push(session: Session) -> int:
+                version = self.repositories.push_root(session, request.repository, request.root)
+                audit.record(
+                    session, actor=who.actor, action="root.push", target=f"{request.repository}:{version}"
+                )
+                return version
+
+            version = await self.db.run(push)
         except (RepositoryRefusal, KeyStoreError) as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await self._refuse(
+                context, who, "root.push", request.repository, grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            )
         return operator_pb2.PushRootResponse(version=version)
+
+    async def ListAudit(
+        self, request: operator_pb2.ListAuditRequest, context: Context
+    ) -> operator_pb2.ListAuditResponse:
+        await authorize(self.db, context, Role.VIEWER)
+        since = request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None
+        rows = await self.db.run(
+            lambda s: audit.list_entries(
+                s,
+                actor=request.actor or None,
+                action=request.action or None,
+                target=request.target or None,
+                since=since,
+                limit=min(request.limit or 100, MAX_TELEMETRY_ROWS),
+            )
+        )
+        return operator_pb2.ListAuditResponse(
+            entries=[
+                operator_pb2.AuditRecord(
+                    seq=r.seq,
+                    time=timestamp(r.time),
+                    actor=r.actor,
+                    action=r.action,
+                    target=r.target,
+                    outcome=r.outcome,
+                    detail_json=json.dumps(r.detail, sort_keys=True),
+                    hash=r.hash,
+                )
+                for r in rows
+            ]
+        )
+
+    async def VerifyAudit(
+        self, request: operator_pb2.VerifyAuditRequest, context: Context
+    ) -> operator_pb2.VerifyAuditResponse:
+        await authorize(self.db, context, Role.VIEWER)
+        result = await self.db.run(audit.verify)
+        return operator_pb2.VerifyAuditResponse(
+            ok=result.ok,
+            entries=result.entries,
+            head=result.head,
+            broken_at=result.broken_at or 0,
+            reason=result.reason,
+        )
+
+    async def CreateOperator(
+        self, request: operator_pb2.CreateOperatorRequest, context: Context
+    ) -> operator_pb2.CreateOperatorResponse:
+        who = await authorize(self.db, context, Role.ADMIN)
+        try:
+            role = Role.parse(request.role)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        def create(session: Session) -> str:
+            token = create_operator(session, name=request.name, role=role)
+            audit.record(
+                session,
+                actor=who.actor,
+                action="operator.create",
+                target=request.name,
+                detail={"role": role.name.lower()},
+            )
+            return token
+
+        try:
+            token = await self.db.run(create)
+        except ValueError as exc:
+            await self._refuse(
+                context, who, "operator.create", request.name, grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            )
+        except OperatorExists as exc:
+            await self._refuse(
+                context, who, "operator.create", request.name, grpc.StatusCode.ALREADY_EXISTS, str(exc)
+            )
+        return operator_pb2.CreateOperatorResponse(token=token)
+
+    async def ListOperators(
+        self, request: operator_pb2.ListOperatorsRequest, context: Context
+    ) -> operator_pb2.ListOperatorsResponse:
+        await authorize(self.db, context, Role.ADMIN)
+        rows = await self.db.run(list_operators)
+        return operator_pb2.ListOperatorsResponse(
+            operators=[
+                operator_pb2.OperatorInfo(
+                    name=r.name,
+                    role=r.role,
+                    created=timestamp(r.created_at),
+                    revoked=r.revoked_at is not None,
+                )
+                for r in rows
+            ]
+        )
+
+    async def RevokeOperator(
+        self, request: operator_pb2.RevokeOperatorRequest, context: Context
+    ) -> operator_pb2.RevokeOperatorResponse:
+        who = await authorize(self.db, context, Role.ADMIN)
+
+        def revoke(session: Session) -> bool:
+            done = revoke_operator(session, name=request.name)
+            audit.record(
+                session,
+                actor=who.actor,
+                action="operator.revoke",
+                target=request.name,
+                outcome=Outcome.OK if done else Outcome.REFUSED,
+            )
+            return done
+
+        return operator_pb2.RevokeOperatorResponse(revoked=await self.db.run(revoke))

@@ -19,35 +19,18 @@ from controlplane.bundles import BundleOnDisk, build_bundle, open_bundle
 from controlplane.client import extend_image_targets, push_requests
 from controlplane.db import crud
 from controlplane.keys import KeyDir, init_keys
-from controlplane.server import RunningControlPlane, start_control_plane
+from controlplane.server import RunningControlPlane
 from controlplane.services.auth import secret_sha256
-from controlplane.settings import Settings
 from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from tests.integration.conftest import admin_token
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def controlplane(tmp_path: Path, keys: KeyDir, mosquitto: str) -> AsyncIterator[RunningControlPlane]:
-    settings = Settings(
-        data_dir=tmp_path / "cp", listen="127.0.0.1:0", mqtt_url=mosquitto, keys_dir=keys.path
-    )
-    running = await start_control_plane(settings)
-    yield running
-    await running.stop(grace=0)
-
-
-@pytest.fixture
-async def channel(controlplane: RunningControlPlane) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{controlplane.port}") as ch:
-        yield ch
-
-
 async def push(
-    channel: grpc.aio.Channel, bundle_dir: Path, signers: list[CryptoSigner]
+    stub: operator_pb2_grpc.OperatorServiceStub, bundle_dir: Path, signers: list[CryptoSigner], token: str
 ) -> operator_pb2.PushBundleResponse:
     """What `fleetctl bundle push` does, over the async channel."""
-    stub = operator_pb2_grpc.OperatorServiceStub(channel)
     current = (await stub.GetImageTargets(operator_pb2.GetImageTargetsRequest())).targets
     image_targets = extend_image_targets(current or None, open_bundle(bundle_dir), signers)
 
@@ -55,11 +38,13 @@ async def push(
         for r in push_requests(bundle_dir, image_targets):
             yield r
 
-    return await stub.PushBundle(requests())
+    # grpc.aio does not apply interceptor metadata to stream-unary calls: pass it directly.
+    return await stub.PushBundle(requests(), metadata=(("authorization", f"Bearer {token}"),))
 
 
-async def enroll(channel: grpc.aio.Channel, *, uses: int = 1) -> tuple[str, device_pb2.EnrollResponse]:
-    op = operator_pb2_grpc.OperatorServiceStub(channel)
+async def enroll(
+    op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel, *, uses: int = 1
+) -> tuple[str, device_pb2.EnrollResponse]:
     token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=uses))).token
     dev = device_pb2_grpc.DeviceServiceStub(channel)
     return token, await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, hostname="t"))
@@ -69,9 +54,11 @@ def auth(response: device_pb2.EnrollResponse) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {response.device_credential}"),)
 
 
-async def test_enrollment_tokens(channel: grpc.aio.Channel, controlplane: RunningControlPlane) -> None:
+async def test_enrollment_tokens(
+    op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel, controlplane: RunningControlPlane
+) -> None:
     dev = device_pb2_grpc.DeviceServiceStub(channel)
-    token, enrolled = await enroll(channel)
+    token, enrolled = await enroll(op, channel)
     assert enrolled.device_id.startswith("dev-")
     assert enrolled.mqtt_url == controlplane.mqtt_url
     assert enrolled.mqtt_topic_prefix == f"fleet/v1/devices/{enrolled.device_id}"
@@ -102,8 +89,7 @@ async def test_expired_token_is_refused(channel: grpc.aio.Channel, controlplane:
     assert "expired" in (expired.value.details() or "")
 
 
-async def test_multi_use_token(channel: grpc.aio.Channel) -> None:
-    op = operator_pb2_grpc.OperatorServiceStub(channel)
+async def test_multi_use_token(op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel) -> None:
     dev = device_pb2_grpc.DeviceServiceStub(channel)
     token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=2))).token
     ids = {(await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))).device_id for _ in range(2)}
@@ -121,19 +107,21 @@ async def test_device_calls_need_a_credential(channel: grpc.aio.Channel) -> None
 
 
 async def test_push_deploy_watch_fetch(
+    op: operator_pb2_grpc.OperatorServiceStub,
     channel: grpc.aio.Channel,
     controlplane: RunningControlPlane,
     smollm2_bundle: BundleOnDisk,
     keys: KeyDir,
     tmp_path: Path,
 ) -> None:
-    pushed = await push(channel, smollm2_bundle.path, keys.release_signers())
+    pushed = await push(op, smollm2_bundle.path, keys.release_signers(), admin_token(tmp_path))
     assert (pushed.bundle.name, pushed.bundle.version, pushed.already_present) == ("smollm2", 1, False)
-    assert (await push(channel, smollm2_bundle.path, keys.release_signers())).already_present
+    assert (
+        await push(op, smollm2_bundle.path, keys.release_signers(), admin_token(tmp_path))
+    ).already_present
 
-    _, enrolled = await enroll(channel)
+    _, enrolled = await enroll(op, channel)
     dev = device_pb2_grpc.DeviceServiceStub(channel)
-    op = operator_pb2_grpc.OperatorServiceStub(channel)
     info = next(iter(smollm2_bundle.release.artifacts.values()))
 
     # Not deployed to this device yet: not fetchable.
@@ -185,7 +173,12 @@ async def test_push_deploy_watch_fetch(
 
 
 async def test_push_refuses_tampered_and_foreign_bundles(
-    channel: grpc.aio.Channel, smollm2_bundle: BundleOnDisk, tmp_path: Path, smollm2_path: Path, keys: KeyDir
+    op: operator_pb2_grpc.OperatorServiceStub,
+    channel: grpc.aio.Channel,
+    smollm2_bundle: BundleOnDisk,
+    tmp_path: Path,
+    smollm2_path: Path,
+    keys: KeyDir,
 ) -> None:
     tampered = tmp_path / "tampered"
     shutil.copytree(smollm2_bundle.path, tampered)
@@ -195,7 +188,7 @@ async def test_push_refuses_tampered_and_foreign_bundles(
     artifact.unlink()
     artifact.write_bytes(bytes(data))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await push(channel, tampered, keys.release_signers())
+        await push(op, tampered, keys.release_signers(), admin_token(tmp_path))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ArtifactHashMismatch" in (refused.value.details() or "")
 
@@ -204,11 +197,10 @@ async def test_push_refuses_tampered_and_foreign_bundles(
         smollm2_path, name="smollm2", version=7, out=tmp_path / "b7", signers=foreign.release_signers()
     )
     with pytest.raises(grpc.aio.AioRpcError) as untrusted:
-        await push(channel, other.path, foreign.release_signers())
+        await push(op, other.path, foreign.release_signers(), admin_token(tmp_path))
     assert untrusted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UntrustedMetadata" in (untrusted.value.details() or "")
 
-    op = operator_pb2_grpc.OperatorServiceStub(channel)
     names = [
         (b.manifest.name, b.manifest.version)
         for b in (await op.ListBundles(operator_pb2.ListBundlesRequest())).bundles
@@ -216,8 +208,9 @@ async def test_push_refuses_tampered_and_foreign_bundles(
     assert ("smollm2", 7) not in names
 
 
-async def test_deploy_unknown_bundle_or_device(channel: grpc.aio.Channel) -> None:
-    op = operator_pb2_grpc.OperatorServiceStub(channel)
+async def test_deploy_unknown_bundle_or_device(
+    op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await op.Deploy(operator_pb2.DeployRequest(bundle={"name": "nope", "version": 1}, all_devices=True))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND

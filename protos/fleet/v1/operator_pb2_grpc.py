@@ -74,6 +74,31 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/fleet.v1.OperatorService/ListAudit',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/fleet.v1.OperatorService/VerifyAudit',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
+        self.CreateOperator = channel.unary_unary(
+                '/fleet.v1.OperatorService/CreateOperator',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.CreateOperatorRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.CreateOperatorResponse.FromString,
+                _registered_method=True)
+        self.ListOperators = channel.unary_unary(
+                '/fleet.v1.OperatorService/ListOperators',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListOperatorsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListOperatorsResponse.FromString,
+                _registered_method=True)
+        self.RevokeOperator = channel.unary_unary(
+                '/fleet.v1.OperatorService/RevokeOperator',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -130,6 +155,38 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """The hash-chained audit trail of operator changes and device lifecycle events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOperator(self, request, context):
+        """Operators and their roles (viewer, operator, admin); admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperators(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +229,31 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.PushRoot,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListAuditRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'CreateOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOperator,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.CreateOperatorRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.CreateOperatorResponse.SerializeToString,
+            ),
+            'ListOperators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperators,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListOperatorsRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListOperatorsResponse.SerializeToString,
+            ),
+            'RevokeOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperator,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +472,141 @@ class OperatorService:
             '/fleet.v1.OperatorService/PushRoot',
             protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/ListAudit',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/VerifyAudit',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.VerifyAuditRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/CreateOperator',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.CreateOperatorRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.CreateOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/ListOperators',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.ListOperatorsRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.ListOperatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/RevokeOperator',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorResponse.FromString,
             options,
             channel_credentials,
             insecure,
