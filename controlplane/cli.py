@@ -6,28 +6,22 @@ import asyncio
 import json
 import logging
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
 import grpc
 import typer
-from google.protobuf import json_format
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-from rich.table import Table
 
 from controlplane import client, fleet_table
-from controlplane.bundles import BundleError, build_bundle
 from controlplane.cli_admin import audit_app, operators_app
-from controlplane.cli_keys import default_home, keys_app, open_keys
-from controlplane.gguf_info import GgufError
-from controlplane.keys import KeyStoreError
+from controlplane.cli_bundle import bundle_app
+from controlplane.cli_common import ControlPlaneOpt, default_home, err, fail, rpc_error
+from controlplane.cli_keys import keys_app, open_keys
 from controlplane.settings import DEFAULT_LISTEN, Settings
 from protos.fleet.v1 import common_pb2, operator_pb2
 
 app = typer.Typer(help="Operate an edgefleet: keys, bundles, devices, deployments.", no_args_is_help=True)
-bundle_app = typer.Typer(help="Build, push and list signed model bundles.", no_args_is_help=True)
 token_app = typer.Typer(help="Bootstrap tokens devices enroll with.", no_args_is_help=True)
 devices_app = typer.Typer(help="The fleet's devices.", no_args_is_help=True)
 telemetry_app = typer.Typer(help="Telemetry stored by the control plane.", no_args_is_help=True)
@@ -38,30 +32,6 @@ app.add_typer(bundle_app, name="bundle")
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")
 app.add_typer(telemetry_app, name="telemetry")
-
-err = Console(stderr=True)
-
-
-ControlPlaneOpt = Annotated[
-    str,
-    typer.Option(
-        "--controlplane", envvar="EDGEFLEET_CONTROLPLANE", help="control plane gRPC address HOST:PORT"
-    ),
-]
-KeysDirOpt = Annotated[
-    Path | None, typer.Option("--keys-dir", help="key directory (default: $EDGEFLEET_HOME/keys)")
-]
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
-    return typer.Exit(code)
-
-
-def rpc_error(exc: grpc.RpcError) -> typer.Exit:
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    return fail(f"{code.name if code else 'RPC'}: {details}")
 
 
 def parse_ref(ref: str) -> common_pb2.BundleRef:
@@ -112,103 +82,6 @@ def serve(
         asyncio.run(serve_forever(settings))
     except ServeError as exc:
         raise fail(str(exc)) from exc
-
-
-# -- bundles -------------------------------------------------------------------------------
-
-
-@bundle_app.command("build")
-def bundle_build(
-    model: Annotated[Path, typer.Argument(help="GGUF model file")],
-    name: Annotated[str, typer.Option(help="bundle name")],
-    version: Annotated[int, typer.Option(help="release version, increasing")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="output bundle directory")],
-    keys_dir: KeysDirOpt = None,
-    expires_days: Annotated[int, typer.Option(help="days until the release metadata expires")] = 90,
-    description: Annotated[str, typer.Option(help="free text shown to operators")] = "",
-) -> None:
-    """Write a signed bundle: release metadata (TUF targets, signed by the release key) + artifacts."""
-    keys = open_keys(keys_dir)
-    try:
-        bundle = build_bundle(
-            model,
-            name=name,
-            version=version,
-            out=out,
-            signers=keys.release_signers(),
-            expires_in=timedelta(days=expires_days),
-            description=description,
-        )
-    except (BundleError, GgufError, KeyStoreError) as exc:
-        raise fail(str(exc)) from exc
-    for variant in bundle.release.manifest.variants:
-        err.print(
-            f"{name}@{version}: {variant.id} {variant.quantization} "
-            f"{variant.size_bytes / 2**20:.1f} MiB -> {bundle.artifact_path(variant.artifact)}"
-        )
-    typer.echo(str(out))
-
-
-@bundle_app.command("push")
-def bundle_push(
-    bundle_dir: Annotated[Path, typer.Argument(help="bundle directory")],
-    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
-    keys_dir: KeysDirOpt = None,
-) -> None:
-    """Publish a bundle: sign the image repository's new targets with the release keys here,
-    upload them with the artifacts; the control plane checks signatures and every hash."""
-    try:
-        total = client.bundle_size(bundle_dir)
-        signers = open_keys(keys_dir).release_signers()
-    except (BundleError, KeyStoreError) as exc:
-        raise fail(str(exc)) from exc
-    channel, stub = client.operator_stub(controlplane)
-    with (
-        channel,
-        Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=err,
-            transient=True,
-        ) as progress,
-    ):
-        task = progress.add_task(f"pushing {bundle_dir.name}", total=total)
-        try:
-            response = client.publish_bundle(
-                stub, bundle_dir, signers, on_bytes=lambda n: progress.advance(task, n)
-            )
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from exc
-    ref = f"{response.bundle.name}@{response.bundle.version}"
-    err.print(f"{ref} {'was already present' if response.already_present else 'pushed'}")
-    typer.echo(ref)
-
-
-@bundle_app.command("list")
-def bundle_list(
-    controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False
-) -> None:
-    """List pushed bundles."""
-    channel, stub = client.operator_stub(controlplane)
-    with channel:
-        try:
-            bundles = stub.ListBundles(operator_pb2.ListBundlesRequest()).bundles
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from exc
-    if as_json:
-        typer.echo(json.dumps([json_format.MessageToDict(b) for b in bundles], indent=2))
-        return
-    table = Table("bundle", "variants", "size", "expires")
-    for b in bundles:
-        table.add_row(
-            f"{b.manifest.name}@{b.manifest.version}",
-            ", ".join(v.id for v in b.manifest.variants),
-            f"{b.total_bytes / 2**20:.1f} MiB",
-            b.expires.ToDatetime().date().isoformat(),
-        )
-    Console().print(table)
 
 
 # -- tokens, deployments, devices ---------------------------------------------------------------

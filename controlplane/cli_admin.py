@@ -12,27 +12,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
 
+from controlplane.cli_common import ControlPlaneOpt, err, rpc_error
 from controlplane.client import operator_stub
 from controlplane.settings import DEFAULT_LISTEN
 from protos.fleet.v1 import operator_pb2
 
 operators_app = typer.Typer(help="Operators and their roles (admin only).", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
-err = Console(stderr=True)
-
-ControlPlaneOpt = Annotated[
-    str,
-    typer.Option(
-        "--controlplane", envvar="EDGEFLEET_CONTROLPLANE", help="control plane gRPC address HOST:PORT"
-    ),
-]
-
-
-def _fail(exc: grpc.RpcError) -> typer.Exit:
-    code = exc.code().name if isinstance(exc, grpc.Call) else "RPC"
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    err.print(f"[red]error:[/red] {code}: {details}", soft_wrap=True, highlight=False)
-    return typer.Exit(1)
 
 
 @operators_app.command("create")
@@ -47,7 +33,7 @@ def operators_create(
         try:
             token = stub.CreateOperator(operator_pb2.CreateOperatorRequest(name=name, role=role)).token
         except grpc.RpcError as exc:
-            raise _fail(exc) from exc
+            raise rpc_error(exc) from exc
     typer.echo(token)
 
 
@@ -59,7 +45,7 @@ def operators_list(controlplane: ControlPlaneOpt = DEFAULT_LISTEN) -> None:
         try:
             rows = stub.ListOperators(operator_pb2.ListOperatorsRequest()).operators
         except grpc.RpcError as exc:
-            raise _fail(exc) from exc
+            raise rpc_error(exc) from exc
     table = Table("name", "role", "created", "revoked")
     for r in rows:
         table.add_row(
@@ -78,7 +64,7 @@ def operators_revoke(
         try:
             revoked = stub.RevokeOperator(operator_pb2.RevokeOperatorRequest(name=name)).revoked
         except grpc.RpcError as exc:
-            raise _fail(exc) from exc
+            raise rpc_error(exc) from exc
     err.print(f"{name} {'revoked' if revoked else 'was not active'}")
 
 
@@ -107,7 +93,7 @@ def audit_list(
         try:
             entries = stub.ListAudit(request).entries
         except grpc.RpcError as exc:
-            raise _fail(exc) from exc
+            raise rpc_error(exc) from exc
     if as_json:
         for e in entries:
             typer.echo(
@@ -146,7 +132,7 @@ def audit_verify(controlplane: ControlPlaneOpt = DEFAULT_LISTEN) -> None:
         try:
             result = stub.VerifyAudit(operator_pb2.VerifyAuditRequest())
         except grpc.RpcError as exc:
-            raise _fail(exc) from exc
+            raise rpc_error(exc) from exc
     if result.ok:
         typer.echo(f"audit chain intact: {result.entries} entries, head {result.head}")
         return

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controlplane.cli_common import KeysDirOpt, default_home, err, fail
 from controlplane.client import operator_stub
 from controlplane.keys import REPOSITORIES, ROLES, KeyDir, KeyStoreError, init_keys
 from controlplane.settings import DEFAULT_LISTEN
@@ -23,11 +24,6 @@ PASSPHRASE_ENV = "EDGEFLEET_KEY_PASSPHRASE"
 keys_app = typer.Typer(
     help="Signing keys and roots of trust (image and director repositories).", no_args_is_help=True
 )
-err = Console(stderr=True)
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
 
 
 def open_keys(keys_dir: Path | None) -> KeyDir:
@@ -36,14 +32,6 @@ def open_keys(keys_dir: Path | None) -> KeyDir:
     return KeyDir(keys_dir or default_home() / "keys", passphrase=passphrase.encode() if passphrase else None)
 
 
-def fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
-    return typer.Exit(1)
-
-
-KeysDirOpt = Annotated[
-    Path | None, typer.Option("--keys-dir", help="key directory (default: $EDGEFLEET_HOME/keys)")
-]
 RepoOpt = Annotated[str, typer.Option("--repo", help="image or director")]
 RoleOpt = Annotated[str, typer.Option("--role", help="root, targets, snapshot or timestamp")]
 ControlPlaneOpt = Annotated[

@@ -22,7 +22,7 @@ class BundleManifest(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Variant(_message.Message):
-    __slots__ = ("id", "format", "quantization", "artifact", "size_bytes", "min_ram_bytes", "context_length", "has_chat_template", "perplexity", "perplexity_increase_pct", "tokens_per_second", "quality_gate")
+    __slots__ = ("id", "format", "quantization", "artifact", "size_bytes", "min_ram_bytes", "context_length", "has_chat_template", "perplexity_milli", "perplexity_increase_bp", "tokens_per_second_milli", "quality_gate")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -31,9 +31,9 @@ class Variant(_message.Message):
     MIN_RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
-    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
-    PERPLEXITY_INCREASE_PCT_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_MILLI_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_INCREASE_BP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_MILLI_FIELD_NUMBER: _ClassVar[int]
     QUALITY_GATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: _common_pb2.ModelFormat
@@ -43,8 +43,8 @@ class Variant(_message.Message):
     min_ram_bytes: int
     context_length: int
     has_chat_template: bool
-    perplexity: float
-    perplexity_increase_pct: float
-    tokens_per_second: float
+    perplexity_milli: int
+    perplexity_increase_bp: int
+    tokens_per_second_milli: int
     quality_gate: str
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., quantization: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., min_ram_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., perplexity: _Optional[float] = ..., perplexity_increase_pct: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., quality_gate: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., quantization: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., min_ram_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., perplexity_milli: _Optional[int] = ..., perplexity_increase_bp: _Optional[int] = ..., tokens_per_second_milli: _Optional[int] = ..., quality_gate: _Optional[str] = ...) -> None: ...

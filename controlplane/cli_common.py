@@ -1,0 +1,42 @@
+"""What every fleetctl command group shares: options, error output, the home directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+
+from controlplane.settings import DEFAULT_LISTEN
+
+err = Console(stderr=True)
+
+ControlPlaneOpt = Annotated[
+    str,
+    typer.Option(
+        "--controlplane", envvar="EDGEFLEET_CONTROLPLANE", help="control plane gRPC address HOST:PORT"
+    ),
+]
+KeysDirOpt = Annotated[
+    Path | None, typer.Option("--keys-dir", help="key directory (default: $EDGEFLEET_HOME/keys)")
+]
+DEFAULT_CONTROLPLANE = DEFAULT_LISTEN
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Prints one unwrapped error line and returns the exit to raise."""
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+def rpc_error(exc: grpc.RpcError) -> typer.Exit:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return fail(f"{code.name if code else 'RPC'}: {details}")
