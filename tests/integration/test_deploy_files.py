@@ -506,12 +506,12 @@ def test_systemd_commands() -> None:
         # The token and broker URL come from EDGEFLEET_TOKEN / EDGEFLEET_MQTT in the
         # environment file: a token on the command line would be visible in `ps`.
         f"{INSTALL_PREFIX}fleet-agent run --controlplane ${{EDGEFLEET_CONTROLPLANE}} "
-        "--trust /etc/edgefleet/root.json --state-dir /var/lib/edgefleet-agent"
+        "--trust /etc/edgefleet/trust.json --state-dir /var/lib/edgefleet-agent"
     ]
     assert agent["StateDirectory"] == ["edgefleet-agent"]
     assert controlplane["ExecStart"] == [
         f"{INSTALL_PREFIX}fleetctl serve --listen 0.0.0.0:7443 --data-dir /var/lib/edgefleet "
-        "--mqtt ${EDGEFLEET_MQTT}"
+        "--keys-dir /var/lib/edgefleet/keys --mqtt ${EDGEFLEET_MQTT}"
     ]
     assert controlplane["StateDirectory"] == ["edgefleet"]
 
