@@ -45,6 +45,7 @@ def run(
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
+    from agent.api.auth import is_loopback, load_or_create_api_key
     from agent.errors import AgentError
     from agent.identity import IdentityError
     from agent.service import DeviceRevoked, run_agent
@@ -55,6 +56,12 @@ def run(
     host, port = split_listen(listen)
     if not trust.is_file():
         raise typer.BadParameter(f"trust file {trust} does not exist", param_hint="--trust")
+    api_key = os.environ.get("EDGEFLEET_API_KEY") or None
+    if api_key is None and not is_loopback(host):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        key_path = state_dir / "api.key"
+        api_key = load_or_create_api_key(key_path)
+        logging.getLogger(__name__).warning("API on %s requires the key in %s", host, key_path)
     config = AgentConfig(
         controlplane=controlplane,
         state_dir=state_dir,
@@ -66,6 +73,7 @@ def run(
         heartbeat_interval_seconds=heartbeat_seconds,
         n_ctx=n_ctx,
         n_threads=threads or len(os.sched_getaffinity(0)),
+        api_key=api_key,
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
     )
     try:

@@ -21,6 +21,7 @@ class AgentConfig:
     n_ctx: int = 2048
     n_threads: int | None = None
     hostname: str = ""
+    api_key: str | None = None  # required on /v1/* when set (always set off loopback)
     artifact_budget_bytes: int | None = None  # None: keep the previous model for rollback regardless
 
     @property
@@ -38,6 +39,10 @@ class AgentConfig:
     @property
     def download_dir(self) -> Path:
         return self.state_dir / "downloads"
+
+    @property
+    def api_key_path(self) -> Path:
+        return self.state_dir / "api.key"
 
     @property
     def tuf_dir(self) -> Path:

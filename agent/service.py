@@ -23,6 +23,7 @@ import uvicorn
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from agent.api.app import create_app
+from agent.api.auth import require_api_key
 from agent.artifacts import ArtifactStore
 from agent.channel import CHANNEL_OPTIONS, open_channel
 from agent.config import AgentConfig
@@ -202,6 +203,8 @@ class AgentService:
 
     def _api_server(self) -> uvicorn.Server:
         app = create_app(active=self.active, observer=self._observe, health=self._health)
+        if self.config.api_key:
+            require_api_key(app, self.config.api_key)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)
         return server
