@@ -41,7 +41,7 @@ def bundle_build(
     version: Annotated[int, typer.Option(help="release version, increasing")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output bundle directory")],
     quantize: Annotated[
-        str, typer.Option(help="variants to build from the source, e.g. q4_0,q5_1,q8_0 (GGUF) or int8 (ONNX)")
+        str, typer.Option(help="variants to build, e.g. q4_0,q5_1,q8_0 (GGUF), int8 (ONNX), q4,q8 (MLX)")
     ] = "",
     max_ppl_increase: Annotated[
         float, typer.Option(help="refuse a variant whose perplexity rises more than this % over the source")
