@@ -18,7 +18,7 @@ from controlplane.bundles import BundleOnDisk, build_bundle
 from controlplane.keys import KeyDir
 from protos.fleet.v1 import common_pb2, operator_pb2
 from tests.conftest import free_port, port_open
-from tests.e2e.fleet_harness import REPO, Fleet, client_for, fleetctl, wait_for
+from tests.e2e.fleet_harness import REPO, Fleet, client_for, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -38,15 +38,12 @@ def fleet(
     )
     fleet.start_controlplane()
     try:
-        assert (
-            fleetctl("bundle", "push", str(smollm2_bundle.path), "--controlplane", fleet.target).strip()
-            == "smollm2@1"
-        )
-        token = fleetctl("token", "create", "--uses", "2", "--controlplane", fleet.target).strip()
+        assert fleet.push_bundle(smollm2_bundle.path) == "smollm2@1"
+        token = fleet.fleetctl("token", "create", "--uses", "2").strip()
         assert len(token.splitlines()) == 1 and len(token) >= 32
         fleet.agents = [fleet.start_agent(i, token) for i in range(2)]
         wait_for("two enrolled devices", lambda: len(fleet.devices()) == 2, timeout=60)
-        deployed = fleetctl("deploy", "smollm2@1", "--all", "--controlplane", fleet.target).split()
+        deployed = fleet.fleetctl("deploy", "smollm2@1", "--all").split()
         assert len(deployed) == 2
 
         def all_active() -> bool:
@@ -110,7 +107,7 @@ def test_telemetry_reaches_the_database(fleet: Fleet) -> None:
     assert payload["completionTokens"] > 0 and payload["tokensPerSecond"] > 0 and payload["latencyMs"] > 0
     heartbeats = stub.QueryTelemetry(operator_pb2.QueryTelemetryRequest(kind="heartbeat", limit=10)).rows
     assert heartbeats, "no heartbeats stored"
-    listed = json.loads(fleetctl("devices", "list", "--json", "--controlplane", fleet.target))
+    listed = json.loads(fleet.fleetctl("devices", "list", "--json"))
     assert all(d["last_seen"] and d["tokens_per_second"] > 0 for d in listed)
 
 
@@ -120,8 +117,8 @@ def test_tampered_artifact_is_refused_and_old_model_keeps_serving(
     # A second release with different bytes (trailing padding llama.cpp ignores).
     model = tmp_path / "smollm2-v2.gguf"
     model.write_bytes(smollm2_path.read_bytes() + b"\0" * 4096)
-    v2 = build_bundle(model, name="smollm2", version=2, out=tmp_path / "v2", signer=keys.signer("release"))
-    assert fleetctl("bundle", "push", str(v2.path), "--controlplane", fleet.target).strip() == "smollm2@2"
+    v2 = build_bundle(model, name="smollm2", version=2, out=tmp_path / "v2", signers=keys.release_signers())
+    assert fleet.push_bundle(v2.path) == "smollm2@2"
     # Corrupt the control plane's stored copy after it was verified (compromised storage).
     digest = next(iter(v2.release.artifacts.values())).sha256
     blob = fleet.data_dir / "blobs" / "sha256" / digest[:2] / digest
@@ -131,7 +128,7 @@ def test_tampered_artifact_is_refused_and_old_model_keeps_serving(
         byte = f.read(1)
         f.seek(5_000_000)
         f.write(bytes([byte[0] ^ 0xFF]))
-    fleetctl("deploy", "smollm2@2", "--all", "--controlplane", fleet.target)
+    fleet.fleetctl("deploy", "smollm2@2", "--all")
 
     def all_refused() -> list[common_pb2.DeviceSummary] | None:
         devices = fleet.devices()
@@ -189,7 +186,7 @@ def test_agent_with_a_wrong_token_exits_with_a_clear_error(fleet: Fleet, tmp_pat
             "--token",
             "forged",
             "--trust",
-            str(fleet.keys.root_path),
+            str(fleet.keys.trust_path),
             "--state-dir",
             str(tmp_path / "agent"),
             "--listen",
