@@ -64,11 +64,16 @@ class ArtifactStore:
     def part_path(self, sha256: str) -> Path:
         return self.download_dir / f"{sha256}.part"
 
-    def collect_garbage(self, keep: Iterable[str]) -> list[str]:
-        """Removes verified artifacts and partial downloads not in ``keep``; returns what it removed."""
+    def collect_garbage(self, keep: Iterable[str], *, keep_partial: bool = False) -> list[str]:
+        """Removes verified artifacts and partial downloads not in ``keep``; returns what it removed.
+
+        ``keep_partial`` spares every partial download: at boot the pending deployment is not
+        verified yet, and its partial download must survive to resume.
+        """
         wanted = set(keep)
         removed = []
-        for directory, suffix in ((self.artifact_dir, ""), (self.download_dir, ".part")):
+        places = [(self.artifact_dir, "")] + ([] if keep_partial else [(self.download_dir, ".part")])
+        for directory, suffix in places:
             if not directory.is_dir():
                 continue
             for entry in directory.iterdir():

@@ -31,7 +31,7 @@ from agent.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
 from agent.identity import DeviceIdentity, load_identity, save_identity
 from agent.latest import Latest
 from agent.serving import ActiveModel
-from agent.state import AgentState, load_state
+from agent.state import AgentState, load_state, remove_interrupted_writes
 from agent.stats import InferenceStats
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.publisher import TelemetryPublisher
@@ -42,6 +42,10 @@ from protos.fleet.uptane import TrustAnchors
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+STREAM_ESTABLISHED_SECONDS = 10.0
+"""A desired-state stream that lived this long counts as a recovered connection."""
 
 
 class DeviceRevoked(Exception):
@@ -124,6 +128,8 @@ class AgentService:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.state_dir, 0o700)
         anchors = TrustAnchors.from_bytes(config.trust_path.read_bytes())
+        for leftover in remove_interrupted_writes(config.state_dir):
+            log.info("removed %s, left by an interrupted write", leftover)
         state = load_state(config.state_path)
         sock = self._bind()
         self.api_url = f"http://{config.listen_host}:{sock.getsockname()[1]}"
@@ -262,19 +268,25 @@ class AgentService:
     async def _watch(
         self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
     ) -> None:
-        """Keeps the desired-state stream open; reconnects with bounded, jittered backoff."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(ControlPlaneUnavailable),
-            wait=wait_random_exponential(multiplier=0.5, max=30),
-            reraise=True,
-        ):
-            with attempt:
-                await self._watch_once(stub, metadata)
+        """Keeps the desired-state stream open; reconnects with bounded, jittered backoff.
+
+        Each outage gets a fresh backoff: a stream that stayed up for a while ends the retry
+        sequence normally, so the next drop starts again from a short delay.
+        """
+        while not self.stop_event.is_set():
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(ControlPlaneUnavailable),
+                wait=wait_random_exponential(multiplier=0.5, max=30),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._watch_once(stub, metadata)
 
     async def _watch_once(
         self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
     ) -> None:
         request = device_pb2.WatchDesiredStateRequest(known_generation=self.updater.state.applied_generation)
+        opened = time.monotonic()
         try:
             async for desired in stub.WatchDesiredState(request, metadata=metadata):
                 log.info(
@@ -288,8 +300,11 @@ class AgentService:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise DeviceRevoked(exc.details() or "device credential refused") from exc
             log.warning("desired-state stream lost: %s %s", exc.code().name, exc.details())
-            raise ControlPlaneUnavailable(str(exc.details())) from exc
-        raise ControlPlaneUnavailable("desired-state stream closed by the control plane")
+            if time.monotonic() - opened < STREAM_ESTABLISHED_SECONDS:
+                raise ControlPlaneUnavailable(str(exc.details())) from exc
+            return  # it had been up: the next attempt starts a fresh backoff
+        if time.monotonic() - opened < STREAM_ESTABLISHED_SECONDS:
+            raise ControlPlaneUnavailable("desired-state stream closed by the control plane")
 
     async def _apply_loop(
         self,

@@ -90,3 +90,14 @@ def retained(state: AgentState, *, budget_bytes: int | None) -> tuple[InstallRec
     if budget_bytes is not None and (active.length if active else 0) + previous.length > budget_bytes:
         return (active,) if active else ()
     return tuple(r for r in (active, previous) if r is not None)
+
+
+def remove_interrupted_writes(state_dir: Path) -> list[Path]:
+    """Deletes temporary files a kill left mid-write: ours (``.NAME.XXXX.tmp``, see
+    protos/fleet/fsio.py) and python-tuf's (``tmpXXXX`` in each repository's metadata dir).
+    Nothing reads them; the completed file, old or new, is what counts."""
+    leftovers = [p for p in state_dir.glob(".*.tmp") if p.is_file()]
+    leftovers += [p for p in state_dir.glob("tuf/*/tmp*") if p.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers

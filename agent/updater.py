@@ -65,6 +65,16 @@ class Updater:
 
     async def restore(self) -> None:
         """Loads the installed model, offline: the control plane need not be up."""
+        await self._load_at_boot()
+        # A crash between activation and garbage collection leaves an unused artifact behind.
+        kept = retained(self.state, budget_bytes=self.config.artifact_budget_bytes)
+        removed = self.store.collect_garbage(
+            {r.artifact_sha256 for r in kept if r is not None}, keep_partial=True
+        )
+        if removed:
+            log.info("removed artifacts left by an interrupted update: %s", ", ".join(removed))
+
+    async def _load_at_boot(self) -> None:
         for record in (self.state.active, self.state.previous):
             if record is None:
                 continue

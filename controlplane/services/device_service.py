@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -28,6 +29,7 @@ from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 MAX_LABELS = 32
+log = logging.getLogger(__name__)
 
 
 def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredState | None:
@@ -213,6 +215,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         chunks = self.blobs.read(digest, offset=request.offset, chunk_size=self.chunk_size)
         offset = request.offset
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            if context.cancelled() or context.done():
+                log.info("device %s stopped downloading %s at byte %d", device.id, digest[:12], offset)
+                return  # the device went away; it resumes from this offset next time
             yield device_pb2.ArtifactChunk(offset=offset, data=chunk, total_length=total)
             offset += len(chunk)
 

@@ -9,14 +9,13 @@ only (SIGKILL to crash, SIGSTOP to freeze), no hooks in product code. Three rele
 different bytes are deployed in a cycle, so every deployment is a new generation *and* needs a
 download (the agent keeps only the active and the previous artifact).
 
-Two agent defects this suite found are tolerated where, and only where, they show up; the
-trial that hits one is reported as xfailed with the reason (see KNOWN_BUGS). Everything else
-the disk check finds fails the trial.
+After every restart the state dir may hold only what its layout names: no artifact beyond the
+active and previous ones (a kill between activation and collection is cleaned up at boot) and no
+temporary file from an interrupted write (removed at start).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
@@ -63,20 +62,6 @@ NOT_SEEN = "NOT_SEEN"  # the agent had not persisted anything about the new depl
 ACTIVATED = "ACTIVATED"  # the new release was already active (killed during retire/cleanup or idle)
 ACTIVE = common_pb2.DEVICE_STATE_ACTIVE
 
-KNOWN_BUGS = {
-    "stale-artifact": (
-        "agent bug: killed after the new release was persisted active but before "
-        "Updater._apply's collect_garbage ran, the restarted agent never collects the old "
-        "artifact (restore() does not collect, apply() returns early for the applied "
-        "generation): three verified artifacts stay on disk until the next update"
-    ),
-    "temp-file": (
-        "agent bug: a kill inside an atomic write (protos/fleet/fsio.atomic_write_bytes, or "
-        "python-tuf's Updater._persist_file under tuf/) leaves its temporary file behind and "
-        "nothing removes it at startup"
-    ),
-}
-
 
 @dataclass(frozen=True)
 class Release:
@@ -99,7 +84,6 @@ class Kill:
     resumed_at: int | None = None  # the first "resuming download ... at byte N" after restart
     serving_seconds: float = 0.0
     converged_seconds: float = 0.0
-    known_bugs: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,8 +96,6 @@ class CrashRig:
     generation: int = 0
     install_seconds: float = 0.0
     kills: list[Kill] = field(default_factory=list)
-    leftovers: set[str] = field(default_factory=set)  # temp files already blamed on an earlier kill
-    stale: set[str] = field(default_factory=set)  # stale artifacts already blamed, not yet collected
 
     # -- paths and state --------------------------------------------------------------------
 
@@ -241,27 +223,13 @@ class CrashRig:
             assert self.artifact(previous).stat().st_size == previous.length, "rollback target is gone"
             kept.add(previous.sha256)
 
-        # The old model is retired (in-flight requests finish) before unused artifacts go. A
-        # restart after activation has nothing left to install: collecting is all it would do.
-        settle = 3.0 if kill.phase == ACTIVATED else 20.0
-        with contextlib.suppress(AssertionError):
-            wait_for("unused artifacts to be collected", lambda: self.artifacts() <= kept, settle, 0.05)
+        # The old model is retired (in-flight requests finish) before unused artifacts go; a
+        # restart after a kill between activation and collection collects at boot.
+        wait_for("unused artifacts to be collected", lambda: self.artifacts() <= kept, 20.0, 0.05)
         extra = self.artifacts() - kept
-        newly_stale = extra - self.stale
-        if newly_stale:
-            # Only a kill between activation and garbage collection may leave one
-            # (KNOWN_BUGS["stale-artifact"]); it is still a verified artifact of a known release.
-            assert kill.phase == ACTIVATED and kill.artifacts_at_kill > 2, (
-                f"verified artifacts beyond active + previous: {newly_stale}"
-            )
-            assert all(self.artifact(by_sha[sha]).stat().st_size == by_sha[sha].length for sha in newly_stale)
-            kill.known_bugs["stale-artifact"] = sorted(newly_stale)
-        self.stale = extra
-
-        new_temp = set(temp_files(self.state_dir)) - self.leftovers
-        if new_temp:
-            kill.known_bugs["temp-file"] = sorted(new_temp)
-            self.leftovers |= new_temp
+        assert not extra, f"verified artifacts beyond active + previous: {extra}"
+        leftovers = temp_files(self.state_dir)
+        assert not leftovers, f"temporary files left by interrupted writes: {leftovers}"
 
     def check_health(self) -> None:
         """The API reports the release the state file names."""
@@ -295,12 +263,6 @@ class CrashRig:
         self.check_disk(kill, full_hash=full_hash)
         self.check_health()
         self.chat()
-
-
-def xfail_on_known_bugs(kill: Kill) -> None:
-    """Called last in a trial: everything else held; report a known agent defect if it hit one."""
-    if kill.known_bugs:
-        pytest.xfail("; ".join(f"{KNOWN_BUGS[bug]}: {found}" for bug, found in kill.known_bugs.items()))
 
 
 def sha256_of(path: Path) -> str:
@@ -426,8 +388,7 @@ def summary(rig: CrashRig) -> str:
         lines.append(
             f"  {k.trial:<15} @{k.version} gen {k.generation:<3} delay {delay:<7} {k.phase:<10} "
             f"part {k.part_bytes} resumed {k.resumed_at} artifacts {k.artifacts_at_kill} "
-            f"serving {k.serving_seconds:.1f}s converged {k.converged_seconds:.1f}s "
-            f"{' '.join(k.known_bugs)}"
+            f"serving {k.serving_seconds:.1f}s converged {k.converged_seconds:.1f}s"
         )
     return "\n".join(lines)
 
@@ -463,7 +424,6 @@ def test_kill_right_after_deploy_before_the_agent_acts(rig: CrashRig) -> None:
     kill = rig.kill("after-deploy", delay=0.0)
     assert kill.phase == NOT_SEEN and kill.part_bytes is None
     rig.recover(kill, full_hash=True)
-    xfail_on_known_bugs(kill)
 
 
 def test_kill_while_verifying_the_metadata(rig: CrashRig) -> None:
@@ -481,8 +441,6 @@ def test_kill_while_verifying_the_metadata(rig: CrashRig) -> None:
         if kill.phase == "VERIFYING":
             break
     assert kills[-1].phase == "VERIFYING", kills
-    for kill in kills:
-        xfail_on_known_bugs(kill)
 
 
 def test_kill_mid_download_twice_resumes_each_time(rig: CrashRig) -> None:
@@ -512,7 +470,6 @@ def test_kill_mid_download_twice_resumes_each_time(rig: CrashRig) -> None:
     first.resumed_at = int(resumed[0][1])
 
     rig.recover(second, full_hash=True)
-    xfail_on_known_bugs(second)
 
 
 def test_kill_while_loading_and_smoke_testing_the_new_model(rig: CrashRig) -> None:
@@ -523,7 +480,6 @@ def test_kill_while_loading_and_smoke_testing_the_new_model(rig: CrashRig) -> No
     assert kill.phase == "TESTING" and kill.part_bytes is None
     assert rig.artifact(rig.releases[rig.version]).is_file()
     rig.recover(kill, full_hash=False)
-    xfail_on_known_bugs(kill)
 
 
 def test_kill_right_after_activation(rig: CrashRig) -> None:
@@ -536,7 +492,6 @@ def test_kill_right_after_activation(rig: CrashRig) -> None:
     )
     assert kill.phase == ACTIVATED
     rig.recover(kill, full_hash=False)
-    xfail_on_known_bugs(kill)
 
 
 def test_kill_while_idle_serves_without_the_control_plane(rig: CrashRig) -> None:
@@ -563,7 +518,6 @@ def test_kill_while_idle_serves_without_the_control_plane(rig: CrashRig) -> None
     )
     rig.wait_converged()
     kill.converged_seconds = time.monotonic() - started
-    xfail_on_known_bugs(kill)
 
 
 @pytest.mark.parametrize("trial", range(TIMED_TRIALS))
@@ -574,7 +528,6 @@ def test_timed_kill_during_update(rig: CrashRig, trial: int) -> None:
     time.sleep(delay)
     kill = rig.kill(f"timed-{trial:02d}", delay=delay)
     rig.recover(kill, full_hash=trial % 4 == 0)
-    xfail_on_known_bugs(kill)
 
 
 def test_the_kills_covered_the_update_and_resumed_downloads(rig: CrashRig) -> None:
