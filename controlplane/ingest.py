@@ -45,7 +45,7 @@ from tenacity import (
 )
 
 from controlplane.db.telemetry import IngestRecord, insert_telemetry
-from protos.fleet.broker_url import BrokerAddress, parse_broker_url
+from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
 from protos.fleet.topics import (
     MESSAGE_TYPES,
     TopicError,
@@ -54,9 +54,6 @@ from protos.fleet.topics import (
 )
 
 logger = logging.getLogger(__name__)
-
-RECONNECT_MIN_DELAY_S = 1
-RECONNECT_MAX_DELAY_S = 30
 
 
 class RejectReason(enum.Enum):
@@ -258,11 +255,7 @@ class TelemetryIngestor:
             manual_ack=True,  # PUBACK only after the database commit
         )
         client.enable_logger(logging.getLogger("paho.ingest"))
-        client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY_S, max_delay=RECONNECT_MAX_DELAY_S)
-        if self._address.username is not None:
-            client.username_pw_set(self._address.username, self._address.password)
-        if self._address.tls:
-            client.tls_set_context(self._tls_context or ssl.create_default_context())
+        configure_client(client, self._address, self._tls_context)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

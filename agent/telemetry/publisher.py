@@ -29,13 +29,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.telemetry.outbox import Outbox, OutboxError
-from protos.fleet.broker_url import BrokerAddress, parse_broker_url
+from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
 from protos.fleet.topics import TopicKind, telemetry_topic
 
 logger = logging.getLogger(__name__)
-
-RECONNECT_MIN_DELAY_S = 1
-RECONNECT_MAX_DELAY_S = 30
 
 
 class _Ledger:
@@ -181,11 +178,7 @@ class TelemetryPublisher:
         client.enable_logger(logging.getLogger("paho.agent"))
         client.max_inflight_messages_set(self._max_inflight)
         client.max_queued_messages_set(0)  # the window bounds what we queue
-        client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY_S, max_delay=RECONNECT_MAX_DELAY_S)
-        if self._address.username is not None:
-            client.username_pw_set(self._address.username, self._address.password)
-        if self._address.tls:
-            client.tls_set_context(self._tls_context or ssl.create_default_context())
+        configure_client(client, self._address, self._tls_context)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

@@ -9,8 +9,11 @@ naming the problem, not as an endless reconnect to the wrong place.
 from __future__ import annotations
 
 import enum
+import ssl
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, unquote, urlsplit
+
+import paho.mqtt.client as mqtt
 
 
 class BrokerScheme(enum.StrEnum):
@@ -107,3 +110,19 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username = None
         password = None
     return BrokerAddress(host=host, port=port, tls=scheme.tls, username=username, password=password)
+
+
+RECONNECT_MIN_DELAY_S = 1
+RECONNECT_MAX_DELAY_S = 30
+
+
+def configure_client(
+    client: mqtt.Client, address: BrokerAddress, tls_context: ssl.SSLContext | None = None
+) -> None:
+    """Applies what both sides set on a paho client for a broker: paho's own reconnect backoff,
+    credentials from the URL, and TLS for ``mqtts://``."""
+    client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY_S, max_delay=RECONNECT_MAX_DELAY_S)
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set_context(tls_context or ssl.create_default_context())
