@@ -12,12 +12,15 @@ import grpc
 import typer
 from rich.console import Console
 from rich.table import Table
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Targets
 
-from controlplane.cli_common import KeysDirOpt, default_home, err, fail
-from controlplane.client import operator_stub
+from controlplane.cli_common import KeysDirOpt, default_home, err, fail, rpc_error
+from controlplane.client import operator_stub, resign_image_targets
 from controlplane.keys import REPOSITORIES, ROLES, KeyDir, KeyStoreError, init_keys
 from controlplane.settings import DEFAULT_LISTEN
-from protos.fleet.v1 import operator_pb2
+from protos.fleet.uptane import IMAGE
+from protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 
 PASSPHRASE_ENV = "EDGEFLEET_KEY_PASSPHRASE"
 
@@ -55,7 +58,8 @@ def _publish(keys: KeyDir, repo: str, controlplane: str | None) -> None:
 
 
 def push_roots(keys: KeyDir, controlplane: str, *, repos: list[str]) -> None:
-    """Uploads every root version the control plane lacks, oldest first."""
+    """Uploads every root version the control plane lacks, oldest first; then, for the image
+    repository, re-signs its targets if the current release keys did not sign them."""
     channel, stub = operator_stub(controlplane)
     with channel:
         for repo in repos:
@@ -66,6 +70,29 @@ def push_roots(keys: KeyDir, controlplane: str, *, repos: list[str]) -> None:
                     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
                     raise fail(f"{repo} root: {details}") from exc
                 err.print(f"{repo} root {version} published")
+        if IMAGE in repos:
+            _resign_image_targets_if_needed(keys, stub)
+
+
+def _resign_image_targets_if_needed(keys: KeyDir, stub: operator_pb2_grpc.OperatorServiceStub) -> None:
+    try:
+        current = stub.GetImageTargets(operator_pb2.GetImageTargetsRequest()).targets
+    except grpc.RpcError as exc:
+        raise rpc_error(exc) from exc
+    if not current:
+        return
+    metadata = Metadata[Targets].from_bytes(current)
+    try:
+        keys.root(IMAGE).signed.verify_delegate("targets", metadata.signed_bytes, metadata.signatures)
+        return  # still valid under the current root
+    except UnsignedMetadataError:
+        pass
+    try:
+        data = resign_image_targets(current, keys.release_signers())
+        version = stub.PublishImageTargets(operator_pb2.PublishImageTargetsRequest(targets=data)).version
+    except grpc.RpcError as exc:
+        raise rpc_error(exc) from exc
+    err.print(f"image targets re-signed with the current release keys (version {version})")
 
 
 @keys_app.command("init")

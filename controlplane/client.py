@@ -136,6 +136,25 @@ def extend_image_targets(
     return metadata.to_bytes(JSONSerializer(compact=True))
 
 
+def resign_image_targets(
+    current: bytes, signers: Sequence[Signer], *, expires_in: timedelta = IMAGE_TARGETS_EXPIRY
+) -> bytes:
+    """The same targets, next version, signed by ``signers``: after a release-key rotation
+    devices must find targets signed by the new keys before the next release."""
+    previous = Metadata[Targets].from_bytes(current).signed
+    metadata = Metadata(
+        Targets(
+            version=previous.version + 1,
+            expires=datetime.now(UTC) + expires_in,
+            targets=dict(previous.targets),
+            unrecognized_fields=previous.unrecognized_fields,
+        )
+    )
+    for signer in signers:
+        metadata.sign(signer, append=True)
+    return metadata.to_bytes(JSONSerializer(compact=True))
+
+
 def push_requests(
     bundle_dir: Path, image_targets: bytes, *, on_bytes: Callable[[int], None] | None = None
 ) -> Iterator[operator_pb2.PushBundleRequest]:

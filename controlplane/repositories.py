@@ -155,9 +155,9 @@ class Repositories:
         row = self._latest(session, IMAGE, IMAGE_DEVICE, "targets")
         return row.data if row else None
 
-    def publish_image_targets(self, session: Session, data: bytes, *, release: VerifiedRelease) -> None:
-        """Checks new image targets (release-key signature, version, nothing lost, release
-        present as pushed), stores them and signs snapshot and timestamp."""
+    def publish_image_targets(self, session: Session, data: bytes, *, release: VerifiedRelease | None) -> int:
+        """Checks new image targets (release-key signature, version, nothing lost, the release
+        present as pushed when there is one), stores them and signs snapshot and timestamp."""
         try:
             new = Metadata[Targets].from_bytes(data)
         except Exception as exc:
@@ -179,19 +179,25 @@ class Repositories:
             for path, existing in current.targets.items():
                 if new.signed.targets.get(path) != existing:
                     raise RepositoryRefusal(f"image targets drop or change the existing target {path!r}")
+        if release is not None:
+            self._check_release_listed(new.signed, release)
+        if release is None and current_row is not None and set(new.signed.targets) != set(current.targets):
+            raise RepositoryRefusal("re-signed image targets must list exactly the existing targets")
+        self._store(session, IMAGE, IMAGE_DEVICE, new)
+        self._sign_image_snapshot(session)
+        return new.signed.version
+
+    @staticmethod
+    def _check_release_listed(targets: Targets, release: VerifiedRelease) -> None:
         for artifact, info in release.artifacts.items():
             path = uptane.image_target_path(release.name, release.version, artifact)
-            target = new.signed.targets.get(path)
+            target = targets.targets.get(path)
             if target is None:
                 raise RepositoryRefusal(f"image targets lack {path!r}")
             parsed = uptane.parse_image_target(path, target)
-            if (parsed.info.length, parsed.info.sha256) != (info.length, info.sha256) or (
-                parsed.bundle,
-                parsed.version,
-            ) != (release.name, release.version):
+            same_bytes = (parsed.info.length, parsed.info.sha256) == (info.length, info.sha256)
+            if not same_bytes or (parsed.bundle, parsed.version) != (release.name, release.version):
                 raise RepositoryRefusal(f"image target {path!r} differs from the release it carries")
-        self._store(session, IMAGE, IMAGE_DEVICE, new)
-        self._sign_image_snapshot(session)
 
     def _next_version(self, session: Session, repo: str, device_id: str, role: str) -> int:
         row = self._latest(session, repo, device_id, role)

@@ -430,3 +430,21 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             return done
 
         return operator_pb2.RevokeOperatorResponse(revoked=await self.db.run(revoke))
+
+    async def PublishImageTargets(
+        self, request: operator_pb2.PublishImageTargetsRequest, context: Context
+    ) -> operator_pb2.PublishImageTargetsResponse:
+        who = await authorize(self.db, context, Role.ADMIN)
+
+        def publish(session: Session) -> int:
+            version = self.repositories.publish_image_targets(session, request.targets, release=None)
+            audit.record(session, actor=who.actor, action="image.resign", target=f"image-targets:{version}")
+            return version
+
+        try:
+            version = await self.db.run(publish)
+        except RepositoryRefusal as exc:
+            await self._refuse(
+                context, who, "image.resign", "image-targets", grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            )
+        return operator_pb2.PublishImageTargetsResponse(version=version)

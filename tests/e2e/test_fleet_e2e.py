@@ -14,8 +14,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from controlplane.bundles import BundleOnDisk, build_bundle
-from controlplane.keys import KeyDir
+from controlplane.bundles import build_bundle
+from controlplane.keys import KeyDir, init_keys
 from protos.fleet.v1 import common_pb2, operator_pb2
 from tests.conftest import free_port, port_open
 from tests.e2e.fleet_harness import REPO, Fleet, client_for, wait_for
@@ -24,10 +24,19 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyDir:
+    """This fleet's own keys: its tests rotate them."""
+    return init_keys(tmp_path_factory.mktemp("fleet-keys") / "keys")
+
+
+@pytest.fixture(scope="module")
 def fleet(
-    tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, mosquitto: str, smollm2_bundle: BundleOnDisk
+    tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, mosquitto: str, smollm2_path: Path
 ) -> Iterator[Fleet]:
     work = tmp_path_factory.mktemp("fleet")
+    smollm2_bundle = build_bundle(
+        smollm2_path, name="smollm2", version=1, out=work / "smollm2-1", signers=keys.release_signers()
+    )
     fleet = Fleet(
         target=f"127.0.0.1:{free_port()}",
         data_dir=work / "cp",
@@ -149,6 +158,30 @@ def test_tampered_artifact_is_refused_and_old_model_keeps_serving(
         return [r for r in rows if "ArtifactHashMismatch" in r.payload_json]
 
     assert len(wait_for("refusal events in the database", refusal_events, timeout=30)) >= 2
+
+
+def test_devices_follow_a_release_key_rotation(
+    fleet: Fleet, keys: KeyDir, smollm2_path: Path, tmp_path: Path
+) -> None:
+    old_keyids = {s.public_key.keyid for s in keys.release_signers()}
+    fleet.fleetctl("keys", "rotate", "--repo", "image", "--role", "targets", "--keys-dir", str(keys.path))
+    new_signers = keys.release_signers()
+    assert not old_keyids & {s.public_key.keyid for s in new_signers}
+
+    model = tmp_path / "smollm2-v3.gguf"
+    model.write_bytes(smollm2_path.read_bytes() + b"\0" * 8192)
+    v3 = build_bundle(model, name="smollm2", version=3, out=tmp_path / "v3", signers=new_signers)
+    assert fleet.push_bundle(v3.path) == "smollm2@3"
+    fleet.fleetctl("deploy", "smollm2@3", "--all")
+
+    def on_v3() -> list[common_pb2.DeviceSummary] | None:
+        devices = fleet.devices()
+        ok = all(d.state == common_pb2.DEVICE_STATE_ACTIVE and d.active_bundle.version == 3 for d in devices)
+        return devices if ok else None
+
+    wait_for("both devices on the release signed with the new key", on_v3, timeout=240)
+    for i in range(2):
+        assert (fleet.agent_dir(i) / "tuf" / "image" / "root_history" / "2.root.json").is_file()
 
 
 def test_restarted_agent_serves_without_control_plane(fleet: Fleet) -> None:

@@ -279,3 +279,15 @@ class QueryTelemetryResponse(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[TelemetryRow]
     def __init__(self, rows: _Optional[_Iterable[_Union[TelemetryRow, _Mapping]]] = ...) -> None: ...
+
+class PublishImageTargetsRequest(_message.Message):
+    __slots__ = ("targets",)
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    targets: bytes
+    def __init__(self, targets: _Optional[bytes] = ...) -> None: ...
+
+class PublishImageTargetsResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.FromString,
                 _registered_method=True)
+        self.PublishImageTargets = channel.unary_unary(
+                '/fleet.v1.OperatorService/PublishImageTargets',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PublishImageTargetsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PublishImageTargetsResponse.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/fleet.v1.OperatorService/ListAudit',
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
@@ -155,6 +160,13 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishImageTargets(self, request, context):
+        """Re-signed image targets with no new release (after the release keys were rotated).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAudit(self, request, context):
         """The hash-chained audit trail of operator changes and device lifecycle events.
         """
@@ -229,6 +241,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.PushRoot,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.SerializeToString,
+            ),
+            'PublishImageTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishImageTargets,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PublishImageTargetsRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.PublishImageTargetsResponse.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
@@ -472,6 +489,33 @@ class OperatorService:
             '/fleet.v1.OperatorService/PushRoot',
             protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.PushRootResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishImageTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/PublishImageTargets',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.PublishImageTargetsRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.PublishImageTargetsResponse.FromString,
             options,
             channel_credentials,
             insecure,
