@@ -158,6 +158,21 @@ def devices_list(
         Console().print(fleet_table.devices_table(devices))
 
 
+@devices_app.command("revoke")
+def devices_revoke(
+    device_id: Annotated[str, typer.Argument(help="device id")],
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+) -> None:
+    """Cut a device off at once: its calls are refused and its desired-state stream ends."""
+    channel, stub = client.operator_stub(controlplane)
+    with channel:
+        try:
+            revoked = stub.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=device_id)).revoked
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    err.print(f"{device_id} {'revoked' if revoked else 'was already revoked'}")
+
+
 @telemetry_app.command("query")
 def telemetry_query(
     controlplane: ControlPlaneOpt = DEFAULT_LISTEN,

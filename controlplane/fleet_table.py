@@ -45,6 +45,7 @@ def devices_json(devices: Sequence[common_pb2.DeviceSummary]) -> list[dict[str, 
                 "desired_generation": d.desired_generation,
                 "applied_generation": d.applied_generation,
                 "labels": dict(d.labels),
+                "revoked": d.revoked,
             }
         )
     return rows
@@ -58,7 +59,7 @@ def devices_table(devices: Sequence[common_pb2.DeviceSummary], *, now: datetime 
         age = f"{(now - seen).total_seconds():.0f}s ago" if seen else "never"
         table.add_row(
             d.device_id,
-            _state(d.state),
+            "revoked" if d.revoked else _state(d.state),
             _ref(d.active_bundle) or "-",
             d.api_url or "-",
             age,

@@ -38,6 +38,7 @@ class Device(SQLModel, table=True):
     last_tokens_per_second: float = 0.0
     last_latency_ms: float = 0.0
     requests_total: int = 0
+    revoked_at: datetime | None = None
 
 
 class EnrollmentToken(SQLModel, table=True):

@@ -48,4 +48,6 @@ async def authenticate_device(db: Database, context: Context) -> Device:
     device = await db.run(lambda s: crud.device_by_credential(s, credential_sha256=digest))
     if device is None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown device credential")
+    if device.revoked_at is not None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
     return device

@@ -32,6 +32,11 @@ MAX_LABELS = 32
 log = logging.getLogger(__name__)
 
 
+def is_revoked(session: Session, device_id: str) -> bool:
+    device = session.get(Device, device_id)
+    return device is None or device.revoked_at is not None
+
+
 def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredState | None:
     device = session.get(Device, device_id)
     if device is None or device.desired_bundle_id is None:
@@ -149,6 +154,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         with self.notifier.subscribe(device.id) as changed:
             while True:
                 changed.clear()
+                if await self.db.run(lambda s: is_revoked(s, device.id)):
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
                 state = await self.db.run(lambda s: desired_state_of(s, device.id))
                 if state is not None and state.generation > sent:
                     sent = state.generation

@@ -17,7 +17,7 @@ from controlplane.audit import Outcome
 from controlplane.blobs import BlobStore
 from controlplane.db import crud
 from controlplane.db.database import Database
-from controlplane.db.models import Bundle, Device, EnrollmentToken
+from controlplane.db.models import Bundle, Device, EnrollmentToken, utcnow
 from controlplane.keys import KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
 from controlplane.rbac import (
@@ -60,6 +60,7 @@ def device_summary(device: Device, desired: Bundle | None) -> common_pb2.DeviceS
         applied_generation=device.applied_generation,
         labels=device.labels,
         variant=device.variant,
+        revoked=device.revoked_at is not None,
     )
     if device.active_bundle:
         summary.active_bundle.CopyFrom(
@@ -448,3 +449,28 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 context, who, "image.resign", "image-targets", grpc.StatusCode.FAILED_PRECONDITION, str(exc)
             )
         return operator_pb2.PublishImageTargetsResponse(version=version)
+
+    async def RevokeDevice(
+        self, request: operator_pb2.RevokeDeviceRequest, context: Context
+    ) -> operator_pb2.RevokeDeviceResponse:
+        who = await authorize(self.db, context, Role.OPERATOR)
+
+        def revoke(session: Session) -> bool:
+            device = session.get(Device, request.device_id)
+            if device is None:
+                raise crud.DeviceNotFound(f"unknown device {request.device_id}")
+            if device.revoked_at is not None:
+                return False
+            device.revoked_at = utcnow()
+            session.add(device)
+            audit.record(session, actor=who.actor, action="device.revoke", target=device.id)
+            return True
+
+        try:
+            revoked = await self.db.run(revoke)
+        except crud.DeviceNotFound as exc:
+            await self._refuse(
+                context, who, "device.revoke", request.device_id, grpc.StatusCode.NOT_FOUND, str(exc)
+            )
+        self.notifier.notify([request.device_id])  # its open stream re-checks and ends
+        return operator_pb2.RevokeDeviceResponse(revoked=revoked)

@@ -51,7 +51,7 @@ class BundleRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant")
+    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant", "revoked")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class DeviceSummary(_message.Message):
     APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: DeviceState
     active_bundle: BundleRef
@@ -87,4 +88,5 @@ class DeviceSummary(_message.Message):
     applied_generation: int
     labels: _containers.ScalarMap[str, str]
     variant: str
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ...) -> None: ...
+    revoked: bool
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ..., revoked: _Optional[bool] = ...) -> None: ...

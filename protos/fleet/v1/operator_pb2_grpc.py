@@ -59,6 +59,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/fleet.v1.OperatorService/RevokeDevice',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
         self.QueryTelemetry = channel.unary_unary(
                 '/fleet.v1.OperatorService/QueryTelemetry',
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.SerializeToString,
@@ -136,6 +141,13 @@ class OperatorServiceServicer:
 
     def ListDevices(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """Cuts a device off at once: its calls are refused and its desired-state stream ends.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -226,6 +238,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListDevicesRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.SerializeToString,
             ),
             'QueryTelemetry': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryTelemetry,
@@ -408,6 +425,33 @@ class OperatorService:
             '/fleet.v1.OperatorService/ListDevices',
             protos_dot_fleet_dot_v1_dot_operator__pb2.ListDevicesRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/RevokeDevice',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,
