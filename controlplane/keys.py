@@ -10,14 +10,15 @@
 Every later change to a root (add, revoke or rotate a key, change a threshold) writes a new
 root version signed by the previous root's threshold and by the new one's, which devices
 follow. Private keys are PKCS#8 PEM files readable by their owner, encrypted when a
-passphrase is given. ``trust.json`` holds both current roots: the file devices are
-provisioned with.
+passphrase is given. ``trust.json`` holds both current roots and the fleet's TLS CA
+certificate: the file devices are provisioned with.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization.json import JSONSerializer
 
+from controlplane.ca import init_ca
 from protos.fleet.fsio import atomic_write_bytes
 from protos.fleet.uptane import DIRECTOR, IMAGE, TrustAnchors
 
@@ -118,7 +120,12 @@ class KeyDir:
         return Metadata[Root].from_bytes(self.root_bytes(repo))
 
     def trust_anchors(self) -> TrustAnchors:
-        return TrustAnchors(image_root=self.root_bytes(IMAGE), director_root=self.root_bytes(DIRECTOR))
+        ca = self.path / "tls" / "ca.pem"
+        return TrustAnchors(
+            image_root=self.root_bytes(IMAGE),
+            director_root=self.root_bytes(DIRECTOR),
+            tls_ca=ca.read_bytes() if ca.exists() else None,
+        )
 
     def root_history(self, repo: str) -> list[bytes]:
         """Every root version of a repository, oldest first."""
@@ -293,6 +300,9 @@ def init_keys(
     os.chmod(path, 0o700)
     if force:
         (path / KEYRING).unlink(missing_ok=True)
+    if force:
+        shutil.rmtree(path / "tls", ignore_errors=True)
+    init_ca(path, passphrase=passphrase)  # before the roots: trust.json carries its certificate
     for repo in REPOSITORIES:
         by_label: dict[str, SSlibKey] = {}
         root = Root(expires=datetime.now(UTC) + root_expiry, consistent_snapshot=False)

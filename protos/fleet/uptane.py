@@ -36,17 +36,17 @@ class TrustAnchors:
 
     image_root: bytes
     director_root: bytes
+    tls_ca: bytes | None = None  # PEM of the fleet CA the control plane's certificate chains to
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {
-                "schema_version": TRUST_SCHEMA_VERSION,
-                IMAGE: json.loads(self.image_root),
-                DIRECTOR: json.loads(self.director_root),
-            },
-            indent=2,
-            sort_keys=True,
-        ).encode()
+        document: dict[str, Any] = {
+            "schema_version": TRUST_SCHEMA_VERSION,
+            IMAGE: json.loads(self.image_root),
+            DIRECTOR: json.loads(self.director_root),
+        }
+        if self.tls_ca is not None:
+            document["tls_ca"] = self.tls_ca.decode()
+        return json.dumps(document, indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TrustAnchors:
@@ -54,8 +54,11 @@ class TrustAnchors:
             raw = json.loads(data)
             if raw.get("schema_version") != TRUST_SCHEMA_VERSION:
                 raise MalformedMetadata(f"trust file schema_version must be {TRUST_SCHEMA_VERSION}")
+            tls_ca = raw.get("tls_ca")
             return cls(
-                image_root=json.dumps(raw[IMAGE]).encode(), director_root=json.dumps(raw[DIRECTOR]).encode()
+                image_root=json.dumps(raw[IMAGE]).encode(),
+                director_root=json.dumps(raw[DIRECTOR]).encode(),
+                tls_ca=tls_ca.encode() if isinstance(tls_ca, str) else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MalformedMetadata(f"trust file is not an edgefleet trust file: {exc}") from exc
