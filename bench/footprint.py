@@ -24,7 +24,7 @@ import grpc
 
 from controlplane.bundles import build_bundle
 from controlplane.client import operator_stub, publish_bundle
-from controlplane.demo import Processes, find_model, free_port, health_serving, wait_for
+from controlplane.demo import Processes, agent_command, find_model, free_port, health_serving, wait_for
 from controlplane.keys import init_keys
 from controlplane.rbac import ADMIN_TOKEN_FILE
 from protos.fleet.v1 import common_pb2, operator_pb2
@@ -103,26 +103,14 @@ def agent_rss(model: Path, work: Path, settle: float) -> int:
             token = stub.CreateToken(operator_pb2.CreateTokenRequest()).token
             agent = procs.start(
                 "agent",
-                [
-                    py,
-                    "-m",
-                    "agent.cli",
-                    "run",
-                    "--controlplane",
-                    target,
-                    "--token",
-                    token,
-                    "--trust",
-                    str(keys.trust_path),
-                    "--state-dir",
-                    str(work / "agent"),
-                    "--listen",
-                    f"127.0.0.1:{free_port()}",
-                    "--threads",
-                    str(THREADS),
-                    "--n-ctx",
-                    str(N_CTX),
-                ],
+                agent_command(
+                    target=target,
+                    token=token,
+                    trust=keys.trust_path,
+                    state_dir=work / "agent",
+                    port=free_port(),
+                    extra=["--threads", str(THREADS), "--n-ctx", str(N_CTX)],
+                ),
                 work / "agent.log",
             )
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
@@ -98,6 +98,29 @@ class Processes:
                 proc.kill()
                 proc.wait()
             log.close()
+
+
+def agent_command(
+    *, target: str, token: str, trust: Path, state_dir: Path, port: int, extra: Sequence[str] = ()
+) -> list[str]:
+    """The command line of a local agent process enrolling with ``token``."""
+    return [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "run",
+        "--controlplane",
+        target,
+        "--token",
+        token,
+        "--trust",
+        str(trust),
+        "--state-dir",
+        str(state_dir),
+        "--listen",
+        f"127.0.0.1:{port}",
+        *extra,
+    ]
 
 
 def health_serving(target: str) -> bool | None:
@@ -189,26 +212,14 @@ def _run(
             port = free_port()
             procs.start(
                 f"agent {i + 1}",
-                [
-                    py,
-                    "-m",
-                    "agent.cli",
-                    "run",
-                    "--controlplane",
-                    target,
-                    "--token",
-                    token,
-                    "--trust",
-                    str(keys.trust_path),
-                    "--state-dir",
-                    str(work / f"agent-{i + 1}"),
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--heartbeat-seconds",
-                    "2",
-                    "--threads",
-                    "1",
-                ],
+                agent_command(
+                    target=target,
+                    token=token,
+                    trust=keys.trust_path,
+                    state_dir=work / f"agent-{i + 1}",
+                    port=port,
+                    extra=["--heartbeat-seconds", "2", "--threads", "1"],
+                ),
                 work / "logs" / f"agent-{i + 1}.log",
             )
 
