@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,25 +59,51 @@ def smollm2_bundle(
     return build_bundle(smollm2_path, name="smollm2", version=1, out=out, signers=keys.release_signers())
 
 
+@dataclass
+class Broker:
+    """A Mosquitto process of the tests' own, which a test may stop and start again."""
+
+    work: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        assert Path(binary).exists(), "mosquitto is not installed: run dev/setup"
+        conf = self.work / "mosquitto.conf"
+        # "user" keeps a root-run broker from dropping to an account that cannot write here.
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {self.work}/\nmax_queued_messages 100000\nuser {getpass.getuser()}\n"
+        )
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", self.port):
+            assert self.proc.poll() is None, "mosquitto exited at start"
+            assert time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def start_broker(work: Path) -> Broker:
+    broker = Broker(work=work, port=free_port())
+    broker.start()
+    return broker
+
+
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Mosquitto of our own on a free loopback port, so tests can also stop it."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    assert Path(binary).exists(), "mosquitto is not installed: run dev/setup"
-    work = tmp_path_factory.mktemp("mosquitto")
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    # "user" keeps a root-run broker from dropping to an account that cannot write here.
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-        f"persistence_location {work}/\nmax_queued_messages 100000\nuser {getpass.getuser()}\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not port_open("127.0.0.1", port):
-        assert proc.poll() is None, "mosquitto exited at start"
-        assert time.monotonic() < deadline, "mosquitto did not start"
-        time.sleep(0.05)
-    yield f"mqtt://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    """A real Mosquitto of our own on a free loopback port."""
+    broker = start_broker(tmp_path_factory.mktemp("mosquitto"))
+    yield broker.url
+    broker.stop()

@@ -17,7 +17,7 @@ import pytest
 from controlplane.bundles import build_bundle
 from controlplane.keys import KeyDir, init_keys
 from protos.fleet.v1 import common_pb2, operator_pb2
-from tests.conftest import free_port, port_open
+from tests.conftest import Broker, free_port, port_open, start_broker
 from tests.e2e.fleet_harness import REPO, Fleet, client_for, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -30,8 +30,16 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyDir:
 
 
 @pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """This fleet's own broker: a test stops it."""
+    own = start_broker(tmp_path_factory.mktemp("fleet-broker"))
+    yield own
+    own.stop()
+
+
+@pytest.fixture(scope="module")
 def fleet(
-    tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, mosquitto: str, smollm2_path: Path
+    tmp_path_factory: pytest.TempPathFactory, keys: KeyDir, broker: Broker, smollm2_path: Path
 ) -> Iterator[Fleet]:
     work = tmp_path_factory.mktemp("fleet")
     smollm2_bundle = build_bundle(
@@ -42,7 +50,7 @@ def fleet(
         data_dir=work / "cp",
         work=work,
         keys=keys,
-        mqtt=mosquitto,
+        mqtt=broker.url,
         agent_ports=[free_port(), free_port()],
     )
     fleet.start_controlplane()
@@ -118,6 +126,36 @@ def test_telemetry_reaches_the_database(fleet: Fleet) -> None:
     assert heartbeats, "no heartbeats stored"
     listed = json.loads(fleet.fleetctl("devices", "list", "--json"))
     assert all(d["last_seen"] and d["tokens_per_second"] > 0 for d in listed)
+
+
+def test_agents_keep_serving_while_the_broker_is_down_and_telemetry_arrives_later(
+    fleet: Fleet, broker: Broker
+) -> None:
+    device = fleet.devices()[0]
+    stub = fleet.stub()
+
+    def inference_rows() -> int:
+        rows = stub.QueryTelemetry(
+            operator_pb2.QueryTelemetryRequest(device_id=device.device_id, kind="inference", limit=1000)
+        ).rows
+        return len(rows)
+
+    before = wait_for("earlier telemetry to settle", lambda: inference_rows() or None, timeout=30)
+    broker.stop()
+    client = client_for(device.api_url)
+    for _ in range(3):
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+        )
+        assert reply.choices[0].message.content is not None
+    outbox = fleet.agent_dir(fleet.agent_ports.index(int(device.api_url.rsplit(":", 1)[1]))) / "outbox.sqlite"
+    assert outbox.exists()
+    assert inference_rows() == before, "nothing can arrive while the broker is down"
+    broker.start()  # same port, persistent sessions
+    wait_for(
+        "the outage's records in the database", lambda: inference_rows() >= before + 3 or None, timeout=90
+    )
+    assert inference_rows() == before + 3, "each record arrives exactly once"
 
 
 def test_tampered_artifact_is_refused_and_old_model_keeps_serving(
