@@ -52,7 +52,6 @@ class Updater:
         self.state = state
         self.on_transition = on_transition
         self.available_ram = available_ram
-        self.progress: tuple[int, int] = (0, 0)
 
     # -- persistence -------------------------------------------------------------------
 
@@ -193,10 +192,7 @@ class Updater:
             detail=selection.reason,
         )
 
-        def progress(done: int, total: int) -> None:
-            self.progress = (done, total)
-
-        path = await self.store.fetch(stub, info, metadata=metadata, progress=progress)
+        path = await self.store.fetch(stub, info, metadata=metadata)
 
         self._transition(self.state.with_phase(S.DEVICE_STATE_INSTALLING), generation=generation)
         record = InstallRecord(

@@ -16,9 +16,9 @@ from rich.console import Console
 from controlplane import client, fleet_table
 from controlplane.cli_admin import audit_app, operators_app
 from controlplane.cli_bundle import bundle_app
-from controlplane.cli_common import ControlPlaneOpt, default_home, err, fail, rpc_error
+from controlplane.cli_common import ControlPlaneOpt, err, fail, rpc_error
 from controlplane.cli_keys import keys_app, open_keys
-from controlplane.settings import DEFAULT_LISTEN, Settings
+from controlplane.settings import DEFAULT_LISTEN, Settings, default_home
 from protos.fleet.v1 import common_pb2, operator_pb2
 
 app = typer.Typer(help="Operate an edgefleet: keys, bundles, devices, deployments.", no_args_is_help=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +23,6 @@ KeysDirOpt = Annotated[
     Path | None, typer.Option("--keys-dir", help="key directory (default: $EDGEFLEET_HOME/keys)")
 ]
 DEFAULT_CONTROLPLANE = DEFAULT_LISTEN
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -15,10 +15,10 @@ from rich.table import Table
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Targets
 
-from controlplane.cli_common import KeysDirOpt, default_home, err, fail, rpc_error
+from controlplane.cli_common import KeysDirOpt, err, fail, rpc_error
 from controlplane.client import operator_stub, resign_image_targets
 from controlplane.keys import REPOSITORIES, ROLES, KeyDir, KeyStoreError, init_keys
-from controlplane.settings import DEFAULT_LISTEN
+from controlplane.settings import DEFAULT_LISTEN, default_home
 from protos.fleet.uptane import IMAGE
 from protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 

@@ -15,6 +15,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
 from controlplane.bundles import BundleOnDisk, open_bundle
+from controlplane.settings import default_home
 from protos.fleet import uptane
 from protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 
@@ -48,7 +49,7 @@ def resolve_operator_token(home: Path | None = None) -> str | None:
     $EDGEFLEET_HOME/operator.token, or the admin token a local `fleetctl serve` wrote."""
     if token := os.environ.get(TOKEN_ENV, "").strip():
         return token
-    home = home or Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
+    home = home or default_home()
     candidates = [Path(p) for p in [os.environ.get(TOKEN_FILE_ENV, "")] if p]
     candidates += [home / "operator.token", home / "controlplane" / "admin.token"]
     for path in candidates:

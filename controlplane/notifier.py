@@ -39,9 +39,6 @@ class DesiredStateNotifier:
             if not self._events[device_id]:
                 del self._events[device_id]
 
-    def watchers(self) -> int:
-        return sum(len(v) for v in self._events.values())
-
 
 async def wait_event(event: asyncio.Event, within: float) -> None:
     """Waits for ``event`` at most ``within`` seconds."""

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
+
+
+def default_home() -> Path:
+    """Where fleetctl keeps keys, tokens and a local control plane: $EDGEFLEET_HOME or ~/.edgefleet."""
+    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
 
 
 @dataclass(frozen=True, slots=True)

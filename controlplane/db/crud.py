@@ -138,10 +138,6 @@ def list_bundles(session: Session) -> Sequence[Bundle]:
     return session.exec(select(Bundle).order_by(col(Bundle.name), col(Bundle.version))).all()
 
 
-def bundle_artifacts(session: Session, *, bundle_id: int) -> Sequence[BundleArtifact]:
-    return session.exec(select(BundleArtifact).where(BundleArtifact.bundle_id == bundle_id)).all()
-
-
 @dataclass(frozen=True, slots=True)
 class DeployedTo:
     device_id: str

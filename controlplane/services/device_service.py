@@ -32,14 +32,16 @@ MAX_LABELS = 32
 log = logging.getLogger(__name__)
 
 
-def is_revoked(session: Session, device_id: str) -> bool:
-    device = session.get(Device, device_id)
-    return device is None or device.revoked_at is not None
+class Revoked(Exception):
+    """The device was revoked (or removed) while its stream was open."""
 
 
 def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredState | None:
+    """What the device should run, or None before its first deployment; raises Revoked."""
     device = session.get(Device, device_id)
-    if device is None or device.desired_bundle_id is None:
+    if device is None or device.revoked_at is not None:
+        raise Revoked(device_id)
+    if device.desired_bundle_id is None:
         return None
     bundle = session.get(Bundle, device.desired_bundle_id)
     assert bundle is not None
@@ -154,9 +156,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         with self.notifier.subscribe(device.id) as changed:
             while True:
                 changed.clear()
-                if await self.db.run(lambda s: is_revoked(s, device.id)):
+                try:
+                    state = await self.db.run(lambda s: desired_state_of(s, device.id))
+                except Revoked:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
-                state = await self.db.run(lambda s: desired_state_of(s, device.id))
                 if state is not None and state.generation > sent:
                     sent = state.generation
                     yield state
