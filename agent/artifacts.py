@@ -114,7 +114,6 @@ class ArtifactStore:
         stub: device_pb2_grpc.DeviceServiceStub,
         info: ArtifactInfo,
         *,
-        metadata: tuple[tuple[str, str], ...],
         progress: Progress | None = None,
         attempts: int = 6,
     ) -> Path:
@@ -130,7 +129,7 @@ class ArtifactStore:
             reraise=True,
         ):
             with attempt:
-                await self._download_once(stub, info, metadata=metadata, progress=progress)
+                await self._download_once(stub, info, progress=progress)
         return self._publish(info)
 
     async def _download_once(
@@ -138,14 +137,13 @@ class ArtifactStore:
         stub: device_pb2_grpc.DeviceServiceStub,
         info: ArtifactInfo,
         *,
-        metadata: tuple[tuple[str, str], ...],
         progress: Progress | None,
     ) -> None:
         verifier, offset = self._resume(info)
         self._check_disk(info.length - offset)
         part = self.part_path(info.sha256)
         if offset < info.length:
-            await self._stream_into(stub, part, info, verifier, metadata=metadata, progress=progress)
+            await self._stream_into(stub, part, info, verifier, progress=progress)
         if verifier.received < info.length:
             raise ControlPlaneUnavailable(
                 f"artifact stream ended at {verifier.received} of {info.length} bytes; resuming"
@@ -163,14 +161,13 @@ class ArtifactStore:
         info: ArtifactInfo,
         verifier: ArtifactVerifier,
         *,
-        metadata: tuple[tuple[str, str], ...],
         progress: Progress | None,
     ) -> None:
         request = device_pb2.FetchArtifactRequest(sha256=info.sha256, offset=verifier.received)
         try:
             fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "ab") as out:
-                async for chunk in stub.FetchArtifact(request, metadata=metadata):
+                async for chunk in stub.FetchArtifact(request):
                     if chunk.offset != verifier.received:
                         raise ControlPlaneUnavailable(
                             f"artifact chunk at offset {chunk.offset}, expected {verifier.received}"

@@ -1,8 +1,9 @@
-"""The agent's gRPC channel to the control plane.
+"""The agent's gRPC channels to the control plane.
 
 Retries of unary and server-streaming calls are declared in the channel's service config
 (gRPC retries them transparently before any response arrived), not hand-rolled; keepalive
-pings hold the desired-state stream open through NAT.
+pings hold the desired-state stream open through NAT. Every channel is TLS, verified against
+the fleet CA from the trust file; device calls also present the device's certificate.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import json
 
 import grpc
+
+from agent.device_tls import DeviceCertificate
+from protos.fleet.v1 import device_pb2_grpc
 
 RETRY_POLICY = {
     "maxAttempts": 5,
@@ -50,6 +54,44 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """Plain-text channel for now; mutual TLS with device certificates replaces it."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def open_enrollment_channel(target: str, ca_pem: bytes) -> grpc.aio.Channel:
+    """Server-authenticated TLS: the device has no certificate of its own yet."""
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca_pem), options=CHANNEL_OPTIONS)
+
+
+class DeviceLink:
+    """The device's mutual-TLS channels: async for the agent's loops, blocking for ngclient's
+    metadata fetcher. A renewed certificate opens new channels; callers take ``stub`` or
+    ``sync_stub`` per call, so everything started afterwards presents the new certificate.
+
+    The channels being replaced are closed at the renewal after next, not now: a download or a
+    desired-state stream in flight keeps its already-authenticated connection, and a
+    certificate lasts far longer than any call.
+    """
+
+    def __init__(self, target: str, ca_pem: bytes, certificate: DeviceCertificate) -> None:
+        self.target = target
+        self.ca_pem = ca_pem
+        self._retired: list[tuple[grpc.aio.Channel, grpc.Channel]] = []
+        self._open(certificate)
+
+    def _open(self, certificate: DeviceCertificate) -> None:
+        credentials = certificate.grpc_credentials(self.ca_pem)
+        self.channel = grpc.aio.secure_channel(self.target, credentials, options=CHANNEL_OPTIONS)
+        self.sync_channel = grpc.secure_channel(self.target, credentials, options=CHANNEL_OPTIONS)
+        self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
+        self.sync_stub = device_pb2_grpc.DeviceServiceStub(self.sync_channel)
+
+    async def replace(self, certificate: DeviceCertificate) -> None:
+        """Switches to channels presenting ``certificate``."""
+        stale, self._retired = self._retired, [(self.channel, self.sync_channel)]
+        self._open(certificate)
+        for channel, sync_channel in stale:
+            await channel.close()
+            sync_channel.close()
+
+    async def close(self) -> None:
+        for channel, sync_channel in [*self._retired, (self.channel, self.sync_channel)]:
+            await channel.close()
+            sync_channel.close()
+        self._retired = []

@@ -27,14 +27,22 @@ def run(
     controlplane: Annotated[
         str, typer.Option(envvar="EDGEFLEET_CONTROLPLANE", help="control plane HOST:PORT")
     ],
-    trust: Annotated[Path, typer.Option(help="root metadata this device trusts (root.json)")],
+    trust: Annotated[
+        Path, typer.Option(help="trust file from `fleetctl keys trust`: TUF roots and the fleet TLS CA")
+    ],
     state_dir: Annotated[Path, typer.Option(help="persistent state: identity, models, outbox")],
     token: Annotated[
         str | None, typer.Option(envvar="EDGEFLEET_TOKEN", help="bootstrap token, first start only")
     ] = None,
     listen: Annotated[str, typer.Option(help="local OpenAI-compatible API address")] = "127.0.0.1:8080",
     mqtt: Annotated[
-        str | None, typer.Option(help="broker URL (default: the one the control plane advertises)")
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_MQTT", help="broker URL (default: the one the control plane advertises)"
+        ),
+    ] = None,
+    mqtt_ca: Annotated[
+        Path | None, typer.Option(help="CA of an mqtts:// broker (default: the fleet CA in --trust)")
     ] = None,
     heartbeat_seconds: Annotated[float, typer.Option(help="heartbeat interval")] = 15.0,
     n_ctx: Annotated[int, typer.Option(help="context window per loaded model")] = 2048,
@@ -70,6 +78,7 @@ def run(
         listen_host=host,
         listen_port=port,
         mqtt_url=mqtt or None,
+        mqtt_ca_path=mqtt_ca,
         heartbeat_interval_seconds=heartbeat_seconds,
         n_ctx=n_ctx,
         n_threads=threads or len(os.sched_getaffinity(0)),

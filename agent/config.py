@@ -17,6 +17,7 @@ class AgentConfig:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     mqtt_url: str | None = None  # None: use the broker the control plane advertised at enrollment
+    mqtt_ca_path: Path | None = None  # CA of an mqtts:// broker; None: the fleet CA from the trust file
     heartbeat_interval_seconds: float = 15.0
     n_ctx: int = 2048
     n_threads: int | None = None
@@ -27,6 +28,11 @@ class AgentConfig:
     @property
     def identity_path(self) -> Path:
         return self.state_dir / "identity.json"
+
+    @property
+    def certificate_path(self) -> Path:
+        """The device's key and certificate, one owner-only PEM file."""
+        return self.state_dir / "device.pem"
 
     @property
     def state_path(self) -> Path:

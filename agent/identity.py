@@ -1,6 +1,7 @@
 """The device's identity: obtained once by enrolling with a bootstrap token, then persisted.
 
-The credential is a secret; the file is written owner-readable only.
+What proves the identity is the key and certificate beside it (``agent.device_tls``); this
+file records the id and where to reach the control plane and the broker.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ class IdentityError(Exception):
 @dataclass(frozen=True, slots=True)
 class DeviceIdentity:
     device_id: str
-    credential: str
     mqtt_url: str
     controlplane: str
+    device_endpoint: str  # mutual-TLS address; ":PORT" means the control plane's host
 
-    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.credential}"),)
+    @property
+    def device_target(self) -> str:
+        """HOST:PORT of the device endpoint."""
+        host, _, port = self.device_endpoint.rpartition(":")
+        if host:
+            return self.device_endpoint
+        return f"{self.controlplane.rpartition(':')[0]}:{port}"
 
 
 def load_identity(path: Path) -> DeviceIdentity | None:

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import grpc
 import uvicorn
@@ -25,8 +26,17 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from agent.api.app import create_app
 from agent.api.auth import require_api_key
 from agent.artifacts import ArtifactStore
-from agent.channel import CHANNEL_OPTIONS, open_channel
+from agent.channel import DeviceLink, open_enrollment_channel
 from agent.config import AgentConfig
+from agent.device_tls import (
+    CertificateProblem,
+    DeviceCertificate,
+    broker_tls_context,
+    csr_pem,
+    load_certificate,
+    new_key,
+    store_certificate,
+)
 from agent.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
 from agent.identity import DeviceIdentity, load_identity, save_identity
 from agent.latest import Latest
@@ -48,36 +58,72 @@ STREAM_ESTABLISHED_SECONDS = 10.0
 """A desired-state stream that lived this long counts as a recovered connection."""
 
 
+def retrying(max_wait_seconds: float) -> AsyncRetrying:
+    """Retries while the control plane is unreachable, with jittered exponential backoff."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(ControlPlaneUnavailable),
+        wait=wait_random_exponential(multiplier=0.5, max=max_wait_seconds),
+        reraise=True,
+    )
+
+
 class DeviceRevoked(Exception):
-    """The control plane no longer accepts this device's credential."""
+    """The control plane no longer accepts this device's certificate."""
+
+
+def hostname_of(config: AgentConfig) -> str:
+    return config.hostname or socket.gethostname()
 
 
 async def enroll(config: AgentConfig, stub: device_pb2_grpc.DeviceServiceStub) -> DeviceIdentity:
-    """Returns the persisted identity, or trades the bootstrap token for one and persists it."""
-    identity = load_identity(config.identity_path)
-    if identity is not None:
-        return identity
+    """Trades the bootstrap token and a CSR for a device id and certificate, and persists both.
+
+    The key is made here and stays here; the certificate is stored before the identity, so an
+    identity on disk always has its certificate beside it.
+    """
     if not config.token:
         raise NotEnrolled(f"no identity in {config.state_dir} and no --token to enroll with")
+    key = new_key()
     try:
         response = await stub.Enroll(
             device_pb2.EnrollRequest(
-                bootstrap_token=config.token, hostname=config.hostname or socket.gethostname()
+                bootstrap_token=config.token,
+                hostname=hostname_of(config),
+                csr=csr_pem(key, hostname_of(config)),
             )
         )
     except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+        if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):
             raise EnrollmentRefused(exc.details() or "enrollment refused") from exc
         raise ControlPlaneUnavailable(f"enrollment failed: {exc.code().name}: {exc.details()}") from exc
+    store_certificate(config.certificate_path, key, response.certificate)
     identity = DeviceIdentity(
         device_id=response.device_id,
-        credential=response.device_credential,
         mqtt_url=response.mqtt_url,
         controlplane=config.controlplane,
+        device_endpoint=response.device_endpoint,
     )
     save_identity(config.identity_path, identity)
     log.info("enrolled as %s", identity.device_id)
     return identity
+
+
+def usable_certificate(config: AgentConfig) -> DeviceCertificate:
+    """The stored certificate, refusing one that expired: the device would be locked out of
+    the mutual-TLS endpoint, and only a new enrollment can let it back in."""
+    certificate = load_certificate(config.certificate_path)
+    if certificate is None:
+        raise CertificateProblem(
+            f"{config.identity_path} exists but {config.certificate_path} does not; "
+            "remove both and enroll again with a new --token"
+        )
+    if certificate.not_after <= datetime.now(UTC):
+        raise CertificateProblem(
+            f"the device certificate expired at {certificate.not_after:%Y-%m-%d %H:%M} UTC while the "
+            f"control plane was out of reach; remove {config.identity_path} and "
+            f"{config.certificate_path} and enroll again with a new --token"
+        )
+    return certificate
 
 
 def rss_bytes() -> int:
@@ -128,14 +174,15 @@ class AgentService:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.state_dir, 0o700)
         anchors = TrustAnchors.from_bytes(config.trust_path.read_bytes())
+        if anchors.tls_ca is None:
+            raise CertificateProblem(f"trust file {config.trust_path} has no fleet TLS CA (tls_ca)")
+        ca_pem = anchors.tls_ca
         for leftover in remove_interrupted_writes(config.state_dir):
             log.info("removed %s, left by an interrupted write", leftover)
         state = load_state(config.state_path)
         sock = self._bind()
         self.api_url = f"http://{config.listen_host}:{sock.getsockname()[1]}"
 
-        channel = open_channel(config.controlplane)
-        stub = device_pb2_grpc.DeviceServiceStub(channel)
         identity = load_identity(config.identity_path)
         # Serve what is installed first: enrollment and the control plane may be unreachable.
         self.telemetry: Telemetry | None = None
@@ -153,30 +200,33 @@ class AgentService:
         log.info("local API at %s", self.api_url)
 
         if identity is None:
-            identity = await self._enroll_with_retry(stub)
+            identity = await self._enroll_with_retry(ca_pem)
+        self.certificate = usable_certificate(config)
+        link = DeviceLink(identity.device_target, ca_pem, self.certificate)
         outbox = Outbox(config.outbox_path)
+        broker_url = config.mqtt_url or identity.mqtt_url
+        broker_ca = config.mqtt_ca_path.read_bytes() if config.mqtt_ca_path else ca_pem
+        self.broker_tls = broker_tls_context(broker_ca, self.certificate)
         publisher = TelemetryPublisher(
-            device_id=identity.device_id, broker_url=config.mqtt_url or identity.mqtt_url, outbox=outbox
+            device_id=identity.device_id, broker_url=broker_url, outbox=outbox, tls_context=self.broker_tls
         )
         self.telemetry = Telemetry(device_id=identity.device_id, outbox=outbox, nudge=publisher.nudge)
         publisher.start()
         self._on_transition(self.updater.state, self.updater.state.desired_generation, "agent started")
 
-        metadata = identity.auth_metadata()
-        # ngclient is synchronous: its metadata fetcher gets a blocking channel of its own.
-        sync_channel = grpc.insecure_channel(config.controlplane, options=CHANNEL_OPTIONS)
         verifier = UptaneVerifier(
             tuf_dir=config.tuf_dir,
             anchors=anchors,
-            fetcher=GrpcMetadataFetcher(device_pb2_grpc.DeviceServiceStub(sync_channel), metadata),
+            fetcher=GrpcMetadataFetcher(lambda: link.sync_stub),  # ngclient is synchronous
             device_id=identity.device_id,
         )
         tasks = [
             api_task,
-            asyncio.create_task(self._watch(stub, metadata), name="watch"),
-            asyncio.create_task(self._apply_loop(verifier, stub, metadata), name="updater"),
-            asyncio.create_task(self._report_loop(stub, metadata), name="reporter"),
+            asyncio.create_task(self._watch(link), name="watch"),
+            asyncio.create_task(self._apply_loop(verifier, link), name="updater"),
+            asyncio.create_task(self._report_loop(link), name="reporter"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._renew_loop(link), name="renewal"),
         ]
         stopper = asyncio.create_task(self.stop_event.wait(), name="stop")
         try:
@@ -197,8 +247,7 @@ class AgentService:
             old = self.active.swap(None)
             if old is not None:
                 await asyncio.to_thread(self.active.retire, old, timeout=5)
-            await channel.close()
-            sync_channel.close()
+            await link.close()
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET)
@@ -215,15 +264,29 @@ class AgentService:
         server = uvicorn.Server(config)
         return server
 
-    async def _enroll_with_retry(self, stub: device_pb2_grpc.DeviceServiceStub) -> DeviceIdentity:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(ControlPlaneUnavailable),
-            wait=wait_random_exponential(multiplier=0.5, max=30),
-            reraise=True,
-        ):
-            with attempt:
-                return await enroll(self.config, stub)
+    async def _enroll_with_retry(self, ca_pem: bytes) -> DeviceIdentity:
+        async with open_enrollment_channel(self.config.controlplane, ca_pem) as channel:
+            stub = device_pb2_grpc.DeviceServiceStub(channel)
+            async for attempt in retrying(max_wait_seconds=30):
+                with attempt:
+                    return await enroll(self.config, stub)
         raise AssertionError("unreachable")
+
+    async def _renew(self, link: DeviceLink) -> None:
+        """A new key, a certificate for it, then new channels and broker connections use them."""
+        key = new_key()
+        try:
+            response = await link.stub.RenewCertificate(
+                device_pb2.RenewCertificateRequest(csr=csr_pem(key, hostname_of(self.config))), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise DeviceRevoked(exc.details() or "device certificate refused") from exc
+            raise ControlPlaneUnavailable(f"renewal failed: {exc.code().name}: {exc.details()}") from exc
+        self.certificate = store_certificate(self.config.certificate_path, key, response.certificate)
+        await link.replace(self.certificate)
+        self.certificate.load_into(self.broker_tls)  # paho's next (re)connect presents it
+        log.info("renewed the device certificate; valid until %s", self.certificate.not_after.isoformat())
 
     # -- callbacks from the API and the updater ---------------------------------------
 
@@ -265,30 +328,32 @@ class AgentService:
 
     # -- loops -------------------------------------------------------------------------
 
-    async def _watch(
-        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
-    ) -> None:
+    async def _renew_loop(self, link: DeviceLink) -> None:
+        """Renews the certificate at two thirds of its life, retrying with backoff until it
+        expires; serving and telemetry go on meanwhile."""
+        while True:
+            wait = (self.certificate.renew_at - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(0.0, wait))
+            async for attempt in retrying(max_wait_seconds=60):
+                with attempt:
+                    await self._renew(link)
+
+    async def _watch(self, link: DeviceLink) -> None:
         """Keeps the desired-state stream open; reconnects with bounded, jittered backoff.
 
         Each outage gets a fresh backoff: a stream that stayed up for a while ends the retry
         sequence normally, so the next drop starts again from a short delay.
         """
         while not self.stop_event.is_set():
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(ControlPlaneUnavailable),
-                wait=wait_random_exponential(multiplier=0.5, max=30),
-                reraise=True,
-            ):
+            async for attempt in retrying(max_wait_seconds=30):
                 with attempt:
-                    await self._watch_once(stub, metadata)
+                    await self._watch_once(link)
 
-    async def _watch_once(
-        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
-    ) -> None:
+    async def _watch_once(self, link: DeviceLink) -> None:
         request = device_pb2.WatchDesiredStateRequest(known_generation=self.updater.state.applied_generation)
         opened = time.monotonic()
         try:
-            async for desired in stub.WatchDesiredState(request, metadata=metadata):
+            async for desired in link.stub.WatchDesiredState(request):
                 log.info(
                     "desired state: generation %d, %s@%d",
                     desired.generation,
@@ -303,31 +368,30 @@ class AgentService:
             if time.monotonic() - opened < STREAM_ESTABLISHED_SECONDS:
                 raise ControlPlaneUnavailable(str(exc.details())) from exc
             return  # it had been up: the next attempt starts a fresh backoff
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the agent is stopping
+            log.info("desired-state stream moved to the renewed certificate's channel")
+            return  # its channel was retired after a certificate renewal
         if time.monotonic() - opened < STREAM_ESTABLISHED_SECONDS:
             raise ControlPlaneUnavailable("desired-state stream closed by the control plane")
 
-    async def _apply_loop(
-        self,
-        verifier: UptaneVerifier,
-        stub: device_pb2_grpc.DeviceServiceStub,
-        metadata: tuple[tuple[str, str], ...],
-    ) -> None:
+    async def _apply_loop(self, verifier: UptaneVerifier, link: DeviceLink) -> None:
         while True:
             desired = await self.desired.get()
             try:
-                await self.updater.apply(desired, verifier, stub, metadata)
+                await self.updater.apply(desired, verifier, link.stub)
             except ControlPlaneUnavailable as exc:
                 log.warning("generation %d will be retried: %s", desired.generation, exc)
                 await asyncio.sleep(5)
                 self.desired.put_if_empty(desired)
 
-    async def _report_loop(
-        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
-    ) -> None:
+    async def _report_loop(self, link: DeviceLink) -> None:
         while True:
             report = await self.reports.get()
             try:
-                await stub.ReportStatus(report, metadata=metadata, timeout=10)
+                await link.stub.ReportStatus(report, timeout=10)
             except grpc.aio.AioRpcError as exc:
                 log.info("status report not delivered (%s); will send the latest when back", exc.code().name)
                 self.reports.put_if_empty(report)

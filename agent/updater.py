@@ -128,7 +128,6 @@ class Updater:
         nudge: device_pb2.DesiredState,
         verifier: UptaneVerifier,
         stub: device_pb2_grpc.DeviceServiceStub,
-        metadata: tuple[tuple[str, str], ...],
     ) -> None:
         """Verifies what the repositories assign and installs it; a refusal keeps the active model.
 
@@ -157,7 +156,7 @@ class Updater:
                     )
                 self._settle(hint)
                 return
-            await self._install(assignment, stub, metadata)
+            await self._install(assignment, stub)
         except ControlPlaneUnavailable:
             raise  # transient: the phase stays where it is and the caller retries
         except (AgentError, rel.ReleaseError, RuntimeFailure, OSError) as exc:
@@ -177,7 +176,6 @@ class Updater:
         self,
         assignment: Assignment,
         stub: device_pb2_grpc.DeviceServiceStub,
-        metadata: tuple[tuple[str, str], ...],
     ) -> None:
         generation = assignment.generation
         verified = assignment.release
@@ -192,7 +190,7 @@ class Updater:
             detail=selection.reason,
         )
 
-        path = await self.store.fetch(stub, info, metadata=metadata)
+        path = await self.store.fetch(stub, info)
 
         self._transition(self.state.with_phase(S.DEVICE_STATE_INSTALLING), generation=generation)
         record = InstallRecord(

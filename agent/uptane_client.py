@@ -12,7 +12,7 @@ fetcher of ours. ngclient is synchronous: call ``refresh`` from a worker thread.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +37,8 @@ class GrpcMetadataFetcher(FetcherInterface):
     A missing file is reported as HTTP 404, which ngclient reads as "no newer root".
     """
 
-    def __init__(
-        self, stub: device_pb2_grpc.DeviceServiceStub, metadata: tuple[tuple[str, str], ...]
-    ) -> None:
-        self._stub = stub
-        self._metadata = metadata
+    def __init__(self, stub: Callable[[], device_pb2_grpc.DeviceServiceStub]) -> None:
+        self._stub = stub  # asked on every fetch: certificate renewal replaces the channel
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         parsed = urllib.parse.urlsplit(url)
@@ -50,9 +47,8 @@ class GrpcMetadataFetcher(FetcherInterface):
             raise tuf_errors.DownloadError(f"not an edgefleet metadata URL: {url}")
         name = urllib.parse.unquote(parsed.path.lstrip("/"))
         try:
-            response = self._stub.FetchMetadata(
+            response = self._stub().FetchMetadata(
                 device_pb2.FetchMetadataRequest(repository=repository, name=name),
-                metadata=self._metadata,
                 timeout=FETCH_TIMEOUT_SECONDS,
             )
         except grpc.RpcError as exc:

@@ -24,7 +24,15 @@ import grpc
 
 from controlplane.bundles import build_bundle
 from controlplane.client import operator_stub, publish_bundle
-from controlplane.demo import Processes, agent_command, find_model, free_port, health_serving, wait_for
+from controlplane.demo import (
+    Processes,
+    agent_command,
+    find_model,
+    free_port,
+    health_serving,
+    serve_command,
+    wait_for,
+)
 from controlplane.keys import init_keys
 from controlplane.rbac import ADMIN_TOKEN_FILE
 from protos.fleet.v1 import common_pb2, operator_pb2
@@ -72,32 +80,26 @@ def baseline_rss(model: Path, settle: float) -> int:
 
 def agent_rss(model: Path, work: Path, settle: float) -> int:
     procs = Processes()
-    py = sys.executable
     try:
         keys = init_keys(work / "keys")
+        ca_pem = keys.tls_ca_path.read_bytes()
         target = f"127.0.0.1:{free_port()}"
         procs.start(
             "control plane",
-            [
-                py,
-                "-m",
-                "controlplane.cli",
-                "serve",
-                "--listen",
-                target,
-                "--data-dir",
-                str(work / "cp"),
-                "--keys-dir",
-                str(keys.path),
-            ],
+            serve_command(
+                target=target,
+                device_target=f"127.0.0.1:{free_port()}",
+                data_dir=work / "cp",
+                keys_dir=keys.path,
+            ),
             work / "controlplane.log",
         )
-        wait_for("control plane", lambda: health_serving(target), timeout=60)
+        wait_for("control plane", lambda: health_serving(target, ca_pem), timeout=60)
         bundle = build_bundle(
             model, name="smollm2", version=1, out=work / "bundle", signers=keys.release_signers()
         )
         admin = (work / "cp" / ADMIN_TOKEN_FILE).read_text().strip()
-        channel, stub = operator_stub(target, admin)
+        channel, stub = operator_stub(target, admin, ca_pem=ca_pem)
         with channel:
             pushed = publish_bundle(stub, bundle.path, keys.release_signers())
             token = stub.CreateToken(operator_pb2.CreateTokenRequest()).token

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -13,12 +14,12 @@ import grpc
 import typer
 from rich.console import Console
 
-from controlplane import client, fleet_table
+from controlplane import fleet_table
 from controlplane.cli_admin import audit_app, operators_app
 from controlplane.cli_bundle import bundle_app
-from controlplane.cli_common import ControlPlaneOpt, err, fail, rpc_error
+from controlplane.cli_common import ControlPlaneOpt, connect, err, fail, rpc_error
 from controlplane.cli_keys import keys_app, open_keys
-from controlplane.settings import DEFAULT_LISTEN, Settings, default_home
+from controlplane.settings import DEFAULT_DEVICE_LISTEN, DEFAULT_LISTEN, Settings, default_home
 from protos.fleet.v1 import common_pb2, operator_pb2
 
 app = typer.Typer(help="Operate an edgefleet: keys, bundles, devices, deployments.", no_args_is_help=True)
@@ -41,6 +42,19 @@ def parse_ref(ref: str) -> common_pb2.BundleRef:
     return common_pb2.BundleRef(name=name, version=int(version))
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> timedelta:
+    """'7d', '12h', '30m' or '45s' as a timedelta."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in DURATION_UNITS or not number.isdigit() or int(number) == 0:
+        raise typer.BadParameter(
+            f"expected a positive duration like 7d, 12h, 30m or 45s, got {text!r}", param_hint=option
+        )
+    return timedelta(seconds=int(number) * DURATION_UNITS[unit])
+
+
 # -- serve ---------------------------------------------------------------------------------
 
 
@@ -60,12 +74,43 @@ def serve(
             help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: embedded broker)",
         ),
     ] = None,
+    mqtt_advertise: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_MQTT_ADVERTISE",
+            help="broker URL devices are told, e.g. mqtts://broker.example.com:8883 (default: --mqtt "
+            "without its credentials)",
+        ),
+    ] = None,
     keys_dir: Annotated[
-        Path | None, typer.Option(help="roots and online keys (default: $EDGEFLEET_HOME/keys)")
+        Path | None, typer.Option(help="roots, online keys and fleet CA (default: $EDGEFLEET_HOME/keys)")
+    ] = None,
+    device_listen: Annotated[
+        str, typer.Option(help="mutual-TLS address for device calls HOST:PORT")
+    ] = DEFAULT_DEVICE_LISTEN,
+    device_advertise: Annotated[
+        str | None,
+        typer.Option(help="device endpoint told to devices (default ':PORT', the host they enrolled via)"),
+    ] = None,
+    tls_san: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="EDGEFLEET_TLS_SAN",
+            help="extra DNS name or IP for the server certificate (repeatable; env: space-separated)",
+        ),
+    ] = None,
+    device_cert_validity: Annotated[
+        str, typer.Option(help="lifetime of device certificates, e.g. 7d, 12h, 30m; renewed at 2/3")
+    ] = "7d",
+    crl_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="EDGEFLEET_CRL_FILE", help="where to keep the device CRL (default: DATA_DIR/tls)"
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
-    """Start the control plane: gRPC + health service, store, blobs, telemetry ingestion."""
+    """Start the control plane: gRPC (TLS) + health service, store, blobs, telemetry ingestion."""
     from controlplane.server import ServeError, serve_forever
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -75,8 +120,14 @@ def serve(
         listen=listen,
         db_url=db,
         mqtt_url=mqtt or None,
+        mqtt_advertise_url=mqtt_advertise or None,
         keys_dir=keys_dir or home / "keys",
         key_passphrase=open_keys(keys_dir).passphrase,
+        device_listen=device_listen,
+        device_advertise=device_advertise,
+        tls_hostnames=tuple(tls_san or ()),
+        device_cert_validity=parse_duration(device_cert_validity, "--device-cert-validity"),
+        crl_file=crl_file,
     )
     try:
         asyncio.run(serve_forever(settings))
@@ -105,7 +156,7 @@ def token_create(
         labels[key] = value
     if uses < 1:
         raise fail("--uses must be at least 1")
-    channel, stub = client.operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             response = stub.CreateToken(
@@ -126,7 +177,7 @@ def deploy(
     """Point devices at a bundle release; their agents pick it up at once."""
     if all_devices == bool(device):
         raise fail("give either --all or --device ID")
-    channel, stub = client.operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             response = stub.Deploy(
@@ -146,7 +197,7 @@ def devices_list(
     controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """Show every device: state, active bundle, local API, last seen, last telemetry figures."""
-    channel, stub = client.operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             devices = stub.ListDevices(operator_pb2.ListDevicesRequest()).devices
@@ -164,7 +215,7 @@ def devices_revoke(
     controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
 ) -> None:
     """Cut a device off at once: its calls are refused and its desired-state stream ends."""
-    channel, stub = client.operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             revoked = stub.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=device_id)).revoked
@@ -181,7 +232,7 @@ def telemetry_query(
     limit: Annotated[int, typer.Option(help="newest N rows")] = 20,
 ) -> None:
     """Print stored telemetry rows as JSON lines, newest first."""
-    channel, stub = client.operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             rows = stub.QueryTelemetry(

@@ -12,8 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
 
-from controlplane.cli_common import ControlPlaneOpt, err, rpc_error
-from controlplane.client import operator_stub
+from controlplane.cli_common import ControlPlaneOpt, connect, err, rpc_error
 from controlplane.settings import DEFAULT_LISTEN
 from protos.fleet.v1 import operator_pb2
 
@@ -28,7 +27,7 @@ def operators_create(
     controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
 ) -> None:
     """Create an operator; prints its token alone on stdout (shown once)."""
-    channel, stub = operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             token = stub.CreateOperator(operator_pb2.CreateOperatorRequest(name=name, role=role)).token
@@ -40,7 +39,7 @@ def operators_create(
 @operators_app.command("list")
 def operators_list(controlplane: ControlPlaneOpt = DEFAULT_LISTEN) -> None:
     """List operators and their roles."""
-    channel, stub = operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             rows = stub.ListOperators(operator_pb2.ListOperatorsRequest()).operators
@@ -59,7 +58,7 @@ def operators_revoke(
     name: Annotated[str, typer.Argument(help="operator name")], controlplane: ControlPlaneOpt = DEFAULT_LISTEN
 ) -> None:
     """Revoke an operator's token at once."""
-    channel, stub = operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             revoked = stub.RevokeOperator(operator_pb2.RevokeOperatorRequest(name=name)).revoked
@@ -88,7 +87,7 @@ def audit_list(
         stamp = Timestamp()
         stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
         request.since.CopyFrom(stamp)
-    channel, stub = operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             entries = stub.ListAudit(request).entries
@@ -127,7 +126,7 @@ def audit_list(
 @audit_app.command("verify")
 def audit_verify(controlplane: ControlPlaneOpt = DEFAULT_LISTEN) -> None:
     """Check the hash chain; exits 1 and names the first bad entry if a row was edited or deleted."""
-    channel, stub = operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             result = stub.VerifyAudit(operator_pb2.VerifyAuditRequest())

@@ -22,7 +22,15 @@ from controlplane.bundles import (
     open_bundle,
     write_bundle,
 )
-from controlplane.cli_common import DEFAULT_CONTROLPLANE, ControlPlaneOpt, KeysDirOpt, err, fail, rpc_error
+from controlplane.cli_common import (
+    DEFAULT_CONTROLPLANE,
+    ControlPlaneOpt,
+    KeysDirOpt,
+    connect,
+    err,
+    fail,
+    rpc_error,
+)
 from controlplane.cli_keys import open_keys
 from controlplane.gguf_info import GgufError
 from controlplane.keys import KeyStoreError
@@ -168,7 +176,7 @@ def bundle_push(
         signers = open_keys(keys_dir).release_signers()
     except (BundleError, KeyStoreError) as exc:
         raise fail(str(exc)) from exc
-    channel, stub = client.operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with (
         channel,
         Progress(
@@ -198,7 +206,7 @@ def bundle_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List pushed bundles."""
-    channel, stub = client.operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         try:
             bundles = stub.ListBundles(operator_pb2.ListBundlesRequest()).bundles

@@ -9,7 +9,10 @@ import grpc
 import typer
 from rich.console import Console
 
+from controlplane.client import operator_stub
 from controlplane.settings import DEFAULT_LISTEN
+from controlplane.tls import TlsConfigError
+from protos.fleet.v1.operator_pb2_grpc import OperatorServiceStub
 
 err = Console(stderr=True)
 
@@ -29,6 +32,14 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Prints one unwrapped error line and returns the exit to raise."""
     err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+def connect(controlplane: str) -> tuple[grpc.Channel, OperatorServiceStub]:
+    """fleetctl's operator channel; a missing CA certificate is a one-line error, not a traceback."""
+    try:
+        return operator_stub(controlplane)
+    except TlsConfigError as exc:
+        raise fail(str(exc)) from exc
 
 
 def rpc_error(exc: grpc.RpcError) -> typer.Exit:

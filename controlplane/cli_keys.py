@@ -15,10 +15,12 @@ from rich.table import Table
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Targets
 
-from controlplane.cli_common import KeysDirOpt, err, fail, rpc_error
-from controlplane.client import operator_stub, resign_image_targets
+from controlplane.ca import CertificateError, load_ca
+from controlplane.cli_common import KeysDirOpt, connect, err, fail, rpc_error
+from controlplane.client import resign_image_targets
 from controlplane.keys import REPOSITORIES, ROLES, KeyDir, KeyStoreError, init_keys
 from controlplane.settings import DEFAULT_LISTEN, default_home
+from protos.fleet.fsio import atomic_write_bytes
 from protos.fleet.uptane import IMAGE
 from protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 
@@ -60,7 +62,7 @@ def _publish(keys: KeyDir, repo: str, controlplane: str | None) -> None:
 def push_roots(keys: KeyDir, controlplane: str, *, repos: list[str]) -> None:
     """Uploads every root version the control plane lacks, oldest first; then, for the image
     repository, re-signs its targets if the current release keys did not sign them."""
-    channel, stub = operator_stub(controlplane)
+    channel, stub = connect(controlplane)
     with channel:
         for repo in repos:
             for data in keys.root_history(repo):
@@ -114,6 +116,29 @@ def keys_init(
         raise fail(str(exc)) from exc
     err.print(f"keys written to {keys.path}{' (encrypted)' if keys.passphrase else ''}")
     typer.echo(str(keys.trust_path))
+
+
+@keys_app.command("tls-cert")
+def keys_tls_cert(
+    names: Annotated[list[str], typer.Option("--name", help="DNS name or IP the server answers to (repeat)")],
+    out: Annotated[Path, typer.Option(help="directory for server.key, server.pem and ca.pem")],
+    keys_dir: KeysDirOpt = None,
+    days: Annotated[int, typer.Option(min=1, max=825, help="validity in days")] = 365,
+) -> None:
+    """Issue a server certificate from the fleet CA, e.g. for the MQTT broker's device listener,
+    which devices verify with the CA in their trust file."""
+    keys = open_keys(keys_dir)
+    try:
+        ca = load_ca(keys.path, passphrase=keys.passphrase)
+    except CertificateError as exc:
+        raise fail(str(exc)) from exc
+    if ca is None:
+        raise fail(f"no fleet CA in {keys.path}: run `fleetctl keys init` first")
+    key_pem, cert_pem = ca.issue_server(names, validity=timedelta(days=days))
+    atomic_write_bytes(out / "server.key", key_pem, mode=0o600)
+    atomic_write_bytes(out / "server.pem", cert_pem)
+    atomic_write_bytes(out / "ca.pem", ca.certificate_pem)
+    err.print(f"server certificate for {', '.join(names)} valid {days} days in {out}")
 
 
 @keys_app.command("list")

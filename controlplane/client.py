@@ -16,6 +16,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from controlplane.bundles import BundleOnDisk, open_bundle
 from controlplane.settings import default_home
+from controlplane.tls import channel_credentials, resolve_tls_ca
 from protos.fleet import uptane
 from protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 
@@ -87,12 +88,18 @@ class _BearerToken(
 
 
 def operator_stub(
-    target: str, token: str | None = None
+    target: str, token: str | None = None, *, ca_pem: bytes | None = None
 ) -> tuple[grpc.Channel, operator_pb2_grpc.OperatorServiceStub]:
-    """A channel and stub that authenticate as the operator (token resolved if not given)."""
+    """A TLS channel to the control plane verified against the fleet CA (``resolve_tls_ca``
+    when not given) and a stub that authenticates as the operator (token resolved if not given).
+
+    Raises TlsConfigError when no CA certificate can be found.
+    """
     token = token or resolve_operator_token()
-    channel = grpc.insecure_channel(
+    credentials = channel_credentials(ca_pem or resolve_tls_ca())
+    channel = grpc.secure_channel(
         target,
+        credentials,
         options=[
             ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
             ("grpc.enable_retries", 1),

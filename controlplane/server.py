@@ -1,4 +1,5 @@
-"""Wires the control plane together: store, blobs, broker, telemetry ingestion, gRPC server."""
+"""Wires the control plane together: store, blobs, broker, telemetry ingestion, gRPC server
+(a TLS port for enrollment and operators, a mutual-TLS port for devices)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from controlplane.blobs import BlobStore
 from controlplane.broker import EmbeddedBroker
+from controlplane.ca import CertificateAuthority, CertificateError, load_ca
 from controlplane.db.database import Database
 from controlplane.db.engine import make_engine
 from controlplane.ingest import TelemetryIngestor
@@ -20,9 +23,12 @@ from controlplane.keys import KeyDir, KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
 from controlplane.rbac import bootstrap_admin
 from controlplane.repositories import Repositories
+from controlplane.revocation import Revocations
 from controlplane.services.device_service import DeviceService
 from controlplane.services.operator_service import OperatorService
 from controlplane.settings import Settings
+from controlplane.tls import ServerCertificate, server_hostnames
+from protos.fleet.broker_url import parse_broker_url
 from protos.fleet.v1 import device_pb2_grpc, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,10 @@ class ServeError(Exception):
 class RunningControlPlane:
     server: grpc.aio.Server
     port: int
+    device_port: int
+    ca_pem: bytes
+    crl_path: Path
+    revocations: Revocations
     engine: Engine
     mqtt_url: str
     broker: EmbeddedBroker | None
@@ -56,23 +66,42 @@ class RunningControlPlane:
 
     async def stop(self, grace: float = 2.0) -> None:
         self.upkeep.cancel()
+        self.revocations.cancel()
         await self.server.stop(grace)
         await asyncio.to_thread(self.ingestor.stop)
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
 
 
-async def _keep_metadata_fresh(db: Database, repositories: Repositories, every: float) -> None:
+async def _upkeep(db: Database, repositories: Repositories, revocations: Revocations, every: float) -> None:
     """Re-signs timestamps and director metadata before they expire, so online devices never
-    see a freeze that is only the control plane's own neglect."""
+    see a freeze that is only the control plane's own neglect; re-issues the CRL likewise."""
     while True:
         try:
             refreshed = await db.run(repositories.refresh_expiring)
             if refreshed:
                 log.info("re-signed %d repositories' expiring metadata", refreshed)
+            if revocations.crl_is_stale():
+                await revocations.publish_crl()
         except Exception:
-            log.exception("metadata refresh failed; retrying in %.0fs", every)
+            log.exception("upkeep failed; retrying in %.0fs", every)
         await asyncio.sleep(every)
+
+
+def _fleet_ca(settings: Settings) -> CertificateAuthority:
+    try:
+        ca = load_ca(settings.effective_keys_dir, passphrase=settings.key_passphrase)
+    except CertificateError as exc:
+        raise ServeError(str(exc)) from exc
+    if ca is None:
+        raise ServeError(
+            f"no fleet CA in {settings.effective_keys_dir}/tls: create the keys with `fleetctl keys init`"
+        )
+    return ca
+
+
+def _advertised_device_endpoint(settings: Settings, device_port: int) -> str:
+    return settings.device_advertise or f":{device_port}"
 
 
 async def start_control_plane(settings: Settings) -> RunningControlPlane:
@@ -89,6 +118,10 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
             log.warning("created operator 'admin'; its token is in %s (keep it secret)", admin_token)
     except KeyStoreError as exc:
         raise ServeError(f"cannot load keys from {keys.path}: {exc}") from exc
+    ca = _fleet_ca(settings)
+    certificate = ServerCertificate(
+        ca, server_hostnames([settings.listen, settings.device_listen], settings.tls_hostnames)
+    )
     blobs = BlobStore(settings.blob_dir)
     notifier = DesiredStateNotifier()
 
@@ -99,8 +132,18 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
         mqtt_url = await asyncio.to_thread(broker.start)
     ingestor = TelemetryIngestor(engine=engine, broker_url=mqtt_url)
     ingestor.start()
+    revocations = Revocations(db, ca, settings.crl_path, mqtt_url)
+    await revocations.publish_crl()
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
+    port = server.add_secure_port(settings.listen, certificate.credentials(require_client_certificate=False))
+    if port == 0:
+        raise ServeError(f"cannot listen on {settings.listen}")
+    device_port = server.add_secure_port(
+        settings.device_listen, certificate.credentials(require_client_certificate=True)
+    )
+    if device_port == 0:
+        raise ServeError(f"cannot listen on {settings.device_listen}")
     device_pb2_grpc.add_DeviceServiceServicer_to_server(
         DeviceService(
             db=db,
@@ -108,26 +151,37 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
             notifier=notifier,
             chunk_size=settings.chunk_size_bytes,
             recheck_seconds=settings.desired_state_recheck_seconds,
-            mqtt_url=settings.mqtt_advertise_url or mqtt_url,
+            mqtt_url=settings.mqtt_advertise_url or parse_broker_url(mqtt_url).url,  # never our password
             repositories=repositories,
+            ca=ca,
+            device_cert_validity=settings.device_cert_validity,
+            device_endpoint=_advertised_device_endpoint(settings, device_port),
         ),
         server,
     )
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-        OperatorService(db=db, blobs=blobs, notifier=notifier, repositories=repositories), server
+        OperatorService(
+            db=db,
+            blobs=blobs,
+            notifier=notifier,
+            repositories=repositories,
+            on_device_revoked=revocations.device_revoked,
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise ServeError(f"cannot listen on {settings.listen}")
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    upkeep = asyncio.create_task(_keep_metadata_fresh(db, repositories, settings.metadata_refresh_seconds))
+    upkeep = asyncio.create_task(_upkeep(db, repositories, revocations, settings.metadata_refresh_seconds))
     return RunningControlPlane(
         server=server,
         port=port,
+        device_port=device_port,
+        ca_pem=ca.certificate_pem,
+        crl_path=revocations.crl_path,
+        revocations=revocations,
         engine=engine,
         mqtt_url=mqtt_url,
         broker=broker,
@@ -140,7 +194,15 @@ async def serve_forever(settings: Settings) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls."""
     running = await start_control_plane(settings)
     host = settings.listen.rsplit(":", 1)[0]
-    log.info("control plane listening on %s:%d, MQTT %s", host, running.port, running.mqtt_url)
+    device_host = settings.device_listen.rsplit(":", 1)[0]
+    log.info(
+        "control plane listening on %s:%d (TLS: enrollment, operators), %s:%d (mutual TLS: devices), MQTT %s",
+        host,
+        running.port,
+        device_host,
+        running.device_port,
+        running.mqtt_url,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+from controlplane.ca import DEVICE_VALIDITY
+
 DEFAULT_LISTEN = "127.0.0.1:7443"
+DEFAULT_DEVICE_LISTEN = "127.0.0.1:7444"
 
 
 def default_home() -> Path:
@@ -20,11 +24,19 @@ class Settings:
 
     ``mqtt_url`` None means: start the embedded broker on loopback (zero-setup default).
     ``keys_dir`` holds both repositories' roots and the online keys the control plane signs
-    snapshot, timestamp and director metadata with (the release keys may live elsewhere).
+    snapshot, timestamp and director metadata with (the release keys may live elsewhere), and
+    the fleet CA. ``listen`` serves enrollment and operators over TLS; ``device_listen``
+    serves every other device call over mutual TLS. ``device_advertise`` is the address
+    devices are told to use for it (default ``:PORT``: the host they enrolled through).
     """
 
     data_dir: Path
     listen: str = DEFAULT_LISTEN
+    device_listen: str = DEFAULT_DEVICE_LISTEN
+    device_advertise: str | None = None
+    tls_hostnames: tuple[str, ...] = ()  # extra names for the server certificate
+    device_cert_validity: timedelta = DEVICE_VALIDITY
+    crl_file: Path | None = None  # where the broker reads revoked device certificates from
     db_url: str | None = None
     mqtt_url: str | None = None
     mqtt_advertise_url: str | None = None  # the broker URL devices are told; default: mqtt_url
@@ -42,6 +54,10 @@ class Settings:
         return self.data_dir / "blobs"
 
     metadata_refresh_seconds: float = 600.0
+
+    @property
+    def crl_path(self) -> Path:
+        return self.crl_file or self.data_dir / "tls" / "devices.crl.pem"
 
     @property
     def effective_keys_dir(self) -> Path:

@@ -81,7 +81,7 @@ class TelemetryPublisher:
         self._device_id = device_id
         self._topics = {kind: telemetry_topic(device_id, kind) for kind in TopicKind}
         self._outbox = outbox
-        self._client_id = client_id or f"edgefleet-agent-{device_id}"
+        self._client_id = client_id or device_id  # the broker ends this session on revocation
         self._max_inflight = max_inflight
         self._window = window
         self._keepalive_s = keepalive_s

@@ -20,6 +20,7 @@ from controlplane.db.models import (
     BundleArtifact,
     Deployment,
     Device,
+    DeviceCertificate,
     EnrollmentToken,
     TelemetryRecord,
     utcnow,
@@ -84,16 +85,48 @@ def consume_token(session: Session, *, token_sha256: str) -> EnrollmentToken:
     return row
 
 
-def create_device(
-    session: Session, *, device_id: str, credential_sha256: str, hostname: str, labels: dict[str, str]
-) -> Device:
-    device = Device(id=device_id, credential_sha256=credential_sha256, hostname=hostname, labels=labels)
+def create_device(session: Session, *, device_id: str, hostname: str, labels: dict[str, str]) -> Device:
+    device = Device(id=device_id, hostname=hostname, labels=labels)
     session.add(device)
+    session.flush()  # the certificate row that follows refers to it
     return device
 
 
-def device_by_credential(session: Session, *, credential_sha256: str) -> Device | None:
-    return session.exec(select(Device).where(Device.credential_sha256 == credential_sha256)).first()
+def record_certificate(session: Session, *, device_id: str, serial: int, not_after: datetime) -> None:
+    session.add(DeviceCertificate(serial=format(serial, "x"), device_id=device_id, not_after=not_after))
+
+
+def certificate_holder(session: Session, *, serial: int) -> tuple[DeviceCertificate, Device] | None:
+    """The certificate row and its device, or None for a serial the CA never issued to a device."""
+    cert = session.get(DeviceCertificate, format(serial, "x"))
+    if cert is None:
+        return None
+    device = session.get(Device, cert.device_id)
+    return None if device is None else (cert, device)
+
+
+def revoke_certificates(session: Session, *, device_id: str, when: datetime) -> int:
+    """Marks every unrevoked certificate of the device revoked; returns how many."""
+    rows = session.exec(
+        select(DeviceCertificate).where(
+            DeviceCertificate.device_id == device_id, col(DeviceCertificate.revoked_at).is_(None)
+        )
+    ).all()
+    for row in rows:
+        row.revoked_at = when
+        session.add(row)
+    return len(rows)
+
+
+def revoked_certificates(session: Session, *, now: datetime) -> list[tuple[int, datetime]]:
+    """(serial, revoked at) of revoked certificates that have not expired yet: the CRL's entries.
+    Expired ones drop out, as RFC 5280 allows, so the list stays as small as the live fleet."""
+    rows = session.exec(
+        select(DeviceCertificate).where(
+            col(DeviceCertificate.revoked_at).is_not(None), col(DeviceCertificate.not_after) > now
+        )
+    ).all()
+    return [(int(row.serial, 16), as_utc(row.revoked_at)) for row in rows if row.revoked_at is not None]
 
 
 def add_bundle(session: Session, *, release: VerifiedRelease) -> tuple[Bundle, bool]:

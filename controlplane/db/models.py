@@ -21,7 +21,6 @@ class Device(SQLModel, table=True):
     """An enrolled device and what it last told us about itself."""
 
     id: str = Field(primary_key=True, max_length=64)
-    credential_sha256: str = Field(index=True, unique=True, max_length=64)
     hostname: str = ""
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     enrolled_at: datetime = Field(default_factory=utcnow)
@@ -39,6 +38,20 @@ class Device(SQLModel, table=True):
     last_latency_ms: float = 0.0
     requests_total: int = 0
     revoked_at: datetime | None = None
+
+
+class DeviceCertificate(SQLModel, table=True):
+    """A client certificate the fleet CA issued to a device (at enrollment or renewal).
+
+    A device call is accepted only with a certificate listed here, unrevoked, for a device
+    that is not revoked; the revoked rows are what the CRL for the MQTT broker lists.
+    """
+
+    serial: str = Field(primary_key=True, max_length=40)  # hex
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=64)
+    issued_at: datetime = Field(default_factory=utcnow)
+    not_after: datetime
+    revoked_at: datetime | None = Field(default=None, index=True)
 
 
 class EnrollmentToken(SQLModel, table=True):

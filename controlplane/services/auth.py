@@ -1,4 +1,9 @@
-"""Device credentials: issued once at enrollment, presented as bearer metadata, stored hashed."""
+"""Who is calling: devices by their client certificate, operators by their bearer token.
+
+A device's identity is the certificate the mutual-TLS listener verified against the fleet
+CA. The serial must be one the CA issued to that device and neither may be revoked, so a
+revocation takes effect on the next call, not when the certificate expires.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import secrets
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from controlplane.db import crud
 from controlplane.db.database import Database
@@ -14,13 +21,14 @@ from controlplane.db.models import Device
 
 AUTH_HEADER = "authorization"
 BEARER = "Bearer "
+PEER_CERTIFICATE = "x509_pem_cert"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 """Servicer context of any call; the servicers are typed by their generated stubs."""
 
 
 def secret_sha256(secret: str) -> str:
-    """Only hashes of tokens and credentials are stored; a leaked database grants nothing."""
+    """Only hashes of tokens are stored; a leaked database grants nothing."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -39,15 +47,34 @@ def bearer_from_metadata(context: Context) -> str | None:
     return None
 
 
+def peer_certificate(context: Context) -> x509.Certificate | None:
+    """The client certificate gRPC verified on this connection; None on a server-TLS-only port."""
+    pem = context.auth_context().get(PEER_CERTIFICATE)
+    if not pem:
+        return None
+    return x509.load_pem_x509_certificate(next(iter(pem)))
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else ""
+    return value if isinstance(value, str) else value.decode()
+
+
 async def authenticate_device(db: Database, context: Context) -> Device:
     """Returns the calling device, or aborts the call with UNAUTHENTICATED."""
-    credential = bearer_from_metadata(context)
-    if not credential:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "device credential missing")
-    digest = secret_sha256(credential)
-    device = await db.run(lambda s: crud.device_by_credential(s, credential_sha256=digest))
-    if device is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown device credential")
+    cert = peer_certificate(context)
+    if cert is None:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "device calls need the device's client certificate, on the device (mutual TLS) endpoint",
+        )
+    held = await db.run(lambda s: crud.certificate_holder(s, serial=cert.serial_number))
+    if held is None or held[1].id != common_name(cert):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this certificate was not issued to a device")
+    record, device = held
     if device.revoked_at is not None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
+    if record.revoked_at is not None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this certificate was revoked")
     return device

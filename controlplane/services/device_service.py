@@ -1,10 +1,12 @@
-"""DeviceService: enrollment, desired-state stream, status reports, artifact download."""
+"""DeviceService: enrollment and certificate renewal, desired-state stream, status reports,
+artifact and metadata download."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import grpc
 from sqlmodel import Session
@@ -12,18 +14,13 @@ from sqlmodel import Session
 from controlplane import audit
 from controlplane.audit import Outcome
 from controlplane.blobs import BlobNotFound, BlobStore, InvalidDigest
+from controlplane.ca import CertificateAuthority, CertificateError, IssuedCertificate
 from controlplane.db import crud
 from controlplane.db.database import Database
 from controlplane.db.models import Bundle, Device, utcnow
 from controlplane.notifier import DesiredStateNotifier, wait_event
 from controlplane.repositories import Repositories
-from controlplane.services.auth import (
-    Context,
-    authenticate_device,
-    new_device_id,
-    new_secret,
-    secret_sha256,
-)
+from controlplane.services.auth import Context, authenticate_device, new_device_id, secret_sha256
 from protos.fleet import topics
 from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
@@ -90,8 +87,14 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         recheck_seconds: float,
         mqtt_url: str,
         repositories: Repositories,
+        ca: CertificateAuthority,
+        device_cert_validity: timedelta,
+        device_endpoint: str,
     ) -> None:
         self.mqtt_url = mqtt_url
+        self.ca = ca
+        self.device_cert_validity = device_cert_validity
+        self.device_endpoint = device_endpoint
         self.repositories = repositories
         self.db = db
         self.blobs = blobs
@@ -104,30 +107,35 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bootstrap_token is required")
         if len(request.labels) > MAX_LABELS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LABELS} labels")
-        device_id, credential = new_device_id(), new_secret()
-
+        if not request.csr:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr is required")
+        device_id = new_device_id()
         token_digest = secret_sha256(request.bootstrap_token)
 
-        def enroll(session: Session) -> None:
+        def enroll(session: Session) -> IssuedCertificate:
+            # One transaction: a refused CSR leaves the token unspent and no device behind.
             token = crud.consume_token(session, token_sha256=token_digest)
             labels = {**dict(request.labels), **token.labels}
-            crud.create_device(
-                session,
-                device_id=device_id,
-                credential_sha256=secret_sha256(credential),
-                hostname=request.hostname[:255],
-                labels=labels,
-            )
+            crud.create_device(session, device_id=device_id, hostname=request.hostname[:255], labels=labels)
+            issued = self._issue(session, device_id, request.csr)
             audit.record(
                 session,
                 actor=f"device:{device_id}",
                 action="device.enroll",
                 target=device_id,
-                detail={"hostname": request.hostname[:255], "labels": labels, "token": token_digest[:12]},
+                detail={
+                    "hostname": request.hostname[:255],
+                    "labels": labels,
+                    "token": token_digest[:12],
+                    "certificate": format(issued.serial, "x"),
+                },
             )
+            return issued
 
         try:
-            await self.db.run(enroll)
+            issued = await self.db.run(enroll)
+        except CertificateError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
         except crud.TokenRejected as exc:
             reason = str(exc)
             await self.db.run(
@@ -143,10 +151,40 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
         return device_pb2.EnrollResponse(
             device_id=device_id,
-            device_credential=credential,
             mqtt_topic_prefix=topics.device_prefix(device_id),
             mqtt_url=self.mqtt_url,
+            certificate=issued.certificate_pem,
+            device_endpoint=self.device_endpoint,
         )
+
+    def _issue(self, session: Session, device_id: str, csr_pem: bytes) -> IssuedCertificate:
+        issued = self.ca.sign_device_csr(csr_pem, device_id=device_id, validity=self.device_cert_validity)
+        crud.record_certificate(
+            session, device_id=device_id, serial=issued.serial, not_after=issued.not_after
+        )
+        return issued
+
+    async def RenewCertificate(
+        self, request: device_pb2.RenewCertificateRequest, context: Context
+    ) -> device_pb2.RenewCertificateResponse:
+        device = await authenticate_device(self.db, context)
+
+        def renew(session: Session) -> IssuedCertificate:
+            issued = self._issue(session, device.id, request.csr)
+            audit.record(
+                session,
+                actor=f"device:{device.id}",
+                action="device.renew",
+                target=device.id,
+                detail={"certificate": format(issued.serial, "x"), "not_after": issued.not_after.isoformat()},
+            )
+            return issued
+
+        try:
+            issued = await self.db.run(renew)
+        except CertificateError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
+        return device_pb2.RenewCertificateResponse(certificate=issued.certificate_pem)
 
     async def WatchDesiredState(
         self, request: device_pb2.WatchDesiredStateRequest, context: Context

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, timedelta
 from typing import NoReturn
 
@@ -81,11 +81,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         blobs: BlobStore,
         notifier: DesiredStateNotifier,
         repositories: Repositories,
+        on_device_revoked: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.db = db
         self.blobs = blobs
         self.notifier = notifier
         self.repositories = repositories
+        self.on_device_revoked = on_device_revoked  # e.g. re-issue the CRL and cut the broker session
 
     async def _refuse(
         self,
@@ -463,7 +465,14 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 return False
             device.revoked_at = utcnow()
             session.add(device)
-            audit.record(session, actor=who.actor, action="device.revoke", target=device.id)
+            certificates = crud.revoke_certificates(session, device_id=device.id, when=device.revoked_at)
+            audit.record(
+                session,
+                actor=who.actor,
+                action="device.revoke",
+                target=device.id,
+                detail={"certificates": certificates},
+            )
             return True
 
         try:
@@ -473,4 +482,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 context, who, "device.revoke", request.device_id, grpc.StatusCode.NOT_FOUND, str(exc)
             )
         self.notifier.notify([request.device_id])  # its open stream re-checks and ends
+        if revoked and self.on_device_revoked is not None:
+            await self.on_device_revoked(request.device_id)
         return operator_pb2.RevokeDeviceResponse(revoked=revoked)

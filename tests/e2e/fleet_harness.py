@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 import openai
 
 from controlplane.client import TOKEN_ENV, operator_stub
+from controlplane.demo import serve_command
 from controlplane.keys import KeyDir
 from controlplane.rbac import ADMIN_TOKEN_FILE
+from controlplane.tls import CA_ENV
 from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
-from tests.conftest import port_open
+from tests.conftest import free_port, port_open
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -77,16 +80,16 @@ def spawn(args: list[str], log: Path) -> Proc:
     return Proc(popen, log)
 
 
-def fleetctl(*args: str, token: str | None = None, timeout: float = 120) -> str:
-    """Runs the operator CLI, as the operator ``token`` names, and returns its stdout; fails the
-    test on a non-zero exit."""
+def fleetctl(*args: str, token: str, ca: Path, timeout: float = 120) -> str:
+    """Runs the operator CLI, as the operator ``token`` names, verifying the control plane
+    against the fleet CA ``ca``; returns its stdout and fails the test on a non-zero exit."""
     done = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, TOKEN_ENV: token} if token else None,
+        env={**os.environ, TOKEN_ENV: token, CA_ENV: str(ca)},
     )
     assert done.returncode == 0, f"fleetctl {args} failed: {done.stderr}"
     return done.stdout
@@ -106,6 +109,8 @@ class Fleet:
     keys: KeyDir
     mqtt: str
     agent_ports: list[int]
+    device_port: int = field(default_factory=free_port)  # kept across restarts: agents remember it
+    serve_options: list[str] = field(default_factory=list)
     agents: list[Proc] = field(default_factory=list)
     controlplane: Proc = field(init=False)
 
@@ -116,13 +121,18 @@ class Fleet:
 
     def fleetctl(self, *args: str) -> str:
         """``fleetctl ARGS --controlplane TARGET`` as the control plane's admin."""
-        return fleetctl(*args, "--controlplane", self.target, token=self.operator_token)
+        return fleetctl(
+            *args, "--controlplane", self.target, token=self.operator_token, ca=self.keys.tls_ca_path
+        )
+
+    def operator_stub(self) -> tuple[grpc.Channel, operator_pb2_grpc.OperatorServiceStub]:
+        return operator_stub(self.target, self.operator_token, ca_pem=self.keys.tls_ca_path.read_bytes())
 
     def stub(self) -> operator_pb2_grpc.OperatorServiceStub:
-        return operator_stub(self.target, self.operator_token)[1]
+        return self.operator_stub()[1]
 
     def devices(self) -> list[common_pb2.DeviceSummary]:
-        channel, stub = operator_stub(self.target, self.operator_token)
+        channel, stub = self.operator_stub()
         with channel:
             return list(stub.ListDevices(operator_pb2.ListDevicesRequest(), timeout=10).devices)
 
@@ -135,7 +145,7 @@ class Fleet:
 
         The RPC itself, not fleetctl, so that time measured from its return is time the agent had.
         """
-        channel, stub = operator_stub(self.target, self.operator_token)
+        channel, stub = self.operator_stub()
         with channel:
             response = stub.Deploy(
                 operator_pb2.DeployRequest(
@@ -156,21 +166,14 @@ class Fleet:
 
     def start_controlplane(self) -> None:
         port = int(self.target.rsplit(":", 1)[1])
-        self.controlplane = spawn(
-            [
-                "controlplane.cli",
-                "serve",
-                "--listen",
-                self.target,
-                "--data-dir",
-                str(self.data_dir),
-                "--mqtt",
-                self.mqtt,
-                "--keys-dir",
-                str(self.keys.path),
-            ],
-            self.work / "controlplane.log",
+        command = serve_command(
+            target=self.target,
+            device_target=f"127.0.0.1:{self.device_port}",
+            data_dir=self.data_dir,
+            keys_dir=self.keys.path,
+            extra=["--mqtt", self.mqtt, *self.serve_options],
         )
+        self.controlplane = spawn(command[2:], self.work / "controlplane.log")
         wait_for("control plane port", lambda: port_open("127.0.0.1", port), timeout=60, interval=0.05)
         assert (self.data_dir / ADMIN_TOKEN_FILE).is_file(), "the control plane wrote no admin token"
 

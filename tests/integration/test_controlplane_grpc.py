@@ -14,6 +14,7 @@ from securesystemslib.signer import CryptoSigner
 from sqlmodel import Session
 
 from agent.artifacts import ArtifactStore
+from agent.device_tls import csr_pem, new_key
 from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier
 from controlplane.bundles import BundleOnDisk, build_bundle, open_bundle
 from controlplane.client import extend_image_targets, push_requests
@@ -22,7 +23,7 @@ from controlplane.keys import KeyDir, init_keys
 from controlplane.server import RunningControlPlane
 from controlplane.services.auth import secret_sha256
 from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
-from tests.integration.conftest import admin_token
+from tests.integration.conftest import EnrolledDevice, admin_token, enroll_device
 
 pytestmark = pytest.mark.integration
 
@@ -42,40 +43,55 @@ async def push(
     return await stub.PushBundle(requests(), metadata=(("authorization", f"Bearer {token}"),))
 
 
-async def enroll(
-    op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel, *, uses: int = 1
-) -> tuple[str, device_pb2.EnrollResponse]:
-    token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=uses))).token
-    dev = device_pb2_grpc.DeviceServiceStub(channel)
-    return token, await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, hostname="t"))
-
-
-def auth(response: device_pb2.EnrollResponse) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {response.device_credential}"),)
+def csr() -> bytes:
+    return csr_pem(new_key(), "t")
 
 
 async def test_enrollment_tokens(
-    op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel, controlplane: RunningControlPlane
+    op: operator_pb2_grpc.OperatorServiceStub,
+    channel: grpc.aio.Channel,
+    controlplane: RunningControlPlane,
+    tmp_path: Path,
 ) -> None:
     dev = device_pb2_grpc.DeviceServiceStub(channel)
-    token, enrolled = await enroll(op, channel)
-    assert enrolled.device_id.startswith("dev-")
-    assert enrolled.mqtt_url == controlplane.mqtt_url
-    assert enrolled.mqtt_topic_prefix == f"fleet/v1/devices/{enrolled.device_id}"
+    token = (await op.CreateToken(operator_pb2.CreateTokenRequest())).token
+    enrolled = await enroll_device(controlplane, channel, token, tmp_path)
+    assert enrolled.id.startswith("dev-")
+    assert enrolled.response.mqtt_url == controlplane.mqtt_url
+    assert enrolled.response.mqtt_topic_prefix == f"fleet/v1/devices/{enrolled.id}"
+    assert enrolled.response.device_endpoint == f":{controlplane.device_port}"
+    cert = enrolled.certificate.certificate
+    assert cert.subject.rfc4514_string() == f"CN={enrolled.id}"  # named by the CA, not the CSR ("t")
 
     with pytest.raises(grpc.aio.AioRpcError) as reused:
-        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, csr=csr()))
     assert reused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "already been used" in (reused.value.details() or "")
 
-    with pytest.raises(grpc.aio.AioRpcError) as wrong:
-        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token="not-a-token"))
-    assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "unknown" in (wrong.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as forged:
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token="not-a-token", csr=csr()))
+    assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "unknown" in (forged.value.details() or "")
 
     with pytest.raises(grpc.aio.AioRpcError) as empty:
-        await dev.Enroll(device_pb2.EnrollRequest())
+        await dev.Enroll(device_pb2.EnrollRequest(csr=csr()))
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_bad_csr_is_refused_and_leaves_the_token_unspent(
+    op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel
+) -> None:
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    token = (await op.CreateToken(operator_pb2.CreateTokenRequest())).token
+    for bad, reason in [
+        (b"", "csr is required"),
+        (b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA", "csr refused"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, csr=bad))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason in (refused.value.details() or "")
+    assert (await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, csr=csr()))).device_id
 
 
 async def test_expired_token_is_refused(channel: grpc.aio.Channel, controlplane: RunningControlPlane) -> None:
@@ -84,7 +100,7 @@ async def test_expired_token_is_refused(channel: grpc.aio.Channel, controlplane:
         crud.create_token(s, token_sha256=secret_sha256("old"), uses=1, ttl=timedelta(seconds=-1), labels={})
     dev = device_pb2_grpc.DeviceServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as expired:
-        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token="old"))
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token="old", csr=csr()))
     assert expired.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "expired" in (expired.value.details() or "")
 
@@ -92,23 +108,16 @@ async def test_expired_token_is_refused(channel: grpc.aio.Channel, controlplane:
 async def test_multi_use_token(op: operator_pb2_grpc.OperatorServiceStub, channel: grpc.aio.Channel) -> None:
     dev = device_pb2_grpc.DeviceServiceStub(channel)
     token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=2))).token
-    ids = {(await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))).device_id for _ in range(2)}
+    request = device_pb2.EnrollRequest(bootstrap_token=token, csr=csr())
+    ids = {(await dev.Enroll(request)).device_id for _ in range(2)}
     assert len(ids) == 2
     with pytest.raises(grpc.aio.AioRpcError):
-        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token))
-
-
-async def test_device_calls_need_a_credential(channel: grpc.aio.Channel) -> None:
-    dev = device_pb2_grpc.DeviceServiceStub(channel)
-    for metadata in [(), (("authorization", "Bearer nope"),)]:
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await dev.ReportStatus(device_pb2.StatusReport(), metadata=metadata)
-        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await dev.Enroll(request)
 
 
 async def test_push_deploy_watch_fetch(
     op: operator_pb2_grpc.OperatorServiceStub,
-    channel: grpc.aio.Channel,
+    enrolled: EnrolledDevice,
     controlplane: RunningControlPlane,
     smollm2_bundle: BundleOnDisk,
     keys: KeyDir,
@@ -120,34 +129,31 @@ async def test_push_deploy_watch_fetch(
         await push(op, smollm2_bundle.path, keys.release_signers(), admin_token(tmp_path))
     ).already_present
 
-    _, enrolled = await enroll(op, channel)
-    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    dev = enrolled.stub
     info = next(iter(smollm2_bundle.release.artifacts.values()))
 
     # Not deployed to this device yet: not fetchable.
     with pytest.raises(grpc.aio.AioRpcError) as hidden:
-        async for _ in dev.FetchArtifact(
-            device_pb2.FetchArtifactRequest(sha256=info.sha256), metadata=auth(enrolled)
-        ):
+        async for _ in dev.FetchArtifact(device_pb2.FetchArtifactRequest(sha256=info.sha256)):
             pass
     assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
 
-    stream = dev.WatchDesiredState(device_pb2.WatchDesiredStateRequest(), metadata=auth(enrolled))
-    deployed = await op.Deploy(
-        operator_pb2.DeployRequest(bundle=pushed.bundle, device_ids=[enrolled.device_id])
-    )
-    assert list(deployed.device_ids) == [enrolled.device_id]
+    stream = dev.WatchDesiredState(device_pb2.WatchDesiredStateRequest())
+    deployed = await op.Deploy(operator_pb2.DeployRequest(bundle=pushed.bundle, device_ids=[enrolled.id]))
+    assert list(deployed.device_ids) == [enrolled.id]
     desired = await stream.read()
     stream.cancel()
     assert desired.generation == 1
 
     # What the device verifies: director and image repositories through python-tuf.
-    with grpc.insecure_channel(f"127.0.0.1:{controlplane.port}") as sync_channel:
+    credentials = enrolled.certificate.grpc_credentials(controlplane.ca_pem)
+    with grpc.secure_channel(f"127.0.0.1:{controlplane.device_port}", credentials) as sync_channel:
+        sync_stub = device_pb2_grpc.DeviceServiceStub(sync_channel)
         verifier = UptaneVerifier(
             tuf_dir=tmp_path / "tuf",
             anchors=keys.trust_anchors(),
-            fetcher=GrpcMetadataFetcher(device_pb2_grpc.DeviceServiceStub(sync_channel), auth(enrolled)),
-            device_id=enrolled.device_id,
+            fetcher=GrpcMetadataFetcher(lambda: sync_stub),
+            device_id=enrolled.id,
         )
         assignment = await asyncio.to_thread(verifier.refresh)
     assert assignment is not None
@@ -161,14 +167,12 @@ async def test_push_deploy_watch_fetch(
     store.download_dir.mkdir(parents=True)
     store.part_path(info.sha256).write_bytes(source[: 3 * 1024 * 1024 + 17])
     seen_offsets: list[int] = []
-    path = await store.fetch(
-        dev, info, metadata=auth(enrolled), progress=lambda done, _: seen_offsets.append(done)
-    )
+    path = await store.fetch(dev, info, progress=lambda done, _: seen_offsets.append(done))
     assert path.read_bytes() == source
     assert seen_offsets[0] > 3 * 1024 * 1024, "download restarted from zero instead of resuming"
 
     listed = await op.ListDevices(operator_pb2.ListDevicesRequest())
-    row = next(d for d in listed.devices if d.device_id == enrolled.device_id)
+    row = next(d for d in listed.devices if d.device_id == enrolled.id)
     assert row.desired_bundle.name == "smollm2" and row.desired_generation == 1
 
 

@@ -44,11 +44,13 @@ def test_corrupt_state_is_a_typed_error(tmp_path: Path, content: bytes) -> None:
 def test_identity_round_trip_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "identity.json"
     assert load_identity(path) is None
-    identity = DeviceIdentity("dev-1", "secret", "mqtt://127.0.0.1:1883", "127.0.0.1:7443")
+    identity = DeviceIdentity("dev-1", "mqtt://127.0.0.1:1883", "cp.example:7443", ":7444")
     save_identity(path, identity)
     assert load_identity(path) == identity
     assert path.stat().st_mode & 0o777 == 0o600
-    assert identity.auth_metadata() == (("authorization", "Bearer secret"),)
+    assert identity.device_target == "cp.example:7444"  # ":PORT" is the host enrolled through
+    elsewhere = DeviceIdentity("dev-1", "mqtt://127.0.0.1:1883", "cp.example:7443", "devices.example:443")
+    assert elsewhere.device_target == "devices.example:443"
     path.write_text('{"device_id": "x"}')
     with pytest.raises(IdentityError):
         load_identity(path)

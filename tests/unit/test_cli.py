@@ -9,6 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from agent.cli import app as agent_app
+from controlplane.ca import ca_paths, init_ca
 from controlplane.cli import app as fleetctl
 
 runner = CliRunner()
@@ -93,6 +94,16 @@ def test_deploy_needs_a_target() -> None:
     assert result.exit_code == 1 and "--all or --device" in result.output
 
 
-def test_unreachable_control_plane_is_a_clear_error() -> None:
-    result = runner.invoke(fleetctl, ["devices", "list", "--controlplane", "127.0.0.1:1"])
+def test_unreachable_control_plane_is_a_clear_error(tmp_path: Path) -> None:
+    init_ca(tmp_path)
+    env = {"EDGEFLEET_TLS_CA": str(ca_paths(tmp_path)[1])}
+    result = runner.invoke(fleetctl, ["devices", "list", "--controlplane", "127.0.0.1:1"], env=env)
     assert result.exit_code == 1 and "UNAVAILABLE" in result.output
+
+
+def test_a_missing_ca_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    env = {"EDGEFLEET_HOME": str(tmp_path), "EDGEFLEET_TLS_CA": ""}
+    result = runner.invoke(fleetctl, ["devices", "list", "--controlplane", "127.0.0.1:1"], env=env)
+    assert result.exit_code == 1
+    assert f"cannot read the fleet CA certificate {tmp_path}/keys/tls/ca.pem" in result.output
+    assert "EDGEFLEET_TLS_CA" in result.output

@@ -358,7 +358,7 @@ async def test_endless_artifact_data_stops_at_the_signed_length(tmp_path: Path) 
     server = HostileArtifactServer(good + b"y" * 100_000)
     store = ArtifactStore(tmp_path / "artifacts", tmp_path / "downloads")
     with pytest.raises(rel.ArtifactTooLong):
-        await store.fetch(server, artifact(good), metadata=())  # type: ignore[arg-type]
+        await store.fetch(server, artifact(good))  # type: ignore[arg-type]
     assert not store.has(artifact(good).sha256)
     assert store.part_path(artifact(good).sha256).stat().st_size == len(good)
 
@@ -368,7 +368,7 @@ async def test_wrong_artifact_hash_is_refused_and_discarded(tmp_path: Path) -> N
     store = ArtifactStore(tmp_path / "artifacts", tmp_path / "downloads")
     info = artifact(b"x" * 5000)
     with pytest.raises(rel.ArtifactHashMismatch):
-        await store.fetch(server, info, metadata=())  # type: ignore[arg-type]
+        await store.fetch(server, info)  # type: ignore[arg-type]
     assert not store.has(info.sha256)
     assert not store.part_path(info.sha256).exists()
 
@@ -381,7 +381,7 @@ async def test_symlink_planted_at_the_download_path_is_not_followed(tmp_path: Pa
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     store.part_path(info.sha256).symlink_to(victim)
-    path = await store.fetch(HostileArtifactServer(payload), info, metadata=())  # type: ignore[arg-type]
+    path = await store.fetch(HostileArtifactServer(payload), info)  # type: ignore[arg-type]
     assert path.read_bytes() == payload
     assert victim.read_bytes() == b"precious"
 

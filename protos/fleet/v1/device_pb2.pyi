@@ -32,7 +32,7 @@ class MetadataFile(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("bootstrap_token", "hostname", "labels")
+    __slots__ = ("bootstrap_token", "hostname", "labels", "csr")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,22 +43,38 @@ class EnrollRequest(_message.Message):
     BOOTSTRAP_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
     bootstrap_token: str
     hostname: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, bootstrap_token: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    csr: bytes
+    def __init__(self, bootstrap_token: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., csr: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "device_credential", "mqtt_topic_prefix", "mqtt_url")
+    __slots__ = ("device_id", "mqtt_topic_prefix", "mqtt_url", "certificate", "device_endpoint")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     MQTT_TOPIC_PREFIX_FIELD_NUMBER: _ClassVar[int]
     MQTT_URL_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
-    device_credential: str
     mqtt_topic_prefix: str
     mqtt_url: str
-    def __init__(self, device_id: _Optional[str] = ..., device_credential: _Optional[str] = ..., mqtt_topic_prefix: _Optional[str] = ..., mqtt_url: _Optional[str] = ...) -> None: ...
+    certificate: bytes
+    device_endpoint: str
+    def __init__(self, device_id: _Optional[str] = ..., mqtt_topic_prefix: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., certificate: _Optional[bytes] = ..., device_endpoint: _Optional[str] = ...) -> None: ...
+
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("csr",)
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    csr: bytes
+    def __init__(self, csr: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateResponse(_message.Message):
+    __slots__ = ("certificate",)
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    certificate: bytes
+    def __init__(self, certificate: _Optional[bytes] = ...) -> None: ...
 
 class WatchDesiredStateRequest(_message.Message):
     __slots__ = ("known_generation",)

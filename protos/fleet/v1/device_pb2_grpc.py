@@ -39,6 +39,11 @@ class DeviceServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/fleet.v1.DeviceService/RenewCertificate',
+                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
         self.WatchDesiredState = channel.unary_stream(
                 '/fleet.v1.DeviceService/WatchDesiredState',
                 request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.SerializeToString,
@@ -65,7 +70,14 @@ class DeviceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Enroll(self, request, context):
-        """Trades a bootstrap token for a device identity and credential.
+        """Trades a bootstrap token and a CSR for a device id and a short-lived client certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """Issues a fresh certificate for a new key before the current one expires.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +119,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.SerializeToString,
             ),
             'WatchDesiredState': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchDesiredState,
@@ -156,6 +173,33 @@ class DeviceService:
             '/fleet.v1.DeviceService/Enroll',
             protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.DeviceService/RenewCertificate',
+            protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,
