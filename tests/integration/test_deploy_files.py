@@ -1,465 +1,140 @@
-"""The production files in deploy/ work as written: Mosquitto starts from our config, the ACL
-confines each device to its own topics, and the systemd units pass systemd's own checks.
+"""The production files in deploy/ work as written: Mosquitto starts from our config, keeps
+queued telemetry across a restart and refuses clients it must refuse, and the systemd units
+pass systemd's own checks.
 
-The broker runs from a copy of deploy/mosquitto/mosquitto.conf in which only paths, ports and
-the run-as user change, next to the real ACL file and throwaway certificates.
+The broker is tests/mqtt_tls.py's: deploy/mosquitto/mosquitto.conf with only paths, ports and
+the run-as user changed, next to the real ACL file, with certificates from the fleet CA. What a
+device certificate lets a device do on it is tested in test_mqtt_device_access.py.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
-import pwd
-import queue
 import re
 import shutil
-import socket
-import ssl
 import subprocess
-import threading
-import time
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
+from controlplane.settings import Settings
 from protos.fleet.topics import TopicKind, device_prefix, telemetry_subscription, telemetry_topic
+from tests.mqtt_tls import (
+    CONTROLPLANE_USER,
+    NOT_AUTHORIZED,
+    Probe,
+    TlsBroker,
+    controlplane_probe,
+    device_probe,
+    mosquitto_programs,
+    start_tls_broker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-_SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
-MOSQUITTO = shutil.which("mosquitto", path=_SBIN_PATH)
-MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd", path=_SBIN_PATH)
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
-CONTROLPLANE_USER = "edgefleet-controlplane"  # the user the ACL file grants telemetry reads
-PASSWORD = "test-password"
-SILENCE_S = 1.5  # how long "receives nothing" is watched for
-WAIT_S = 10.0
-
-needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="no mosquitto binary")
-
-
-# --- throwaway PKI ---
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    broker_cert: Path
-    broker_key: Path
-    device_cert: Path
-    device_key: Path
-    device_id: str
-
-
-def _write_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = ec.generate_private_key(ec.SECP256R1())
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return key
-
-
-def _issue(
-    path: Path,
-    key: ec.EllipticCurvePrivateKey,
-    common_name: str,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    extensions: list[x509.ExtensionType],
-    *,
-    ca: bool = False,
-) -> x509.Name:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    issuer_name, issuer_key = issuer or (name, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-    for extension in extensions:
-        builder = builder.add_extension(extension, critical=False)
-    path.write_bytes(builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-    return name
-
-
-def _make_pki(directory: Path) -> Pki:
-    ca_key = _write_key(directory / "ca.key")
-    ca_name = _issue(directory / "ca.crt", ca_key, "edgefleet test device CA", None, [], ca=True)
-    broker_key = _write_key(directory / "broker.key")
-    _issue(
-        directory / "broker.crt",
-        broker_key,
-        "localhost",
-        (ca_name, ca_key),
-        [
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-        ],
-    )
-    device_id = "device-c"
-    device_key = _write_key(directory / "device.key")
-    _issue(
-        directory / "device.crt",
-        device_key,
-        device_id,
-        (ca_name, ca_key),
-        [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])],
-    )
-    return Pki(
-        ca=directory / "ca.crt",
-        broker_cert=directory / "broker.crt",
-        broker_key=directory / "broker.key",
-        device_cert=directory / "device.crt",
-        device_key=directory / "device.key",
-        device_id=device_id,
-    )
-
-
-# --- the broker, from a copy of the production config ---
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _test_config(source: str, paths: Mapping[str, str]) -> tuple[str, dict[str, int]]:
-    """The production config with ``paths`` substituted and every listener moved to a free
-    loopback port; returns it with a map of production port -> test port."""
-    ports: dict[str, int] = {}
-    seen: set[str] = set()
-    lines = []
-    for line in source.splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
-            lines.append(line)
-            continue
-        seen.add(words[0])
-        if words[0] == "listener":
-            ports[words[1]] = _free_port()
-            lines.append(f"listener {ports[words[1]]} 127.0.0.1")
-        elif words[0] in paths:
-            lines.append(f"{words[0]} {paths[words[0]]}")
-        else:
-            lines.append(line)
-    missing = set(paths) - seen
-    assert not missing, f"deploy/mosquitto/mosquitto.conf no longer sets {sorted(missing)}"
-    return "\n".join(lines) + "\n", ports
-
-
-@dataclass
-class Broker:
-    process: subprocess.Popen[bytes]
-    plain_port: int
-    tls_port: int
-    pki: Pki
-    log: Path
-    data: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def _run_broker(directory: Path) -> Iterator[Broker]:
-    assert MOSQUITTO is not None
-    if MOSQUITTO_PASSWD is None:
-        pytest.skip("mosquitto is installed without mosquitto_passwd")
-    directory.mkdir(parents=True, exist_ok=True)
-    pki = _make_pki(directory)
-    passwd = directory / "passwd"
-    for i, user in enumerate((CONTROLPLANE_USER, "device-a", "device-b")):
-        create = ["-c"] if i == 0 else []
-        subprocess.run([MOSQUITTO_PASSWD, "-b", *create, str(passwd), user, PASSWORD], check=True)
-    passwd.chmod(0o600)
-    acl = directory / "acl"
-    shutil.copyfile(DEPLOY / "mosquitto" / "acl", acl)
-    data = directory / "data"
-    data.mkdir()
-    config, ports = _test_config(
-        (DEPLOY / "mosquitto" / "mosquitto.conf").read_text(),
-        {
-            "password_file": str(passwd),
-            "acl_file": str(acl),
-            "persistence_location": f"{data}/",
-            "cafile": str(pki.ca),
-            "certfile": str(pki.broker_cert),
-            "keyfile": str(pki.broker_key),
-            # Stay the user who owns these files instead of dropping to "mosquitto".
-            "user": pwd.getpwuid(os.geteuid()).pw_name,
-        },
-    )
-    assert set(ports) == {"1883", "8883"}, f"unexpected listeners {sorted(ports)}"
-    conf = directory / "mosquitto.conf"
-    conf.write_text(config)
-    log = directory / "mosquitto.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-    broker = Broker(process, ports["1883"], ports["8883"], pki, log, data)
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while not (_port_open(broker.plain_port) and _port_open(broker.tls_port)):
-            if process.poll() is not None:
-                pytest.fail(f"mosquitto exited with {process.returncode}:\n{broker.log_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mosquitto did not open its listeners:\n{broker.log_text()}")
-            time.sleep(0.05)
-        yield broker
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=WAIT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+needs_mosquitto = pytest.mark.skipif(
+    mosquitto_programs() is None, reason="mosquitto is not installed: run dev/setup"
+)
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    if MOSQUITTO is None:
-        pytest.skip("no mosquitto binary")
-    with _run_broker(tmp_path_factory.mktemp("mosquitto")) as running:
-        yield running
-
-
-# --- a small synchronous MQTT client over paho's VERSION2 callbacks ---
-
-
-class Client:
-    def __init__(self, label: str) -> None:
-        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._connected = threading.Event()
-        self._connack: ReasonCode | None = None
-        self._subacks: dict[int, list[ReasonCode]] = {}
-        self._subscribed = threading.Condition()
-        self.mqtt = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"test-{label}-{uuid.uuid4().hex[:8]}",
-            protocol=MQTTProtocolVersion.MQTTv311,
-        )
-        self.mqtt.on_connect = self._on_connect
-        self.mqtt.on_subscribe = self._on_subscribe
-        self.mqtt.on_message = self._on_message
-
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._connack = reason_code
-        self._connected.set()
-
-    def _on_subscribe(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        with self._subscribed:
-            self._subacks[mid] = reason_codes
-            self._subscribed.notify_all()
-
-    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        self.messages.put((message.topic, bytes(message.payload)))
-
-    def connect(self, port: int) -> bool:
-        """True once the broker accepted the connection, False if it refused or hung up."""
-        try:
-            self.mqtt.connect("127.0.0.1", port, keepalive=30)
-        except (OSError, ssl.SSLError):
-            return False
-        self.mqtt.loop_start()
-        return self._connected.wait(5.0) and self._connack is not None and not self._connack.is_failure
-
-    def subscribe(self, topic: str) -> bool:
-        """True if the broker granted the subscription."""
-        _, mid = self.mqtt.subscribe(topic, qos=1)
-        assert mid is not None
-        with self._subscribed:
-            assert self._subscribed.wait_for(lambda: mid in self._subacks, timeout=5.0)
-            return not any(code.is_failure for code in self._subacks[mid])
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.mqtt.publish(topic, payload, qos=1)
-        info.wait_for_publish(timeout=5.0)
-        assert info.is_published()
-
-    def receive_until(self, payload: bytes) -> list[tuple[str, bytes]]:
-        """Everything received up to and including ``payload``, then for SILENCE_S more."""
-        received: list[tuple[str, bytes]] = []
-        deadline = time.monotonic() + WAIT_S
-        while payload not in (p for _, p in received):
-            try:
-                received.append(self.messages.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                pytest.fail(f"never received {payload!r}; got {received}")
-        time.sleep(SILENCE_S)
-        while not self.messages.empty():
-            received.append(self.messages.get_nowait())
-        return received
-
-    def close(self) -> None:
-        self.mqtt.disconnect()
-        self.mqtt.loop_stop()
-
-
-@contextmanager
-def _connected(
-    broker: Broker, label: str, *, username: str | None = None, tls_identity: bool = False
-) -> Iterator[Client]:
-    client = Client(label)
-    if username is not None:
-        client.mqtt.username_pw_set(username, PASSWORD)
-    port = broker.plain_port
-    if tls_identity:
-        context = ssl.create_default_context(cafile=str(broker.pki.ca))
-        context.load_cert_chain(broker.pki.device_cert, broker.pki.device_key)
-        client.mqtt.tls_set_context(context)
-        port = broker.tls_port
-    try:
-        assert client.connect(port), f"{label} could not connect:\n{broker.log_text()}"
-        yield client
-    finally:
-        client.close()
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    running = start_tls_broker(tmp_path_factory.mktemp("mosquitto"))
+    yield running
+    running.stop()
 
 
 # --- Mosquitto ---
 
 
 @needs_mosquitto
-def test_mosquitto_conf_runs_and_persists(tmp_path: Path) -> None:
-    with _run_broker(tmp_path) as running:
-        time.sleep(2.0)
-        assert running.process.poll() is None, running.log_text()
-        running.process.terminate()
-        assert running.process.wait(timeout=WAIT_S) == 0, running.log_text()
-
-    assert "Error" not in running.log_text()
-    assert (running.data / "mosquitto.db").exists(), "persistence is off or writes elsewhere"
-
-
-def test_anonymous_client_is_refused(broker: Broker) -> None:
-    client = Client("anonymous")
+def test_mosquitto_conf_runs_and_persists_across_a_restart(tmp_path: Path) -> None:
+    """Telemetry a device sends while the control plane is away waits in the control plane's
+    persistent session (clean_session=False, as controlplane.ingest subscribes), and survives
+    a broker restart: SIGTERM saves the database (exit status 0) and the next start loads it."""
+    broker = start_tls_broker(tmp_path)
     try:
-        assert not client.connect(broker.plain_port)
+        device = broker.issue_device("device-c")
+        topic = telemetry_topic(device.device_id, TopicKind.HEARTBEAT)
+        subscriber = controlplane_probe(broker, client_id=CONTROLPLANE_USER, persistent=True)
+        assert not subscriber.subscribe(telemetry_subscription()).is_failure
+        subscriber.close()
+        # Offline before the device publishes, so the message is queued rather than sent.
+        wait_for(
+            lambda: f"Client {CONTROLPLANE_USER} disconnected." in broker.log_text(),
+            "the control plane's disconnection",
+        )
+        sender = device_probe(broker, device)
+        try:
+            sent = sender.publish(topic, b"queued while away")  # PUBACK: queued for the session
+        finally:
+            sender.close()
+
+        broker.stop()
+        stopped_with = broker.process.returncode
+        broker.start()
+
+        subscriber = controlplane_probe(broker, client_id=CONTROLPLANE_USER, persistent=True)
+        try:
+            received = subscriber.receive_until(b"queued while away")
+        finally:
+            subscriber.close()
+    finally:
+        broker.stop()
+
+    assert not sent.is_failure, sent
+    assert stopped_with == 0, broker.log_text()
+    assert (broker.work / "data" / "mosquitto.db").is_file(), "persistence is off or writes elsewhere"
+    assert subscriber.session_present
+    assert received == [(topic, b"queued while away")]
+    assert broker.process.returncode == 0
+    # Mosquitto's own errors ("Error: ..."), not a client's failed handshake ("OpenSSL Error"),
+    # which the readiness check's bare TCP connection to the TLS listener can cause.
+    assert [line for line in broker.log_text().splitlines() if line.startswith("Error")] == []
+
+
+@needs_mosquitto
+def test_anonymous_client_is_refused(broker: TlsBroker) -> None:
+    client = Probe("anonymous")
+    try:
+        accepted = client.connect(broker.plain_port)
     finally:
         client.close()
 
-
-def test_device_cannot_publish_as_another_device(broker: Broker) -> None:
-    kind = TopicKind.HEARTBEAT
-    with (
-        _connected(broker, "controlplane", username=CONTROLPLANE_USER) as controlplane,
-        _connected(broker, "device-b", username="device-b") as device_b,
-    ):
-        assert controlplane.subscribe(telemetry_subscription())
-        device_b.publish(telemetry_topic("device-a", kind), b"forged by b")
-        device_b.publish(telemetry_topic("device-b", kind), b"from b")
-
-        received = controlplane.receive_until(b"from b")
-
-    assert received == [(telemetry_topic("device-b", kind), b"from b")]
+    assert not accepted
+    assert client.connack is not None and client.connack.value == NOT_AUTHORIZED, client.connack
 
 
-def test_device_reads_only_its_own_topics(broker: Broker) -> None:
-    with (
-        _connected(broker, "device-a", username="device-a") as device_a,
-        _connected(broker, "device-b", username="device-b") as device_b,
-    ):
-        assert device_a.subscribe(f"{device_prefix('device-a')}/#")
-        device_a.subscribe(f"{device_prefix('device-b')}/#")  # granted or not, nothing may arrive
-        device_a.subscribe("fleet/v1/devices/+/telemetry/+")
-        device_b.publish(telemetry_topic("device-b", TopicKind.INFERENCE), b"b's secret")
-        device_a.publish(telemetry_topic("device-a", TopicKind.INFERENCE), b"a's own")
-
-        received = device_a.receive_until(b"a's own")
-
-    assert b"b's secret" not in [payload for _, payload in received]
-
-
-def test_control_plane_cannot_publish(broker: Broker) -> None:
-    with (
-        _connected(broker, "controlplane", username=CONTROLPLANE_USER) as controlplane,
-        _connected(broker, "device-a", username="device-a") as device_a,
-    ):
-        assert device_a.subscribe(f"{device_prefix('device-a')}/#")
-        controlplane.publish(telemetry_topic("device-a", TopicKind.DEPLOYMENT), b"from the control plane")
-        time.sleep(0.2)  # different connections: give the forged message its head start
-        device_a.publish(telemetry_topic("device-a", TopicKind.DEPLOYMENT), b"a's own")
-
-        received = device_a.receive_until(b"a's own")
-
-    assert [payload for _, payload in received] == [b"a's own"]
-
-
-def test_device_certificate_is_its_identity(broker: Broker) -> None:
-    device_id = broker.pki.device_id
-    with (
-        _connected(broker, "controlplane", username=CONTROLPLANE_USER) as controlplane,
-        _connected(broker, device_id, tls_identity=True) as device,
-    ):
-        assert controlplane.subscribe(telemetry_subscription())
-        device.publish(telemetry_topic("device-a", TopicKind.HEARTBEAT), b"forged over tls")
-        device.publish(telemetry_topic(device_id, TopicKind.HEARTBEAT), b"over tls")
-
-        received = controlplane.receive_until(b"over tls")
-
-    assert received == [(telemetry_topic(device_id, TopicKind.HEARTBEAT), b"over tls")]
-
-
-def test_tls_listener_requires_a_client_certificate(broker: Broker) -> None:
-    client = Client("no-certificate")
-    client.mqtt.username_pw_set("device-a", PASSWORD)
-    client.mqtt.tls_set_context(ssl.create_default_context(cafile=str(broker.pki.ca)))
+@needs_mosquitto
+def test_control_plane_cannot_publish(broker: TlsBroker) -> None:
+    """The control plane's user may read every device's telemetry but write nothing: it can
+    neither forge telemetry into its own ingestion nor send anything to a device."""
+    device = broker.issue_device("device-d")
+    topic = telemetry_topic(device.device_id, TopicKind.DEPLOYMENT)
+    controlplane = controlplane_probe(broker)
+    receiver = device_probe(broker, device)
     try:
-        assert not client.connect(broker.tls_port)
+        assert not controlplane.subscribe(telemetry_subscription()).is_failure
+        assert not receiver.subscribe(f"{device_prefix(device.device_id)}/#").is_failure
+        forged = controlplane.publish(topic, b"from the control plane")
+        # The PUBACK means the broker has dealt with the forgery before the device's own message
+        # reaches it, and each subscriber's queue stays in order.
+        own = receiver.publish(topic, b"the device's own")
+
+        received_by_device = receiver.receive_until(b"the device's own")
+        received_by_controlplane = controlplane.receive_until(b"the device's own")
     finally:
-        client.close()
+        controlplane.close()
+        receiver.close()
+
+    assert forged.value == NOT_AUTHORIZED, forged
+    assert not own.is_failure, own
+    assert received_by_device == [(topic, b"the device's own")]
+    assert received_by_controlplane == [(topic, b"the device's own")]
 
 
 # --- systemd units ---
@@ -510,8 +185,8 @@ def test_systemd_commands() -> None:
     ]
     assert agent["StateDirectory"] == ["edgefleet-agent"]
     assert controlplane["ExecStart"] == [
-        f"{INSTALL_PREFIX}fleetctl serve --listen 0.0.0.0:7443 --data-dir /var/lib/edgefleet "
-        "--keys-dir /var/lib/edgefleet/keys --mqtt ${EDGEFLEET_MQTT}"
+        f"{INSTALL_PREFIX}fleetctl serve --listen 0.0.0.0:7443 --device-listen 0.0.0.0:7444 "
+        "--data-dir /var/lib/edgefleet --keys-dir /var/lib/edgefleet/keys --mqtt ${EDGEFLEET_MQTT}"
     ]
     assert controlplane["StateDirectory"] == ["edgefleet"]
 
@@ -562,3 +237,40 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
         if security.returncode == 0 and score:  # --offline needs systemd >= 250
             assert float(score.group(1)) <= 3.0, security.stdout
+
+
+CRL_UNITS = ("edgefleet-crl.path", "edgefleet-crl.service")
+
+
+def test_crl_units_hand_the_control_planes_crl_to_mosquitto() -> None:
+    """The path unit watches where the control plane writes its CRL (its data dir under
+    DynamicUser's private state), and the service installs it where mosquitto.conf reads it."""
+    path_unit = _directives(DEPLOY / "systemd" / "edgefleet-crl.path")
+    service = _directives(DEPLOY / "systemd" / "edgefleet-crl.service")
+    controlplane = _directives(DEPLOY / "systemd" / "edgefleet-controlplane.service")
+    data_dir = controlplane["ExecStart"][0].split("--data-dir ")[1].split()[0]
+    written = Settings(data_dir=Path(data_dir)).crl_path  # what `fleetctl serve` writes
+    private = Path("/var/lib/private") / written.relative_to("/var/lib")
+    assert path_unit["PathChanged"] == [str(private.parent)]
+    assert path_unit["Unit"] == ["edgefleet-crl.service"]
+    crlfile = next(
+        line.split()[1]
+        for line in (DEPLOY / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+        if line.startswith("crlfile ")
+    )
+    copy, reload = service["ExecStart"]
+    assert f"install -D -m 0644 {private} {crlfile}.new" in copy and f"mv -f {crlfile}.new {crlfile}'" in copy
+    assert reload == "/bin/systemctl try-reload-or-restart mosquitto.service"
+    assert service["ReadWritePaths"] == [str(Path(crlfile).parent)]
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="no systemd-analyze")
+def test_crl_units_verify(tmp_path: Path) -> None:
+    copies = []
+    for unit in CRL_UNITS:
+        copy = tmp_path / unit
+        copy.write_text((DEPLOY / "systemd" / unit).read_text())
+        copies.append(copy)
+    result = _verify(copies)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "edgefleet-crl" in line] == []
