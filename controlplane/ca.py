@@ -8,6 +8,7 @@ so agents can verify the control plane before they have a certificate of their o
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,9 @@ CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=90)
 DEVICE_VALIDITY = timedelta(days=7)
 CLOCK_SKEW = timedelta(minutes=5)
+DEVICE_ID = re.compile(r"dev-[0-9a-z-]{1,60}")
+"""What the control plane names devices (``dev-`` + hex). Certificates for anything else, such
+as the broker user ``edgefleet-controlplane``, are never issued to a CSR."""
 
 
 class CertificateError(Exception):
@@ -111,6 +115,8 @@ class CertificateAuthority:
         The subject is set here, never taken from the CSR: the device id comes from the
         authority, so a device cannot ask for another device's name.
         """
+        if not DEVICE_ID.fullmatch(device_id):
+            raise CertificateError(f"{device_id!r} is not a device id")
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:

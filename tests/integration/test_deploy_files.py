@@ -58,7 +58,7 @@ def test_mosquitto_conf_runs_and_persists_across_a_restart(tmp_path: Path) -> No
     a broker restart: SIGTERM saves the database (exit status 0) and the next start loads it."""
     broker = start_tls_broker(tmp_path)
     try:
-        device = broker.issue_device("device-c")
+        device = broker.issue_device("dev-c")
         topic = telemetry_topic(device.device_id, TopicKind.HEARTBEAT)
         subscriber = controlplane_probe(broker, client_id=CONTROLPLANE_USER, persistent=True)
         assert not subscriber.subscribe(telemetry_subscription()).is_failure
@@ -113,7 +113,7 @@ def test_anonymous_client_is_refused(broker: TlsBroker) -> None:
 def test_control_plane_cannot_publish(broker: TlsBroker) -> None:
     """The control plane's user may read every device's telemetry but write nothing: it can
     neither forge telemetry into its own ingestion nor send anything to a device."""
-    device = broker.issue_device("device-d")
+    device = broker.issue_device("dev-d")
     topic = telemetry_topic(device.device_id, TopicKind.DEPLOYMENT)
     controlplane = controlplane_probe(broker)
     receiver = device_probe(broker, device)

@@ -68,3 +68,11 @@ def test_ca_is_created_once_encrypted_and_shipped_in_the_trust_file(tmp_path: Pa
     anchors = TrustAnchors.from_bytes(keys.trust_path.read_bytes())
     assert anchors.tls_ca == loaded.certificate_pem
     assert load_ca(tmp_path / "none") is None
+
+
+def test_only_device_ids_get_client_certificates(tmp_path: Path) -> None:
+    """A CSR can never buy the broker's control-plane identity or any other non-device name."""
+    ca = init_ca(tmp_path)
+    for name in ("edgefleet-controlplane", "dev-", "dev-A/B", "", "DEV-1"):
+        with pytest.raises(CertificateError, match="not a device id"):
+            ca.sign_device_csr(csr_for(ec.generate_private_key(ec.SECP256R1())), device_id=name)
