@@ -1,13 +1,16 @@
 """The one protocol every inference backend implements, and the values that cross it.
 
 The API, the smoke test and the lifecycle code talk to a `Runtime` only; which backend
-sits behind it (llama.cpp today, ONNX Runtime or MLX later) is the registry's decision.
+sits behind it (llama.cpp, ONNX Runtime or MLX) is the registry's decision. A runtime says
+what it can do in its description (`Capability`); asking for anything else raises
+`CapabilityNotSupported` (an encoder cannot chat, a chat model may not embed).
 Values here are plain frozen dataclasses so they are safe to hand between the worker
 thread that generates and the event loop that serves.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,17 @@ from typing import ClassVar, Literal, Protocol
 from protos.fleet.v1 import common_pb2
 
 FinishReason = Literal["stop", "length"]
+
+
+class Capability(enum.StrEnum):
+    """What a loaded model can serve; the API checks before it leases a runtime."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+GENERATIVE = frozenset({Capability.CHAT, Capability.COMPLETIONS})
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -72,6 +86,14 @@ class GenerationError(RuntimeFailure):
     """The backend failed while generating."""
 
 
+class CapabilityNotSupported(InvalidPromptError):
+    """The loaded model cannot do what was asked (e.g. embeddings from a chat-only runtime)."""
+
+    def __init__(self, model_id: str, capability: Capability) -> None:
+        self.capability = capability
+        super().__init__(f"model {model_id!r} does not support {capability.value}")
+
+
 # --- values ------------------------------------------------------------------------------
 
 
@@ -86,6 +108,8 @@ class RuntimeDescription:
     n_threads: int  # CPU threads used for decoding
     gpu_offload: bool
     format: int  # a fleet.v1.ModelFormat value
+    capabilities: frozenset[Capability] = GENERATIVE
+    device: str = "cpu"  # where it runs: "cpu", "cuda", "metal", or an ONNX Runtime provider name
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +127,7 @@ class SamplingParams:
     max_tokens: int | None = None  # None: until the end of the context window
     temperature: float = 1.0  # 0 selects greedy decoding
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut (an extension field, as in vLLM and llama.cpp's server)
     seed: int | None = None  # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
     frequency_penalty: float = 0.0
@@ -125,6 +150,14 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """One vector per input text, in input order, with the tokens the inputs took."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
 
 
 class Generation(Protocol):
@@ -165,8 +198,13 @@ class Runtime(Protocol):
 
     def complete_stream(self, prompt: str, params: SamplingParams) -> Generation: ...
 
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Raises CapabilityNotSupported unless EMBEDDINGS is in the description's capabilities."""
+        ...
+
     def smoke_test(self) -> None:
-        """Run a tiny real generation; raise RuntimeSmokeTestError if it fails or is empty."""
+        """Run a tiny real generation (or embedding, for an encoder); raise RuntimeSmokeTestError
+        if it fails or is empty."""
         ...
 
     def unload(self) -> None:

@@ -799,8 +799,8 @@ def test_importing_runtimes_does_not_import_llama_cpp() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("fmt", [common_pb2.MODEL_FORMAT_ONNX, common_pb2.MODEL_FORMAT_MLX, 99])
-def test_registry_refuses_unsupported_formats(fmt: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", [common_pb2.MODEL_FORMAT_UNSPECIFIED, 99])
+def test_registry_refuses_unknown_formats(fmt: int, tmp_path: Path) -> None:
     from agent.runtimes import load_runtime
 
     with pytest.raises(UnsupportedFormatError) as raised:
@@ -808,3 +808,14 @@ def test_registry_refuses_unsupported_formats(fmt: int, tmp_path: Path) -> None:
     assert raised.value.fmt == fmt
     expected = common_pb2.ModelFormat.Name(fmt) if fmt != 99 else "#99"  # type: ignore[arg-type]
     assert expected in str(raised.value)
+
+
+def test_registry_refuses_a_format_whose_backend_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.runtimes import load_runtime, registry
+
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)
+    assert registry.supported_formats() == frozenset()
+    with pytest.raises(UnsupportedFormatError):
+        load_runtime(fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=tmp_path / "m", model_id="m")
