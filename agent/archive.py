@@ -1,4 +1,4 @@
-"""Safe extraction of folder artifacts (MLX variants ship as one uncompressed tar).
+"""Safe extraction of folder artifacts (MLX and ONNX variants ship as one uncompressed tar).
 
 A tar is a small program that writes files: left to itself it will follow ``..``, write
 through symlinks, create devices and fill the disk. This module treats every member as
@@ -6,17 +6,15 @@ hostile and refuses (never skips) anything but plain files and directories that 
 inside the destination, raising a subclass of :class:`ArchiveError` that names the member.
 Refusal is fatal, not transient: the bytes were signed, so retrying gets the same archive.
 
-How the updater should use it (not wired in here):
+How the updater uses it (``model_folder``):
 
-1. Download the artifact and verify its length and sha256 against the signed target info
-   first; never open an unverified archive, however careful this module is.
-2. Extract into the state dir under a content-addressed name, e.g.
-   ``extract_archive(artifact, state_dir / "models" / sha256, max_total_bytes=...)``, with
-   ``max_total_bytes`` from the variant's declared size (plus small slack) and the free disk.
-   Because extraction is atomic, an existing destination is a complete earlier extraction
-   and can be reused (this function raises :class:`DestinationExists` rather than
-   overwrite it).
-3. Only then load the MLX runtime from the returned folder and smoke-test it.
+1. The artifact was downloaded and verified against the signed target info first; an
+   unverified archive is never opened, however careful this module is.
+2. It is extracted into the state dir under its content address,
+   ``state_dir / "models" / sha256``, with the artifact's signed length as the byte budget
+   (a tar is never smaller than its contents). Because extraction is atomic, an existing
+   destination is a complete earlier extraction and is reused.
+3. Only then is the runtime loaded from the folder and smoke-tested.
 
 Extraction goes to a temporary sibling of ``dest``; files are fsynced, then the directory is
 renamed into place with ``os.replace``, so a power cut leaves either no ``dest`` or a
@@ -226,3 +224,10 @@ def extract_archive(
         raise
     fsync_dir(dest.parent)
     return [dest / relative for relative in files]
+
+
+def model_folder(archive: Path, dest: Path, *, max_total_bytes: int) -> Path:
+    """The extracted folder of a verified folder artifact, extracting it on first use only."""
+    if not dest.is_dir():
+        extract_archive(archive, dest, max_total_bytes=max_total_bytes)
+    return dest

@@ -54,6 +54,7 @@ def _is_transient(exc: BaseException) -> bool:
 class ArtifactStore:
     artifact_dir: Path
     download_dir: Path
+    unpacked_dir: Path | None = None  # folder variants (ONNX, MLX), extracted per artifact
 
     def path(self, sha256: str) -> Path:
         return self.artifact_dir / sha256
@@ -65,22 +66,30 @@ class ArtifactStore:
         return self.download_dir / f"{sha256}.part"
 
     def collect_garbage(self, keep: Iterable[str], *, keep_partial: bool = False) -> list[str]:
-        """Removes verified artifacts and partial downloads not in ``keep``; returns what it removed.
+        """Removes verified artifacts, their extracted folders and partial downloads not in
+        ``keep``; returns what it removed.
 
         ``keep_partial`` spares every partial download: at boot the pending deployment is not
-        verified yet, and its partial download must survive to resume.
+        verified yet, and its partial download must survive to resume. Extractions a crash
+        interrupted (``.<sha256>.*.extracting``) always go.
         """
         wanted = set(keep)
         removed = []
         places = [(self.artifact_dir, "")] + ([] if keep_partial else [(self.download_dir, ".part")])
+        if self.unpacked_dir is not None:
+            places.append((self.unpacked_dir, ""))
         for directory, suffix in places:
             if not directory.is_dir():
                 continue
             for entry in directory.iterdir():
                 digest = entry.name.removesuffix(suffix) if suffix else entry.name
-                if digest not in wanted:
+                if digest in wanted:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
                     entry.unlink(missing_ok=True)
-                    removed.append(entry.name)
+                removed.append(entry.name)
         return removed
 
     def _resume(self, info: ArtifactInfo) -> tuple[ArtifactVerifier, int]:

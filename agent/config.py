@@ -47,6 +47,11 @@ class AgentConfig:
         return self.state_dir / "downloads"
 
     @property
+    def unpacked_dir(self) -> Path:
+        """Folder variants (ONNX, MLX) extracted from their verified archives."""
+        return self.state_dir / "models"
+
+    @property
     def api_key_path(self) -> Path:
         return self.state_dir / "api.key"
 

@@ -188,7 +188,7 @@ class AgentService:
         self.telemetry: Telemetry | None = None
         self.updater = Updater(
             config=config,
-            store=ArtifactStore(config.artifact_dir, config.download_dir),
+            store=ArtifactStore(config.artifact_dir, config.download_dir, config.unpacked_dir),
             active=self.active,
             state=state,
             on_transition=self._on_transition,

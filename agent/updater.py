@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from agent.archive import model_folder
 from agent.artifacts import ArtifactStore
 from agent.config import AgentConfig
 from agent.errors import AgentError, ControlPlaneUnavailable
@@ -27,6 +28,9 @@ from protos.fleet import release as rel
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+FOLDER_FORMATS = frozenset({common_pb2.MODEL_FORMAT_ONNX, common_pb2.MODEL_FORMAT_MLX})
+"""Formats whose variants ship as a folder packed into one tar (controlplane.archive_pack)."""
 
 S = common_pb2
 PhaseListener = Callable[[AgentState, int, str], None]
@@ -106,6 +110,14 @@ class Updater:
         return await self._load_and_test(record, path)
 
     async def _load_and_test(self, record: InstallRecord, path: Path) -> Runtime:
+        if record.model_format in FOLDER_FORMATS:
+            assert self.store.unpacked_dir is not None, "folder variants need an unpacked_dir"
+            path = await asyncio.to_thread(
+                model_folder,
+                path,
+                self.store.unpacked_dir / record.artifact_sha256,
+                max_total_bytes=record.length,
+            )
         runtime = await asyncio.to_thread(
             load_runtime,
             fmt=record.model_format,

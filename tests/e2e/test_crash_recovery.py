@@ -64,7 +64,7 @@ STATE_FILES = {
     "outbox.sqlite-wal",
     "outbox.sqlite-shm",
 }
-STATE_DIRS = {"artifacts", "downloads", "tuf"}
+STATE_DIRS = {"artifacts", "downloads", "models", "tuf"}
 NOT_SEEN = "NOT_SEEN"  # the agent had not persisted anything about the new deployment
 ACTIVATED = "ACTIVATED"  # the new release was already active (killed during retire/cleanup or idle)
 ACTIVE = common_pb2.DEVICE_STATE_ACTIVE

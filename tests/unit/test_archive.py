@@ -181,3 +181,23 @@ def test_corrupt_archive_is_an_archive_error(tmp_path: Path, corrupt: Callable[[
     with pytest.raises(ArchiveError):
         extract_archive(bad, tmp_path / "out", max_total_bytes=LIMIT)
     assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_extracts_once_and_garbage_collection_removes_it(tmp_path: Path) -> None:
+    from agent.archive import model_folder
+    from agent.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "artifacts", tmp_path / "downloads", tmp_path / "models")
+    store.artifact_dir.mkdir()
+    source = make_folder(tmp_path / "src")
+    archive = pack_folder(source, store.path("a" * 64))
+    folder = model_folder(archive, tmp_path / "models" / ("a" * 64), max_total_bytes=archive.stat().st_size)
+    assert tree(folder) == tree(source)
+    (folder / "marker").write_bytes(b"kept")  # a second call reuses, never re-extracts
+    assert model_folder(archive, folder, max_total_bytes=archive.stat().st_size) == folder
+    assert (folder / "marker").exists()
+    (tmp_path / "models" / ".x.extracting").mkdir()  # left by a crash mid-extraction
+
+    assert store.collect_garbage({"a" * 64}) == [".x.extracting"]
+    assert sorted(store.collect_garbage(set())) == ["a" * 64, "a" * 64]
+    assert not folder.exists() and not archive.exists()
