@@ -1,22 +1,19 @@
-"""The MLX ladder for real: mlx-lm converts a tiny Llama folder built here (no model download).
+"""The MLX ladder for real: mlx-lm converts a tiny Llama folder built on the spot (no model download).
 
-The source is a Hugging Face-style folder: a ~0.5M-parameter LlamaForCausalLM config, random
-float32 weights written with safetensors' numpy API, and a 512-token byte-level BPE tokenizer
-trained on the evaluation text with the ``tokenizers`` package. Random weights make the
-perplexity close to the vocabulary size, so the test checks that the numbers are finite and
-that quantization shrinks the folder, not that quality holds. mlx runs on the CPU here
-(``mlx[cpu]`` on Linux); on Apple silicon the same test uses the GPU.
+The source is the tiny random Llama folder of ``tests.mlx_models`` (a ~0.5M-parameter
+LlamaForCausalLM with a 512-token BPE tokenizer trained on the evaluation text). Random
+weights make the perplexity close to the vocabulary size, so the test checks that the
+numbers are finite and that quantization shrinks the folder, not that quality holds. mlx
+runs on the CPU here (``mlx[cpu]`` on Linux); on Apple silicon the same test uses the GPU.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tarfile
 from importlib.util import find_spec
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from controlplane.ladder import (
@@ -25,92 +22,17 @@ from controlplane.ladder import (
     LadderResult,
     ModelFormat,
     build_ladder,
-    default_eval_text,
 )
 from controlplane.ladder_variants import row_variant
 from protos.fleet.v1 import common_pb2
+from tests.mlx_models import build_llama
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(find_spec("mlx_lm") is None, reason="needs mlx-lm (pip install 'mlx[cpu]' mlx-lm)"),
 ]
 
-HIDDEN, FFN, LAYERS, HEADS, VOCAB = 128, 256, 2, 4, 512
 EVAL = EvalConfig(n_ctx=128, max_windows=4, prompt_tokens=16, gen_tokens=32)
-
-
-def write_tokenizer(folder: Path, text: str) -> int:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<s>", "</s>"],
-    )
-    tokenizer.train_from_iterator([text], trainer=trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "model_max_length": 1 << 20,  # the eval text is tokenized whole, then windowed
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    vocab: int = tokenizer.get_vocab_size()
-    return vocab
-
-
-def build_llama(folder: Path) -> None:
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True)
-    vocab = write_tokenizer(folder, default_eval_text())
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": FFN,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS,
-        "vocab_size": vocab,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 1024,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "hidden_act": "silu",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    rng = np.random.default_rng(7)
-    shapes = {
-        "model.embed_tokens.weight": (vocab, HIDDEN),
-        "lm_head.weight": (vocab, HIDDEN),
-    }
-    for layer in range(LAYERS):
-        prefix = f"model.layers.{layer}."
-        shapes |= {
-            prefix + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            prefix + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
-            prefix + "self_attn.v_proj.weight": (HIDDEN, HIDDEN),
-            prefix + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            prefix + "mlp.gate_proj.weight": (FFN, HIDDEN),
-            prefix + "mlp.up_proj.weight": (FFN, HIDDEN),
-            prefix + "mlp.down_proj.weight": (HIDDEN, FFN),
-        }
-    tensors = {name: rng.normal(0, 0.02, shape).astype(np.float32) for name, shape in shapes.items()}
-    norms = ["model.norm.weight"] + [
-        f"model.layers.{layer}.{norm}.weight"
-        for layer in range(LAYERS)
-        for norm in ("input_layernorm", "post_attention_layernorm")
-    ]
-    tensors |= {name: np.ones(HIDDEN, dtype=np.float32) for name in norms}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
