@@ -58,7 +58,11 @@ def bundle_build(
         bool, typer.Option(help="keep variants over the perplexity limit, marked 'warn'")
     ] = False,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="tokenizer.json for an ONNX source (needed to measure perplexity)")
+        Path | None,
+        typer.Option(
+            help="tokenizer.json for a bare .onnx source: measures perplexity and ships inside each ONNX "
+            "variant (a folder source brings its own)"
+        ),
     ] = None,
     keys_dir: KeysDirOpt = None,
     expires_days: Annotated[int, typer.Option(help="days until the release metadata expires")] = 90,

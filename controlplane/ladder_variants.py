@@ -1,24 +1,41 @@
 """Turns a quantization ladder's rows into bundle variants (the bridge from ladder to bundle).
 
-GGUF and ONNX rows are single files and ship as they are. An MLX row is a folder (config,
-safetensors, tokenizer), so it ships as one deterministic tar built by
-:func:`controlplane.archive_pack.pack_folder`; the device verifies the tar's hash like any
-artifact and only then unpacks it with ``agent.archive.extract_archive``.
+GGUF rows are single files and ship as they are. MLX and ONNX variants are folders, shipped
+as one deterministic tar built by :func:`controlplane.archive_pack.pack_folder`; the device
+verifies the tar's hash like any artifact and only then unpacks it with
+``agent.archive.extract_archive``. An MLX row already is a folder (config, safetensors,
+tokenizer). An ONNX row is a graph (plus any external-data files) that a device cannot
+serve alone, so its folder is assembled here: the graph as ``model.onnx``, the tokenizer as
+``tokenizer.json``, and the Hugging Face configs found beside the tokenizer (context length,
+end-of-sequence ids, chat template), which the agent's ONNX runtime reads.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from controlplane.archive_pack import pack_folder
 from controlplane.bundles import BundleError, VariantFile, gguf_variant
 from controlplane.ladder import GateStatus, LadderResult, LadderRow, ModelFormat, Tokenizer, build_ladder
+from controlplane.ladder.onnx import is_onnx
 from protos.fleet.v1 import bundle_pb2, common_pb2
 
 RUNTIME_HEADROOM_BYTES = 256 * 1024 * 1024
+TOKENIZER_FILE = "tokenizer.json"
+ONNX_COMPANION_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+"""Copied from the tokenizer's folder into every ONNX variant when present."""
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -92,33 +109,86 @@ def mlx_variant(row: LadderRow, *, pack_dir: Path | None) -> tuple[Path, bundle_
     return archive, variant
 
 
-def row_variant(row: LadderRow, *, pack_dir: Path | None = None) -> VariantFile:
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """Hard-links when possible (no copy of a large model), copies otherwise."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def onnx_variant(
+    row: LadderRow, *, tokenizer_path: Path, pack_dir: Path | None
+) -> tuple[Path, bundle_pb2.Variant]:
+    """Assembles an ONNX row's serving folder and packs it into ``model.<quant>.onnx.tar``.
+
+    The folder holds the row's graph as model.onnx (external-data files keep their relative
+    names, which the graph refers to), the tokenizer as tokenizer.json, and whichever of
+    ONNX_COMPANION_FILES sit beside the tokenizer.
+    """
+    if not tokenizer_path.is_file():
+        raise BundleError(f"tokenizer {tokenizer_path} does not exist")
+    model, *external = row.paths
+    quant = row.quantization.lower()
+    artifact = f"model.{quant}.onnx.tar"
+    dest_dir = pack_dir or model.parent
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".onnx-{quant}.", dir=dest_dir))
+    try:
+        _link_or_copy(model, staging / "model.onnx")
+        for path in external:
+            _link_or_copy(path, staging / path.relative_to(model.parent))
+        _link_or_copy(tokenizer_path, staging / TOKENIZER_FILE)
+        for name in ONNX_COMPANION_FILES:
+            companion = tokenizer_path.parent / name
+            if companion.is_file():
+                _link_or_copy(companion, staging / name)
+        context, has_template = folder_metadata(staging)
+        archive = pack_folder(staging, dest_dir / artifact)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = archive.stat().st_size
+    variant = bundle_pb2.Variant(
+        id=f"onnx-{quant}",
+        format=common_pb2.MODEL_FORMAT_ONNX,
+        quantization=row.quantization.upper(),
+        artifact=artifact,
+        size_bytes=size,
+        # The tar is unpacked next to itself (2x on disk); ONNX Runtime reads the weights
+        # into its own memory and needs activations (and a KV cache) on top.
+        min_ram_bytes=2 * size + RUNTIME_HEADROOM_BYTES,
+        context_length=context,
+        has_chat_template=has_template,
+    )
+    return archive, variant
+
+
+def row_variant(
+    row: LadderRow, *, pack_dir: Path | None = None, tokenizer_path: Path | None = None
+) -> VariantFile:
     """The manifest entry for one ladder row, with the row's measurements.
 
-    An MLX (folder) row is packed into a tar under pack_dir (default: beside the folder).
+    MLX and ONNX rows are packed into a tar under pack_dir (default: beside the model); an
+    ONNX row needs the tokenizer.json it is served with (see :func:`onnx_variant`).
     """
-    quant = row.quantization.lower()
     if row.format is ModelFormat.MLX:
         path, variant = mlx_variant(row, pack_dir=pack_dir)
+    elif row.format is ModelFormat.ONNX:
+        if tokenizer_path is None:
+            raise BundleError(
+                f"onnx variant {row.quantization} needs its tokenizer.json: "
+                "a device cannot serve it without one"
+            )
+        path, variant = onnx_variant(row, tokenizer_path=tokenizer_path, pack_dir=pack_dir)
     elif len(row.paths) != 1:
         raise BundleError(
             f"{row.format.value} variant {row.quantization} is a folder of {len(row.paths)} files; "
-            "only MLX folders are packed into archives"
+            "only MLX and ONNX variants are packed into archives"
         )
     elif row.format is ModelFormat.GGUF:
         path = row.paths[0]
         variant = gguf_variant(path)
-    elif row.format is ModelFormat.ONNX:
-        path = row.paths[0]
-        size = path.stat().st_size
-        variant = bundle_pb2.Variant(
-            id=f"onnx-{quant}",
-            format=common_pb2.MODEL_FORMAT_ONNX,
-            quantization=row.quantization.upper(),
-            artifact=f"model.{quant}.onnx",
-            size_bytes=size,
-            min_ram_bytes=2 * size + RUNTIME_HEADROOM_BYTES,
-        )
     else:
         raise BundleError(f"{row.format.value} variants cannot be bundled yet")
     variant.perplexity_milli = fixed_point(row.perplexity, 1000)
@@ -142,8 +212,12 @@ def ladder_variants(
 ) -> tuple[list[VariantFile], LadderResult]:
     """Builds and measures the ladder; returns the source and every variant that passed its gate.
 
-    Raises the ladder's QualityGateError (with the whole table) when a variant fails the gate.
+    An ONNX source given as a folder brings its own tokenizer.json unless tokenizer_path
+    says otherwise. Raises the ladder's QualityGateError (with the whole table) when a
+    variant fails the gate.
     """
+    if tokenizer_path is None and source.is_dir() and is_onnx(source) and (source / TOKENIZER_FILE).is_file():
+        tokenizer_path = source / TOKENIZER_FILE
     result = build_ladder(
         source,
         quantizations=quantizations,
@@ -155,4 +229,4 @@ def ladder_variants(
     )
     kept = [row for row in result.rows if row.gate is not GateStatus.FAIL]
     archives = work_dir / "archives"
-    return [row_variant(row, pack_dir=archives) for row in kept], result
+    return [row_variant(row, pack_dir=archives, tokenizer_path=tokenizer_path) for row in kept], result

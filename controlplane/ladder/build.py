@@ -56,14 +56,15 @@ BACKENDS: MappingProxyType[ModelFormat, LadderBackend] = MappingProxyType(
 
 
 def detect_format(source: Path) -> ModelFormat:
-    """GGUF file (by magic), ONNX file (by suffix) or MLX / Hugging Face folder (config.json)."""
+    """GGUF file (by magic), ONNX file or folder (by suffix) or MLX / Hugging Face folder (config.json)."""
     if not source.exists():
         raise UnsupportedSource(f"{source} does not exist")
     for fmt, matches in FORMAT_DETECTORS:
         if matches(source):
             return fmt
     raise UnsupportedSource(
-        f"{source} is not a GGUF file, an .onnx file or a folder with config.json (MLX / Hugging Face)"
+        f"{source} is not a GGUF file, an .onnx file (or a folder with one) "
+        "or a folder with config.json (MLX / Hugging Face)"
     )
 
 

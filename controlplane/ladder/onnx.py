@@ -13,6 +13,11 @@ tokenizer produced there (no BOS substitution). Speed is greedy decoding of ``ge
 tokens without a KV cache: every step reruns the whole sequence, which is how a plain
 exported graph runs; it understates what a KV-cached export would do, the same way for
 every variant.
+
+The source is an ``.onnx`` file or a model folder holding one (``model.onnx``, or the only
+``.onnx`` file at its top level, as Hugging Face Optimum exports); a folder's
+tokenizer.json, configs and chat template are what the bundle ships beside each variant
+(:mod:`controlplane.ladder_variants`), so a device can serve it.
 """
 
 from __future__ import annotations
@@ -61,8 +66,32 @@ _OPTIONAL_INPUTS = frozenset({"attention_mask", "position_ids"})
 _UNAVAILABLE = "onnxruntime is not installed (install edgefleet[onnx])"
 
 
+MODEL_FILE = "model.onnx"
+
+
+def folder_model(folder: Path) -> Path | None:
+    """A folder's ONNX model: ``model.onnx``, else its only top-level ``.onnx`` file."""
+    if (folder / MODEL_FILE).is_file():
+        return folder / MODEL_FILE
+    candidates = [p for p in folder.glob("*.onnx") if p.is_file()]
+    return candidates[0] if len(candidates) == 1 else None
+
+
 def is_onnx(path: Path) -> bool:
+    """An .onnx file, or a folder holding one ONNX model (tested before the MLX folder check)."""
+    if path.is_dir():
+        return folder_model(path) is not None
     return path.is_file() and path.suffix.lower() == ".onnx"
+
+
+def model_file(source: Path) -> Path:
+    """The .onnx file of a source given as a file or as a model folder."""
+    if not source.is_dir():
+        return source
+    found = folder_model(source)
+    if found is None:
+        raise UnsupportedSource(f"{source} holds no {MODEL_FILE} (or several .onnx files)")
+    return found
 
 
 def _load_graph(model: Path) -> Any:
@@ -245,20 +274,22 @@ class OnnxBackend:
                 raise RuntimeUnavailable(f"{module} is not installed (install edgefleet[onnx])")
 
     def source_label(self, source: Path) -> str:
-        return weight_precision(source)
+        return weight_precision(model_file(source))
 
     def variant_path(self, out_dir: Path, quantization: str) -> Path:
         return out_dir / f"model.{quantization}.onnx"
 
     def files(self, model: Path) -> tuple[Path, ...]:
-        return onnx_files(model)
+        return onnx_files(model_file(model))
 
     def quantize(self, source: Path, dest: Path, quantization: str, *, n_threads: int) -> QuantizedArtifact:
-        return quantize_onnx(source, dest, quantization)
+        return quantize_onnx(model_file(source), dest, quantization)
 
     def measure(
         self, model: Path, *, text: str, config: EvalConfig, n_threads: int, tokenizer: Tokenizer | None
     ) -> Measurement:
         if tokenizer is None:
             raise MissingTokenizer("an ONNX model needs a tokenizer function to be measured")
-        return measure_onnx(model, text=text, tokenizer=tokenizer, config=config, n_threads=n_threads)
+        return measure_onnx(
+            model_file(model), text=text, tokenizer=tokenizer, config=config, n_threads=n_threads
+        )

@@ -1,24 +1,26 @@
-"""The INT8 ladder on a small ONNX causal LM built here with onnx.helper (no model download).
+"""The INT8 ladder on a small ONNX causal LM built with onnx.helper (no model download), and
+its variants shipped as serving folders that the agent's ONNX runtime loads.
 
-The model is a byte-level bigram language model fitted to the evaluation text itself: the
-embedding and output projection are a rank-128 SVD factorisation of the text's (barely
-smoothed) bigram log-probabilities, plus a small MLP and a causal running-context branch
-(CumSum + LayerNorm) with small random weights. Because it sits near the maximum-likelihood
-fit for that very text, quantization noise raises its perplexity a little rather than by
-chance lowering it (with heavier smoothing it could go either way), which makes the
-tight-gate checks deterministic.
+The model (:func:`tests.onnx_models.build_bigram_lm`) is a byte-level bigram language model
+fitted to the evaluation text itself: the embedding and output projection are a rank-128
+SVD factorisation of the text's (barely smoothed) bigram log-probabilities, plus a small MLP
+and a causal running-context branch (CumSum + LayerNorm) with small random weights. Because
+it sits near the maximum-likelihood fit for that very text, quantization noise raises its
+perplexity a little rather than by chance lowering it (with heavier smoothing it could go
+either way), which makes the tight-gate checks deterministic.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 from rich.console import Console
 
 from controlplane.ladder import (
@@ -32,12 +34,14 @@ from controlplane.ladder import (
     default_eval_text,
     result_table,
 )
+from controlplane.ladder_variants import ladder_variants, row_variant
+from protos.fleet.v1 import common_pb2
+from tests.onnx_models import BIGRAM_FFN, BIGRAM_HIDDEN, build_bigram_lm, write_byte_tokenizer
 
 pytestmark = pytest.mark.integration
 
-VOCAB = 256  # bytes
-HIDDEN = 128
-FFN = 512
+HIDDEN = BIGRAM_HIDDEN
+FFN = BIGRAM_FFN
 EVAL = EvalConfig(n_ctx=256, prompt_tokens=16, gen_tokens=32)
 
 
@@ -45,65 +49,10 @@ def byte_tokenizer(text: str) -> Sequence[int]:
     return list(text.encode("utf-8"))
 
 
-def bigram_log_probs(text: str) -> np.ndarray:
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    counts = np.full((VOCAB, VOCAB), 0.001)
-    np.add.at(counts, (data[:-1], data[1:]), 1.0)
-    return np.log(counts / counts.sum(axis=1, keepdims=True))
-
-
-def build_model(path: Path, text: str) -> None:
-    rng = np.random.default_rng(1234)
-    u, s, vt = np.linalg.svd(bigram_log_probs(text))
-    root = np.sqrt(s[:HIDDEN])
-    weights = {
-        "embedding": u[:, :HIDDEN] * root,
-        "w1": rng.normal(0, 0.02, (HIDDEN, FFN)),
-        "b1": np.zeros(FFN),
-        "w2": rng.normal(0, 0.02, (FFN, HIDDEN)),
-        "b2": np.zeros(HIDDEN),
-        "ln_scale": np.ones(HIDDEN),
-        "ln_bias": np.zeros(HIDDEN),
-        "w_ctx": rng.normal(0, 0.02, (HIDDEN, HIDDEN)),
-        "w_out": root[:, None] * vt[:HIDDEN],
-        "b_out": np.zeros(VOCAB),
-    }
-    initializers = [numpy_helper.from_array(v.astype(np.float32), name=k) for k, v in weights.items()]
-    initializers.append(numpy_helper.from_array(np.array(1, dtype=np.int64), name="seq_axis"))
-    nodes = [
-        helper.make_node("Gather", ["embedding", "input_ids"], ["x0"]),
-        # feed-forward block with a residual connection
-        helper.make_node("MatMul", ["x0", "w1"], ["ff1"]),
-        helper.make_node("Add", ["ff1", "b1"], ["ff1b"]),
-        helper.make_node("Relu", ["ff1b"], ["ff1r"]),
-        helper.make_node("MatMul", ["ff1r", "w2"], ["ff2"]),
-        helper.make_node("Add", ["ff2", "b2"], ["ff2b"]),
-        helper.make_node("Add", ["x0", "ff2b"], ["x1"]),
-        # causal context: a normalised running sum over the positions seen so far
-        helper.make_node("CumSum", ["x1", "seq_axis"], ["running"]),
-        helper.make_node("LayerNormalization", ["running", "ln_scale", "ln_bias"], ["ctx"], axis=-1),
-        helper.make_node("MatMul", ["ctx", "w_ctx"], ["ctx_proj"]),
-        helper.make_node("Add", ["x1", "ctx_proj"], ["x2"]),
-        helper.make_node("MatMul", ["x2", "w_out"], ["proj"]),
-        helper.make_node("Add", ["proj", "b_out"], ["logits"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "byte-bigram-lm",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])],
-        initializer=initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
 @pytest.fixture(scope="module")
 def source_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("onnx-source") / "byte-lm.onnx"
-    build_model(path, default_eval_text())
+    build_bigram_lm(path, default_eval_text())
     return path
 
 
@@ -180,3 +129,87 @@ def test_warn_only_marks_the_variant(source_model: Path, tmp_path: Path) -> None
 def test_onnx_needs_a_tokenizer(source_model: Path, tmp_path: Path) -> None:
     with pytest.raises(MissingTokenizer):
         build_ladder(source_model, quantizations=["int8"], out_dir=tmp_path, eval_config=EVAL)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the operator keeps the model's tokenizer and Hugging Face configs."""
+    folder = tmp_path_factory.mktemp("onnx-tokenizer")
+    write_byte_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 256}), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}), encoding="utf-8")
+    (folder / "README.md").write_text("not part of a serving folder", encoding="utf-8")
+    return folder
+
+
+def test_onnx_rows_become_servable_folder_archives(
+    ladder: LadderResult, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    from agent.archive import extract_archive
+    from agent.runtimes import SamplingParams, load_runtime
+
+    int8 = ladder.variants[0]
+    tokenizer = tokenizer_dir / "tokenizer.json"
+    first = row_variant(int8, pack_dir=tmp_path / "a", tokenizer_path=tokenizer)
+    again = row_variant(int8, pack_dir=tmp_path / "b", tokenizer_path=tokenizer)
+    assert first.path.read_bytes() == again.path.read_bytes()  # same folder, same artifact hash
+    variant = first.variant
+    assert variant.id == "onnx-int8" and variant.artifact == "model.int8.onnx.tar"
+    assert variant.format == common_pb2.MODEL_FORMAT_ONNX and variant.quantization == "INT8"
+    assert variant.size_bytes == first.path.stat().st_size
+    assert variant.min_ram_bytes == 2 * variant.size_bytes + 256 * 1024 * 1024
+    assert variant.context_length == 256 and not variant.has_chat_template
+    assert variant.perplexity_milli == round(int8.perplexity * 1000)
+    assert variant.quality_gate == "pass"
+    with tarfile.open(first.path) as tar:
+        assert sorted(tar.getnames()) == [
+            "config.json",
+            "model.onnx",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["model.int8.onnx.tar"]  # no staging left
+
+    unpacked = tmp_path / "device" / "models" / "int8"
+    extract_archive(first.path, unpacked, max_total_bytes=variant.size_bytes)
+    assert (unpacked / "model.onnx").read_bytes() == int8.paths[0].read_bytes()
+    runtime = load_runtime(
+        fmt=common_pb2.MODEL_FORMAT_ONNX, model_path=unpacked, model_id="byte-lm", n_ctx=512
+    )
+    try:
+        assert runtime.describe().n_ctx == 256
+        runtime.smoke_test()
+        result = runtime.complete("It is a truth universally", SamplingParams(max_tokens=16, temperature=0.0))
+        assert result.completion_tokens == 16 and result.text.strip()
+    finally:
+        runtime.unload()
+
+
+def test_onnx_row_without_a_tokenizer_is_refused(ladder: LadderResult, tmp_path: Path) -> None:
+    from controlplane.bundles import BundleError
+
+    with pytest.raises(BundleError, match=r"tokenizer\.json"):
+        row_variant(ladder.variants[0], pack_dir=tmp_path)
+
+
+def test_folder_source_ships_its_own_tokenizer_and_template(source_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "byte-lm"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(source_model.read_bytes())
+    write_byte_tokenizer(folder)
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}), encoding="utf-8")
+    variants, result = ladder_variants(
+        folder,
+        quantizations=["int8"],
+        work_dir=tmp_path / "work",
+        max_ppl_increase_pct=10.0,
+        warn_only=False,
+    )
+    assert result.format is ModelFormat.ONNX
+    assert result.source_row.paths == (folder / "model.onnx",)
+    assert [v.variant.id for v in variants] == ["onnx-fp32", "onnx-int8"]
+    for built in variants:
+        assert built.variant.has_chat_template
+        with tarfile.open(built.path) as tar:
+            assert sorted(tar.getnames()) == ["model.onnx", "tokenizer.json", "tokenizer_config.json"]
