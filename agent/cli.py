@@ -50,11 +50,19 @@ def run(
     disk_budget_mb: Annotated[
         int | None, typer.Option(help="disk for model files; the rollback copy goes first")
     ] = None,
+    hardware_profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON hardware profile (`fleet-agent hardware --json` format) used instead of detection "
+            "when choosing a model variant"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
     from agent.api.auth import is_loopback, load_or_create_api_key
     from agent.errors import AgentError
+    from agent.hardware import HardwareProfileError, load_profile_override
     from agent.identity import IdentityError
     from agent.service import DeviceRevoked, run_agent
     from agent.state import StateError
@@ -64,6 +72,11 @@ def run(
     host, port = split_listen(listen)
     if not trust.is_file():
         raise typer.BadParameter(f"trust file {trust} does not exist", param_hint="--trust")
+    if hardware_profile is not None:
+        try:
+            load_profile_override(hardware_profile)  # a bad file stops here, not at the first update
+        except HardwareProfileError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--hardware-profile") from exc
     api_key = os.environ.get("EDGEFLEET_API_KEY") or None
     if api_key is None and not is_loopback(host):
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +97,7 @@ def run(
         n_threads=threads or len(os.sched_getaffinity(0)),
         api_key=api_key,
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
+        hardware_profile_path=hardware_profile,
     )
     try:
         run_agent(config)

@@ -24,6 +24,7 @@ class AgentConfig:
     hostname: str = ""
     api_key: str | None = None  # required on /v1/* when set (always set off loopback)
     artifact_budget_bytes: int | None = None  # None: keep the previous model for rollback regardless
+    hardware_profile_path: Path | None = None  # JSON profile replacing hardware detection (variant choice)
 
     @property
     def identity_path(self) -> Path:

@@ -317,6 +317,9 @@ class AgentService:
         if active is not None:
             report.active_bundle.name = active.bundle
             report.active_bundle.version = active.version
+        selection = self.updater.selection
+        if selection is not None:
+            report.selection.CopyFrom(selection.to_message())  # the control plane keeps the latest
         self.reports.put(report)
         if self.telemetry is not None:
             self.telemetry.record_deployment(
@@ -324,6 +327,8 @@ class AgentService:
                 bundle=(active.bundle, active.version) if active else None,
                 state=state.phase,
                 detail=detail,
+                # Once per choice: the step where the variant was picked carries why.
+                selection=selection if state.phase == common_pb2.DEVICE_STATE_FETCHING else None,
             )
 
     # -- loops -------------------------------------------------------------------------

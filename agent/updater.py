@@ -18,9 +18,10 @@ from agent.archive import model_folder
 from agent.artifacts import ArtifactStore
 from agent.config import AgentConfig
 from agent.errors import AgentError, ControlPlaneUnavailable
+from agent.hardware import HardwareProfile, detect_hardware, load_profile_override
 from agent.runtimes.base import Runtime, RuntimeFailure
 from agent.runtimes.registry import load_runtime, supported_formats
-from agent.selection import select_variant
+from agent.selection import Pin, Selection, select_variant
 from agent.serving import ActiveModel
 from agent.state import AgentState, InstallRecord, retained, save_state
 from agent.uptane_client import Assignment, UptaneVerifier
@@ -49,13 +50,21 @@ class Updater:
         state: AgentState,
         on_transition: PhaseListener,
         available_ram: Callable[[], int | None],
+        hardware: HardwareProfile | None = None,
     ) -> None:
+        """``hardware`` replaces detection (tests); otherwise ``restore`` detects it once, or reads
+        ``config.hardware_profile_path``. ``available_ram`` refreshes the detected free RAM at
+        each selection, since what is free at boot is not what is free at the next release."""
         self.config = config
         self.store = store
         self.active = active
         self.state = state
         self.on_transition = on_transition
         self.available_ram = available_ram
+        self._hardware = hardware
+        self._hardware_is_override = hardware is not None or config.hardware_profile_path is not None
+        self.selection: Selection | None = None
+        """The latest variant choice, for status reports; None until a release was selected."""
 
     # -- persistence -------------------------------------------------------------------
 
@@ -66,8 +75,27 @@ class Updater:
 
     # -- boot --------------------------------------------------------------------------
 
+    async def hardware(self) -> HardwareProfile:
+        """The device's hardware profile, detected (or read from the override file) once."""
+        if self._hardware is None:
+            path = self.config.hardware_profile_path
+            if path is not None:
+                self._hardware = await asyncio.to_thread(load_profile_override, path)
+            else:
+                self._hardware = await asyncio.to_thread(detect_hardware, disk_path=self.config.state_dir)
+            log.info("hardware profile: %s", self._hardware.to_dict())
+        return self._hardware
+
+    async def _selection_profile(self) -> HardwareProfile:
+        profile = await self.hardware()
+        if self._hardware_is_override:
+            return profile  # the operator's figures win over live measurement
+        live = self.available_ram()
+        return profile if live is None else replace(profile, ram_available_bytes=live)
+
     async def restore(self) -> None:
         """Loads the installed model, offline: the control plane need not be up."""
+        await self.hardware()
         await self._load_at_boot()
         # A crash between activation and garbage collection leaves an unused artifact behind.
         kept = retained(self.state, budget_bytes=self.config.artifact_budget_bytes)
@@ -168,7 +196,7 @@ class Updater:
                     )
                 self._settle(hint)
                 return
-            await self._install(assignment, stub)
+            await self._install(assignment, stub, signed_pin(assignment))
         except ControlPlaneUnavailable:
             raise  # transient: the phase stays where it is and the caller retries
         except (AgentError, rel.ReleaseError, RuntimeFailure, OSError) as exc:
@@ -188,14 +216,39 @@ class Updater:
         self,
         assignment: Assignment,
         stub: device_pb2_grpc.DeviceServiceStub,
+        pin: Pin | None,
     ) -> None:
         generation = assignment.generation
         verified = assignment.release
         selection = select_variant(
-            verified, supported_formats=supported_formats(), available_ram_bytes=self.available_ram()
+            verified,
+            hardware=await self._selection_profile(),
+            supported_formats=supported_formats(),
+            n_ctx=self.config.n_ctx,
+            pin=pin,
         )
+        self.selection = selection
         variant = selection.variant
         info = verified.artifacts[variant.artifact]
+        active = self.state.active
+        if (
+            active is not None
+            and (active.bundle, active.version, active.artifact_sha256)
+            == (verified.name, verified.version, info.sha256)
+            and self.active.current() is not None
+        ):
+            # Re-selection (a pin changed) chose what already serves: nothing to fetch or reload.
+            self._transition(
+                replace(
+                    self.state.with_phase(S.DEVICE_STATE_ACTIVE),
+                    active=replace(active, generation=generation),
+                    desired_generation=generation,
+                    applied_generation=generation,
+                ),
+                generation=generation,
+                detail=f"{selection.reason}; already serving it",
+            )
+            return
         self._transition(
             replace(self.state.with_phase(S.DEVICE_STATE_FETCHING), desired_generation=generation),
             generation=generation,
@@ -243,3 +296,14 @@ class Updater:
         removed = self.store.collect_garbage({r.artifact_sha256 for r in kept if r is not None})
         if removed:
             log.info("removed unused artifacts: %s", ", ".join(removed))
+
+
+def signed_pin(assignment: Assignment) -> Pin | None:
+    """The operator's pin as the director signed it into this device's targets (never the
+    unsigned nudge); a malformed one is a refusal, not a silent "no pin"."""
+    if assignment.pin is None:
+        return None
+    try:
+        return Pin.from_message(assignment.pin)
+    except ValueError as exc:
+        raise rel.MalformedMetadata(f"director targets carry an unusable pin: {exc}") from exc

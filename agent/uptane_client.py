@@ -24,7 +24,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 from agent.errors import ControlPlaneUnavailable
 from protos.fleet import release as rel
 from protos.fleet import uptane
-from protos.fleet.v1 import bundle_pb2, device_pb2, device_pb2_grpc
+from protos.fleet.v1 import bundle_pb2, common_pb2, device_pb2, device_pb2_grpc
 
 SCHEME = "edgefleet"
 REPOSITORY_IDS = {uptane.IMAGE: device_pb2.REPOSITORY_IMAGE, uptane.DIRECTOR: device_pb2.REPOSITORY_DIRECTOR}
@@ -65,6 +65,7 @@ class Assignment:
 
     generation: int
     release: rel.VerifiedRelease
+    pin: common_pb2.VariantPin | None = None  # from the verified director targets, never the nudge
 
 
 def _translate(exc: Exception, repo: str) -> Exception:
@@ -173,4 +174,5 @@ class UptaneVerifier:
                 artifacts=artifacts,
                 metadata=b"",
             ),
+            pin=assignment.pin,
         )

@@ -209,6 +209,81 @@ def devices_list(
         Console().print(fleet_table.devices_table(devices))
 
 
+RUNTIMES = {
+    "gguf": common_pb2.MODEL_FORMAT_GGUF,
+    "onnx": common_pb2.MODEL_FORMAT_ONNX,
+    "mlx": common_pb2.MODEL_FORMAT_MLX,
+}
+DeviceArg = Annotated[str | None, typer.Argument(help="device id (or give --selector)")]
+SelectorOpt = Annotated[
+    list[str] | None, typer.Option(help="KEY=VALUE label the devices must have (repeatable)")
+]
+
+
+def parse_selector(items: list[str] | None) -> dict[str, str]:
+    selector = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise fail(f"selector {item!r} is not KEY=VALUE")
+        selector[key] = value
+    return selector
+
+
+def _set_pin(controlplane: str, request: operator_pb2.SetVariantPinRequest) -> None:
+    if bool(request.device_id) == bool(request.selector):
+        raise fail("give either a DEVICE or --selector KEY=VALUE")
+    channel, stub = connect(controlplane)
+    with channel:
+        try:
+            response = stub.SetVariantPin(request)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    if not response.changed:
+        err.print("nothing changed")
+    else:
+        err.print(f"{len(response.device_ids)} device(s) will choose their variant again")
+    for device_id in response.device_ids:
+        typer.echo(device_id)
+
+
+@devices_app.command("pin")
+def devices_pin(
+    device: DeviceArg = None,
+    selector: SelectorOpt = None,
+    variant: Annotated[str | None, typer.Option(help="variant id to run, e.g. gguf-q4_1")] = None,
+    runtime: Annotated[str | None, typer.Option(help="run the best variant of: gguf, onnx or mlx")] = None,
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+) -> None:
+    """Pin a variant or a runtime for a device or a labelled group; sent in signed director metadata.
+
+    A device that cannot honour the pin reports why and keeps serving its current model.
+    """
+    if bool(variant) == bool(runtime):
+        raise fail("give either --variant ID or --runtime gguf|onnx|mlx")
+    fmt = RUNTIMES.get((runtime or "").lower(), 0) if runtime else 0
+    if runtime and not fmt:
+        raise fail(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    request = operator_pb2.SetVariantPinRequest(
+        device_id=device or "",
+        selector=parse_selector(selector),
+        variant_id=variant or "",
+        format=fmt,  # type: ignore[arg-type]
+    )
+    _set_pin(controlplane, request)
+
+
+@devices_app.command("unpin")
+def devices_unpin(
+    device: DeviceArg = None, selector: SelectorOpt = None, controlplane: ControlPlaneOpt = DEFAULT_LISTEN
+) -> None:
+    """Remove the pin of a device or of a label selector (exactly as it was pinned)."""
+    request = operator_pb2.SetVariantPinRequest(
+        device_id=device or "", selector=parse_selector(selector), clear=True
+    )
+    _set_pin(controlplane, request)
+
+
 @devices_app.command("revoke")
 def devices_revoke(
     device_id: Annotated[str, typer.Argument(help="device id")],

@@ -19,6 +19,30 @@ def _state(value: int) -> str:
     return common_pb2.DeviceState.Name(value).removeprefix("DEVICE_STATE_").lower()
 
 
+def _pin(device: common_pb2.DeviceSummary) -> dict[str, str] | None:
+    if not device.HasField("pin"):
+        return None
+    pin = device.pin
+    if pin.variant_id:
+        return {"variant": pin.variant_id, "scope": pin.scope}
+    return {
+        "runtime": common_pb2.ModelFormat.Name(pin.format).removeprefix("MODEL_FORMAT_").lower(),
+        "scope": pin.scope,
+    }
+
+
+def _pin_text(device: common_pb2.DeviceSummary) -> str:
+    pin = _pin(device)
+    if pin is None:
+        return ""
+    what = pin.get("variant") or pin.get("runtime", "")
+    return f"pinned {what} ({pin['scope']})"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text[:limit] + "…" if len(text) > limit else text
+
+
 def _last_seen(device: common_pb2.DeviceSummary) -> datetime | None:
     if not device.HasField("last_seen"):
         return None
@@ -36,6 +60,8 @@ def devices_json(devices: Sequence[common_pb2.DeviceSummary]) -> list[dict[str, 
                 "active_bundle": _ref(d.active_bundle) or None,
                 "desired_bundle": _ref(d.desired_bundle) or None,
                 "variant": d.variant or None,
+                "selection_reason": d.selection_reason or None,
+                "pin": _pin(d),
                 "api_url": d.api_url or None,
                 "last_seen": seen.isoformat() if seen else None,
                 "last_error": d.last_error or None,
@@ -53,7 +79,19 @@ def devices_json(devices: Sequence[common_pb2.DeviceSummary]) -> list[dict[str, 
 
 def devices_table(devices: Sequence[common_pb2.DeviceSummary], *, now: datetime | None = None) -> Table:
     now = now or datetime.now(UTC)
-    table = Table("device", "state", "active", "api", "last seen", "tok/s", "latency", "requests", "error")
+    table = Table(
+        "device",
+        "state",
+        "active",
+        "variant",
+        "why",
+        "api",
+        "last seen",
+        "tok/s",
+        "latency",
+        "requests",
+        "error",
+    )
     for d in devices:
         seen = _last_seen(d)
         age = f"{(now - seen).total_seconds():.0f}s ago" if seen else "never"
@@ -61,11 +99,13 @@ def devices_table(devices: Sequence[common_pb2.DeviceSummary], *, now: datetime 
             d.device_id,
             "revoked" if d.revoked else _state(d.state),
             _ref(d.active_bundle) or "-",
+            " ".join(filter(None, [d.variant or "-", _pin_text(d)])),
+            _short(d.selection_reason) or "-",
             d.api_url or "-",
             age,
             f"{d.last_tokens_per_second:.1f}" if d.last_tokens_per_second else "-",
             f"{d.last_latency_ms:.0f} ms" if d.last_latency_ms else "-",
             str(d.requests_total),
-            (d.last_error[:60] + "…") if len(d.last_error) > 60 else d.last_error or "",
+            _short(d.last_error),
         )
     return table

@@ -3,7 +3,8 @@
 Image repository: ``targets`` arrives signed by the release keys (``fleetctl bundle push``);
 the control plane only checks it and signs ``snapshot``/``timestamp`` with its online key.
 Director repository: per device, the control plane signs ``targets`` (which release this
-device runs, with its id and deployment generation), ``snapshot`` and ``timestamp`` online.
+device runs, with its id, deployment generation and any operator pin of a variant or runtime),
+``snapshot`` and ``timestamp`` online.
 Every version is stored; devices fetch them through ``DeviceService.FetchMetadata`` by the
 file names python-tuf's updater asks for.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from google.protobuf import json_format
 from securesystemslib.signer import Signer
 from sqlmodel import Session, col, select
 from tuf.api.exceptions import UnsignedMetadataError
@@ -27,6 +29,7 @@ from controlplane.keys import KeyDir
 from protos.fleet import uptane
 from protos.fleet.release import VerifiedRelease
 from protos.fleet.uptane import DIRECTOR, IMAGE
+from protos.fleet.v1 import common_pb2
 
 IMAGE_DEVICE = ""  # the image repository is shared by every device
 METADATA_NAME = re.compile(
@@ -47,6 +50,16 @@ class Expiry:
     director_targets: timedelta = timedelta(days=30)
     director_snapshot: timedelta = timedelta(days=7)
     director_timestamp: timedelta = timedelta(days=1)
+
+
+def director_fields(
+    device_id: str, generation: int, bundle: str, version: int, pin: common_pb2.VariantPin | None
+) -> dict[str, Any]:
+    """The signed custom part of director targets: the shared Uptane fields, plus the pin."""
+    fields = uptane.director_fields(device_id, generation, bundle, version)
+    if pin is not None and (pin.variant_id or pin.format):
+        fields[uptane.CUSTOM_KEY]["pin"] = json_format.MessageToDict(pin)
+    return fields
 
 
 def _serialize(metadata: Metadata[Any]) -> bytes:
@@ -240,8 +253,21 @@ class Repositories:
 
     # -- director repository -------------------------------------------------------------
 
-    def assign(self, session: Session, *, device_id: str, generation: int, bundle: str, version: int) -> None:
-        """Signs new director metadata telling ``device_id`` to run ``bundle@version``."""
+    def assign(
+        self,
+        session: Session,
+        *,
+        device_id: str,
+        generation: int,
+        bundle: str,
+        version: int,
+        pin: common_pb2.VariantPin | None = None,
+    ) -> None:
+        """Signs new director metadata telling ``device_id`` to run ``bundle@version``.
+
+        A ``pin`` goes into the signed ``edgefleet`` field as "pin" (protobuf JSON mapping), so
+        the device honours only pins the director signed; without one the field has no "pin".
+        """
         image = self.image_targets(session)
         if image is None:
             raise RepositoryRefusal("the image repository is empty; push a bundle first")
@@ -255,7 +281,7 @@ class Repositories:
                 path: TargetFile(t.info.length, {"sha256": t.info.sha256}, path)
                 for path, t in release.items()
             },
-            unrecognized_fields=uptane.director_fields(device_id, generation, bundle, version),
+            unrecognized_fields=director_fields(device_id, generation, bundle, version, pin),
         )
         self._store(session, DIRECTOR, device_id, self._sign(DIRECTOR, targets, "targets", session))
         self._sign_snapshot_and_timestamp(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import cast
 
+from agent.selection import Selection
 from agent.stats import InferenceStats
 from agent.telemetry.outbox import Outbox, OutboxError
 from protos.fleet.topics import TelemetryMessage, TopicKind
@@ -94,8 +95,13 @@ class Telemetry:
         bundle: tuple[str, int] | None,
         state: int,
         detail: str,
+        selection: Selection | None = None,
     ) -> int | None:
-        """Queues an update-lifecycle step; these are the last records the outbox drops."""
+        """Queues an update-lifecycle step; these are the last records the outbox drops.
+
+        ``selection`` goes with the step where the agent chose a variant, so the fleet's
+        telemetry says which variant each device picked, on what, and why the others lost.
+        """
         message = telemetry_pb2.DeploymentEvent(
             generation=generation,
             state=cast("common_pb2.DeviceState", state),
@@ -103,6 +109,8 @@ class Telemetry:
         )
         if bundle is not None:
             message.bundle.CopyFrom(_bundle_ref(bundle))
+        if selection is not None:
+            message.selection.CopyFrom(selection.to_message())
         return self._record(TopicKind.DEPLOYMENT, message)
 
     def _record(self, kind: TopicKind, message: TelemetryMessage) -> int | None:

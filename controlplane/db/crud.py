@@ -7,7 +7,7 @@ Each function does one unit of work and leaves committing to the caller's sessio
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -23,9 +23,11 @@ from controlplane.db.models import (
     DeviceCertificate,
     EnrollmentToken,
     TelemetryRecord,
+    VariantPinRule,
     utcnow,
 )
 from protos.fleet.release import VerifiedRelease, manifest_to_json
+from protos.fleet.v1 import common_pb2
 
 
 class StoreError(Exception):
@@ -46,6 +48,10 @@ class BundleNotFound(StoreError):
 
 class DeviceNotFound(StoreError):
     """No device with that id."""
+
+
+class InvalidPin(StoreError):
+    """A pin request that names no scope, two scopes, or not exactly one of variant and format."""
 
 
 def as_utc(value: datetime) -> datetime:
@@ -194,7 +200,9 @@ def deploy(session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None
         device.desired_bundle_id = bundle.id
         session.add(device)
         session.add(
-            Deployment(device_id=device.id, bundle_id=bundle.id, generation=device.desired_generation)
+            Deployment(
+                device_id=device.id, bundle_id=device.desired_bundle_id, generation=device.desired_generation
+            )
         )
         result.append(DeployedTo(device_id=device.id, generation=device.desired_generation))
     return result
@@ -224,3 +232,129 @@ def query_telemetry(
     if kind:
         query = query.where(TelemetryRecord.kind == kind)
     return session.exec(query.order_by(col(TelemetryRecord.id).desc()).limit(limit)).all()
+
+
+# -- variant pins ----------------------------------------------------------------------------
+
+PINNABLE_FORMATS = frozenset(
+    {common_pb2.MODEL_FORMAT_GGUF, common_pb2.MODEL_FORMAT_ONNX, common_pb2.MODEL_FORMAT_MLX}
+)
+_SELECTOR_FORBIDDEN = frozenset(",=")
+
+
+def selector_text(selector: Mapping[str, str]) -> str:
+    """ "hw=jetson,site=a": the canonical, sorted form used as a scope key and shown to people."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+
+
+def pin_scope(*, device_id: str | None, selector: Mapping[str, str]) -> str:
+    """The scope key of a pin; raises InvalidPin unless exactly one scope is given."""
+    if bool(device_id) == bool(selector):
+        raise InvalidPin("give exactly one of a device id and a label selector")
+    if device_id:
+        return f"device:{device_id}"
+    for key, value in selector.items():
+        if not key or _SELECTOR_FORBIDDEN & set(key) or "," in value:
+            raise InvalidPin(f"selector {key}={value} is not KEY=VALUE without ',' (or '=' in the key)")
+    return f"labels:{selector_text(selector)}"
+
+
+def list_pins(session: Session) -> Sequence[VariantPinRule]:
+    return session.exec(select(VariantPinRule)).all()
+
+
+def effective_pin(pins: Sequence[VariantPinRule], device: Device) -> VariantPinRule | None:
+    """The pin in force for ``device``: its own pin, else the most recently set group pin whose
+    selector its labels match (ties by scope, so the answer never depends on row order)."""
+    group: list[VariantPinRule] = []
+    for pin in pins:
+        if pin.device_id == device.id:
+            return pin
+        if pin.device_id is None and all(device.labels.get(k) == v for k, v in pin.selector.items()):
+            group.append(pin)
+    if not group:
+        return None
+    return max(group, key=lambda p: (as_utc(p.updated_at), p.scope))
+
+
+def _pin_key(pin: VariantPinRule | None) -> tuple[str, int, str] | None:
+    return None if pin is None else (pin.variant_id, pin.format, pin.scope)
+
+
+@dataclass(frozen=True, slots=True)
+class Repinned:
+    """A device whose pin in force changed while it has a release to run: it must be
+    re-assigned (new director targets) at ``generation``."""
+
+    device_id: str
+    generation: int
+    bundle: Bundle
+    pin: VariantPinRule | None
+
+
+@dataclass(frozen=True, slots=True)
+class PinChange:
+    changed: bool  # False: the scope already had exactly this pin, or there was none to clear
+    repinned: list[Repinned]
+
+
+def set_pin(
+    session: Session,
+    *,
+    device_id: str | None,
+    selector: Mapping[str, str],
+    variant_id: str,
+    fmt: int,
+    clear: bool,
+    actor: str,
+) -> PinChange:
+    """Sets or clears one scope's pin; devices whose pin in force changed get a new generation.
+
+    Devices with no release assigned yet only keep the pin for their next deployment.
+    """
+    scope = pin_scope(device_id=device_id, selector=selector)
+    if not clear and bool(variant_id) == bool(fmt):
+        raise InvalidPin("pin exactly one of a variant id and a runtime (format)")
+    if fmt and fmt not in PINNABLE_FORMATS:
+        raise InvalidPin(f"format {fmt} cannot be pinned")
+    query = select(Device).with_for_update()
+    if device_id:
+        query = query.where(Device.id == device_id)
+    devices = [
+        d
+        for d in session.exec(query).all()
+        if device_id or all(d.labels.get(k) == v for k, v in selector.items())
+    ]
+    if device_id and not devices:
+        raise DeviceNotFound(f"unknown device {device_id}")
+    pins = list(list_pins(session))
+    before = {d.id: _pin_key(effective_pin(pins, d)) for d in devices}
+    row = session.get(VariantPinRule, scope)
+    if clear:
+        if row is None:
+            return PinChange(changed=False, repinned=[])
+        session.delete(row)
+    else:
+        if row is not None and (row.variant_id, row.format) == (variant_id, fmt):
+            return PinChange(changed=False, repinned=[])
+        row = row or VariantPinRule(scope=scope, device_id=device_id or None, selector=dict(selector))
+        row.variant_id, row.format, row.set_by, row.updated_at = variant_id, fmt, actor, utcnow()
+        session.add(row)
+    session.flush()
+    pins = list(list_pins(session))
+    repinned = []
+    for device in devices:
+        pin = effective_pin(pins, device)
+        if _pin_key(pin) == before[device.id] or device.desired_bundle_id is None:
+            continue
+        bundle = session.get(Bundle, device.desired_bundle_id)
+        assert bundle is not None
+        device.desired_generation += 1
+        session.add(device)
+        session.add(
+            Deployment(
+                device_id=device.id, bundle_id=device.desired_bundle_id, generation=device.desired_generation
+            )
+        )
+        repinned.append(Repinned(device.id, device.desired_generation, bundle, pin))
+    return PinChange(changed=True, repinned=repinned)

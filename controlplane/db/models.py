@@ -38,6 +38,23 @@ class Device(SQLModel, table=True):
     last_latency_ms: float = 0.0
     requests_total: int = 0
     revoked_at: datetime | None = None
+    selection_reason: str = ""  # the agent's last explanation of its variant choice
+
+
+class VariantPinRule(SQLModel, table=True):
+    """An operator's pin of a variant id or a format for one device or a labelled group.
+
+    ``scope`` is the key: "device:<id>" or "labels:<k=v,...>" (sorted), so setting the same
+    scope again replaces its pin. Which pin a device gets is ``crud.effective_pin``'s rule.
+    """
+
+    scope: str = Field(primary_key=True, max_length=512)
+    device_id: str | None = Field(default=None, index=True, max_length=64)
+    selector: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    variant_id: str = Field(default="", max_length=128)
+    format: int = 0  # fleet.v1.ModelFormat; 0 when a variant id is pinned
+    set_by: str = Field(default="", max_length=128)
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 class DeviceCertificate(SQLModel, table=True):

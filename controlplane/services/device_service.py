@@ -229,6 +229,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             row.last_seen = utcnow()
             row.api_url = request.api_url[:512]
             row.variant = request.variant[:128]
+            if request.HasField("selection"):
+                row.selection_reason = request.selection.reason[:2000]
             row.last_error = request.error[:2000]
             if request.HasField("active_bundle"):
                 row.active_bundle = request.active_bundle.name

@@ -1,4 +1,4 @@
-"""OperatorService: bundles, enrollment tokens, deployments, fleet and telemetry queries."""
+"""OperatorService: bundles, enrollment tokens, deployments, variant pins, fleet and telemetry queries."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from controlplane.audit import Outcome
 from controlplane.blobs import BlobStore
 from controlplane.db import crud
 from controlplane.db.database import Database
-from controlplane.db.models import Bundle, Device, EnrollmentToken, utcnow
+from controlplane.db.models import Bundle, Device, EnrollmentToken, VariantPinRule, utcnow
 from controlplane.keys import KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
 from controlplane.rbac import (
@@ -47,7 +47,20 @@ def timestamp(value: object) -> Timestamp:
     return ts
 
 
-def device_summary(device: Device, desired: Bundle | None) -> common_pb2.DeviceSummary:
+def pin_message(rule: VariantPinRule | None) -> common_pb2.VariantPin | None:
+    """A stored pin as the director signs it; ``scope`` tells the device where it came from."""
+    if rule is None:
+        return None
+    return common_pb2.VariantPin(
+        variant_id=rule.variant_id,
+        format=rule.format,  # type: ignore[arg-type]
+        scope="device" if rule.device_id else crud.selector_text(rule.selector),
+    )
+
+
+def device_summary(
+    device: Device, desired: Bundle | None, pin: common_pb2.VariantPin | None = None
+) -> common_pb2.DeviceSummary:
     summary = common_pb2.DeviceSummary(
         device_id=device.id,
         state=device.state,  # type: ignore[arg-type]
@@ -61,7 +74,10 @@ def device_summary(device: Device, desired: Bundle | None) -> common_pb2.DeviceS
         labels=device.labels,
         variant=device.variant,
         revoked=device.revoked_at is not None,
+        selection_reason=device.selection_reason,
     )
+    if pin is not None:
+        summary.pin.CopyFrom(pin)
     if device.active_bundle:
         summary.active_bundle.CopyFrom(
             common_pb2.BundleRef(name=device.active_bundle, version=device.active_version)
@@ -229,13 +245,17 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             assert bundle is not None
             ids = None if request.all_devices else list(request.device_ids)
             deployed = crud.deploy(session, bundle=bundle, device_ids=ids)
+            pins = crud.list_pins(session)
             for target in deployed:
+                device = session.get(Device, target.device_id)
+                assert device is not None
                 self.repositories.assign(
                     session,
                     device_id=target.device_id,
                     generation=target.generation,
                     bundle=bundle.name,
                     version=bundle.version,
+                    pin=pin_message(crud.effective_pin(pins, device)),
                 )
             audit.record(
                 session,
@@ -264,8 +284,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         await authorize(self.db, context, Role.VIEWER)
 
         def summaries(session: Session) -> list[common_pb2.DeviceSummary]:
+            pins = crud.list_pins(session)
             return [
-                device_summary(d, session.get(Bundle, d.desired_bundle_id) if d.desired_bundle_id else None)
+                device_summary(
+                    d,
+                    session.get(Bundle, d.desired_bundle_id) if d.desired_bundle_id else None,
+                    pin_message(crud.effective_pin(pins, d)),
+                )
                 for d in crud.list_devices(session)
             ]
 
@@ -485,3 +510,60 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if revoked and self.on_device_revoked is not None:
             await self.on_device_revoked(request.device_id)
         return operator_pb2.RevokeDeviceResponse(revoked=revoked)
+
+    async def SetVariantPin(
+        self, request: operator_pb2.SetVariantPinRequest, context: Context
+    ) -> operator_pb2.SetVariantPinResponse:
+        """Pins travel in signed director targets: every device whose pin in force changed is
+        re-assigned its release at a new generation, and so chooses its variant again."""
+        who = await authorize(self.db, context, Role.OPERATOR)
+        selector = dict(request.selector)
+        action = "pin.clear" if request.clear else "pin.set"
+        target = (
+            f"device:{request.device_id}" if request.device_id else f"labels:{crud.selector_text(selector)}"
+        )
+
+        def pin(session: Session) -> crud.PinChange:
+            change = crud.set_pin(
+                session,
+                device_id=request.device_id or None,
+                selector=selector,
+                variant_id="" if request.clear else request.variant_id,
+                fmt=0 if request.clear else request.format,
+                clear=request.clear,
+                actor=who.actor,
+            )
+            for moved in change.repinned:
+                self.repositories.assign(
+                    session,
+                    device_id=moved.device_id,
+                    generation=moved.generation,
+                    bundle=moved.bundle.name,
+                    version=moved.bundle.version,
+                    pin=pin_message(moved.pin),
+                )
+            detail: dict[str, object] = {
+                "changed": change.changed,
+                "devices": {m.device_id: m.generation for m in change.repinned},
+            }
+            if not request.clear:
+                detail["variant"] = request.variant_id or None
+                detail["runtime"] = common_pb2.ModelFormat.Name(request.format) if request.format else None
+            audit.record(session, actor=who.actor, action=action, target=target, detail=detail)
+            return change
+
+        try:
+            change = await self.db.run(pin)
+        except crud.InvalidPin as exc:
+            await self._refuse(context, who, action, target, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except crud.DeviceNotFound as exc:
+            await self._refuse(context, who, action, target, grpc.StatusCode.NOT_FOUND, str(exc))
+        except RepositoryRefusal as exc:
+            await self._refuse(context, who, action, target, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        ids = [m.device_id for m in change.repinned]
+        self.notifier.notify(ids)
+        return operator_pb2.SetVariantPinResponse(
+            device_ids=ids,
+            max_generation=max((m.generation for m in change.repinned), default=0),
+            changed=change.changed,
+        )

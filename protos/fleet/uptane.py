@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from tuf.api.metadata import TargetFile, Targets
 
 from protos.fleet.release import ArtifactInfo, MalformedMetadata, check_target_path
-from protos.fleet.v1 import bundle_pb2
+from protos.fleet.v1 import bundle_pb2, common_pb2
 
 IMAGE = "image"
 DIRECTOR = "director"
@@ -121,6 +121,7 @@ class DirectorAssignment:
     bundle: str
     version: int
     targets: Mapping[str, ArtifactInfo]
+    pin: common_pb2.VariantPin | None = None  # an operator's variant or runtime pin, signed with the rest
 
 
 def director_fields(device_id: str, generation: int, bundle: str, version: int) -> dict[str, Any]:
@@ -144,7 +145,17 @@ def parse_director_targets(targets: Targets) -> DirectorAssignment:
             bundle=str(raw["bundle"]["name"]),
             version=int(raw["bundle"]["version"]),
             targets={path: artifact_info(path, t) for path, t in targets.targets.items()},
+            pin=_pin(raw.get("pin")),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
         raise MalformedMetadata(f"director targets have a malformed {CUSTOM_KEY!r} field: {exc}") from exc
     return assignment
+
+
+def _pin(raw: object) -> common_pb2.VariantPin | None:
+    """The pin in its protobuf JSON form, or None when the director set none."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError(f"pin must be an object, not {type(raw).__name__}")
+    return json_format.ParseDict(raw, common_pb2.VariantPin(), ignore_unknown_fields=True)

@@ -19,7 +19,7 @@ from controlplane.keys import KeyDir
 from controlplane.server import RunningControlPlane, start_control_plane
 from controlplane.services.auth import secret_sha256
 from controlplane.settings import Settings
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import EnrolledDevice, device_channel, enroll_device, public_channel
 
 pytestmark = pytest.mark.integration
@@ -75,9 +75,12 @@ async def test_a_fleet_certificate_not_issued_to_a_device_is_refused(
 async def test_the_device_id_comes_from_the_certificate(
     enrolled: EnrolledDevice, op: operator_pb2_grpc.OperatorServiceStub
 ) -> None:
-    await enrolled.stub.ReportStatus(device_pb2.StatusReport(api_url="http://10.0.0.9:8080"))
+    selection = common_pb2.VariantSelection(reason="gguf-q8_0 on cpu: best quality that fits")
+    report = device_pb2.StatusReport(api_url="http://10.0.0.9:8080", selection=selection)
+    await enrolled.stub.ReportStatus(report)
     listed = (await op.ListDevices(operator_pb2.ListDevicesRequest())).devices
-    assert next(d for d in listed if d.device_id == enrolled.id).api_url == "http://10.0.0.9:8080"
+    row = next(d for d in listed if d.device_id == enrolled.id)
+    assert (row.api_url, row.selection_reason) == ("http://10.0.0.9:8080", selection.reason)
 
 
 async def test_renewal_issues_a_certificate_for_a_new_key(

@@ -1,23 +1,16 @@
-"""Persisted agent state, identity, variant selection and the latest-value mailbox."""
+"""Persisted agent state, identity and the latest-value mailbox (selection: test_selection.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from agent.errors import NoUsableVariant
 from agent.identity import DeviceIdentity, IdentityError, load_identity, save_identity
 from agent.latest import Latest
-from agent.selection import select_variant
 from agent.state import AgentState, InstallRecord, StateError, load_state, retained, save_state
-from protos.fleet.release import ArtifactInfo, VerifiedRelease
-from protos.fleet.v1 import bundle_pb2, common_pb2
-
-GIB = 1 << 30
+from protos.fleet.v1 import common_pb2
 
 
 def test_state_round_trip(tmp_path: Path) -> None:
@@ -54,38 +47,6 @@ def test_identity_round_trip_and_errors(tmp_path: Path) -> None:
     path.write_text('{"device_id": "x"}')
     with pytest.raises(IdentityError):
         load_identity(path)
-
-
-def release_with(*variants: bundle_pb2.Variant) -> VerifiedRelease:
-    manifest = bundle_pb2.BundleManifest(name="m", version=1, variants=list(variants))
-    artifacts = {
-        v.artifact: ArtifactInfo(v.artifact, v.size_bytes, hashlib.sha256(v.artifact.encode()).hexdigest())
-        for v in variants
-    }
-    return VerifiedRelease("m", 1, datetime.now(UTC), manifest, artifacts, b"")
-
-
-def variant(vid: str, fmt: int, size: int, ram: int) -> bundle_pb2.Variant:
-    return bundle_pb2.Variant(id=vid, format=fmt, artifact=f"{vid}.bin", size_bytes=size, min_ram_bytes=ram)
-
-
-GGUF, ONNX = common_pb2.MODEL_FORMAT_GGUF, common_pb2.MODEL_FORMAT_ONNX
-
-
-def test_selection_prefers_largest_that_fits() -> None:
-    rel = release_with(variant("q4", GGUF, 1 * GIB, 2 * GIB), variant("q8", GGUF, 2 * GIB, 3 * GIB))
-    assert select_variant(rel, supported_formats={GGUF}, available_ram_bytes=8 * GIB).variant.id == "q8"
-    small = select_variant(rel, supported_formats={GGUF}, available_ram_bytes=2 * GIB + 1)
-    assert small.variant.id == "q4"
-    assert "q8" in small.reason and "RAM" in small.reason
-
-
-def test_selection_explains_why_nothing_fits() -> None:
-    rel = release_with(variant("onnx", ONNX, GIB, GIB), variant("q8", GGUF, 2 * GIB, 3 * GIB))
-    with pytest.raises(NoUsableVariant) as err:
-        select_variant(rel, supported_formats={GGUF}, available_ram_bytes=GIB)
-    assert "no runtime for MODEL_FORMAT_ONNX" in str(err.value)
-    assert "needs" in str(err.value)
 
 
 async def test_latest_keeps_only_newest() -> None:

@@ -5,7 +5,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -51,7 +51,7 @@ class BundleRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant", "revoked")
+    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant", "revoked", "selection_reason", "pin")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class DeviceSummary(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_REASON_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: DeviceState
     active_bundle: BundleRef
@@ -89,4 +91,40 @@ class DeviceSummary(_message.Message):
     labels: _containers.ScalarMap[str, str]
     variant: str
     revoked: bool
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ..., revoked: _Optional[bool] = ...) -> None: ...
+    selection_reason: str
+    pin: VariantPin
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ..., revoked: _Optional[bool] = ..., selection_reason: _Optional[str] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ...) -> None: ...
+
+class VariantPin(_message.Message):
+    __slots__ = ("variant_id", "format", "scope")
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    variant_id: str
+    format: ModelFormat
+    scope: str
+    def __init__(self, variant_id: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., scope: _Optional[str] = ...) -> None: ...
+
+class VariantRejection(_message.Message):
+    __slots__ = ("variant", "reason")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    reason: str
+    def __init__(self, variant: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class VariantSelection(_message.Message):
+    __slots__ = ("variant", "format", "accelerator", "reason", "rejections", "pin")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    format: ModelFormat
+    accelerator: str
+    reason: str
+    rejections: _containers.RepeatedCompositeFieldContainer[VariantRejection]
+    pin: VariantPin
+    def __init__(self, variant: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., accelerator: _Optional[str] = ..., reason: _Optional[str] = ..., rejections: _Optional[_Iterable[_Union[VariantRejection, _Mapping]]] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ...) -> None: ...

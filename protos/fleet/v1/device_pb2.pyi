@@ -91,7 +91,7 @@ class DesiredState(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("state", "generation", "active_bundle", "api_url", "error", "error_kind", "variant", "detail")
+    __slots__ = ("state", "generation", "active_bundle", "api_url", "error", "error_kind", "variant", "detail", "selection")
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BUNDLE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class StatusReport(_message.Message):
     ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.DeviceState
     generation: int
     active_bundle: _common_pb2.BundleRef
@@ -108,7 +109,8 @@ class StatusReport(_message.Message):
     error_kind: str
     variant: str
     detail: str
-    def __init__(self, state: _Optional[_Union[_common_pb2.DeviceState, str]] = ..., generation: _Optional[int] = ..., active_bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., variant: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    selection: _common_pb2.VariantSelection
+    def __init__(self, state: _Optional[_Union[_common_pb2.DeviceState, str]] = ..., generation: _Optional[int] = ..., active_bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., variant: _Optional[str] = ..., detail: _Optional[str] = ..., selection: _Optional[_Union[_common_pb2.VariantSelection, _Mapping]] = ...) -> None: ...
 
 class StatusAck(_message.Message):
     __slots__ = ()

@@ -11,6 +11,37 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SetVariantPinRequest(_message.Message):
+    __slots__ = ("device_id", "selector", "variant_id", "format", "clear")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    selector: _containers.ScalarMap[str, str]
+    variant_id: str
+    format: _common_pb2.ModelFormat
+    clear: bool
+    def __init__(self, device_id: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., variant_id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class SetVariantPinResponse(_message.Message):
+    __slots__ = ("device_ids", "max_generation", "changed")
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_generation: int
+    changed: bool
+    def __init__(self, device_ids: _Optional[_Iterable[str]] = ..., max_generation: _Optional[int] = ..., changed: _Optional[bool] = ...) -> None: ...
+
 class CreateOperatorRequest(_message.Message):
     __slots__ = ("name", "role")
     NAME_FIELD_NUMBER: _ClassVar[int]

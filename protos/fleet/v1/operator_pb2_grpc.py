@@ -109,6 +109,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorResponse.FromString,
                 _registered_method=True)
+        self.SetVariantPin = channel.unary_unary(
+                '/fleet.v1.OperatorService/SetVariantPin',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -211,6 +216,14 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetVariantPin(self, request, context):
+        """Pins (or, with `clear`, unpins) a variant or runtime for one device or a labelled group;
+        affected devices get new director targets and a new generation, so they choose again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +301,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.RevokeOperator,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorResponse.SerializeToString,
+            ),
+            'SetVariantPin': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVariantPin,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -695,6 +713,33 @@ class OperatorService:
             '/fleet.v1.OperatorService/RevokeOperator',
             protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.RevokeOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVariantPin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/SetVariantPin',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinResponse.FromString,
             options,
             channel_credentials,
             insecure,

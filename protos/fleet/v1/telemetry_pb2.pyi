@@ -74,7 +74,7 @@ class InferenceRecord(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., device_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., stream: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DeploymentEvent(_message.Message):
-    __slots__ = ("schema_version", "device_id", "seq", "time", "generation", "bundle", "state", "detail")
+    __slots__ = ("schema_version", "device_id", "seq", "time", "generation", "bundle", "state", "detail", "selection")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class DeploymentEvent(_message.Message):
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     device_id: str
     seq: int
@@ -91,4 +92,5 @@ class DeploymentEvent(_message.Message):
     bundle: _common_pb2.BundleRef
     state: _common_pb2.DeviceState
     detail: str
-    def __init__(self, schema_version: _Optional[int] = ..., device_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., generation: _Optional[int] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., state: _Optional[_Union[_common_pb2.DeviceState, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    selection: _common_pb2.VariantSelection
+    def __init__(self, schema_version: _Optional[int] = ..., device_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., generation: _Optional[int] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., state: _Optional[_Union[_common_pb2.DeviceState, str]] = ..., detail: _Optional[str] = ..., selection: _Optional[_Union[_common_pb2.VariantSelection, _Mapping]] = ...) -> None: ...
