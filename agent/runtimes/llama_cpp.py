@@ -8,8 +8,23 @@ that this adapter owns what the API needs to be exact about: the prompt's token 
 known (and checked against the context window, raising a typed error) before any work is
 done; completion tokens are counted as they are produced, streamed or not; stop sequences
 and partial UTF-8 characters are held back correctly; and a consumer that stops iterating
-stops the model within one token. Sampling defaults not exposed by the OpenAI API (top_k,
-min_p, repeat penalty) are llama-cpp-python's own, so outputs match what the library gives.
+stops the model within one token. top_k comes from the request (0 turns the cut off, as in
+llama.cpp); knobs the API does not expose (min_p, repeat penalty) keep llama-cpp-python's
+defaults, so outputs match what the library gives for the same request.
+
+Embeddings: a llama.cpp context built for generation keeps only the last token's logits and
+cannot pool, so embeddings use a second context over the *same* `llama_model`: the weights
+are shared, in RAM and on the GPU alike, never mapped, repacked or uploaded twice. (A second
+`Llama(embedding=True)` over the file was measured at +169 MB RSS for SmolLM2 before
+embedding anything, 76 MB of it the CPU backend's repacked copy of the weights; this
+context, +18 MB after its first short text.) It is created on the first embeddings request
+only, so a device that never embeds pays nothing. Its window is small (`_EMBEDDING_WINDOW`
+tokens) because llama.cpp computes a vocabulary-wide logits row for every input token in
+embedding mode: memory grows with the longest text seen, about 0.4 MB per token for a 49k
+vocabulary (+195 MB after a 500-token text), until the context is freed with the runtime.
+Each text is decoded on its own, so its
+vector never depends on what it was sent with, and a stream in progress (whose state lives
+in the other context) keeps going between texts.
 
 Threads: every call into llama.cpp for one runtime (load, tokenize, each token, close)
 runs on that runtime's own long-lived thread. llama.cpp builds that use OpenMP keep a
@@ -24,19 +39,25 @@ a running generation.
 
 from __future__ import annotations
 
+import ctypes
+import math
 import secrets
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.runtimes.base import (
+    Capability,
+    CapabilityNotSupported,
     ChatMessage,
     ChatNotSupported,
     Completion,
     ContextLengthExceeded,
     Delta,
+    Embeddings,
     FinishReason,
     GenerationError,
     InvalidPromptError,
@@ -57,9 +78,34 @@ if TYPE_CHECKING:
 RUNTIME_NAME = "llama.cpp"
 
 # llama-cpp-python's create_completion defaults for knobs the OpenAI API does not expose.
-_TOP_K = 40
 _MIN_P = 0.05
 _REPEAT_PENALTY = 1.0
+
+# Longest text the embedding context takes, in tokens (capped by the runtime's n_ctx).
+_EMBEDDING_WINDOW = 512
+
+# llama.cpp's enum llama_pooling_type; kept here so describing a model needs no library call.
+_POOLING_NONE = 0
+_POOLING_MEAN = 1
+_POOLING_CLS = 2
+_POOLING_LAST = 3
+_POOLING_RANK = 4
+
+# ggml backend registry names of accelerators, as the `device` they put in a description.
+_ACCELERATOR_NAMES = {
+    "CUDA": "cuda",
+    "ROCm": "rocm",
+    "HIP": "rocm",
+    "MUSA": "musa",
+    "Metal": "metal",
+    "MTL": "metal",
+    "Vulkan": "vulkan",
+    "SYCL": "sycl",
+    "OpenCL": "opencl",
+    "CANN": "cann",
+}
+# Backends that compute on the host CPU (or elsewhere, for RPC), never a local accelerator.
+_HOST_BACKENDS = frozenset({"CPU", "BLAS", "RPC", "AMX"})
 
 _SMOKE_PARAMS = SamplingParams(max_tokens=8, temperature=0.0, seed=0)
 
@@ -116,6 +162,13 @@ def load(
     def is_end_of_generation(token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
 
+    chat_template = _chat_template(llama, llama_cpp, vocab)
+    pooling = _embedding_pooling(llama.metadata)
+    capabilities = {Capability.COMPLETIONS}
+    if chat_template is not None:
+        capabilities.add(Capability.CHAT)
+    if pooling is not None:
+        capabilities.add(Capability.EMBEDDINGS)
     description = RuntimeDescription(
         runtime=RUNTIME_NAME,
         model_id=model_id,
@@ -124,14 +177,60 @@ def load(
         n_threads=int(llama.n_threads),
         gpu_offload=gpu_offload,
         format=common_pb2.MODEL_FORMAT_GGUF,
+        capabilities=frozenset(capabilities),
+        device=_device(gpu_offload),
     )
     return LlamaCppRuntime(
         llama,
         thread=thread,
         description=description,
-        chat_template=_chat_template(llama, llama_cpp, vocab),
+        chat_template=chat_template,
         is_end_of_generation=is_end_of_generation,
+        embedding_pooling=pooling,
     )
+
+
+def _embedding_pooling(metadata: dict[str, str]) -> int | None:
+    """How to pool token states into one vector: the model's own declaration when it makes
+    one (embedding GGUFs carry `<arch>.pooling_type`), mean pooling otherwise (a generative
+    model declares nothing; mean is the usual choice for decoder embeddings). None for a
+    reranker (RANK pooling): its output is a relevance score, not an embedding."""
+    declared = metadata.get(f"{metadata.get('general.architecture', '')}.pooling_type")
+    if declared is None:
+        return _POOLING_MEAN
+    try:
+        kind = int(declared)
+    except ValueError:
+        return _POOLING_MEAN
+    if kind == _POOLING_RANK:
+        return None
+    return kind if kind in (_POOLING_MEAN, _POOLING_CLS, _POOLING_LAST) else _POOLING_MEAN
+
+
+def _device(gpu_offload: bool) -> str:
+    """Where the layers run, as far as this llama.cpp build can tell: the ggml registry name
+    of the first accelerator device it found ("cuda", "metal", "vulkan", ...), "cpu" when the
+    build cannot offload, "gpu" when it can but does not say which (an older ggml)."""
+    if not gpu_offload:
+        return "cpu"
+    try:
+        from llama_cpp._ggml import libggml  # the library's own handle on ggml; no public API
+
+        libggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        libggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        libggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+        libggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+        libggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+        libggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+        libggml.ggml_backend_reg_name.restype = ctypes.c_char_p
+        for index in range(int(libggml.ggml_backend_dev_count())):
+            registry = libggml.ggml_backend_dev_backend_reg(libggml.ggml_backend_dev_get(index))
+            name = bytes(libggml.ggml_backend_reg_name(registry) or b"").decode("utf-8", "replace")
+            if name and name not in _HOST_BACKENDS:
+                return _ACCELERATOR_NAMES.get(name, name.lower())
+    except (ImportError, AttributeError, OSError):
+        pass
+    return "gpu"
 
 
 def _chat_template(llama: Llama, llama_cpp: Any, vocab: Any) -> Callable[[list[dict[str, str]]], str] | None:
@@ -170,6 +269,7 @@ class LlamaCppRuntime:
         description: RuntimeDescription,
         chat_template: Callable[[list[dict[str, str]]], str] | None,
         is_end_of_generation: Callable[[int], bool],
+        embedding_pooling: int | None = None,
     ) -> None:
         self._llama: Llama | None = llama  # touched on the llama thread only
         self._thread = thread
@@ -177,6 +277,9 @@ class LlamaCppRuntime:
         self._chat_template = chat_template
         self._is_eog = is_end_of_generation
         self._slot = threading.Lock()  # held by the generation in progress
+        self._pooling = embedding_pooling
+        self._embedder: _Embedder | None = None  # created on first use, on the llama thread
+        self._embedding_window = min(_EMBEDDING_WINDOW, description.n_ctx)
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -213,6 +316,39 @@ class LlamaCppRuntime:
 
         return self._start(self._thread.call(tokenize), params)
 
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Mean-pooled (or model-pooled), L2-normalised vectors, one per text, in order.
+
+        Every text is tokenized and checked before any is embedded, so a bad input fails
+        the whole request without work. The generation slot is not taken: embeddings use
+        their own context, and each text is one step on the llama thread, between tokens
+        of whatever stream is running."""
+        if self._pooling is None:
+            raise CapabilityNotSupported(self._description.model_id, Capability.EMBEDDINGS)
+        window = self._embedding_window
+
+        def tokenize() -> list[list[int]]:
+            # As Llama.embed does: BOS/EOS if the model wants them, special tokens as text.
+            llama = self._loaded()
+            return [llama.tokenize(text.encode("utf-8"), add_bos=True, special=False) for text in texts]
+
+        inputs = self._thread.call(tokenize)
+        for index, tokens in enumerate(inputs):
+            if not tokens:
+                raise InvalidPromptError(f"input {index} is empty")
+            if len(tokens) > window:
+                raise ContextLengthExceeded(prompt_tokens=len(tokens), n_ctx=window)
+        vectors = tuple(self._thread.call(partial(self._embed_one, tokens)) for tokens in inputs)
+        return Embeddings(vectors=vectors, prompt_tokens=sum(len(tokens) for tokens in inputs))
+
+    def _embed_one(self, tokens: list[int]) -> tuple[float, ...]:
+        """On the llama thread: one text through the embedding context (created on first use)."""
+        llama = self._loaded()
+        if self._embedder is None:
+            assert self._pooling is not None
+            self._embedder = _Embedder(llama, window=self._embedding_window, pooling=self._pooling)
+        return self._embedder.embed(tokens)
+
     def smoke_test(self) -> None:
         try:
             if self._chat_template is not None:
@@ -231,6 +367,9 @@ class LlamaCppRuntime:
                 llama, self._llama = self._llama, None
                 if llama is None:
                     return False
+                embedder, self._embedder = self._embedder, None
+                if embedder is not None:  # before the model it borrows the weights from
+                    embedder.close()
                 llama.close()
                 return True
 
@@ -266,7 +405,7 @@ class LlamaCppRuntime:
         finish: FinishReason = "length"
         tokens = llama.generate(
             prompt,
-            top_k=_TOP_K,
+            top_k=params.top_k,  # llama.cpp skips the cut for k <= 0
             top_p=params.top_p,
             min_p=_MIN_P,
             temp=params.temperature,
@@ -295,6 +434,66 @@ class LlamaCppRuntime:
         finally:
             tokens.close()
         yield Delta(text.flush(), finish)
+
+
+class _Embedder:
+    """A second llama.cpp context over the generation model's weights, in embedding mode.
+
+    Built on the llama thread and used there only (see the module docstring for why a
+    second context and why a small window). Numerics match llama-cpp-python's own
+    `Llama(embedding=True).embed(normalize=True)` with the same pooling: flash attention
+    is off as the library sets it, and the whole text is one micro-batch (llama.cpp pools
+    within a micro-batch, so a text split across two would be pooled wrongly).
+    """
+
+    def __init__(self, llama: Llama, *, window: int, pooling: int) -> None:
+        import llama_cpp
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = window
+        params.n_batch = window
+        params.n_ubatch = window
+        params.n_seq_max = 1
+        params.n_threads = llama.n_threads
+        params.n_threads_batch = llama.n_threads_batch
+        params.embeddings = True
+        params.pooling_type = pooling
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        self._lib: Any = llama_cpp
+        self._window = window
+        self._n_embd = int(llama_cpp.llama_model_n_embd(llama.model))
+        self._ctx: Any = llama_cpp.llama_init_from_model(llama.model, params)
+        if not self._ctx:
+            raise GenerationError("llama.cpp could not create an embedding context (out of memory?)")
+        self._batch: Any = llama_cpp.llama_batch_init(window, 0, 1)
+
+    def embed(self, tokens: list[int]) -> tuple[float, ...]:
+        lib, batch = self._lib, self._batch
+        assert 0 < len(tokens) <= self._window
+        batch.n_tokens = len(tokens)
+        for position, token in enumerate(tokens):
+            batch.token[position] = token
+            batch.pos[position] = position
+            batch.n_seq_id[position] = 1
+            batch.seq_id[position][0] = 0
+            batch.logits[position] = True  # pooling reads every token's output
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        status = lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise GenerationError(f"llama.cpp failed to embed ({status})")
+        pooled = lib.llama_get_embeddings_seq(self._ctx, 0)
+        if not pooled:
+            raise GenerationError("llama.cpp returned no pooled embedding")
+        values: list[float] = pooled[: self._n_embd]
+        norm = math.sqrt(math.fsum(value * value for value in values))
+        if norm == 0.0:
+            return tuple(values)
+        return tuple(value / norm for value in values)
+
+    def close(self) -> None:
+        self._lib.llama_batch_free(self._batch)
+        self._lib.llama_free(self._ctx)
 
 
 class _LlamaGeneration:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import threading
 import time
@@ -14,12 +15,14 @@ import pytest
 from agent.runtimes import (
     ChatMessage,
     ContextLengthExceeded,
+    InvalidPromptError,
     RuntimeLoadError,
     RuntimeUnloaded,
     SamplingParams,
     load_runtime,
 )
-from agent.runtimes.base import Runtime
+from agent.runtimes.base import Capability, Runtime
+from agent.runtimes.llama_cpp import _embedding_pooling
 from protos.fleet.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
@@ -28,6 +31,12 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_CTX = 512
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, seed=0)
 QUESTION = [ChatMessage(role="user", content="What is the capital of France?")]
+N_EMBD = 576  # SmolLM2-135M's hidden size (llama.embedding_length in the GGUF)
+TEXTS = (
+    "The cat sat on the mat.",
+    "A cat was sitting on the rug.",
+    "Quarterly revenue rose on strong cloud sales.",
+)
 
 
 def smollm2_file() -> Path:
@@ -55,6 +64,19 @@ def test_describe(runtime: Runtime) -> None:
     assert description.n_ctx == N_CTX
     assert description.n_threads >= 1
     assert description.format == common_pb2.MODEL_FORMAT_GGUF
+    assert description.capabilities == {Capability.CHAT, Capability.COMPLETIONS, Capability.EMBEDDINGS}
+
+
+def test_describe_reports_where_it_runs(runtime: Runtime) -> None:
+    """Offload follows what this llama.cpp build can do; the device names the backend."""
+    import llama_cpp
+
+    description = runtime.describe()
+    assert description.gpu_offload == bool(llama_cpp.llama_supports_gpu_offload())
+    if description.gpu_offload:
+        assert description.device not in ("", "cpu")
+    else:
+        assert description.device == "cpu"
 
 
 def test_smoke_test_passes(runtime: Runtime) -> None:
@@ -144,6 +166,114 @@ def test_seeded_sampling_is_reproducible(runtime: Runtime) -> None:
     )
 
 
+def test_top_k_one_is_greedy(runtime: Runtime) -> None:
+    """top_k=1 leaves one candidate, so any seed at any temperature gives the greedy text."""
+    greedy = runtime.complete("My favourite food is", SamplingParams(max_tokens=16, temperature=0.0))
+    for seed in (1, 2, 3):
+        params = SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=seed)
+        assert runtime.complete("My favourite food is", params) == greedy
+
+
+def test_top_k_zero_is_off(runtime: Runtime) -> None:
+    """top_k=0 does not cut: hot sampling strays from the greedy text for some fixed seed."""
+    greedy = runtime.complete("My favourite food is", SamplingParams(max_tokens=16, temperature=0.0))
+    sampled = {
+        runtime.complete(
+            "My favourite food is", SamplingParams(max_tokens=16, temperature=1.5, top_k=0, seed=seed)
+        ).text
+        for seed in (1, 2, 3)
+    }
+    assert sampled - {greedy.text}
+
+
+def _cosine(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return math.fsum(x * y for x, y in zip(a, b, strict=True))
+
+
+def test_embeddings_are_unit_vectors_of_the_model_width(runtime: Runtime) -> None:
+    result = runtime.embed(list(TEXTS))
+    assert len(result.vectors) == len(TEXTS)
+    for vector in result.vectors:
+        assert len(vector) == N_EMBD
+        assert math.isclose(math.sqrt(_cosine(vector, vector)), 1.0, abs_tol=1e-6)
+    assert result.prompt_tokens > len(TEXTS)
+
+
+def test_embeddings_are_deterministic_and_keep_input_order(runtime: Runtime) -> None:
+    """A text's vector does not depend on the call, the batch it came in or its position."""
+    forward = runtime.embed(list(TEXTS))
+    assert runtime.embed(list(TEXTS)) == forward
+    backward = runtime.embed(list(reversed(TEXTS)))
+    assert backward.vectors == tuple(reversed(forward.vectors))
+    assert backward.prompt_tokens == forward.prompt_tokens
+    alone = [runtime.embed([text]) for text in TEXTS]
+    assert tuple(single.vectors[0] for single in alone) == forward.vectors
+    assert sum(single.prompt_tokens for single in alone) == forward.prompt_tokens
+
+
+def test_similar_texts_are_closer_than_unrelated_ones(runtime: Runtime) -> None:
+    cat, other_cat, revenue = runtime.embed(list(TEXTS)).vectors
+    assert _cosine(cat, other_cat) > _cosine(cat, revenue)
+    assert _cosine(cat, other_cat) > _cosine(other_cat, revenue)
+
+
+def test_embeddings_match_llama_cpp_python(runtime: Runtime) -> None:
+    """Same vectors and token counts as the library's own embedding mode with mean pooling."""
+    import llama_cpp
+
+    reference = llama_cpp.Llama(
+        str(smollm2_file()),
+        n_ctx=N_CTX,
+        embedding=True,
+        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+        verbose=False,
+    )
+    try:
+        expected = [reference.embed(text, normalize=True) for text in TEXTS]
+        counted = reference.create_embedding(list(TEXTS))
+    finally:
+        reference.close()
+    ours = runtime.embed(list(TEXTS))
+    for vector, reference_vector in zip(ours.vectors, expected, strict=True):
+        assert vector == pytest.approx(reference_vector, abs=1e-5)
+    assert ours.prompt_tokens == counted["usage"]["prompt_tokens"]
+
+
+def test_embedding_inputs_are_checked_before_any_work(runtime: Runtime) -> None:
+    with pytest.raises(ContextLengthExceeded) as raised:
+        runtime.embed(["short", "hello " * (N_CTX + 8)])
+    assert raised.value.n_ctx == N_CTX
+    assert raised.value.prompt_tokens > N_CTX
+    with pytest.raises(InvalidPromptError):
+        runtime.embed(["fine", ""])
+    assert runtime.embed([]).vectors == ()
+
+
+def test_embedding_between_tokens_leaves_a_stream_intact(runtime: Runtime) -> None:
+    """Embeddings have their own context: a stream paused mid-way by one goes on unchanged."""
+    whole = runtime.complete("Once upon a time", GREEDY)
+    generation = runtime.complete_stream("Once upon a time", GREEDY)
+    parts = [next(generation).text]
+    embedded = runtime.embed([TEXTS[0]])
+    parts.extend(delta.text for delta in generation)
+    assert "".join(parts) == whole.text
+    assert embedded.vectors == runtime.embed([TEXTS[0]]).vectors
+
+
+@pytest.mark.parametrize(
+    ("metadata", "pooling"),
+    [
+        ({"general.architecture": "llama"}, 1),  # generative model: mean pooling
+        ({"general.architecture": "bert", "bert.pooling_type": "2"}, 2),  # declared CLS
+        ({"general.architecture": "qwen3", "qwen3.pooling_type": "3"}, 3),  # declared last-token
+        ({"general.architecture": "llama", "llama.pooling_type": "0"}, 1),  # token-level: mean
+        ({"general.architecture": "bert", "bert.pooling_type": "4"}, None),  # reranker: no embeddings
+    ],
+)
+def test_embedding_pooling_follows_the_model(metadata: dict[str, str], pooling: int | None) -> None:
+    assert _embedding_pooling(metadata) == pooling
+
+
 def test_prompt_too_long_is_typed(runtime: Runtime) -> None:
     with pytest.raises(ContextLengthExceeded) as raised:
         runtime.complete_stream("hello " * N_CTX, GREEDY)
@@ -188,6 +318,7 @@ def test_unload_waits_for_the_generation_in_progress() -> None:
     loaded = load_runtime(
         fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id="smollm2", n_ctx=256
     )
+    assert len(loaded.embed(["hello"]).vectors) == 1  # the embedding context exists now
     generation = loaded.complete_stream("Once upon a time", SamplingParams(max_tokens=50, temperature=0.0))
     next(generation)  # the generation now holds the runtime
     unloaded = threading.Event()
@@ -206,6 +337,8 @@ def test_unload_waits_for_the_generation_in_progress() -> None:
     thread.join(10)
     with pytest.raises(RuntimeUnloaded):
         loaded.complete("Hi", GREEDY)
+    with pytest.raises(RuntimeUnloaded):
+        loaded.embed(["Hi"])
     loaded.unload()  # idempotent
     assert loaded.describe().model_id == "smollm2"
 
