@@ -10,7 +10,7 @@ class InferenceStats:
     """What one request cost: the API fills it, telemetry publishes it as an InferenceRecord."""
 
     model: str
-    endpoint: str  # "chat.completions" or "completions"
+    endpoint: str  # "chat.completions", "completions" or "embeddings"
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float

@@ -1,7 +1,8 @@
 """The device's OpenAI-compatible HTTP API, built by one factory.
 
 Everything the routes need is put on `app.state` here (vLLM's pattern), so the app has
-no globals and the agent can rebuild or test it freely.
+no globals and the agent can rebuild or test it freely: the admission queue, the metrics
+registry and the serving classes all belong to one app.
 """
 
 from __future__ import annotations
@@ -11,15 +12,33 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from agent.api import routes_chat, routes_completions, routes_health, routes_models
+from agent.api import (
+    routes_chat,
+    routes_completions,
+    routes_embeddings,
+    routes_health,
+    routes_metrics,
+    routes_models,
+)
+from agent.api.admission import AdmissionQueue, QueueLimits
 from agent.api.errors import APIError, install_error_handlers
-from agent.api.serving_base import OpenAIServing
+from agent.api.metrics import ApiMetrics, ReleaseInfo, ResponseCounter
+from agent.api.openapi import install_openapi
+from agent.api.serving_base import ServingEndpoint
 from agent.api.serving_chat import ServingChat
 from agent.api.serving_completion import ServingCompletion
+from agent.api.serving_embedding import ServingEmbedding
 from agent.serving import ActiveModel
 from agent.stats import InferenceStats
 
-ROUTERS = (routes_models.router, routes_chat.router, routes_completions.router, routes_health.router)
+ROUTERS = (
+    routes_models.router,
+    routes_chat.router,
+    routes_completions.router,
+    routes_embeddings.router,
+    routes_health.router,
+    routes_metrics.router,
+)
 
 
 def create_app(
@@ -27,25 +46,50 @@ def create_app(
     active: ActiveModel,
     observer: Callable[[InferenceStats], None],
     health: Callable[[], dict[str, object]] | None = None,
+    limits: QueueLimits | None = None,
+    release_info: ReleaseInfo | None = None,
 ) -> FastAPI:
     """Build the API around `active` (swapped by the agent as models change).
 
-    `observer` receives one InferenceStats per generation request, successful or not;
-    it runs on the event loop, so it must be quick (queue the record, don't publish it).
-    `health` adds agent figures to GET /healthz.
+    `observer` receives one InferenceStats per model request, successful or not; it runs
+    on the event loop, so it must be quick (queue the record, don't publish it).
+    `health` adds agent figures to GET /healthz. `limits` bounds the requests running and
+    waiting (default: one running, 16 waiting). `release_info` returns the active release's
+    bundle, version and variant for the edgefleet_active_model_info metric.
     """
-    app = FastAPI(title="edgefleet device API", summary="OpenAI-compatible local inference")
-    chat = ServingChat(active=active, observer=observer)
-    completion = ServingCompletion(active=active, observer=observer)
+    app = FastAPI(title="edgefleet device API", summary="OpenAI-compatible local inference", version="1.0.0")
+    queue = AdmissionQueue(limits)
+    metrics = ApiMetrics(
+        active=active,
+        queue=queue,
+        endpoint_paths={
+            ServingChat.endpoint: "/v1/chat/completions",
+            ServingCompletion.endpoint: "/v1/completions",
+            ServingEmbedding.endpoint: "/v1/embeddings",
+        },
+        release_info=release_info,
+    )
+
+    def observe(stats: InferenceStats) -> None:
+        metrics.observe(stats)
+        observer(stats)
+
+    chat = ServingChat(active=active, queue=queue, observer=observe)
+    completion = ServingCompletion(active=active, queue=queue, observer=observe)
+    embedding = ServingEmbedding(active=active, queue=queue, observer=observe)
     app.state.active_model = active
     app.state.health_probe = health
+    app.state.admission_queue = queue
+    app.state.metrics = metrics
     app.state.serving_chat = chat
     app.state.serving_completion = completion
+    app.state.serving_embedding = embedding
 
     # Malformed bodies never reach the serving classes; they are still counted per endpoint.
-    endpoints: Mapping[str, OpenAIServing[Any]] = {
+    endpoints: Mapping[str, ServingEndpoint] = {
         "/v1/chat/completions": chat,
         "/v1/completions": completion,
+        "/v1/embeddings": embedding,
     }
 
     def on_rejected(request: Request, error: APIError) -> None:
@@ -57,4 +101,10 @@ def create_app(
     install_error_handlers(app, on_rejected=on_rejected)
     for router in ROUTERS:
         app.include_router(router)
+    for route in app.routes:
+        path: Any = getattr(route, "path", None)
+        if isinstance(path, str):
+            metrics.add_route(path)
+    app.add_middleware(ResponseCounter, metrics=metrics)
+    install_openapi(app)
     return app

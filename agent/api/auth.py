@@ -2,7 +2,9 @@
 
 On 127.0.0.1 the API is open, as Ollama's and Foundry Local's are: only this machine can reach
 it. Bound anywhere else it requires ``Authorization: Bearer <key>`` (the OpenAI convention,
-so every OpenAI client sends it already) on /v1/*; /healthz stays open for load balancers.
+so every OpenAI client sends it already) on /v1/* and on /metrics (usage figures and the
+model's name are nobody else's business; Prometheus sends a bearer token natively).
+/healthz stays open for load balancers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from agent.api.errors import APIError
 from protos.fleet.fsio import atomic_write_bytes
 
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = frozenset({"/metrics"})
 
 
 def is_loopback(host: str) -> bool:
@@ -50,7 +53,7 @@ class ApiKeyMiddleware:
         self._expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and _protected(scope["path"]):
             presented = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(presented, self._expected):
                 response = APIError(
@@ -61,6 +64,10 @@ class ApiKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _protected(path: str) -> bool:
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
 
 
 def require_api_key(app: FastAPI, api_key: str) -> None:

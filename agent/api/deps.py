@@ -10,8 +10,10 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from agent.api.metrics import ApiMetrics
 from agent.api.serving_chat import ServingChat
 from agent.api.serving_completion import ServingCompletion
+from agent.api.serving_embedding import ServingEmbedding
 from agent.serving import ActiveModel
 
 T = TypeVar("T")
@@ -32,6 +34,14 @@ def chat_serving(request: Request) -> ServingChat:
 
 def completion_serving(request: Request) -> ServingCompletion:
     return _state(request, "serving_completion", ServingCompletion)
+
+
+def embedding_serving(request: Request) -> ServingEmbedding:
+    return _state(request, "serving_embedding", ServingEmbedding)
+
+
+def api_metrics(request: Request) -> ApiMetrics:
+    return _state(request, "metrics", ApiMetrics)
 
 
 def active_model(request: Request) -> ActiveModel:

@@ -18,9 +18,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
+from agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected
 from agent.api.protocol import ErrorInfo, ErrorResponse
 from agent.runtimes.base import (
+    CapabilityNotSupported,
     ChatNotSupported,
     ContextLengthExceeded,
     InvalidPromptError,
@@ -35,6 +38,7 @@ INVALID_REQUEST = "invalid_request_error"
 NOT_FOUND = "not_found_error"
 SERVER_ERROR = "server_error"
 UNAVAILABLE = "service_unavailable_error"
+RATE_LIMITED = "rate_limit_exceeded"
 
 
 class APIError(Exception):
@@ -48,13 +52,15 @@ class APIError(Exception):
         type: str = INVALID_REQUEST,
         code: str | None = None,
         param: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.headers = dict(headers or {})
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.info)
+        return error_response(self.status, self.info, headers=self.headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +68,14 @@ class _Mapping:
     status: int
     type: str
     code: str
+    param: str | None = None  # fixed param, else the caller's
 
 
 # Most specific first: the first entry the exception is an instance of wins.
 _FAILURES: Final[Mapping[type[Exception], _Mapping]] = MappingProxyType(
     {
         ContextLengthExceeded: _Mapping(400, INVALID_REQUEST, "context_length_exceeded"),
+        CapabilityNotSupported: _Mapping(400, INVALID_REQUEST, "capability_not_supported", param="model"),
         ChatNotSupported: _Mapping(400, INVALID_REQUEST, "chat_not_supported"),
         InvalidPromptError: _Mapping(400, INVALID_REQUEST, "invalid_prompt"),
         RuntimeUnloaded: _Mapping(503, UNAVAILABLE, "model_unloaded"),
@@ -81,12 +89,16 @@ def api_error_for(exc: Exception, *, param: str | None = None) -> APIError:
     """The API error a runtime/serving exception stands for; unknown ones are internal errors."""
     for kind, mapping in _FAILURES.items():
         if isinstance(exc, kind):
-            return APIError(mapping.status, str(exc), type=mapping.type, code=mapping.code, param=param)
+            return APIError(
+                mapping.status, str(exc), type=mapping.type, code=mapping.code, param=mapping.param or param
+            )
     return APIError(500, "internal server error", type=SERVER_ERROR, code="internal_error")
 
 
-def error_response(status: int, info: ErrorInfo) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=info).model_dump(mode="json"), status_code=status)
+def error_response(status: int, info: ErrorInfo, *, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        ErrorResponse(error=info).model_dump(mode="json"), status_code=status, headers=headers
+    )
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -95,7 +107,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
@@ -108,6 +120,14 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if param:
         message = f"{param}: {message}"
     return APIError(400, message, param=param, code="invalid_value" if kind != "missing" else "missing")
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list[str]", "none"})
+
+
+def _is_union_tag(part: object) -> bool:
+    """Pydantic names the union member that failed ('str', 'list[str]', ...); clients know fields."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
 
 
 def install_error_handlers(
@@ -135,7 +155,11 @@ def install_error_handlers(
         status = exc.status_code
         kind = NOT_FOUND if status == 404 else INVALID_REQUEST if status < 500 else SERVER_ERROR
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
-        return error_response(status, ErrorInfo(message=message, type=kind, code=None))
+        # Keep Starlette's headers: a 405 must say which methods are allowed (Allow).
+        return error_response(status, ErrorInfo(message=message, type=kind, code=None), headers=exc.headers)
+
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; metrics count it
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error serving %s %s", request.method, request.url.path)
@@ -144,4 +168,5 @@ def install_error_handlers(
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(ClientDisconnected, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)

@@ -1,9 +1,9 @@
 """Generation runs in worker threads; the event loop only awaits its results.
 
 llama.cpp holds the CPU for the whole generation, so calling it on the event loop would
-freeze every other request (health checks included). Non-streamed requests drain the
-generation in starlette's thread pool; streams get a dedicated thread that hands deltas
-to the loop through an asyncio queue and stops as soon as the consumer cancels.
+freeze every other request (health checks included). Every generation, streamed or not,
+gets a dedicated thread that hands deltas to the loop through an asyncio queue and stops
+as soon as the consumer cancels, so a client that leaves frees the model within a token.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from starlette.concurrency import run_in_threadpool
 
 from agent.runtimes.base import Completion, Delta, FinishReason, Generation
 
@@ -26,33 +24,6 @@ class Collected:
     completion: Completion
     first_delta_at: float | None
     finished_at: float
-
-
-async def collect_in_thread(generation: Generation) -> Collected:
-    """Run a generation to its end off the event loop."""
-
-    def drain() -> Collected:
-        parts: list[str] = []
-        finish: FinishReason = "length"
-        first_at: float | None = None
-        try:
-            for delta in generation:
-                if first_at is None:
-                    first_at = time.perf_counter()
-                parts.append(delta.text)
-                if delta.finish_reason is not None:
-                    finish = delta.finish_reason
-        finally:
-            generation.close()
-        completion = Completion(
-            text="".join(parts),
-            finish_reason=finish,
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-        )
-        return Collected(completion=completion, first_delta_at=first_at, finished_at=time.perf_counter())
-
-    return await run_in_threadpool(drain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,3 +92,26 @@ class TokenPump:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is gone (server shut down): nobody is listening
             self._cancelled.set()
+
+
+async def collect(pump: TokenPump, generation: Generation) -> Collected:
+    """Drain a started pump into one Completion; cancelling this stops the generation."""
+    parts: list[str] = []
+    finish: FinishReason = "length"
+    first_at: float | None = None
+    try:
+        while (delta := await pump.next()) is not None:
+            if first_at is None:
+                first_at = time.perf_counter()
+            parts.append(delta.text)
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+    finally:
+        pump.cancel()
+    completion = Completion(
+        text="".join(parts),
+        finish_reason=finish,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+    )
+    return Collected(completion=completion, first_delta_at=first_at, finished_at=time.perf_counter())

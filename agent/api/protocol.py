@@ -2,19 +2,34 @@
 
 Requests are strict (a string where a number belongs is a 400, as with OpenAI) but ignore
 unknown fields, so newer clients that send extra options still work. Only what this agent
-can honour is accepted; options it cannot (n > 1, logprobs, echo, suffix) are refused
-rather than silently ignored.
+can honour is accepted; options it cannot (n > 1, logprobs, echo, suffix, token-array
+inputs, other embedding sizes) are refused rather than silently ignored. The JSON schemas
+say the same (n is exactly 1, echo only false, ...) because /openapi.json is generated
+from these classes and clients and fuzzers rely on it.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
+from typing_extensions import TypedDict
 
 MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's per-request limit, so clients' batching already fits
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 16.0 is the integer 16 (JSON Schema agrees), 16.5 stays an error."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -71,9 +86,18 @@ class SamplingRequest(OpenAIBaseModel):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
+    seed: Integer | None = None  # any integer: runtimes use its low 32 bits
+    stop: str | list[str] | None = Field(
+        default=None,
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_SEQUENCES},
+                {"type": "null"},
+            ]
+        },
+    )
+    n: Integer = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1})
     stream: bool = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -105,8 +129,8 @@ class SamplingRequest(OpenAIBaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageParam] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInteger | None = None
+    max_completion_tokens: PositiveInteger | None = None
 
     def token_limit(self) -> int | None:
         """max_completion_tokens supersedes the deprecated max_tokens, as in OpenAI's API."""
@@ -114,11 +138,18 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    prompt: str | list[str] = Field(
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+            ]
+        }
+    )
+    max_tokens: PositiveInteger | None = 16  # OpenAI's default for completions
+    echo: bool = Field(default=False, json_schema_extra={"const": False})
+    logprobs: int | None = Field(default=None, json_schema_extra={"anyOf": [{"type": "null"}]})
+    suffix: str | None = Field(default=None, json_schema_extra={"anyOf": [{"type": "null"}]})
 
     @field_validator("prompt")
     @classmethod
@@ -150,6 +181,50 @@ class CompletionRequest(SamplingRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbeddingRequest(OpenAIBaseModel):
+    """POST /v1/embeddings. Token-array inputs are refused: the runtime embeds text."""
+
+    model: str
+    input: str | list[str] = Field(
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "minItems": 1,
+                    "maxItems": MAX_EMBEDDING_INPUTS,
+                },
+            ]
+        }
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInteger | None = None
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(item, int | list) for item in value):
+            raise ValueError("token arrays are not supported; send the text as a string or a list of strings")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _sane_inputs(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("at least one input is required")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs are allowed per request")
+        if any(not text for text in texts):
+            raise ValueError("inputs must not be empty strings")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 # --- responses ---------------------------------------------------------------------------
@@ -196,15 +271,27 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
 
 
+class DeltaFields(TypedDict, total=False):
+    """A delta as sent (the serialization schema in /openapi.json comes from this)."""
+
+    role: Literal["assistant"]
+    content: str
+
+
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
     @model_serializer(mode="wrap")
-    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> DeltaFields:
         # OpenAI sends only what a delta changes: {"role": ...} first, then {"content": ...}.
-        data: dict[str, object] = handler(self)
-        return {key: value for key, value in data.items() if value is not None}
+        data: dict[str, Any] = handler(self)
+        fields = DeltaFields()
+        if data.get("role") is not None:
+            fields["role"] = data["role"]
+        if data.get("content") is not None:
+            fields["content"] = data["content"]
+        return fields
 
 
 class ChatCompletionChunkChoice(OpenAIBaseModel):
@@ -250,3 +337,31 @@ class ModelCard(OpenAIBaseModel):
 class ModelList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingData(OpenAIBaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: little-endian float32, base64 (encoding_format=base64)
+
+
+class EmbeddingUsage(OpenAIBaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+class HealthResponse(BaseModel):
+    """GET /healthz; the agent's own health figures (state, active, ...) appear beside these."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok", "unavailable"]
+    model: str | None
+    runtime: str | None = None

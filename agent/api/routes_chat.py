@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from agent.api.deps import chat_serving
-from agent.api.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse
+from agent.api.openapi import MODEL_ERRORS, json_or_stream
+from agent.api.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from agent.api.serving_chat import ServingChat
 
 router = APIRouter()
@@ -16,13 +17,15 @@ router = APIRouter()
     "/v1/chat/completions",
     response_model=None,
     responses={
-        200: {"model": ChatCompletionResponse, "content": {"text/event-stream": {}}},
-        400: {"model": ErrorResponse},
-        404: {"model": ErrorResponse},
-        503: {"model": ErrorResponse},
+        200: json_or_stream(
+            ChatCompletionResponse,
+            ChatCompletionChunk,
+            "The completion, or with stream=true chat.completion.chunk events",
+        ),
+        **MODEL_ERRORS,
     },
 )
 async def create_chat_completion(
-    request: ChatCompletionRequest, serving: ServingChat = Depends(chat_serving)
+    request: ChatCompletionRequest, raw: Request, serving: ServingChat = Depends(chat_serving)
 ) -> Response:
-    return await serving.handle(request)
+    return await serving.handle(request, raw)

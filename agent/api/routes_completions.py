@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from agent.api.deps import completion_serving
-from agent.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse
+from agent.api.openapi import MODEL_ERRORS, json_or_stream
+from agent.api.protocol import CompletionRequest, CompletionResponse
 from agent.api.serving_completion import ServingCompletion
 
 router = APIRouter()
@@ -16,13 +17,15 @@ router = APIRouter()
     "/v1/completions",
     response_model=None,
     responses={
-        200: {"model": CompletionResponse, "content": {"text/event-stream": {}}},
-        400: {"model": ErrorResponse},
-        404: {"model": ErrorResponse},
-        503: {"model": ErrorResponse},
+        200: json_or_stream(
+            CompletionResponse,
+            CompletionResponse,
+            "The completion, or with stream=true text_completion events",
+        ),
+        **MODEL_ERRORS,
     },
 )
 async def create_completion(
-    request: CompletionRequest, serving: ServingCompletion = Depends(completion_serving)
+    request: CompletionRequest, raw: Request, serving: ServingCompletion = Depends(completion_serving)
 ) -> Response:
-    return await serving.handle(request)
+    return await serving.handle(request, raw)

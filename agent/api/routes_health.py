@@ -7,12 +7,20 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from agent.api.deps import HealthProbe, active_model, health_probe
+from agent.api.protocol import HealthResponse
 from agent.serving import ActiveModel
 
 router = APIRouter()
 
 
-@router.get("/healthz", responses={503: {"description": "no model is loaded"}})
+@router.get(
+    "/healthz",
+    response_model=None,
+    responses={
+        200: {"model": HealthResponse, "description": "A model is loaded"},
+        503: {"model": HealthResponse, "description": "No model is loaded"},
+    },
+)
 async def healthz(
     active: ActiveModel = Depends(active_model), probe: HealthProbe | None = Depends(health_probe)
 ) -> JSONResponse:

@@ -1,10 +1,11 @@
-"""What chat and text completions share: pick the model, generate off the loop, stream, report.
+"""What every model endpoint shares: pick the model, check it can do the job, queue, report.
 
-Subclasses say how a request becomes a generation and how deltas become OpenAI objects;
-this class owns the order of operations that makes the API safe: lease the model, validate
-the prompt before any byte is sent (so prompt errors get a real status code), generate in
-a worker thread, stop when the client leaves, release the lease, and report exactly one
-InferenceStats per request.
+`ServingEndpoint` owns the steps before any work starts: lease the active model, refuse
+models without the endpoint's capability, and wait for a slot in the admission queue (or
+be turned away with 429, or give up when the client leaves). `OpenAIServing` adds what
+chat and text completions share: validate the prompt before any byte is sent (so prompt
+errors get a real status code), generate in a worker thread, stop when the client leaves,
+release the lease and slot, and report exactly one InferenceStats per request.
 """
 
 from __future__ import annotations
@@ -17,30 +18,137 @@ from typing import ClassVar, Generic, TypeVar
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.responses import Response
 
 from agent.api import sse
-from agent.api.errors import INVALID_REQUEST, APIError, api_error_for
-from agent.api.offload import TokenPump, collect_in_thread
+from agent.api.admission import AdmissionQueue, QueueFull, Slot
+from agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
+from agent.api.errors import INVALID_REQUEST, RATE_LIMITED, APIError, api_error_for
+from agent.api.offload import TokenPump, collect
 from agent.api.protocol import ErrorResponse, SamplingRequest, UsageInfo
 from agent.api.timing import RequestTimer
-from agent.runtimes.base import Completion, ContextLengthExceeded, Delta, Generation, Runtime, SamplingParams
+from agent.runtimes.base import (
+    Capability,
+    Completion,
+    ContextLengthExceeded,
+    Delta,
+    Generation,
+    Runtime,
+    SamplingParams,
+)
 from agent.serving import ActiveModel, Lease, NoActiveModel
 from agent.stats import InferenceStats
 
 RequestT = TypeVar("RequestT", bound=SamplingRequest)
 
+SEED_MASK = 0xFFFF_FFFF  # runtimes take 32-bit seeds; OpenAI clients may send any integer
+CLIENT_DISCONNECTED = "client_disconnected"  # InferenceStats.error when the client left early
 
-class OpenAIServing(ABC, Generic[RequestT]):
-    """One generation endpoint; instances live on `app.state` and are shared by all requests."""
+
+class Admission:
+    """A request's lease on the model plus its queue slot; `release` frees both, from any thread."""
+
+    __slots__ = ("lease", "slot")
+
+    def __init__(self, lease: Lease, slot: Slot) -> None:
+        self.lease = lease
+        self.slot = slot
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.lease.runtime
+
+    def release(self) -> None:
+        try:
+            self.slot.release()
+        finally:
+            self.lease.release()
+
+
+class ServingEndpoint:
+    """One model endpoint; instances live on `app.state` and are shared by all requests."""
 
     endpoint: ClassVar[str]  # InferenceStats.endpoint
+    capability: ClassVar[Capability]  # what the model must be able to do
+    capability_name: ClassVar[str]  # the capability as error messages name it
+
+    def __init__(
+        self, *, active: ActiveModel, queue: AdmissionQueue, observer: Callable[[InferenceStats], None]
+    ) -> None:
+        self._active = active
+        self._queue = queue
+        self._observer = observer
+
+    def timer(self, *, model: str, stream: bool) -> RequestTimer:
+        return RequestTimer(observer=self._observer, endpoint=self.endpoint, model=model, stream=stream)
+
+    def rejected(self, error: APIError, *, model: str = "") -> None:
+        """Report a request refused before it reached this class (malformed body)."""
+        self.timer(model=model, stream=False).report(error=error_code(error))
+
+    async def admit(self, requested: str, raw: Request, timer: RequestTimer) -> Admission:
+        """Lease the model, check its capability and wait for a slot; failures are reported."""
+        try:
+            lease = self._lease(requested)
+        except APIError as refused:
+            timer.report(error=error_code(refused))
+            raise
+        timer.model = lease.runtime.describe().model_id
+        try:
+            slot = await unless_disconnected(raw, self._queue.admit())
+        except QueueFull as full:
+            lease.release()
+            error = APIError(
+                429,
+                str(full),
+                type=RATE_LIMITED,
+                code="queue_full",
+                headers={"Retry-After": str(full.retry_after_s)},
+            )
+            timer.report(error=error_code(error))
+            raise error from full
+        except BaseException as exc:  # the client left while waiting, or the server is stopping
+            lease.release()
+            if isinstance(exc, ClientDisconnected):
+                timer.report(error=CLIENT_DISCONNECTED)
+            raise
+        return Admission(lease, slot)
+
+    def _lease(self, requested: str) -> Lease:
+        try:
+            lease = self._active.lease()
+        except NoActiveModel as exc:
+            raise api_error_for(exc) from exc
+        description = lease.runtime.describe()
+        served = description.model_id
+        if requested != served:
+            lease.release()
+            raise APIError(
+                404,
+                f"The model `{requested}` does not exist on this device; it serves `{served}`.",
+                type=INVALID_REQUEST,
+                code="model_not_found",
+                param="model",
+            )
+        if self.capability not in description.capabilities:
+            lease.release()
+            can = ", ".join(sorted(c.value for c in description.capabilities)) or "nothing"
+            raise APIError(
+                400,
+                f"The model `{served}` does not support {self.capability_name} (it supports: {can}).",
+                type=INVALID_REQUEST,
+                code="capability_not_supported",
+                param="model",
+            )
+        return lease
+
+
+class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
+    """A generation endpoint (chat or text completions)."""
+
     id_prefix: ClassVar[str]  # OpenAI object id prefix
     prompt_param: ClassVar[str]  # the request field prompt errors point at
-
-    def __init__(self, *, active: ActiveModel, observer: Callable[[InferenceStats], None]) -> None:
-        self._active = active
-        self._observer = observer
 
     @abstractmethod
     def open_generation(self, runtime: Runtime, request: RequestT) -> Generation:
@@ -60,32 +168,27 @@ class OpenAIServing(ABC, Generic[RequestT]):
     def build_usage_chunk(self, *, request_id: str, created: int, model: str, usage: UsageInfo) -> BaseModel:
         """The trailing chunk carrying usage, for stream_options.include_usage."""
 
-    def rejected(self, error: APIError, *, model: str = "") -> None:
-        """Report a request refused before it reached this class (malformed body)."""
-        timer = RequestTimer(observer=self._observer, endpoint=self.endpoint, model=model, stream=False)
-        timer.report(error=error.info.code or error.info.type)
-
-    async def handle(self, request: RequestT) -> Response:
-        timer = RequestTimer(
-            observer=self._observer, endpoint=self.endpoint, model=request.model, stream=request.stream
-        )
+    async def handle(self, request: RequestT, raw: Request) -> Response:
+        timer = self.timer(model=request.model, stream=request.stream)
+        admission = await self.admit(request.model, raw, timer)
         try:
-            lease = self._lease(request.model)
-        except APIError as refused:
-            timer.report(error=_code(refused))
-            raise
-        timer.model = lease.runtime.describe().model_id
-        try:
-            generation = await run_in_threadpool(self.open_generation, lease.runtime, request)
+            generation = await run_in_threadpool(self.open_generation, admission.runtime, request)
         except Exception as exc:
-            lease.release()
+            admission.release()
             error = api_error_for(exc, param=self.prompt_param)
             prompt_tokens = exc.prompt_tokens if isinstance(exc, ContextLengthExceeded) else 0
-            timer.report(prompt_tokens=prompt_tokens, error=_code(error))
+            timer.report(prompt_tokens=prompt_tokens, error=error_code(error))
             raise error from exc
+        except BaseException:
+            admission.release()
+            raise
+        # From here the pump's thread owns the admission: it releases it once the generation
+        # is closed, whatever the outcome, so the slot frees only when the model is idle.
+        pump = TokenPump(generation, on_done=admission.release)
+        pump.start()
         if request.stream:
-            return await self._stream(request, lease, generation, timer)
-        return await self._complete(lease, generation, timer)
+            return await self._stream(request, raw, pump, generation, timer)
+        return await self._complete(raw, pump, generation, timer)
 
     @staticmethod
     def sampling_params(request: SamplingRequest, *, max_tokens: int | None) -> SamplingParams:
@@ -94,42 +197,34 @@ class OpenAIServing(ABC, Generic[RequestT]):
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            seed=request.seed,
+            seed=None if request.seed is None else request.seed & SEED_MASK,
             stop=request.stop_sequences(),
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
         )
 
-    def _lease(self, requested: str) -> Lease:
+    async def _complete(
+        self, raw: Request, pump: TokenPump, generation: Generation, timer: RequestTimer
+    ) -> Response:
         try:
-            lease = self._active.lease()
-        except NoActiveModel as exc:
-            raise api_error_for(exc) from exc
-        served = lease.runtime.describe().model_id
-        if requested != served:
-            lease.release()
-            raise APIError(
-                404,
-                f"The model `{requested}` does not exist on this device; it serves `{served}`.",
-                type=INVALID_REQUEST,
-                code="model_not_found",
-                param="model",
+            collected = await unless_disconnected(raw, collect(pump, generation))
+        except ClientDisconnected:
+            timer.report(
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                error=CLIENT_DISCONNECTED,
             )
-        return lease
-
-    async def _complete(self, lease: Lease, generation: Generation, timer: RequestTimer) -> Response:
-        try:
-            collected = await collect_in_thread(generation)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as exc:
             error = api_error_for(exc, param=self.prompt_param)
             timer.report(
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
-                error=_code(error),
+                error=error_code(error),
             )
             raise error from exc
         finally:
-            lease.release()
+            pump.cancel()
         completion = collected.completion
         if collected.first_delta_at is not None:
             timer.mark_first_token(collected.first_delta_at)
@@ -141,18 +236,20 @@ class OpenAIServing(ABC, Generic[RequestT]):
         return JSONResponse(body)
 
     async def _stream(
-        self, request: RequestT, lease: Lease, generation: Generation, timer: RequestTimer
+        self, request: RequestT, raw: Request, pump: TokenPump, generation: Generation, timer: RequestTimer
     ) -> Response:
-        pump = TokenPump(generation, on_done=lease.release)
-        pump.start()
         try:
             # Wait for the first delta before sending headers: a failure this early still gets
             # its own status code instead of an error buried in a 200 stream.
-            first = await pump.next()
+            first = await unless_disconnected(raw, pump.next())
+        except ClientDisconnected:
+            pump.cancel()
+            timer.report(prompt_tokens=generation.prompt_tokens, error=CLIENT_DISCONNECTED)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as exc:
             pump.cancel()
             error = api_error_for(exc, param=self.prompt_param)
-            timer.report(prompt_tokens=generation.prompt_tokens, error=_code(error))
+            timer.report(prompt_tokens=generation.prompt_tokens, error=error_code(error))
             raise error from exc
         except BaseException:
             pump.cancel()
@@ -172,7 +269,7 @@ class OpenAIServing(ABC, Generic[RequestT]):
         request_id = self._new_id()
         created = int(timer.started_at_wall)
         exclude = None if request.include_usage() else {"usage"}
-        outcome = "client_disconnected"  # until the stream is known to have ended properly
+        outcome = CLIENT_DISCONNECTED  # until the stream is known to have ended properly
         try:
             delta, is_first = first, True
             while delta is not None:
@@ -184,6 +281,7 @@ class OpenAIServing(ABC, Generic[RequestT]):
                 delta = await pump.next()
             timer.mark_finished()
             if request.include_usage():
+                # OpenAI's shape: one last chunk with no choices, carrying the whole request's usage.
                 usage = UsageInfo.of(
                     prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens
                 )
@@ -195,7 +293,7 @@ class OpenAIServing(ABC, Generic[RequestT]):
             yield sse.DONE
         except Exception as exc:  # a failure mid-stream: tell the client in-band, as OpenAI does
             error = api_error_for(exc, param=self.prompt_param)
-            outcome = _code(error)
+            outcome = error_code(error)
             yield sse.event(ErrorResponse(error=error.info).model_dump_json())
             yield sse.DONE
         finally:
@@ -210,5 +308,5 @@ class OpenAIServing(ABC, Generic[RequestT]):
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
 
 
-def _code(error: APIError) -> str:
+def error_code(error: APIError) -> str:
     return error.info.code or error.info.type

@@ -15,11 +15,13 @@ from agent.api.protocol import (
     UsageInfo,
 )
 from agent.api.serving_base import OpenAIServing
-from agent.runtimes.base import ChatMessage, Completion, Delta, Generation, Runtime
+from agent.runtimes.base import Capability, ChatMessage, Completion, Delta, Generation, Runtime
 
 
 class ServingChat(OpenAIServing[ChatCompletionRequest]):
     endpoint = "chat.completions"
+    capability = Capability.CHAT
+    capability_name = "chat completions"
     id_prefix = "chatcmpl"
     prompt_param = "messages"
 

@@ -6,11 +6,13 @@ from pydantic import BaseModel
 
 from agent.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 from agent.api.serving_base import OpenAIServing
-from agent.runtimes.base import Completion, Delta, Generation, Runtime
+from agent.runtimes.base import Capability, Completion, Delta, Generation, Runtime
 
 
 class ServingCompletion(OpenAIServing[CompletionRequest]):
     endpoint = "completions"
+    capability = Capability.COMPLETIONS
+    capability_name = "text completions"
     id_prefix = "cmpl"
     prompt_param = "prompt"
 

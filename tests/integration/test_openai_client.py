@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import math
 import socket
 import threading
 import time
@@ -14,10 +17,12 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from agent.api import create_app
+from agent.api.admission import AdmissionQueue, QueueLimits
 from agent.runtimes import load_runtime
-from agent.runtimes.base import Runtime
+from agent.runtimes.base import Capability, Runtime
 from agent.serving import ActiveModel
 from agent.stats import InferenceStats
 from protos.fleet.v1 import common_pb2
@@ -53,13 +58,23 @@ class Recorder:
 
 
 class Device:
-    """A running API: base URL, the model holder and what the observer saw."""
+    """A running API: base URL, the model holder, the app and what the observer saw."""
 
-    def __init__(self, base_url: str, active: ActiveModel, runtime: Runtime, recorder: Recorder) -> None:
+    def __init__(
+        self, base_url: str, active: ActiveModel, runtime: Runtime, recorder: Recorder, app: FastAPI
+    ) -> None:
         self.base_url = base_url
         self.active = active
         self.runtime = runtime
         self.recorder = recorder
+        self.queue: AdmissionQueue = app.state.admission_queue
+
+    def wait_idle(self) -> None:
+        """Until no request holds the model or a queue slot."""
+        deadline = time.monotonic() + 10
+        while (self.active.in_flight(self.runtime) or self.queue.running) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.active.in_flight(self.runtime) == 0 and self.queue.running == 0
 
 
 def smollm2_file() -> Path:
@@ -68,14 +83,9 @@ def smollm2_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
 
 
-@pytest.fixture(scope="module")
-def device() -> Iterator[Device]:
-    runtime = load_runtime(
-        fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id=MODEL_ID, n_ctx=1024
-    )
-    active = ActiveModel(runtime)
-    recorder = Recorder()
-    app = create_app(active=active, observer=recorder, health=lambda: {"state": "active"})
+@contextlib.contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Run `app` on a real uvicorn on a free loopback port; yields the base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -87,12 +97,31 @@ def device() -> Iterator[Device]:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield Device(f"http://127.0.0.1:{port}", active, runtime, recorder)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(30)
         sock.close()
-        runtime.unload()
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[Runtime]:
+    loaded = load_runtime(
+        fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id=MODEL_ID, n_ctx=1024
+    )
+    try:
+        yield loaded
+    finally:
+        loaded.unload()
+
+
+@pytest.fixture(scope="module")
+def device(runtime: Runtime) -> Iterator[Device]:
+    active = ActiveModel(runtime)
+    recorder = Recorder()
+    app = create_app(active=active, observer=recorder, health=lambda: {"state": "active"})
+    with serving(app) as base_url:
+        yield Device(base_url, active, runtime, recorder, app)
 
 
 @pytest.fixture
@@ -155,6 +184,63 @@ def test_completion(client: openai.OpenAI) -> None:
     )
     assert "Paris" in response.choices[0].text
     assert response.usage is not None and 0 < response.usage.completion_tokens <= 8
+
+
+def test_completion_stream_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model=MODEL_ID,
+            prompt="The capital of France is",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert 0 < chunks[-1].usage.completion_tokens <= 6
+    assert (
+        chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+    )
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def embeddings_supported(runtime: Runtime) -> bool:
+    return Capability.EMBEDDINGS in runtime.describe().capabilities
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_embeddings(client: openai.OpenAI, device: Device) -> None:
+    if not embeddings_supported(device.runtime):
+        pytest.fail("the llama.cpp runtime does not declare EMBEDDINGS yet")
+    texts = ["The cat sat on the mat.", "A cat is sitting on a mat.", "Quarterly revenue rose by 4%."]
+    as_floats = client.embeddings.create(model=MODEL_ID, input=texts, encoding_format="float")
+    as_base64 = client.embeddings.create(model=MODEL_ID, input=texts)  # the SDK asks for base64
+    assert [item.index for item in as_floats.data] == [0, 1, 2]
+    vectors = [item.embedding for item in as_floats.data]
+    size = len(vectors[0])
+    assert size > 0 and all(len(vector) == size for vector in vectors)
+    for decoded, plain in zip(as_base64.data, vectors, strict=True):
+        assert decoded.embedding == pytest.approx(plain, rel=1e-6, abs=1e-6)
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+    assert as_floats.usage.prompt_tokens > 0
+    assert as_floats.usage.total_tokens == as_floats.usage.prompt_tokens
+    single = client.embeddings.create(model=MODEL_ID, input=texts[0], dimensions=size)
+    assert len(single.data) == 1
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.embeddings.create(model=MODEL_ID, input=texts[0], dimensions=size // 2)
+    assert raised.value.param == "dimensions"
+    with pytest.raises(openai.BadRequestError, match="token arrays"):
+        client.embeddings.create(model=MODEL_ID, input=[[1, 2, 3]])
+    stats = device.recorder.wait_for(3)
+    assert [s.endpoint for s in stats[:3]] == ["embeddings"] * 3
+    assert stats[0].prompt_tokens == as_floats.usage.prompt_tokens
 
 
 def test_completion_stream_and_stop(client: openai.OpenAI) -> None:
@@ -242,10 +328,40 @@ def test_client_disconnect_stops_generation(device: Device) -> None:
     (stats,) = device.recorder.wait_for(1)
     assert stats.error == "client_disconnected"
     assert stats.completion_tokens < 100
-    deadline = time.monotonic() + 10
-    while device.active.in_flight(device.runtime) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert device.active.in_flight(device.runtime) == 0
+    device.wait_idle()
+
+
+def test_client_timeout_stops_a_non_streamed_generation(device: Device) -> None:
+    device.recorder.clear()
+    body = {"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{device.base_url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    (stats,) = device.recorder.wait_for(1)
+    assert stats.error == "client_disconnected"
+    assert stats.completion_tokens < 600
+    device.wait_idle()
+
+
+def test_a_full_queue_raises_rate_limit_error(runtime: Runtime) -> None:
+    app = create_app(
+        active=ActiveModel(runtime),
+        observer=lambda stats: None,
+        limits=QueueLimits(max_running=1, max_waiting=0),
+    )
+    queue: AdmissionQueue = app.state.admission_queue
+    with serving(app) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=60)
+        held = asyncio.run(queue.admit())  # a request in progress, held for as long as the test needs
+        try:
+            with pytest.raises(openai.RateLimitError) as raised:
+                client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2)
+        finally:
+            held.release()
+        assert raised.value.code == "queue_full"
+        assert int(raised.value.response.headers["retry-after"]) >= 1
+        assert client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2).choices
+        metrics = httpx.get(f"{base_url}/metrics").text
+        assert "edgefleet_api_queue_rejected_total 1.0" in metrics
 
 
 def test_concurrent_clients_are_all_served(client: openai.OpenAI) -> None:

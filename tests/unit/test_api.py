@@ -23,11 +23,15 @@ from fastapi.testclient import TestClient
 
 from agent.api import create_app
 from agent.runtimes.base import (
+    GENERATIVE,
+    Capability,
+    CapabilityNotSupported,
     ChatMessage,
     ChatNotSupported,
     Completion,
     ContextLengthExceeded,
     Delta,
+    Embeddings,
     FinishReason,
     GenerationError,
     RuntimeDescription,
@@ -114,7 +118,12 @@ class FakeRuntime:
         fail_at: int | None = None,
         token_delay: float = 0.0,
         gate: threading.Event | None = None,
+        capabilities: frozenset[Capability] = GENERATIVE | {Capability.EMBEDDINGS},
+        dimensions: int = 3,
     ) -> None:
+        self.capabilities = capabilities
+        self.dimensions = dimensions
+        self.embedded: list[list[str]] = []
         self.reply = reply
         self.model_id = model_id
         self.n_ctx = n_ctx
@@ -135,7 +144,27 @@ class FakeRuntime:
             n_threads=1,
             gpu_offload=False,
             format=common_pb2.MODEL_FORMAT_GGUF,
+            capabilities=self.capabilities,
         )
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Vector i of a text is (words, characters, i+1, ...): easy to check, dimension-sized."""
+        if Capability.EMBEDDINGS not in self.capabilities:
+            raise CapabilityNotSupported(self.model_id, Capability.EMBEDDINGS)
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never opened"
+        self.embedded.append(list(texts))
+        vectors = tuple(
+            tuple(
+                [
+                    float(len(text.split())),
+                    float(len(text)),
+                    *(float(i + 1) for i in range(self.dimensions - 2)),
+                ]
+            )
+            for text in texts
+        )
+        return Embeddings(vectors=vectors, prompt_tokens=sum(len(text.split()) for text in texts))
 
     def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Completion:
         return collect(self.chat_stream(messages, params))
