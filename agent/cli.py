@@ -57,6 +57,8 @@ def run(
             "when choosing a model variant"
         ),
     ] = None,
+    max_running: Annotated[int, typer.Option(min=1, help="API requests generating at once")] = 1,
+    max_waiting: Annotated[int, typer.Option(min=0, help="API requests queued; beyond: HTTP 429")] = 16,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
@@ -96,6 +98,8 @@ def run(
         n_ctx=n_ctx,
         n_threads=threads or len(os.sched_getaffinity(0)),
         api_key=api_key,
+        max_running_requests=max_running,
+        max_waiting_requests=max_waiting,
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
         hardware_profile_path=hardware_profile,
     )

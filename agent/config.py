@@ -22,6 +22,8 @@ class AgentConfig:
     n_ctx: int = 2048
     n_threads: int | None = None
     hostname: str = ""
+    max_running_requests: int = 1  # generations at once; the rest queue
+    max_waiting_requests: int = 16  # queued beyond this get HTTP 429
     api_key: str | None = None  # required on /v1/* when set (always set off loopback)
     artifact_budget_bytes: int | None = None  # None: keep the previous model for rollback regardless
     hardware_profile_path: Path | None = None  # JSON profile replacing hardware detection (variant choice)

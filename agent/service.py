@@ -23,6 +23,7 @@ import grpc
 import uvicorn
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from agent.api.admission import QueueLimits
 from agent.api.app import create_app
 from agent.api.auth import require_api_key
 from agent.artifacts import ArtifactStore
@@ -69,6 +70,21 @@ def retrying(max_wait_seconds: float) -> AsyncRetrying:
 
 class DeviceRevoked(Exception):
     """The control plane no longer accepts this device's certificate."""
+
+
+def bind_api_socket(host: str, port: int) -> socket.socket:
+    """The local API's listening socket, bound before anything else so the port is known.
+
+    proto=IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on connections whose
+    socket says it is TCP, and with Nagle on, the first streamed token waits out the client's
+    delayed ACK (about 40 ms) behind the response headers.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def hostname_of(config: AgentConfig) -> str:
@@ -250,14 +266,18 @@ class AgentService:
             await link.close()
 
     def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.listen_host, self.config.listen_port))
-        sock.set_inheritable(True)
-        return sock
+        return bind_api_socket(self.config.listen_host, self.config.listen_port)
 
     def _api_server(self) -> uvicorn.Server:
-        app = create_app(active=self.active, observer=self._observe, health=self._health)
+        app = create_app(
+            active=self.active,
+            observer=self._observe,
+            health=self._health,
+            limits=QueueLimits(
+                max_running=self.config.max_running_requests, max_waiting=self.config.max_waiting_requests
+            ),
+            release_info=self._release_info,
+        )
         if self.config.api_key:
             require_api_key(app, self.config.api_key)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
@@ -294,6 +314,13 @@ class AgentService:
         self.requests.add()
         if self.telemetry is not None:
             self.telemetry.record_inference(stats)
+
+    def _release_info(self) -> dict[str, str]:
+        """Which release and variant serve, for the model-info metric."""
+        active = self.updater.state.active
+        if active is None:
+            return {}
+        return {"bundle": active.bundle, "version": str(active.version), "variant": active.variant}
 
     def _health(self) -> dict[str, object]:
         state = self.updater.state
