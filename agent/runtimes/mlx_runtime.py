@@ -33,7 +33,7 @@ import json
 import queue
 import secrets
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,7 @@ from agent.runtimes.base import (
     SamplingParams,
     collect,
 )
+from agent.runtimes.slot_generation import SlotGeneration
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
 
@@ -230,7 +231,7 @@ class MlxRuntime:
     def complete(self, prompt: str, params: SamplingParams) -> Completion:
         return collect(self.complete_stream(prompt, params))
 
-    def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> _MlxGeneration:
+    def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> SlotGeneration:
         if not self._has_chat_template:
             raise ChatNotSupported(f"{self._description.model_id} has no chat template; use /v1/completions")
         conversation = [{"role": m.role, "content": m.content} for m in messages]
@@ -247,7 +248,7 @@ class MlxRuntime:
 
         return self._start(self._thread.call(tokenize), params)
 
-    def complete_stream(self, prompt: str, params: SamplingParams) -> _MlxGeneration:
+    def complete_stream(self, prompt: str, params: SamplingParams) -> SlotGeneration:
         def tokenize() -> list[int]:
             # Same tokenization as mlx_lm.stream_generate: BOS unless the prompt writes it.
             tokenizer = self._model().tokenizer
@@ -300,15 +301,20 @@ class MlxRuntime:
             raise RuntimeUnloaded(f"{self._description.model_id} was unloaded")
         return self._loaded
 
-    def _start(self, prompt_tokens: list[int], params: SamplingParams) -> _MlxGeneration:
+    def _start(self, prompt_tokens: list[int], params: SamplingParams) -> SlotGeneration:
         if not prompt_tokens:
             raise InvalidPromptError("the prompt is empty")
         n_ctx = self._description.n_ctx
         if len(prompt_tokens) >= n_ctx:
             raise ContextLengthExceeded(prompt_tokens=len(prompt_tokens), n_ctx=n_ctx)
-        return _MlxGeneration(self, prompt_tokens, params)
+        return SlotGeneration(
+            slot=self._slot,
+            thread=self._thread,
+            prompt=prompt_tokens,
+            steps=lambda g: self._generate(g, params),
+        )
 
-    def _generate(self, generation: _MlxGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
+    def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
         """The token loop; stepped on the mlx thread, with the generation slot held."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step, generation_stream, wired_limit
@@ -369,53 +375,3 @@ class MlxRuntime:
             if text.stopped:
                 finish = "stop"
         yield Delta(tail + text.flush(), finish)
-
-
-class _MlxGeneration:
-    """One validated prompt. The first `next()` takes the runtime's generation slot (waiting
-    for the generation before it); exhaustion, an error or `close()` gives it back."""
-
-    def __init__(self, runtime: MlxRuntime, prompt: list[int], params: SamplingParams) -> None:
-        self.prompt = prompt
-        self.completion_tokens = 0
-        self._runtime = runtime
-        self._steps = runtime._generate(self, params)
-        self._holds_slot = False
-        self._done = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    def __iter__(self) -> Iterator[Delta]:
-        return self
-
-    def __next__(self) -> Delta:
-        if self._done:
-            raise StopIteration
-        if not self._holds_slot:
-            self._runtime._slot.acquire()
-            self._holds_slot = True
-        try:
-            delta = self._runtime._thread.call(lambda: next(self._steps, None))
-        except BaseException:
-            self._finish()
-            raise
-        if delta is None:
-            self._finish()
-            raise StopIteration
-        return delta
-
-    def close(self) -> None:
-        try:
-            if self._holds_slot and not self._done:
-                # Holding the slot means unload() is waiting for us, so the thread is alive.
-                self._runtime._thread.call(self._steps.close)
-        finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._holds_slot:
-            self._holds_slot = False
-            self._runtime._slot.release()

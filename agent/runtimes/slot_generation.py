@@ -1,0 +1,80 @@
+"""The generation object the llama.cpp and MLX adapters share.
+
+Both backends run on one OS thread of their own per runtime and allow one generation at a
+time. A generation takes the runtime's slot on its first `next()`, not when created, so a
+request can be validated (and refused) without queueing behind another; it gives the slot
+back when exhausted, on an error, or on `close()`, and `unload()` waits for the slot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator, Iterator
+from typing import Protocol, TypeVar
+
+from agent.runtimes.base import Delta
+
+T = TypeVar("T")
+
+
+class OwnThread(Protocol):
+    """Runs a call on the backend's own thread and waits for it (RuntimeUnloaded once stopped)."""
+
+    def call(self, fn: Callable[[], T]) -> T: ...
+
+
+class SlotGeneration:
+    """One validated prompt, stepped on the backend thread while holding the runtime's slot."""
+
+    def __init__(
+        self,
+        *,
+        slot: threading.Lock,
+        thread: OwnThread,
+        prompt: list[int],
+        steps: Callable[[SlotGeneration], Generator[Delta, None, None]],
+    ) -> None:
+        self.prompt = prompt
+        self.completion_tokens = 0  # the steps count what they generate here
+        self._slot = slot
+        self._thread = thread
+        self._steps = steps(self)
+        self._holds_slot = False
+        self._done = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    def __iter__(self) -> Iterator[Delta]:
+        return self
+
+    def __next__(self) -> Delta:
+        if self._done:
+            raise StopIteration
+        if not self._holds_slot:
+            self._slot.acquire()
+            self._holds_slot = True
+        try:
+            delta = self._thread.call(lambda: next(self._steps, None))
+        except BaseException:
+            self._finish()
+            raise
+        if delta is None:
+            self._finish()
+            raise StopIteration
+        return delta
+
+    def close(self) -> None:
+        try:
+            if self._holds_slot and not self._done:
+                # Holding the slot means unload() is waiting for us, so the thread is alive.
+                self._thread.call(self._steps.close)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._holds_slot:
+            self._holds_slot = False
+            self._slot.release()
