@@ -92,21 +92,27 @@ def mlx_variant(row: LadderRow, *, pack_dir: Path | None) -> tuple[Path, bundle_
     quant = row.quantization.lower()
     artifact = f"model.{quant}.mlx.tar"
     archive = pack_folder(folder, (pack_dir or folder.parent) / artifact)
-    size = archive.stat().st_size
     context, has_template = folder_metadata(folder)
-    variant = bundle_pb2.Variant(
-        id=f"mlx-{quant}",
-        format=common_pb2.MODEL_FORMAT_MLX,
+    return archive, folder_variant("mlx", common_pb2.MODEL_FORMAT_MLX, row, archive, context, has_template)
+
+
+def folder_variant(
+    prefix: str, fmt: int, row: LadderRow, archive: Path, context: int, has_template: bool
+) -> bundle_pb2.Variant:
+    """The manifest entry of a folder variant packed into ``archive``."""
+    size = archive.stat().st_size
+    return bundle_pb2.Variant(
+        id=f"{prefix}-{row.quantization.lower()}",
+        format=fmt,  # type: ignore[arg-type]
         quantization=row.quantization.upper(),
-        artifact=artifact,
+        artifact=archive.name,
         size_bytes=size,
-        # The tar is unpacked next to itself (2x on disk); mlx loads the weights into
-        # unified memory and needs a KV cache and compute buffers on top.
+        # The tar is unpacked next to itself (2x on disk); the runtime reads the weights into
+        # its own memory and needs a KV cache and compute buffers on top.
         min_ram_bytes=2 * size + RUNTIME_HEADROOM_BYTES,
         context_length=context,
         has_chat_template=has_template,
     )
-    return archive, variant
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:
@@ -148,20 +154,7 @@ def onnx_variant(
         archive = pack_folder(staging, dest_dir / artifact)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    size = archive.stat().st_size
-    variant = bundle_pb2.Variant(
-        id=f"onnx-{quant}",
-        format=common_pb2.MODEL_FORMAT_ONNX,
-        quantization=row.quantization.upper(),
-        artifact=artifact,
-        size_bytes=size,
-        # The tar is unpacked next to itself (2x on disk); ONNX Runtime reads the weights
-        # into its own memory and needs activations (and a KV cache) on top.
-        min_ram_bytes=2 * size + RUNTIME_HEADROOM_BYTES,
-        context_length=context,
-        has_chat_template=has_template,
-    )
-    return archive, variant
+    return archive, folder_variant("onnx", common_pb2.MODEL_FORMAT_ONNX, row, archive, context, has_template)
 
 
 def row_variant(
