@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -271,3 +272,37 @@ def test_agent_with_a_wrong_token_exits_with_a_clear_error(fleet: Fleet, tmp_pat
     assert done.returncode == 1
     assert "EnrollmentRefused: unknown enrollment token" in done.stderr
     assert not (tmp_path / "agent" / "identity.json").exists()
+
+
+def test_a_pin_reaches_the_device_and_one_it_cannot_honour_is_refused(fleet: Fleet) -> None:
+    """fleetctl devices pin → signed director targets → the agent's selection → fleetctl devices list."""
+    device = fleet.devices()[0]
+    target = device.device_id
+
+    def row() -> dict[str, Any]:
+        listed = json.loads(fleet.fleetctl("devices", "list", "--json"))
+        return next(r for r in listed if r["device_id"] == target)
+
+    def settled(r: dict[str, Any]) -> bool:
+        return bool(r["applied_generation"] == r["desired_generation"] or r["state"] == "failed")
+
+    fleet.fleetctl("devices", "pin", target, "--variant", device.variant)
+
+    def pinned_row() -> dict[str, Any] | None:
+        r = row()
+        return r if settled(r) and "pinned" in (r["selection_reason"] or "") else None
+
+    pinned = wait_for("the pinned selection", pinned_row, timeout=60)
+    assert pinned["state"] == "active" and pinned["variant"] == device.variant
+
+    fleet.fleetctl("devices", "pin", target, "--runtime", "mlx")  # no MLX variant, no Apple silicon
+    refused = wait_for("the refusal", lambda: r if (r := row())["state"] == "failed" else None, timeout=60)
+    assert "mlx" in refused["last_error"]
+    assert [m.id for m in client_for(device.api_url).models.list().data] == ["smollm2"]  # still serving
+
+    fleet.fleetctl("devices", "unpin", target)
+    wait_for(
+        "the device active again",
+        lambda: ((r := row())["state"] == "active" and settled(r)) or None,
+        timeout=60,
+    )
