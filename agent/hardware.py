@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,11 +339,19 @@ def _probe_apple_silicon(inputs: ProbeInputs, notes: list[str], sysctl: Mapping[
     return False
 
 
+ONNX_PROVIDERS_PROBE = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
+ONNX_PROBE_TIMEOUT_S = 60.0
+
+
 def _probe_onnx(inputs: ProbeInputs) -> tuple[str, ...] | None:
+    """Asks a child Python: importing onnxruntime here would cost the agent tens of MB of
+    resident memory for good, even on a device that never loads an ONNX variant."""
     if not _installed(inputs, "onnxruntime"):
         return None
-    onnxruntime = inputs.import_module("onnxruntime")
-    return tuple(str(p) for p in onnxruntime.get_available_providers())
+    listed = json.loads(inputs.run([sys.executable, "-c", ONNX_PROVIDERS_PROBE], ONNX_PROBE_TIMEOUT_S))
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise ValueError(f"onnxruntime listed providers as {listed!r}")
+    return tuple(listed)
 
 
 def _probe_llama(inputs: ProbeInputs) -> bool | None:
