@@ -28,6 +28,7 @@ Progress goes to stderr; the last stdout line is JSON.
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
 import json
 import os
@@ -246,16 +247,28 @@ class HttpSide:
         )
 
     def streamed(self, tokens: int) -> Run:
-        """Streamed run; `tokens` (from the identical greedy run) unless the server reports usage."""
-        started = time.perf_counter()
+        """Streamed run; `tokens` (from the identical greedy run) unless the server reports usage.
+
+        Read with the standard library's buffered HTTP client, line by line: the client shares
+        this machine's cores with the server, and a heavier reader would measure itself.
+        """
+        body = self._body(stream=True)
+        body["stream_options"] = {"include_usage": True}
+        url = httpx.URL(self.base_url)
+        connection = http.client.HTTPConnection(url.host, url.port, timeout=300)
         first: float | None = None
         last: float | None = None
         parts: list[str] = []
-        body = self._body(stream=True)
-        body["stream_options"] = {"include_usage": True}
-        with self._http.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            for payload in _sse_payloads(response.iter_lines()):
+        try:
+            started = time.perf_counter()
+            connection.request(
+                "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            if response.status != 200:
+                raise SystemExit(f"{self.name}: HTTP {response.status}: {response.read()[:500]!r}")
+            lines = (raw.decode().rstrip("\r\n") for raw in iter(response.readline, b""))
+            for payload in _sse_payloads(lines):
                 now = time.perf_counter() - started
                 chunk = json.loads(payload)
                 if chunk.get("usage"):
@@ -266,7 +279,9 @@ class HttpSide:
                     if choice["text"] or choice["finish_reason"]:
                         last = now
                     parts.append(choice["text"])
-        total = time.perf_counter() - started
+            total = time.perf_counter() - started
+        finally:
+            connection.close()
         return Run(text="".join(parts), tokens=tokens, total_s=total, first_token_s=first, last_token_s=last)
 
     def close(self) -> None:
