@@ -64,9 +64,9 @@ class DeviceLink:
     metadata fetcher. A renewed certificate opens new channels; callers take ``stub`` or
     ``sync_stub`` per call, so everything started afterwards presents the new certificate.
 
-    The channels being replaced are closed at the renewal after next, not now: a download or a
-    desired-state stream in flight keeps its already-authenticated connection, and a
-    certificate lasts far longer than any call.
+    Replaced channels are closed only once idle (gRPC moves a channel to IDLE when no call
+    has used it for a while): a download or a desired-state stream in flight keeps its
+    already-authenticated connection, and closing a channel under a call would cancel it.
     """
 
     def __init__(self, target: str, ca_pem: bytes, certificate: DeviceCertificate) -> None:
@@ -83,12 +83,17 @@ class DeviceLink:
         self.sync_stub = device_pb2_grpc.DeviceServiceStub(self.sync_channel)
 
     async def replace(self, certificate: DeviceCertificate) -> None:
-        """Switches to channels presenting ``certificate``."""
-        stale, self._retired = self._retired, [(self.channel, self.sync_channel)]
+        """Switches to channels presenting ``certificate``; closes retired ones that are idle."""
+        self._retired.append((self.channel, self.sync_channel))
         self._open(certificate)
-        for channel, sync_channel in stale:
-            await channel.close()
-            sync_channel.close()
+        busy = []
+        for channel, sync_channel in self._retired:
+            if channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.IDLE:
+                await channel.close()
+                sync_channel.close()
+            else:
+                busy.append((channel, sync_channel))
+        self._retired = busy
 
     async def close(self) -> None:
         for channel, sync_channel in [*self._retired, (self.channel, self.sync_channel)]:

@@ -59,13 +59,20 @@ STREAM_ESTABLISHED_SECONDS = 10.0
 """A desired-state stream that lived this long counts as a recovered connection."""
 
 
-def retrying(max_wait_seconds: float) -> AsyncRetrying:
-    """Retries while the control plane is unreachable, with jittered exponential backoff."""
+def retrying(
+    max_wait_seconds: float, transient: tuple[type[BaseException], ...] = (ControlPlaneUnavailable,)
+) -> AsyncRetrying:
+    """Retries ``transient`` failures (by default: the control plane is unreachable) with
+    jittered exponential backoff."""
     return AsyncRetrying(
-        retry=retry_if_exception_type(ControlPlaneUnavailable),
+        retry=retry_if_exception_type(transient),
         wait=wait_random_exponential(multiplier=0.5, max=max_wait_seconds),
         reraise=True,
     )
+
+
+RENEWAL_TRANSIENT = (ControlPlaneUnavailable, OSError, CertificateProblem)
+"""A full disk or a bad answer must not stop the agent: it retries until the certificate expires."""
 
 
 class DeviceRevoked(Exception):
@@ -217,7 +224,14 @@ class AgentService:
 
         if identity is None:
             identity = await self._enroll_with_retry(ca_pem)
-        self.certificate = usable_certificate(config)
+        try:
+            self.certificate = usable_certificate(config)
+        except CertificateProblem as exc:
+            # Without a certificate the control plane and the broker are out of reach, but the
+            # installed model is not: keep serving it until someone re-enrolls the device.
+            log.error("%s; serving the installed model offline", exc)
+            await self._serve_offline(server, api_task)
+            return
         link = DeviceLink(identity.device_target, ca_pem, self.certificate)
         outbox = Outbox(config.outbox_path)
         broker_url = config.mqtt_url or identity.mqtt_url
@@ -248,7 +262,11 @@ class AgentService:
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is not stopper and task.exception() is not None:
+                if task is stopper:
+                    continue
+                if task.cancelled():
+                    raise RuntimeError(f"the agent's {task.get_name()} task was cancelled")
+                if task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
             server.should_exit = True
@@ -264,6 +282,17 @@ class AgentService:
             if old is not None:
                 await asyncio.to_thread(self.active.retire, old, timeout=5)
             await link.close()
+
+    async def _serve_offline(self, server: uvicorn.Server, api_task: asyncio.Task[None]) -> None:
+        stopper = asyncio.create_task(self.stop_event.wait(), name="stop")
+        await asyncio.wait([api_task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(api_task, timeout=5)
+        old = self.active.swap(None)
+        if old is not None:
+            await asyncio.to_thread(self.active.retire, old, timeout=5)
 
     def _bind(self) -> socket.socket:
         return bind_api_socket(self.config.listen_host, self.config.listen_port)
@@ -366,9 +395,13 @@ class AgentService:
         while True:
             wait = (self.certificate.renew_at - datetime.now(UTC)).total_seconds()
             await asyncio.sleep(max(0.0, wait))
-            async for attempt in retrying(max_wait_seconds=60):
+            async for attempt in retrying(max_wait_seconds=60, transient=RENEWAL_TRANSIENT):
                 with attempt:
-                    await self._renew(link)
+                    try:
+                        await self._renew(link)
+                    except RENEWAL_TRANSIENT as exc:
+                        log.warning("certificate renewal failed (%s: %s); retrying", type(exc).__name__, exc)
+                        raise
 
     async def _watch(self, link: DeviceLink) -> None:
         """Keeps the desired-state stream open; reconnects with bounded, jittered backoff.

@@ -64,21 +64,32 @@ def end_broker_session(broker_url: str, client_id: str, tls_context: ssl.SSLCont
 
 @dataclass
 class Revocations:
-    """Carries a device revocation to the broker: CRL file and open session."""
+    """Carries a device revocation to the broker: CRL file and open session.
+
+    CRL writes are serialised (read the revoked list and write the file under one lock), so
+    two revocations in quick succession cannot leave the older list on disk; a write that
+    failed marks the CRL stale, and the control plane's upkeep retries it.
+    """
 
     db: Database
     ca: CertificateAuthority
     crl_path: Path
     broker_url: str
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _unpublished: bool = False
 
     async def publish_crl(self) -> None:
-        entries = await self.db.run(lambda s: crud.revoked_certificates(s, now=datetime.now(UTC)))
-        await asyncio.to_thread(
-            write_crl, self.crl_path, self.ca, [RevokedCertificate(serial, when) for serial, when in entries]
-        )
+        async with self._lock:
+            self._unpublished = True
+            entries = await self.db.run(lambda s: crud.revoked_certificates(s, now=datetime.now(UTC)))
+            revoked = [RevokedCertificate(serial, when) for serial, when in entries]
+            await asyncio.to_thread(write_crl, self.crl_path, self.ca, revoked)
+            self._unpublished = False
 
     def crl_is_stale(self) -> bool:
+        if self._unpublished:
+            return True
         try:
             age = datetime.now(UTC).timestamp() - self.crl_path.stat().st_mtime
         except FileNotFoundError:
@@ -86,8 +97,15 @@ class Revocations:
         return age > (CRL_VALIDITY / 7).total_seconds()
 
     async def device_revoked(self, device_id: str) -> None:
-        """Re-issues the CRL, ends the device's broker session now and once more shortly after."""
-        await self.publish_crl()
+        """Re-issues the CRL, ends the device's broker session now and once more shortly after.
+
+        The revocation is already committed: a failure here is logged and retried by upkeep
+        (the CRL) or the second takeover (the session), never reported as a failed revoke.
+        """
+        try:
+            await self.publish_crl()
+        except Exception:
+            log.exception("could not re-issue the CRL after revoking %s; upkeep retries", device_id)
         if await asyncio.to_thread(end_broker_session, self.broker_url, device_id):
             log.info("ended %s's broker session", device_id)
         task = asyncio.create_task(self._end_again(device_id))

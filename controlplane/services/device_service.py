@@ -170,6 +170,11 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         device = await authenticate_device(self.db, context)
 
         def renew(session: Session) -> IssuedCertificate:
+            # Re-read in this transaction: a revocation committed since authentication must win,
+            # or the new certificate would be live and missing from the broker's CRL.
+            current = session.get(Device, device.id)
+            if current is None or current.revoked_at is not None:
+                raise Revoked(device.id)
             issued = self._issue(session, device.id, request.csr)
             audit.record(
                 session,
@@ -184,6 +189,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             issued = await self.db.run(renew)
         except CertificateError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
+        except Revoked:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
         return device_pb2.RenewCertificateResponse(certificate=issued.certificate_pem)
 
     async def WatchDesiredState(

@@ -5,17 +5,23 @@ gRPC and reconnects to Mosquitto's mutual-TLS listener with the renewed certific
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
+from agent.device_tls import csr_pem, new_key, store_certificate
+from agent.identity import DeviceIdentity, save_identity
 from controlplane.bundles import build_bundle
 from controlplane.ca import load_ca
+from controlplane.demo import agent_command
 from controlplane.keys import init_keys
 from protos.fleet.v1 import common_pb2, operator_pb2
 from tests.conftest import free_port
-from tests.e2e.fleet_harness import Fleet, client_for, wait_for
+from tests.e2e.fleet_harness import Fleet, client_for, spawn, wait_for
 from tests.mqtt_tls import TlsBroker, disconnect_device_by_client_id_takeover, start_tls_broker
 
 pytestmark = pytest.mark.e2e
@@ -135,3 +141,45 @@ def test_the_agent_renews_its_certificate_while_serving(fleet: tuple[Fleet, TlsB
     audit = fleet_.fleetctl("audit", "list", "--action", "device.renew", "--json")
     assert audit.count(device_id) >= 2
     assert agent.popen.poll() is None
+
+
+def test_an_expired_certificate_leaves_the_agent_serving_offline(tmp_path: Path) -> None:
+    """A device that stayed off past its certificate's expiry cannot reach the control plane,
+    but its local API must keep running: the agent says why and serves what it has."""
+    keys = init_keys(tmp_path / "keys")
+    ca = load_ca(keys.path)
+    assert ca is not None
+    state = tmp_path / "agent"
+    state.mkdir()
+    key = new_key()
+    issued = ca.sign_device_csr(csr_pem(key, "x"), device_id="dev-0ff11e", validity=timedelta(seconds=1))
+    store_certificate(state / "device.pem", key, issued.certificate_pem)
+    save_identity(
+        state / "identity.json",
+        DeviceIdentity("dev-0ff11e", "mqtt://127.0.0.1:1", f"127.0.0.1:{free_port()}", ":1"),
+    )
+    time.sleep(1.5)  # past not_after
+    port = free_port()
+    command = agent_command(target="127.0.0.1:1", token="", trust=keys.trust_path, state_dir=state, port=port)
+    log = tmp_path / "agent.log"
+    agent = spawn([arg for arg in command[2:] if arg not in ("--token", "")], log)
+    try:
+        health = wait_for("the local API", lambda: _healthz(port), timeout=60)
+        assert health["status"] == "unavailable"  # the API answers; this device has no model installed
+        wait_for(
+            "the explanation", lambda: "serving the installed model offline" in log.read_text(), timeout=30
+        )
+        assert "expired" in log.read_text()
+        time.sleep(2)
+        assert agent.popen.poll() is None, "the agent exited instead of serving offline"
+    finally:
+        agent.stop()
+
+
+def _healthz(port: int) -> dict[str, object] | None:
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    except httpx.TransportError:
+        return None
+    body: dict[str, object] = response.json()  # 200 with a model, 503 without: both mean "up"
+    return body

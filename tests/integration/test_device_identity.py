@@ -149,3 +149,36 @@ async def test_devices_are_never_told_the_control_planes_broker_password(
     finally:
         await running.stop(grace=0)
     assert device.response.mqtt_url == mosquitto
+
+
+async def test_revocations_in_quick_succession_all_reach_the_crl(
+    controlplane: RunningControlPlane,
+    op: operator_pb2_grpc.OperatorServiceStub,
+    channel: grpc.aio.Channel,
+    tmp_path: Path,
+) -> None:
+    token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=3))).token
+    devices = [await enroll_device(controlplane, channel, token, tmp_path) for _ in range(3)]
+    await asyncio.gather(
+        *(op.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=d.id)) for d in devices)
+    )
+    crl = x509.load_pem_x509_crl(controlplane.crl_path.read_bytes())
+    assert {entry.serial_number for entry in crl} == {d.certificate.serial for d in devices}
+    for device in devices:
+        await device.channel.close()
+
+
+async def test_a_crl_that_cannot_be_written_does_not_fail_the_revocation(
+    controlplane: RunningControlPlane, op: operator_pb2_grpc.OperatorServiceStub, enrolled: EnrolledDevice
+) -> None:
+    controlplane.crl_path.unlink()
+    controlplane.crl_path.mkdir()  # a directory where the file goes: the write fails
+    try:
+        assert (await op.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=enrolled.id))).revoked
+        assert controlplane.revocations.crl_is_stale()  # upkeep will write it again
+    finally:
+        controlplane.crl_path.rmdir()
+    await controlplane.revocations.publish_crl()
+    crl = x509.load_pem_x509_crl(controlplane.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(enrolled.certificate.serial) is not None
+    assert not controlplane.revocations.crl_is_stale()

@@ -7,11 +7,13 @@ import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
 from agent.device_tls import (
     CertificateProblem,
+    DeviceCertificate,
     broker_tls_context,
     csr_pem,
     load_certificate,
@@ -73,3 +75,25 @@ def test_the_broker_context_presents_the_device_certificate(ca: CertificateAutho
     context = broker_tls_context(ca.certificate_pem, pair)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "edgefleet fleet CA"),),)]
+
+
+async def test_renewal_closes_retired_channels_only_once_idle(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    from agent.channel import DeviceLink
+
+    def pair(name: str) -> DeviceCertificate:
+        key = new_key()
+        issued = ca.sign_device_csr(csr_pem(key, "x"), device_id="dev-abc")
+        return store_certificate(tmp_path / name, key, issued.certificate_pem)
+
+    link = DeviceLink("127.0.0.1:9", ca.certificate_pem, pair("a.pem"))  # nothing listens there
+    idle = link.channel
+    await link.replace(pair("b.pem"))
+    assert idle.get_state() == grpc.ChannelConnectivity.SHUTDOWN  # idle: closed at once
+    busy = link.channel
+    busy.get_state(try_to_connect=True)  # now connecting, as under a call
+    await link.replace(pair("c.pem"))
+    assert busy.get_state() != grpc.ChannelConnectivity.SHUTDOWN  # kept until it idles
+    await link.close()
+    assert busy.get_state() == grpc.ChannelConnectivity.SHUTDOWN
