@@ -69,7 +69,7 @@ from agent.runtimes.base import (
     SamplingParams,
     collect,
 )
-from agent.runtimes.slot_generation import SlotGeneration
+from agent.runtimes.slot_generation import SlotGeneration, start_generation
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
 
@@ -387,16 +387,12 @@ class LlamaCppRuntime:
         return self._llama
 
     def _start(self, prompt_tokens: list[int], params: SamplingParams) -> SlotGeneration:
-        if not prompt_tokens:
-            raise InvalidPromptError("the prompt is empty")
-        n_ctx = self._description.n_ctx
-        if len(prompt_tokens) >= n_ctx:
-            raise ContextLengthExceeded(prompt_tokens=len(prompt_tokens), n_ctx=n_ctx)
-        return SlotGeneration(
+        return start_generation(
             slot=self._slot,
             thread=self._thread,
             prompt=prompt_tokens,
-            steps=lambda g: self._generate(g, params),
+            n_ctx=self._description.n_ctx,
+            steps=lambda generation: self._generate(generation, params),
         )
 
     def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:

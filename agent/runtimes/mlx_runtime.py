@@ -46,7 +46,6 @@ from agent.runtimes.base import (
     ChatMessage,
     ChatNotSupported,
     Completion,
-    ContextLengthExceeded,
     Delta,
     Embeddings,
     FinishReason,
@@ -60,7 +59,7 @@ from agent.runtimes.base import (
     SamplingParams,
     collect,
 )
-from agent.runtimes.slot_generation import SlotGeneration
+from agent.runtimes.slot_generation import SlotGeneration, start_generation
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
 
@@ -302,16 +301,12 @@ class MlxRuntime:
         return self._loaded
 
     def _start(self, prompt_tokens: list[int], params: SamplingParams) -> SlotGeneration:
-        if not prompt_tokens:
-            raise InvalidPromptError("the prompt is empty")
-        n_ctx = self._description.n_ctx
-        if len(prompt_tokens) >= n_ctx:
-            raise ContextLengthExceeded(prompt_tokens=len(prompt_tokens), n_ctx=n_ctx)
-        return SlotGeneration(
+        return start_generation(
             slot=self._slot,
             thread=self._thread,
             prompt=prompt_tokens,
-            steps=lambda g: self._generate(g, params),
+            n_ctx=self._description.n_ctx,
+            steps=lambda generation: self._generate(generation, params),
         )
 
     def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:

@@ -50,7 +50,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -77,6 +77,7 @@ from agent.runtimes.base import (
     SamplingParams,
     collect,
 )
+from agent.runtimes.slot_generation import InlineCalls, SlotGeneration, start_generation
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
 
@@ -706,7 +707,7 @@ class OnnxRuntime:
     def complete(self, prompt: str, params: SamplingParams) -> Completion:
         return collect(self.complete_stream(prompt, params))
 
-    def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> OnnxGeneration:
+    def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> SlotGeneration:
         self._require(Capability.COMPLETIONS, Capability.CHAT)
         if self._chat_template is None:
             raise ChatNotSupported(f"{self._description.model_id} has no chat template; use /v1/completions")
@@ -717,7 +718,7 @@ class OnnxRuntime:
         # The template writes the special tokens itself (BOS included), as transformers assumes.
         return self._start(list(self._tokenizer.encode(prompt, add_special_tokens=False).ids), params)
 
-    def complete_stream(self, prompt: str, params: SamplingParams) -> OnnxGeneration:
+    def complete_stream(self, prompt: str, params: SamplingParams) -> SlotGeneration:
         self._require(Capability.COMPLETIONS, Capability.COMPLETIONS)
         tokens = list(self._tokenizer.encode(prompt, add_special_tokens=True).ids)
         if not tokens and self._folder.bos_id is not None:
@@ -728,16 +729,17 @@ class OnnxRuntime:
         if needed not in self._description.capabilities:
             raise CapabilityNotSupported(self._description.model_id, asked)
 
-    def _start(self, prompt: list[int], params: SamplingParams) -> OnnxGeneration:
-        if not prompt:
-            raise InvalidPromptError("the prompt is empty")
-        n_ctx = self._description.n_ctx
-        if len(prompt) >= n_ctx:
-            raise ContextLengthExceeded(prompt_tokens=len(prompt), n_ctx=n_ctx)
-        return OnnxGeneration(self, prompt, params)
+    def _start(self, prompt: list[int], params: SamplingParams) -> SlotGeneration:
+        return start_generation(
+            slot=self._slot,
+            thread=InlineCalls(),  # ONNX Runtime sessions may be called from any thread
+            prompt=prompt,
+            n_ctx=self._description.n_ctx,
+            steps=lambda generation: self._generate(generation, params),
+        )
 
-    def _generate(self, generation: OnnxGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
-        """The token loop; runs with the generation slot held (see OnnxGeneration)."""
+    def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
+        """The token loop; runs with the generation slot held (see SlotGeneration)."""
         decoder = self._loaded(self._decoder)
         budget = self._description.n_ctx - len(generation.prompt)
         if params.max_tokens is not None:
@@ -831,51 +833,3 @@ class OnnxRuntime:
         if self._unloaded or graph is None:
             raise RuntimeUnloaded(f"{self._description.model_id} was unloaded")
         return graph
-
-
-class OnnxGeneration:
-    """One validated prompt. The first `next()` takes the runtime's slot (waiting for the
-    request before it); exhaustion, an error or `close()` gives it back."""
-
-    def __init__(self, runtime: OnnxRuntime, prompt: list[int], params: SamplingParams) -> None:
-        self.prompt = prompt
-        self.completion_tokens = 0
-        self._runtime = runtime
-        self._steps = runtime._generate(self, params)
-        self._holds_slot = False
-        self._done = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    def __iter__(self) -> Iterator[Delta]:
-        return self
-
-    def __next__(self) -> Delta:
-        if self._done:
-            raise StopIteration
-        if not self._holds_slot:
-            self._runtime._slot.acquire()
-            self._holds_slot = True
-        try:
-            delta = next(self._steps, None)
-        except BaseException:
-            self._finish()
-            raise
-        if delta is None:
-            self._finish()
-            raise StopIteration
-        return delta
-
-    def close(self) -> None:
-        try:
-            self._steps.close()
-        finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._holds_slot:
-            self._holds_slot = False
-            self._runtime._slot.release()

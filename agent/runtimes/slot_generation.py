@@ -1,9 +1,10 @@
-"""The generation object the llama.cpp and MLX adapters share.
+"""The generation object every adapter shares (llama.cpp, MLX, ONNX Runtime).
 
-Both backends run on one OS thread of their own per runtime and allow one generation at a
-time. A generation takes the runtime's slot on its first `next()`, not when created, so a
-request can be validated (and refused) without queueing behind another; it gives the slot
-back when exhausted, on an error, or on `close()`, and `unload()` waits for the slot.
+Each allows one generation at a time per runtime; llama.cpp and MLX step it on one OS
+thread of their own, ONNX Runtime on whichever thread asks (`InlineCalls`). A generation
+takes the runtime's slot on its first `next()`, not when created, so a request can be
+validated (and refused) without queueing behind another; it gives the slot back when
+exhausted, on an error, or on `close()`, and `unload()` waits for the slot.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import Protocol, TypeVar
 
-from agent.runtimes.base import Delta
+from agent.runtimes.base import ContextLengthExceeded, Delta, InvalidPromptError
 
 T = TypeVar("T")
 
@@ -21,6 +22,29 @@ class OwnThread(Protocol):
     """Runs a call on the backend's own thread and waits for it (RuntimeUnloaded once stopped)."""
 
     def call(self, fn: Callable[[], T]) -> T: ...
+
+
+class InlineCalls:
+    """For a backend that is safe on any thread: each step runs on the thread that asks."""
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+
+def start_generation(
+    *,
+    slot: threading.Lock,
+    thread: OwnThread,
+    prompt: list[int],
+    n_ctx: int,
+    steps: Callable[[SlotGeneration], Generator[Delta, None, None]],
+) -> SlotGeneration:
+    """Validates the prompt against the context window, before any token or any queueing."""
+    if not prompt:
+        raise InvalidPromptError("the prompt is empty")
+    if len(prompt) >= n_ctx:
+        raise ContextLengthExceeded(prompt_tokens=len(prompt), n_ctx=n_ctx)
+    return SlotGeneration(slot=slot, thread=thread, prompt=prompt, steps=steps)
 
 
 class SlotGeneration:
