@@ -57,6 +57,10 @@ def run(
             "when choosing a model variant"
         ),
     ] = None,
+    keep_alive: Annotated[
+        float | None,
+        typer.Option(min=1, help="seconds idle before the model is unloaded (reloaded on the next request)"),
+    ] = None,
     max_running: Annotated[int, typer.Option(min=1, help="API requests generating at once")] = 1,
     max_waiting: Annotated[int, typer.Option(min=0, help="API requests queued; beyond: HTTP 429")] = 16,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
@@ -98,6 +102,7 @@ def run(
         n_ctx=n_ctx,
         n_threads=threads or len(os.sched_getaffinity(0)),
         api_key=api_key,
+        keep_alive_seconds=keep_alive,
         max_running_requests=max_running,
         max_waiting_requests=max_waiting,
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,

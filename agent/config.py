@@ -22,6 +22,7 @@ class AgentConfig:
     n_ctx: int = 2048
     n_threads: int | None = None
     hostname: str = ""
+    keep_alive_seconds: float | None = None  # unload the model after this long idle; None: never
     max_running_requests: int = 1  # generations at once; the rest queue
     max_waiting_requests: int = 16  # queued beyond this get HTTP 429
     api_key: str | None = None  # required on /v1/* when set (always set off loopback)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from agent.archive import model_folder
@@ -20,6 +21,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, ControlPlaneUnavailable
 from agent.hardware import HardwareProfile, detect_hardware, load_profile_override
 from agent.runtimes.base import Runtime, RuntimeFailure
+from agent.runtimes.keep_alive import KeepAliveRuntime
 from agent.runtimes.registry import load_runtime, supported_formats
 from agent.selection import Pin, Selection, select_variant
 from agent.serving import ActiveModel
@@ -146,7 +148,7 @@ class Updater:
                 self.store.unpacked_dir / record.artifact_sha256,
                 max_total_bytes=record.length,
             )
-        runtime = await asyncio.to_thread(
+        load = partial(
             load_runtime,
             fmt=record.model_format,
             model_path=path,
@@ -154,11 +156,14 @@ class Updater:
             n_ctx=self.config.n_ctx,
             n_threads=self.config.n_threads,
         )
+        runtime = await asyncio.to_thread(load)
         try:
             await asyncio.to_thread(runtime.smoke_test)
         except BaseException:
             await asyncio.to_thread(runtime.unload)
             raise
+        if self.config.keep_alive_seconds is not None:
+            return KeepAliveRuntime(runtime, reload=load, keep_alive_s=self.config.keep_alive_seconds)
         return runtime
 
     # -- update ------------------------------------------------------------------------

@@ -390,3 +390,28 @@ def test_generating_from_fresh_threads_keeps_full_speed() -> None:
     finally:
         loaded.unload()
     assert fresh_threads >= 0.6 * same_thread, (fresh_threads, same_thread)
+
+
+def test_keep_alive_unloads_an_idle_model_and_reloads_it(smollm2_path: Path) -> None:
+    from agent.runtimes.keep_alive import KeepAliveRuntime
+
+    def load() -> Runtime:
+        return load_runtime(
+            fmt=common_pb2.MODEL_FORMAT_GGUF,
+            model_path=smollm2_path,
+            model_id="smollm2",
+            n_ctx=256,
+            n_threads=1,
+        )
+
+    runtime = KeepAliveRuntime(load(), reload=load, keep_alive_s=0.5)
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        before = runtime.complete("The capital of France is", params).text
+        deadline = time.monotonic() + 10
+        while runtime.loaded and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not runtime.loaded
+        assert runtime.complete("The capital of France is", params).text == before  # loaded again
+    finally:
+        runtime.unload()

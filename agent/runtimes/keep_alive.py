@@ -1,0 +1,165 @@
+"""Unloads an idle model after a keep-alive and loads it again on the next request.
+
+A device that answers a few requests a day should not hold a model in memory all day (the
+`keep_alive` of Ollama and Foundry Local). The wrapper is a Runtime: the API leases it like
+any other; loading again happens inside the calls the API already makes off the event loop
+(opening a generation, embedding), so only the first request after an idle spell waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from agent.runtimes.base import (
+    ChatMessage,
+    Completion,
+    Delta,
+    Embeddings,
+    Generation,
+    Runtime,
+    RuntimeDescription,
+    RuntimeUnloaded,
+    SamplingParams,
+    collect,
+)
+
+log = logging.getLogger(__name__)
+
+
+class KeepAliveRuntime:
+    """Holds ``inner`` while it is used, unloads it ``keep_alive_s`` after the last use ends,
+    and calls ``reload`` when a request arrives for an unloaded model."""
+
+    def __init__(self, inner: Runtime, *, reload: Callable[[], Runtime], keep_alive_s: float) -> None:
+        if keep_alive_s <= 0:
+            raise ValueError("keep_alive_s must be positive")
+        self._inner: Runtime | None = inner
+        self._reload = reload
+        self._keep_alive_s = keep_alive_s
+        self._description = inner.describe()
+        self._lock = threading.Lock()
+        self._in_use = 0
+        self._last_used = time.monotonic()
+        self._closed = False
+        self._idle = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="edgefleet-keep-alive", daemon=True)
+        self._reaper.start()
+
+    @property
+    def loaded(self) -> bool:
+        return self._inner is not None
+
+    def describe(self) -> RuntimeDescription:
+        return self._description
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Completion:
+        return collect(self.chat_stream(messages, params))
+
+    def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        return collect(self.complete_stream(prompt, params))
+
+    def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation:
+        return self._generation(lambda runtime: runtime.chat_stream(messages, params))
+
+    def complete_stream(self, prompt: str, params: SamplingParams) -> Generation:
+        return self._generation(lambda runtime: runtime.complete_stream(prompt, params))
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        runtime = self._acquire()
+        try:
+            return runtime.embed(texts)
+        finally:
+            self._release()
+
+    def smoke_test(self) -> None:
+        runtime = self._acquire()
+        try:
+            runtime.smoke_test()
+        finally:
+            self._release()
+
+    def unload(self) -> None:
+        with self._lock:
+            self._closed = True
+            inner, self._inner = self._inner, None
+        self._idle.set()
+        if inner is not None:
+            inner.unload()
+
+    # -- use counting ---------------------------------------------------------------------
+
+    def _generation(self, open_: Callable[[Runtime], Generation]) -> Generation:
+        runtime = self._acquire()
+        try:
+            return _Counted(open_(runtime), self._release)
+        except BaseException:
+            self._release()
+            raise
+
+    def _acquire(self) -> Runtime:
+        with self._lock:
+            if self._closed:
+                raise RuntimeUnloaded(f"{self._description.model_id} was unloaded")
+            if self._inner is None:
+                log.info("loading %s again after its keep-alive", self._description.model_id)
+                self._inner = self._reload()
+            self._in_use += 1
+            return self._inner
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_use -= 1
+            self._last_used = time.monotonic()
+
+    def _reap(self) -> None:
+        while not self._idle.wait(min(self._keep_alive_s, 1.0)):
+            with self._lock:
+                idle = self._in_use == 0 and time.monotonic() - self._last_used >= self._keep_alive_s
+                inner = self._inner if idle else None
+                if inner is not None:
+                    self._inner = None
+            if inner is not None:
+                log.info("unloading %s: idle for %.0f s", self._description.model_id, self._keep_alive_s)
+                inner.unload()
+
+
+class _Counted:
+    """A generation that tells the keep-alive when it is done (exhausted, failed or closed)."""
+
+    def __init__(self, inner: Generation, done: Callable[[], None]) -> None:
+        self._inner = inner
+        self._done: Callable[[], None] | None = done
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._inner.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._inner.completion_tokens
+
+    def __iter__(self) -> Iterator[Delta]:
+        return self
+
+    def __next__(self) -> Delta:
+        try:
+            return next(self._inner)
+        except BaseException:
+            self._finish()
+            raise
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
