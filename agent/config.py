@@ -39,6 +39,11 @@ class AgentConfig:
         return self.state_dir / "device.pem"
 
     @property
+    def enrollment_key_path(self) -> Path:
+        """The key an enrollment in progress uses; gone once the identity is stored."""
+        return self.state_dir / "enroll.key"
+
+    @property
     def state_path(self) -> Path:
         return self.state_dir / "state.json"
 

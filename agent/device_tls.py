@@ -41,6 +41,26 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def enrollment_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The key this device enrolls with, kept in ``path`` until enrollment is complete.
+
+    A device killed (or cut off) after the control plane answered, but before it stored the
+    answer, enrolls again with the same token and the same key, and the control plane
+    recognises it instead of refusing a spent token.
+    """
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        key = new_key()
+        atomic_write_bytes(path, key_pem(key), mode=0o600)
+        return key
+    except ValueError as exc:
+        raise CertificateProblem(f"{path} holds no usable key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateProblem(f"{path} holds no elliptic-curve key")
+    return key
+
+
 def csr_pem(key: ec.EllipticCurvePrivateKey, hostname: str) -> bytes:
     """A CSR proving possession of ``key``. The subject is informational: the CA names the
     certificate after the device id it assigns."""

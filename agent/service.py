@@ -34,6 +34,7 @@ from agent.device_tls import (
     DeviceCertificate,
     broker_tls_context,
     csr_pem,
+    enrollment_key,
     load_certificate,
     new_key,
     store_certificate,
@@ -106,7 +107,7 @@ async def enroll(config: AgentConfig, stub: device_pb2_grpc.DeviceServiceStub) -
     """
     if not config.token:
         raise NotEnrolled(f"no identity in {config.state_dir} and no --token to enroll with")
-    key = new_key()
+    key = enrollment_key(config.enrollment_key_path)
     try:
         response = await stub.Enroll(
             device_pb2.EnrollRequest(
@@ -127,6 +128,7 @@ async def enroll(config: AgentConfig, stub: device_pb2_grpc.DeviceServiceStub) -
         device_endpoint=response.device_endpoint,
     )
     save_identity(config.identity_path, identity)
+    config.enrollment_key_path.unlink(missing_ok=True)  # the key lives on in device.pem
     log.info("enrolled as %s", identity.device_id)
     return identity
 

@@ -7,6 +7,7 @@ so agents can verify the control plane before they have a certificate of their o
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -132,6 +133,18 @@ class CertificateAuthority:
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         ).sign(self.key, hashes.SHA256())
         return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), serial, not_after)
+
+
+def csr_key_sha256(csr_pem: bytes) -> str:
+    """The sha256 of the CSR's public key (SubjectPublicKeyInfo DER): which key is enrolling."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CertificateError(f"not a PEM certificate signing request: {exc}") from exc
+    der = csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
 
 
 def ca_paths(keys_dir: Path) -> tuple[Path, Path]:

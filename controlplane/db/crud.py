@@ -91,11 +91,20 @@ def consume_token(session: Session, *, token_sha256: str) -> EnrollmentToken:
     return row
 
 
-def create_device(session: Session, *, device_id: str, hostname: str, labels: dict[str, str]) -> Device:
-    device = Device(id=device_id, hostname=hostname, labels=labels)
+def create_device(
+    session: Session, *, device_id: str, hostname: str, labels: dict[str, str], enrollment_sha256: str = ""
+) -> Device:
+    device = Device(id=device_id, hostname=hostname, labels=labels, enrollment_sha256=enrollment_sha256)
     session.add(device)
     session.flush()  # the certificate row that follows refers to it
     return device
+
+
+def device_enrolled_as(session: Session, *, enrollment_sha256: str) -> Device | None:
+    """The unrevoked device an earlier enrollment with this token and key created, if any."""
+    return session.exec(
+        select(Device).where(Device.enrollment_sha256 == enrollment_sha256, col(Device.revoked_at).is_(None))
+    ).first()
 
 
 def record_certificate(session: Session, *, device_id: str, serial: int, not_after: datetime) -> None:

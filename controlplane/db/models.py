@@ -21,6 +21,9 @@ class Device(SQLModel, table=True):
     """An enrolled device and what it last told us about itself."""
 
     id: str = Field(primary_key=True, max_length=64)
+    # sha256 of the bootstrap token's hash and the enrolling key: lets a device whose
+    # enrollment answer was lost (killed, network cut) enroll again with the same token and key.
+    enrollment_sha256: str = Field(default="", index=True, max_length=64)
     hostname: str = ""
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     enrolled_at: datetime = Field(default_factory=utcnow)

@@ -14,7 +14,7 @@ from sqlmodel import Session
 from controlplane import audit
 from controlplane.audit import Outcome
 from controlplane.blobs import BlobNotFound, BlobStore, InvalidDigest
-from controlplane.ca import CertificateAuthority, CertificateError, IssuedCertificate
+from controlplane.ca import CertificateAuthority, CertificateError, IssuedCertificate, csr_key_sha256
 from controlplane.db import crud
 from controlplane.db.database import Database
 from controlplane.db.models import Bundle, Device, utcnow
@@ -109,14 +109,37 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LABELS} labels")
         if not request.csr:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr is required")
-        device_id = new_device_id()
         token_digest = secret_sha256(request.bootstrap_token)
+        try:
+            binding = secret_sha256(f"{token_digest}:{csr_key_sha256(request.csr)}")
+        except CertificateError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
 
-        def enroll(session: Session) -> IssuedCertificate:
+        def enroll(session: Session) -> tuple[str, IssuedCertificate]:
             # One transaction: a refused CSR leaves the token unspent and no device behind.
+            earlier = crud.device_enrolled_as(session, enrollment_sha256=binding)
+            if earlier is not None:
+                # The same token and key again: the device never got our answer. Same identity,
+                # a fresh certificate; the token is not spent twice.
+                issued = self._issue(session, earlier.id, request.csr)
+                audit.record(
+                    session,
+                    actor=f"device:{earlier.id}",
+                    action="device.enroll",
+                    target=earlier.id,
+                    detail={"repeated": True, "certificate": format(issued.serial, "x")},
+                )
+                return earlier.id, issued
+            device_id = new_device_id()
             token = crud.consume_token(session, token_sha256=token_digest)
             labels = {**dict(request.labels), **token.labels}
-            crud.create_device(session, device_id=device_id, hostname=request.hostname[:255], labels=labels)
+            crud.create_device(
+                session,
+                device_id=device_id,
+                hostname=request.hostname[:255],
+                labels=labels,
+                enrollment_sha256=binding,
+            )
             issued = self._issue(session, device_id, request.csr)
             audit.record(
                 session,
@@ -130,10 +153,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     "certificate": format(issued.serial, "x"),
                 },
             )
-            return issued
+            return device_id, issued
 
         try:
-            issued = await self.db.run(enroll)
+            device_id, issued = await self.db.run(enroll)
         except CertificateError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
         except crud.TokenRejected as exc:

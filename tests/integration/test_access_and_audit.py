@@ -91,10 +91,11 @@ async def test_audit_records_changes_and_detects_tampering(
 ) -> None:
     token = (await op.CreateToken(operator_pb2.CreateTokenRequest(uses=1))).token
     dev = device_pb2_grpc.DeviceServiceStub(channel)
-    csr = csr_pem(new_key(), "h")
-    enrolled = await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, hostname="h", csr=csr))
-    with pytest.raises(grpc.aio.AioRpcError):
-        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, csr=csr))  # reused: refused
+    enrolled = await dev.Enroll(
+        device_pb2.EnrollRequest(bootstrap_token=token, hostname="h", csr=csr_pem(new_key(), "h"))
+    )
+    with pytest.raises(grpc.aio.AioRpcError):  # reused by another device: refused, and recorded
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, csr=csr_pem(new_key(), "x")))
     entries = (await op.ListAudit(operator_pb2.ListAuditRequest())).entries
     actions = [(e.action, e.outcome) for e in reversed(entries)]
     assert ("token.create", "ok") in actions

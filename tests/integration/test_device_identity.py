@@ -182,3 +182,30 @@ async def test_a_crl_that_cannot_be_written_does_not_fail_the_revocation(
     crl = x509.load_pem_x509_crl(controlplane.crl_path.read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(enrolled.certificate.serial) is not None
     assert not controlplane.revocations.crl_is_stale()
+
+
+async def test_a_device_that_lost_the_enrollment_answer_enrolls_again_with_the_same_key(
+    controlplane: RunningControlPlane,
+    op: operator_pb2_grpc.OperatorServiceStub,
+    channel: grpc.aio.Channel,
+) -> None:
+    """Killed (or cut off) after the control plane answered: the same token and key get the
+    same device back, with a fresh certificate; a different key cannot reuse the token."""
+    token = (await op.CreateToken(operator_pb2.CreateTokenRequest())).token
+    dev = device_pb2_grpc.DeviceServiceStub(channel)
+    key = new_key()
+    request = device_pb2.EnrollRequest(bootstrap_token=token, hostname="t", csr=csr_pem(key, "t"))
+    first = await dev.Enroll(request)
+    again = await dev.Enroll(request)
+    assert again.device_id == first.device_id and again.certificate != first.certificate
+
+    with pytest.raises(grpc.aio.AioRpcError) as other_key:
+        await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token=token, csr=csr_pem(new_key(), "t")))
+    assert "already been used" in (other_key.value.details() or "")
+
+    await op.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=first.device_id))
+    with pytest.raises(grpc.aio.AioRpcError) as revoked:
+        await dev.Enroll(request)  # a revoked device does not come back this way
+    assert revoked.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    listed = (await op.ListDevices(operator_pb2.ListDevicesRequest())).devices
+    assert [d.device_id for d in listed] == [first.device_id]

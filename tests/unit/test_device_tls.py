@@ -97,3 +97,15 @@ async def test_renewal_closes_retired_channels_only_once_idle(
     assert busy.get_state() != grpc.ChannelConnectivity.SHUTDOWN  # kept until it idles
     await link.close()
     assert busy.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+
+
+def test_the_enrollment_key_survives_a_restart(tmp_path: Path) -> None:
+    from agent.device_tls import enrollment_key, key_pem
+
+    path = tmp_path / "enroll.key"
+    first = enrollment_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert key_pem(enrollment_key(path)) == key_pem(first)
+    path.write_bytes(b"not a key")
+    with pytest.raises(CertificateProblem, match="no usable key"):
+        enrollment_key(path)
