@@ -234,6 +234,23 @@ def collect(generation: Generation) -> Completion:
     )
 
 
+SMOKE_PARAMS = SamplingParams(max_tokens=8, temperature=0.0, seed=0)
+
+
+def smoke_generate(runtime: Runtime, *, chat: bool) -> None:
+    """A tiny greedy generation, through the chat template when the model has one: what every
+    generative adapter's smoke test is, so a broken model is caught before it serves."""
+    try:
+        if chat:
+            result = runtime.chat([ChatMessage(role="user", content="Say hello.")], SMOKE_PARAMS)
+        else:
+            result = runtime.complete("Hello", SMOKE_PARAMS)
+    except RuntimeFailure as exc:
+        raise RuntimeSmokeTestError(f"smoke generation failed: {exc}") from exc
+    if result.completion_tokens == 0 or not result.text.strip():
+        raise RuntimeSmokeTestError("smoke generation produced no text")
+
+
 def format_name(fmt: int) -> str:
     """The enum name of a ModelFormat value, or the bare number if the contract doesn't know it."""
     try:

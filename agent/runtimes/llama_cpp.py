@@ -62,14 +62,13 @@ from agent.runtimes.base import (
     GenerationError,
     InvalidPromptError,
     RuntimeDescription,
-    RuntimeFailure,
     RuntimeLoadError,
-    RuntimeSmokeTestError,
     RuntimeUnloaded,
     SamplingParams,
     collect,
+    smoke_generate,
 )
-from agent.runtimes.slot_generation import SlotGeneration, start_generation
+from agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
 
@@ -108,7 +107,6 @@ _ACCELERATOR_NAMES = {
 # Backends that compute on the host CPU (or elsewhere, for RPC), never a local accelerator.
 _HOST_BACKENDS = frozenset({"CPU", "BLAS", "RPC", "AMX"})
 
-_SMOKE_PARAMS = SamplingParams(max_tokens=8, temperature=0.0, seed=0)
 
 T = TypeVar("T")
 
@@ -351,35 +349,20 @@ class LlamaCppRuntime:
         return self._embedder.embed(tokens)
 
     def smoke_test(self) -> None:
-        try:
-            if self._chat_template is not None:
-                result = self.chat([ChatMessage(role="user", content="Say hello.")], _SMOKE_PARAMS)
-            else:
-                result = self.complete("Hello", _SMOKE_PARAMS)
-        except RuntimeFailure as exc:
-            raise RuntimeSmokeTestError(f"smoke generation failed: {exc}") from exc
-        if result.completion_tokens == 0 or not result.text.strip():
-            raise RuntimeSmokeTestError("smoke generation produced no text")
+        smoke_generate(self, chat=self._chat_template is not None)
 
     def unload(self) -> None:
-        with self._slot:  # waits for the generation in progress
+        def close() -> bool:
+            llama, self._llama = self._llama, None
+            if llama is None:
+                return False
+            embedder, self._embedder = self._embedder, None
+            if embedder is not None:  # before the model it borrows the weights from
+                embedder.close()
+            llama.close()
+            return True
 
-            def close() -> bool:
-                llama, self._llama = self._llama, None
-                if llama is None:
-                    return False
-                embedder, self._embedder = self._embedder, None
-                if embedder is not None:  # before the model it borrows the weights from
-                    embedder.close()
-                llama.close()
-                return True
-
-            try:
-                closed = self._thread.call(close)
-            except RuntimeUnloaded:  # already unloaded: the thread is gone
-                return
-            if closed:
-                self._thread.stop()
+        unload_on_own_thread(self._slot, self._thread, close)
 
     def _loaded(self) -> Llama:
         if self._llama is None:

@@ -52,14 +52,13 @@ from agent.runtimes.base import (
     GenerationError,
     InvalidPromptError,
     RuntimeDescription,
-    RuntimeFailure,
     RuntimeLoadError,
-    RuntimeSmokeTestError,
     RuntimeUnloaded,
     SamplingParams,
     collect,
+    smoke_generate,
 )
-from agent.runtimes.slot_generation import SlotGeneration, start_generation
+from agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
 
@@ -69,7 +68,6 @@ if TYPE_CHECKING:
 
 RUNTIME_NAME = "mlx"
 
-_SMOKE_PARAMS = SamplingParams(max_tokens=8, temperature=0.0, seed=0)
 
 # What mlx and mlx-lm raise for unreadable folders and failed evaluations: missing files
 # (OSError), bad JSON or unknown architectures (ValueError), wrong or missing tensors
@@ -265,35 +263,20 @@ class MlxRuntime:
         raise CapabilityNotSupported(self._description.model_id, Capability.EMBEDDINGS)
 
     def smoke_test(self) -> None:
-        try:
-            if self._has_chat_template:
-                result = self.chat([ChatMessage(role="user", content="Say hello.")], _SMOKE_PARAMS)
-            else:
-                result = self.complete("Hello", _SMOKE_PARAMS)
-        except RuntimeFailure as exc:
-            raise RuntimeSmokeTestError(f"smoke generation failed: {exc}") from exc
-        if result.completion_tokens == 0 or not result.text.strip():
-            raise RuntimeSmokeTestError("smoke generation produced no text")
+        smoke_generate(self, chat=self._has_chat_template)
 
     def unload(self) -> None:
-        with self._slot:  # waits for the generation in progress
+        def release() -> bool:
+            loaded, self._loaded = self._loaded, None
+            if loaded is None:
+                return False
+            del loaded  # the last reference to the weights
+            import mlx.core as mx
 
-            def release() -> bool:
-                loaded, self._loaded = self._loaded, None
-                if loaded is None:
-                    return False
-                del loaded  # the last reference to the weights
-                import mlx.core as mx
+            mx.clear_cache()  # hand the freed buffers back instead of keeping them for reuse
+            return True
 
-                mx.clear_cache()  # hand the freed buffers back instead of keeping them for reuse
-                return True
-
-            try:
-                released = self._thread.call(release)
-            except RuntimeUnloaded:  # already unloaded: the thread is gone
-                return
-            if released:
-                self._thread.stop()
+        unload_on_own_thread(self._slot, self._thread, release)
 
     def _model(self) -> _Loaded:
         if self._loaded is None:

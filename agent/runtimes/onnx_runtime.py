@@ -76,6 +76,7 @@ from agent.runtimes.base import (
     RuntimeUnloaded,
     SamplingParams,
     collect,
+    smoke_generate,
 )
 from agent.runtimes.slot_generation import InlineCalls, SlotGeneration, start_generation
 from agent.runtimes.text import StopTextBuffer
@@ -116,7 +117,6 @@ EMBED_BATCH = 16  # texts per session run: padding waste stays small, throughput
 
 _UNBOUNDED_MODEL_MAX_LENGTH = 10**7  # transformers writes 1e30 when it does not know
 _DETOKENIZE_CONTEXT = 5  # prompt tokens decoded with the first output token (leading spaces)
-_SMOKE_PARAMS = SamplingParams(max_tokens=8, temperature=0.0, seed=0)
 _NUMPY_FLOATS: Mapping[str, str] = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 _NUMPY_INTS: Mapping[str, str] = {"tensor(int64)": "int64", "tensor(int32)": "int32"}
 
@@ -802,18 +802,13 @@ class OnnxRuntime:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def smoke_test(self) -> None:
-        try:
-            if self._encoder is not None:
+        if self._encoder is not None:
+            try:
                 self._smoke_embed()
-                return
-            if self._chat_template is not None:
-                result = self.chat([ChatMessage(role="user", content="Say hello.")], _SMOKE_PARAMS)
-            else:
-                result = self.complete("Hello", _SMOKE_PARAMS)
-        except RuntimeFailure as exc:
-            raise RuntimeSmokeTestError(f"smoke generation failed: {exc}") from exc
-        if result.completion_tokens == 0 or not result.text.strip():
-            raise RuntimeSmokeTestError("smoke generation produced no text")
+            except RuntimeFailure as exc:
+                raise RuntimeSmokeTestError(f"smoke embedding failed: {exc}") from exc
+            return
+        smoke_generate(self, chat=self._chat_template is not None)
 
     def _smoke_embed(self) -> None:
         import math

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import Protocol, TypeVar
 
-from agent.runtimes.base import ContextLengthExceeded, Delta, InvalidPromptError
+from agent.runtimes.base import ContextLengthExceeded, Delta, InvalidPromptError, RuntimeUnloaded
 
 T = TypeVar("T")
 
@@ -22,6 +22,22 @@ class OwnThread(Protocol):
     """Runs a call on the backend's own thread and waits for it (RuntimeUnloaded once stopped)."""
 
     def call(self, fn: Callable[[], T]) -> T: ...
+
+
+class StoppableThread(OwnThread, Protocol):
+    def stop(self) -> None: ...
+
+
+def unload_on_own_thread(slot: threading.Lock, thread: StoppableThread, release: Callable[[], bool]) -> None:
+    """Waits for the generation in progress, frees the model on its thread (``release`` says
+    whether there was one to free) and ends the thread. Idempotent."""
+    with slot:
+        try:
+            released = thread.call(release)
+        except RuntimeUnloaded:  # already unloaded: the thread is gone
+            return
+        if released:
+            thread.stop()
 
 
 class InlineCalls:
