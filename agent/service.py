@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import grpc
 import uvicorn
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_random_exponential
 
 from agent.api.admission import QueueLimits
 from agent.api.app import create_app
@@ -61,13 +61,17 @@ STREAM_ESTABLISHED_SECONDS = 10.0
 
 
 def retrying(
-    max_wait_seconds: float, transient: tuple[type[BaseException], ...] = (ControlPlaneUnavailable,)
+    max_wait_seconds: float,
+    transient: tuple[type[BaseException], ...] = (ControlPlaneUnavailable,),
+    *,
+    log_retries: bool = False,
 ) -> AsyncRetrying:
     """Retries ``transient`` failures (by default: the control plane is unreachable) with
-    jittered exponential backoff."""
+    jittered exponential backoff; ``log_retries`` logs each failure before the wait."""
     return AsyncRetrying(
         retry=retry_if_exception_type(transient),
         wait=wait_random_exponential(multiplier=0.5, max=max_wait_seconds),
+        before_sleep=before_sleep_log(log, logging.WARNING) if log_retries else None,
         reraise=True,
     )
 
@@ -397,13 +401,9 @@ class AgentService:
         while True:
             wait = (self.certificate.renew_at - datetime.now(UTC)).total_seconds()
             await asyncio.sleep(max(0.0, wait))
-            async for attempt in retrying(max_wait_seconds=60, transient=RENEWAL_TRANSIENT):
+            async for attempt in retrying(max_wait_seconds=60, transient=RENEWAL_TRANSIENT, log_retries=True):
                 with attempt:
-                    try:
-                        await self._renew(link)
-                    except RENEWAL_TRANSIENT as exc:
-                        log.warning("certificate renewal failed (%s: %s); retrying", type(exc).__name__, exc)
-                        raise
+                    await self._renew(link)
 
     async def _watch(self, link: DeviceLink) -> None:
         """Keeps the desired-state stream open; reconnects with bounded, jittered backoff.

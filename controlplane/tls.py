@@ -23,7 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from controlplane.ca import SERVER_VALIDITY, CertificateAuthority
+from controlplane.ca import SERVER_VALIDITY, CertificateAuthority, ca_paths
+from controlplane.settings import default_home
 
 CA_ENV = "EDGEFLEET_TLS_CA"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
@@ -89,9 +90,6 @@ class ServerCertificate:
 def resolve_tls_ca(home: Path | None = None) -> bytes:
     """The CA fleetctl verifies the control plane with: the file ``$EDGEFLEET_TLS_CA`` names,
     or ``$EDGEFLEET_HOME/keys/tls/ca.pem`` (where ``fleetctl keys init`` puts it)."""
-    from controlplane.ca import ca_paths
-    from controlplane.settings import default_home
-
     env = os.environ.get(CA_ENV, "").strip()
     path = Path(env) if env else ca_paths((home or default_home()) / "keys")[1]
     try:
