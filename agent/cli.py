@@ -59,7 +59,15 @@ def run(
     ] = None,
     keep_alive: Annotated[
         float | None,
-        typer.Option(min=1, help="seconds idle before the model is unloaded (reloaded on the next request)"),
+        typer.Option(min=1, help="seconds idle before a model is unloaded (reloaded on the next request)"),
+    ] = None,
+    memory_budget_mb: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="memory the loaded models may hold together (estimated weights + KV cache); to load "
+            "another, the least recently used idle model is unloaded. Default: 3/4 of RAM; 0: no limit",
+        ),
     ] = None,
     max_running: Annotated[int, typer.Option(min=1, help="API requests generating at once")] = 1,
     max_waiting: Annotated[int, typer.Option(min=0, help="API requests queued; beyond: HTTP 429")] = 16,
@@ -103,6 +111,7 @@ def run(
         n_threads=threads or len(os.sched_getaffinity(0)),
         api_key=api_key,
         keep_alive_seconds=keep_alive,
+        memory_budget_bytes=memory_budget(memory_budget_mb),
         max_running_requests=max_running,
         max_waiting_requests=max_waiting,
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
@@ -113,6 +122,17 @@ def run(
     except (AgentError, DeviceRevoked, IdentityError, StateError, ReleaseError, OSError) as exc:
         typer.echo(f"fleet-agent: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from exc
+
+
+def memory_budget(megabytes: int | None) -> int | None:
+    """The models' memory budget in bytes: the operator's figure, or 3/4 of physical RAM."""
+    if megabytes == 0:
+        return None
+    if megabytes is not None:
+        return megabytes * 2**20
+    import psutil
+
+    return psutil.virtual_memory().total * 3 // 4
 
 
 @app.command()

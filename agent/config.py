@@ -22,7 +22,8 @@ class AgentConfig:
     n_ctx: int = 2048
     n_threads: int | None = None
     hostname: str = ""
-    keep_alive_seconds: float | None = None  # unload the model after this long idle; None: never
+    keep_alive_seconds: float | None = None  # unload a model after this long idle; None: never
+    memory_budget_bytes: int | None = None  # models loaded at once hold at most this; None: no limit
     max_running_requests: int = 1  # generations at once; the rest queue
     max_waiting_requests: int = 16  # queued beyond this get HTTP 429
     api_key: str | None = None  # required on /v1/* when set (always set off loopback)

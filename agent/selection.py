@@ -216,6 +216,15 @@ def kv_cache_bytes(variant: bundle_pb2.Variant, n_ctx: int) -> int:
     return int(max(0, n_ctx) * d_model * d_model / 32)
 
 
+def memory_needed(variant: bundle_pb2.Variant, n_ctx: int, *, weights_only: bool = False) -> int:
+    """Estimated memory of the variant loaded with an ``n_ctx`` context: its weights (or the
+    bundle's stated minimum RAM, whichever is larger, unless only weights count, as on a
+    GPU) plus the KV cache. Selection checks it against free memory, the agent's memory
+    budget against what its other models hold."""
+    base = variant.size_bytes if weights_only else max(variant.min_ram_bytes, variant.size_bytes)
+    return base + kv_cache_bytes(variant, n_ctx)
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
@@ -325,12 +334,10 @@ def _evaluate(
     placements = _placements(variant, hw)
     if isinstance(placements, str):
         return placements
-    kv = kv_cache_bytes(variant, n_ctx)
     misses: list[str] = []
     for placement in placements:
         budget = placement.budget
-        base = variant.size_bytes if budget.weights_only else max(variant.min_ram_bytes, variant.size_bytes)
-        needed = base + kv
+        needed = memory_needed(variant, n_ctx, weights_only=budget.weights_only)
         where = placement.runtime.accelerator
         if budget.bytes is None:
             return _Candidate(variant, placement, f"{budget.kind} unknown, not checked")

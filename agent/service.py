@@ -42,7 +42,9 @@ from agent.device_tls import (
 from agent.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
 from agent.identity import DeviceIdentity, load_identity, save_identity
 from agent.latest import Latest
-from agent.serving import ActiveModel
+from agent.runtimes.keep_alive import KeepAliveRuntime
+from agent.runtimes.memory_budget import MemoryBudget
+from agent.serving import ModelTable
 from agent.state import AgentState, load_state, remove_interrupted_writes
 from agent.stats import InferenceStats
 from agent.telemetry.outbox import Outbox
@@ -188,7 +190,8 @@ class RequestCounter:
 class AgentService:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.active = ActiveModel()
+        self.models = ModelTable()
+        self.budget = MemoryBudget(config.memory_budget_bytes)
         self.requests = RequestCounter()
         self.reports: Latest[device_pb2.StatusReport] = Latest()
         self.desired: Latest[device_pb2.DesiredState] = Latest()
@@ -218,10 +221,11 @@ class AgentService:
         self.updater = Updater(
             config=config,
             store=ArtifactStore(config.artifact_dir, config.download_dir, config.unpacked_dir),
-            active=self.active,
+            models=self.models,
             state=state,
             on_transition=self._on_transition,
             available_ram=available_ram_bytes,
+            budget=self.budget,
         )
         server = self._api_server()
         api_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
@@ -284,9 +288,7 @@ class AgentService:
             stopper.cancel()
             await asyncio.to_thread(publisher.stop)
             outbox.close()
-            old = self.active.swap(None)
-            if old is not None:
-                await asyncio.to_thread(self.active.retire, old, timeout=5)
+            await self._unload_models()
             await link.close()
 
     async def _serve_offline(self, server: uvicorn.Server, api_task: asyncio.Task[None]) -> None:
@@ -296,16 +298,20 @@ class AgentService:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(api_task, timeout=5)
-        old = self.active.swap(None)
-        if old is not None:
-            await asyncio.to_thread(self.active.retire, old, timeout=5)
+        await self._unload_models()
+
+    async def _unload_models(self) -> None:
+        for name in self.models.names():
+            old = self.models.remove(name)
+            if old is not None:
+                await asyncio.to_thread(self.models.retire, old, timeout=5)
 
     def _bind(self) -> socket.socket:
         return bind_api_socket(self.config.listen_host, self.config.listen_port)
 
     def _api_server(self) -> uvicorn.Server:
         app = create_app(
-            active=self.active,
+            models=self.models,
             observer=self._observe,
             health=self._health,
             limits=QueueLimits(
@@ -350,20 +356,38 @@ class AgentService:
         if self.telemetry is not None:
             self.telemetry.record_inference(stats)
 
-    def _release_info(self) -> dict[str, str]:
-        """Which release and variant serve, for the model-info metric."""
-        active = self.updater.state.active
-        if active is None:
-            return {}
-        return {"bundle": active.bundle, "version": str(active.version), "variant": active.variant}
+    def _release_info(self, model: str) -> dict[str, str] | None:
+        """Which release and variant serve `model`, for the model-info metric."""
+        record = self.updater.state.model(model)
+        if record is None:
+            return None
+        return {"bundle": record.bundle, "version": str(record.version), "variant": record.variant}
 
     def _health(self) -> dict[str, object]:
         state = self.updater.state
         return {
             "state": common_pb2.DeviceState.Name(state.phase),
             "active": state.active.model_id if state.active else None,
+            "installed": [r.model_id for r in state.models],
+            "memory_budget_bytes": self.budget.limit_bytes,
+            "memory_resident_bytes": self.budget.resident_bytes(),
             "last_error": state.last_error or None,
         }
+
+    def installed_models(self, state: AgentState) -> list[common_pb2.InstalledModel]:
+        """Every installed model, and whether it is in memory now (unloaded ones load on demand)."""
+        listed = []
+        for record in state.models:
+            runtime = self.models.get(record.bundle)
+            loaded = runtime is not None and (not isinstance(runtime, KeepAliveRuntime) or runtime.loaded)
+            listed.append(
+                common_pb2.InstalledModel(
+                    bundle=common_pb2.BundleRef(name=record.bundle, version=record.version),
+                    variant=record.variant,
+                    loaded=loaded,
+                )
+            )
+        return listed
 
     def _on_transition(self, state: AgentState, generation: int, detail: str) -> None:
         active = state.active
@@ -375,6 +399,7 @@ class AgentService:
             error_kind=state.last_error_kind,
             variant=active.variant if active else "",
             detail=detail,
+            models=self.installed_models(state),
         )
         if active is not None:
             report.active_bundle.name = active.bundle

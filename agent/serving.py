@@ -1,7 +1,8 @@
-"""Which runtime answers requests right now, swapped atomically when a new model goes live.
+"""Which runtimes answer requests right now, one per model name, swapped atomically.
 
-Requests take a *lease* on the current runtime for as long as they use it (a whole stream
-included). `swap()` only changes which runtime new leases get; the old runtime keeps
+A device holds several models (one per bundle name); requests name the model they want.
+Requests take a *lease* on a runtime for as long as they use it (a whole stream included).
+`put()` only changes which runtime new leases of that name get; the old runtime keeps
 serving its leased requests. `retire(old)` waits until those are done and then unloads it,
 so activating a new model never cuts a response short and never frees a model mid-token.
 
@@ -20,7 +21,17 @@ from agent.runtimes.base import Runtime
 
 
 class NoActiveModel(Exception):
-    """No model is active yet (first install still running, or the last one failed)."""
+    """No model is loaded yet (first install still running, or every install failed)."""
+
+
+class ModelNotServed(LookupError):
+    """The request names a model this device does not hold."""
+
+    def __init__(self, requested: str, served: list[str]) -> None:
+        self.requested = requested
+        self.served = served
+        listing = ", ".join(f"`{name}`" for name in served)
+        super().__init__(f"The model `{requested}` does not exist on this device; it serves {listing}.")
 
 
 class Lease:
@@ -28,7 +39,7 @@ class Lease:
 
     __slots__ = ("_owner", "_released", "runtime")
 
-    def __init__(self, owner: ActiveModel, runtime: Runtime) -> None:
+    def __init__(self, owner: ModelTable, runtime: Runtime) -> None:
         self._owner = owner
         self._released = False
         self.runtime = runtime
@@ -45,37 +56,62 @@ class Lease:
         self.release()
 
 
-class ActiveModel:
-    """Thread-safe holder of the active runtime, with per-runtime lease counts."""
+class ModelTable:
+    """Thread-safe map of model name to runtime, with per-runtime lease counts.
 
-    def __init__(self, runtime: Runtime | None = None) -> None:
+    A runtime's name is its ``describe().model_id`` (the bundle name), which is what the
+    OpenAI ``model`` field of a request names.
+    """
+
+    def __init__(self, *runtimes: Runtime) -> None:
         self._cond = threading.Condition()
-        self._runtime = runtime
+        self._runtimes: dict[str, Runtime] = {r.describe().model_id: r for r in runtimes}
         self._leases: dict[int, int] = {}  # id(runtime) -> leases outstanding
 
-    def current(self) -> Runtime | None:
-        """The runtime new requests would get (may change right after this returns)."""
+    def names(self) -> list[str]:
+        """The models requests can name, sorted."""
         with self._cond:
-            return self._runtime
+            return sorted(self._runtimes)
 
-    def swap(self, new: Runtime | None) -> Runtime | None:
-        """Make `new` the active runtime and return the previous one.
+    def runtimes(self) -> list[Runtime]:
+        """Every runtime in the table, by name (the list may be stale right after it returns)."""
+        with self._cond:
+            return [self._runtimes[name] for name in sorted(self._runtimes)]
 
-        The caller owns the returned runtime: pass it to `retire()` (or unload it) once it
-        no longer wants it. Passing None stops serving (requests get 503).
+    def get(self, name: str) -> Runtime | None:
+        with self._cond:
+            return self._runtimes.get(name)
+
+    def put(self, runtime: Runtime) -> Runtime | None:
+        """Make `runtime` serve its model name and return the runtime it replaced, if any.
+
+        The caller owns the returned runtime: pass it to `retire()` once it no longer wants it.
         """
+        name = runtime.describe().model_id
         with self._cond:
-            old, self._runtime = self._runtime, new
+            old = self._runtimes.get(name)
+            self._runtimes[name] = runtime
             return old
 
-    def lease(self) -> Lease:
-        """Take a lease on the active runtime; raises NoActiveModel when there is none."""
+    def remove(self, name: str) -> Runtime | None:
+        """Stop serving `name` and return its runtime (the caller retires it)."""
         with self._cond:
-            if self._runtime is None:
-                raise NoActiveModel("no model is loaded")
-            key = id(self._runtime)
+            return self._runtimes.pop(name, None)
+
+    def lease(self, name: str) -> Lease:
+        """Take a lease on the runtime serving `name`.
+
+        Raises NoActiveModel when nothing is loaded, ModelNotServed when `name` is not here.
+        """
+        with self._cond:
+            runtime = self._runtimes.get(name)
+            if runtime is None:
+                if not self._runtimes:
+                    raise NoActiveModel("no model is loaded")
+                raise ModelNotServed(name, sorted(self._runtimes))
+            key = id(runtime)
             self._leases[key] = self._leases.get(key, 0) + 1
-            return Lease(self, self._runtime)
+            return Lease(self, runtime)
 
     def in_flight(self, runtime: Runtime) -> int:
         """Outstanding leases on `runtime`, for health reports and tests."""
@@ -94,14 +130,14 @@ class ActiveModel:
             return True
 
     def retire(self, runtime: Runtime, *, timeout: float | None = None) -> bool:
-        """Unload a runtime that `swap()` returned, after its in-flight requests finish.
+        """Unload a runtime that `put()` or `remove()` returned, after its in-flight requests finish.
 
         Returns False if `timeout` ran out first; it is unloaded anyway (the runtime's lock
-        still protects a generation in progress). Refuses to unload the active runtime.
+        still protects a generation in progress). Refuses to unload a runtime still serving.
         """
         with self._cond:
-            if runtime is self._runtime:
-                raise ValueError("cannot retire the active runtime; swap it out first")
+            if any(r is runtime for r in self._runtimes.values()):
+                raise ValueError("cannot retire a runtime that still serves; replace or remove it first")
         drained = self.wait_idle(runtime, timeout=timeout)
         runtime.unload()
         return drained

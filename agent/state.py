@@ -1,12 +1,14 @@
 """The agent's persisted update state, so a crash or power cut resumes cleanly.
 
-Written atomically after every transition. ``active`` is what serves; ``previous`` is kept for
-rollback and garbage collection; the lifecycle phase mirrors the proto's DeviceState.
+Written atomically after every transition. ``models`` is what serves, one installed release
+per bundle name; ``previous`` keeps, per name, the release it replaced (for rollback and
+garbage collection); the lifecycle phase mirrors the proto's DeviceState.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,20 @@ class InstallRecord:
     model_format: int
     artifact_sha256: str
     length: int
+    memory_bytes: int = 0  # estimated weights + KV cache when loaded (0: unknown, use length)
 
     @property
     def model_id(self) -> str:
         return f"{self.bundle}@{self.version}"
+
+    @property
+    def footprint_bytes(self) -> int:
+        """What the memory budget counts for this model while it is loaded."""
+        return self.memory_bytes or self.length
+
+
+def _by_name(records: Iterable[InstallRecord]) -> tuple[InstallRecord, ...]:
+    return tuple(sorted(records, key=lambda r: r.bundle))
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +53,8 @@ class AgentState:
     phase: int = common_pb2.DEVICE_STATE_IDLE
     desired_generation: int = 0
     applied_generation: int = 0
-    active: InstallRecord | None = None
-    previous: InstallRecord | None = None
+    models: tuple[InstallRecord, ...] = ()  # serving: one per bundle name, sorted by name
+    previous: tuple[InstallRecord, ...] = ()  # per name, the release the serving one replaced
     last_error: str = ""
     last_error_kind: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -50,9 +62,62 @@ class AgentState:
     def with_phase(self, phase: int, *, error: str = "", error_kind: str = "") -> AgentState:
         return replace(self, phase=phase, last_error=error, last_error_kind=error_kind)
 
+    @property
+    def active(self) -> InstallRecord | None:
+        """The most recently installed model: what one-model reports (active bundle, variant)
+        name; None when nothing is installed."""
+        return max(self.models, key=lambda r: (r.generation, r.bundle), default=None)
 
-def _record(raw: Any) -> InstallRecord | None:
-    return None if raw is None else InstallRecord(**raw)
+    def model(self, name: str) -> InstallRecord | None:
+        return next((r for r in self.models if r.bundle == name), None)
+
+    def previous_of(self, name: str) -> InstallRecord | None:
+        return next((r for r in self.previous if r.bundle == name), None)
+
+    def installing(self, record: InstallRecord) -> AgentState:
+        """``record`` serves its name now; what served that name before becomes its rollback copy."""
+        current = self.model(record.bundle)
+        rollback = current if current is not None and current != record else self.previous_of(record.bundle)
+        return replace(
+            self,
+            models=_by_name([*(r for r in self.models if r.bundle != record.bundle), record]),
+            previous=_by_name(
+                [*(r for r in self.previous if r.bundle != record.bundle), *([rollback] if rollback else [])]
+            ),
+        )
+
+    def rolled_back(self, name: str) -> AgentState:
+        """The rollback copy of ``name`` serves again (its newer release would not load)."""
+        rollback = self.previous_of(name)
+        assert rollback is not None
+        return replace(
+            self,
+            models=_by_name([*(r for r in self.models if r.bundle != name), rollback]),
+            previous=tuple(r for r in self.previous if r.bundle != name),
+        )
+
+    def without(self, name: str) -> AgentState:
+        """``name`` is gone from the device: neither served nor kept for rollback."""
+        return replace(
+            self,
+            models=tuple(r for r in self.models if r.bundle != name),
+            previous=tuple(r for r in self.previous if r.bundle != name),
+        )
+
+    def without_previous(self, keep: Iterable[InstallRecord]) -> AgentState:
+        kept = list(keep)
+        return replace(self, previous=tuple(r for r in self.previous if r in kept))
+
+
+def _records(raw: Any) -> tuple[InstallRecord, ...]:
+    return _by_name(InstallRecord(**item) for item in raw)
+
+
+def _legacy(raw: dict[str, Any]) -> tuple[tuple[InstallRecord, ...], tuple[InstallRecord, ...]]:
+    """State files of agents that held one model: "active" and "previous" records or null."""
+    active = raw.get("active")
+    previous = raw.get("previous")
+    return _records([active] if active else []), _records([previous] if previous else [])
 
 
 def load_state(path: Path) -> AgentState:
@@ -63,17 +128,21 @@ def load_state(path: Path) -> AgentState:
     except (OSError, ValueError) as exc:
         raise StateError(f"state file {path} is unreadable: {exc}") from exc
     try:
+        if "models" in raw:
+            models, previous = _records(raw["models"]), _records(raw.get("previous", []))
+        else:
+            models, previous = _legacy(raw)
         return AgentState(
             phase=int(raw["phase"]),
             desired_generation=int(raw["desired_generation"]),
             applied_generation=int(raw["applied_generation"]),
-            active=_record(raw.get("active")),
-            previous=_record(raw.get("previous")),
+            models=models,
+            previous=previous,
             last_error=str(raw.get("last_error", "")),
             last_error_kind=str(raw.get("last_error_kind", "")),
             extra=dict(raw.get("extra", {})),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StateError(f"state file {path} is malformed: {exc}") from exc
 
 
@@ -81,15 +150,20 @@ def save_state(path: Path, state: AgentState) -> None:
     atomic_write_bytes(path, json.dumps(asdict(state), indent=2, sort_keys=True).encode(), mode=0o600)
 
 
-def retained(state: AgentState, *, budget_bytes: int | None) -> tuple[InstallRecord | None, ...]:
-    """The installs whose artifacts stay on disk: the active one always, the previous one (kept
-    for rollback) only while both fit in the disk budget."""
-    active, previous = state.active, state.previous
-    if previous is None or previous.artifact_sha256 == (active.artifact_sha256 if active else None):
-        return (active,) if active else ()
-    if budget_bytes is not None and (active.length if active else 0) + previous.length > budget_bytes:
-        return (active,) if active else ()
-    return tuple(r for r in (active, previous) if r is not None)
+def retained(state: AgentState, *, budget_bytes: int | None) -> tuple[InstallRecord, ...]:
+    """The installs whose artifacts stay on disk: every serving model always, then rollback
+    copies (most recently replaced first) while everything fits in the disk budget."""
+    kept = list(state.models)
+    serving = {r.artifact_sha256 for r in kept}
+    used = sum(r.length for r in kept)
+    for record in sorted(state.previous, key=lambda r: r.generation, reverse=True):
+        if record.artifact_sha256 in serving:
+            continue
+        if budget_bytes is not None and used + record.length > budget_bytes:
+            continue
+        kept.append(record)
+        used += record.length
+    return tuple(kept)
 
 
 def remove_interrupted_writes(state_dir: Path) -> list[Path]:

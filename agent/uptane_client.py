@@ -61,10 +61,11 @@ class GrpcMetadataFetcher(FetcherInterface):
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """A release both repositories agree this device should run."""
+    """The releases both repositories agree this device should hold (one per bundle name;
+    none: the device should hold no model)."""
 
     generation: int
-    release: rel.VerifiedRelease
+    releases: tuple[rel.VerifiedRelease, ...]
     pin: common_pb2.VariantPin | None = None  # from the verified director targets, never the nudge
 
 
@@ -120,8 +121,8 @@ class UptaneVerifier:
             raise _translate(exc, repo) from exc
         return updater
 
-    def refresh(self) -> Assignment | None:
-        """The verified assignment, or None when the director assigns nothing yet."""
+    def refresh(self) -> Assignment:
+        """The verified assignment (releases may be empty: the device should hold no model)."""
         director = self._refreshed(uptane.DIRECTOR, self.anchors.director_root)
         # ngclient verified and holds the director's top-level targets; it has no public
         # accessor for the whole listing, which Uptane needs (the custom fields and every path).
@@ -132,8 +133,9 @@ class UptaneVerifier:
                 f"director metadata is for {assignment.device_id}, this device is {self.device_id}"
             )
         image = self._refreshed(uptane.IMAGE, self.anchors.image_root)
-        variants: list[bundle_pb2.Variant] = []
-        artifacts: dict[str, rel.ArtifactInfo] = {}
+        assigned = dict(assignment.releases)
+        variants: dict[str, list[bundle_pb2.Variant]] = {name: [] for name in assigned}
+        artifacts: dict[str, dict[str, rel.ArtifactInfo]] = {name: {} for name in assigned}
         for path, wanted in assignment.targets.items():
             try:
                 target = image.get_targetinfo(path)
@@ -146,33 +148,37 @@ class UptaneVerifier:
             image_target = uptane.parse_image_target(path, target)
             if (image_target.info.length, image_target.info.sha256) != (wanted.length, wanted.sha256):
                 raise rel.DirectorImageMismatch(f"director and image repositories disagree on {path!r}")
-            if (image_target.bundle, image_target.version) != (assignment.bundle, assignment.version):
+            if assigned.get(image_target.bundle) != image_target.version:
+                listed = ", ".join(f"{n}@{v}" for n, v in assignment.releases) or "nothing"
                 raise rel.DirectorImageMismatch(
                     f"{path!r} belongs to {image_target.bundle}@{image_target.version}, "
-                    f"the director says {assignment.bundle}@{assignment.version}"
+                    f"the director assigns {listed}"
                 )
             variant = bundle_pb2.Variant()
             variant.CopyFrom(image_target.variant)
             variant.artifact = path
-            variants.append(variant)
-            artifacts[path] = image_target.info
-        if not variants:
-            return None
-        manifest = bundle_pb2.BundleManifest(
-            schema_version=rel.MANIFEST_SCHEMA_VERSION,
-            name=assignment.bundle,
-            version=assignment.version,
-            variants=variants,
-        )
-        return Assignment(
-            generation=assignment.generation,
-            release=rel.VerifiedRelease(
-                name=assignment.bundle,
-                version=assignment.version,
-                expires=director_targets.expires,
-                manifest=manifest,
-                artifacts=artifacts,
-                metadata=b"",
-            ),
-            pin=assignment.pin,
-        )
+            variants[image_target.bundle].append(variant)
+            artifacts[image_target.bundle][path] = image_target.info
+        releases = []
+        for name, version in assignment.releases:
+            if not variants[name]:
+                raise rel.UnknownTarget(
+                    f"the director assigns {name}@{version} but names none of its targets"
+                )
+            manifest = bundle_pb2.BundleManifest(
+                schema_version=rel.MANIFEST_SCHEMA_VERSION,
+                name=name,
+                version=version,
+                variants=variants[name],
+            )
+            releases.append(
+                rel.VerifiedRelease(
+                    name=name,
+                    version=version,
+                    expires=director_targets.expires,
+                    manifest=manifest,
+                    artifacts=artifacts[name],
+                    metadata=b"",
+                )
+            )
+        return Assignment(generation=assignment.generation, releases=tuple(releases), pin=assignment.pin)

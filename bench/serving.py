@@ -182,13 +182,13 @@ def serve(path: Path, *, n_ctx: int, n_threads: int) -> None:
     from agent.api import create_app
     from agent.runtimes import load_runtime
     from agent.service import bind_api_socket
-    from agent.serving import ActiveModel
+    from agent.serving import ModelTable
     from protos.fleet.v1 import common_pb2
 
     runtime = load_runtime(
         fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=path, model_id=MODEL_ID, n_ctx=n_ctx, n_threads=n_threads
     )
-    app = create_app(active=ActiveModel(runtime), observer=lambda stats: None)
+    app = create_app(models=ModelTable(runtime), observer=lambda stats: None)
     sock = bind_api_socket("127.0.0.1", 0)  # as the agent binds it
     print(f"port {sock.getsockname()[1]}", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])

@@ -21,6 +21,7 @@ from controlplane.cli_common import ControlPlaneOpt, connect, err, fail, rpc_err
 from controlplane.cli_keys import keys_app, open_keys
 from controlplane.settings import DEFAULT_DEVICE_LISTEN, DEFAULT_LISTEN, Settings, default_home
 from protos.fleet.v1 import common_pb2, operator_pb2
+from protos.fleet.v1.operator_pb2_grpc import OperatorServiceStub
 
 app = typer.Typer(help="Operate an edgefleet: keys, bundles, devices, deployments.", no_args_is_help=True)
 token_app = typer.Typer(help="Bootstrap tokens devices enroll with.", no_args_is_help=True)
@@ -174,7 +175,12 @@ def deploy(
     all_devices: Annotated[bool, typer.Option("--all", help="every enrolled device")] = False,
     device: Annotated[list[str] | None, typer.Option(help="device id (repeatable)")] = None,
 ) -> None:
-    """Point devices at a bundle release; their agents pick it up at once."""
+    """Add a bundle release to devices' models; their agents pick it up at once.
+
+    A device holds one release per bundle name: deploying NAME@VERSION adds the model, or
+    replaces the release of NAME it holds (an older version rolls back), and leaves its other
+    models alone. `fleetctl undeploy NAME` removes one.
+    """
     if all_devices == bool(device):
         raise fail("give either --all or --device ID")
     channel, stub = connect(controlplane)
@@ -192,11 +198,61 @@ def deploy(
         typer.echo(device_id)
 
 
+@app.command()
+def undeploy(
+    name: Annotated[str, typer.Argument(help="bundle NAME (whichever release of it a device holds)")],
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+    all_devices: Annotated[bool, typer.Option("--all", help="every enrolled device")] = False,
+    device: Annotated[list[str] | None, typer.Option(help="device id (repeatable)")] = None,
+    selector: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE[,KEY=VALUE...]: devices with all these labels (repeatable)"),
+    ] = None,
+) -> None:
+    """Remove a model from devices; their agents unload and delete it, and keep their others.
+
+    Devices that do not hold NAME are left as they are.
+    """
+    if "@" in name:
+        raise fail(f"undeploy takes a bundle NAME (every release of it), not {name!r}")
+    if sum((all_devices, bool(device), bool(selector))) != 1:
+        raise fail("give exactly one of --all, --device ID or --selector KEY=VALUE")
+    labels = parse_selector(selector)
+    channel, stub = connect(controlplane)
+    with channel:
+        try:
+            ids = selected_devices(stub, labels) if labels else list(device or [])
+            if labels and not ids:
+                raise fail(f"no device has the labels {format_selector(labels)}")
+            response = stub.Undeploy(
+                operator_pb2.UndeployRequest(name=name, all_devices=all_devices, device_ids=ids)
+            )
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
+    err.print(f"{name} removed from {len(response.device_ids)} device(s)")
+    for device_id in response.device_ids:
+        typer.echo(device_id)
+
+
+def selected_devices(stub: OperatorServiceStub, labels: dict[str, str]) -> list[str]:
+    """The ids of the devices whose labels include every KEY=VALUE of ``labels``.
+
+    The control plane takes device ids, so the selector is resolved here, from the listing: a
+    device enrolled between the listing and the call is not included.
+    """
+    devices = stub.ListDevices(operator_pb2.ListDevicesRequest()).devices
+    return [d.device_id for d in devices if all(d.labels.get(k) == v for k, v in labels.items())]
+
+
+def format_selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 @devices_app.command("list")
 def devices_list(
     controlplane: ControlPlaneOpt = DEFAULT_LISTEN, as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
-    """Show every device: state, active bundle, local API, last seen, last telemetry figures."""
+    """Show every device: state, its models, local API, last seen, last telemetry figures."""
     channel, stub = connect(controlplane)
     with channel:
         try:
@@ -221,8 +277,9 @@ SelectorOpt = Annotated[
 
 
 def parse_selector(items: list[str] | None) -> dict[str, str]:
+    """Repeated or comma-separated KEY=VALUE items ("hw=jetson,site=a") as one label selector."""
     selector = {}
-    for item in items or []:
+    for item in [part for group in items or [] for part in group.split(",")]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise fail(f"selector {item!r} is not KEY=VALUE")

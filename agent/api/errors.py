@@ -30,7 +30,8 @@ from agent.runtimes.base import (
     RuntimeFailure,
     RuntimeUnloaded,
 )
-from agent.serving import NoActiveModel
+from agent.runtimes.memory_budget import ModelMemoryExhausted
+from agent.serving import ModelNotServed, NoActiveModel
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ _FAILURES: Final[Mapping[type[Exception], _Mapping]] = MappingProxyType(
         InvalidPromptError: _Mapping(400, INVALID_REQUEST, "invalid_prompt"),
         RuntimeUnloaded: _Mapping(503, UNAVAILABLE, "model_unloaded"),
         NoActiveModel: _Mapping(503, UNAVAILABLE, "model_not_loaded"),
+        ModelNotServed: _Mapping(404, INVALID_REQUEST, "model_not_found", param="model"),
+        ModelMemoryExhausted: _Mapping(503, UNAVAILABLE, "model_memory_exhausted", param="model"),
         RuntimeFailure: _Mapping(500, SERVER_ERROR, "generation_failed"),
     }
 )

@@ -5,7 +5,7 @@ rebuilt app start from zero and two apps in one process never share series. Figu
 from three places: an ASGI middleware counts every response by endpoint and status; the
 per-request InferenceStats (the same record telemetry gets) feed tokens, latency, time to
 first token and decode speed; and a collector reads the live state (queue depth, the
-active model) at scrape time, so a swapped model or a drained queue is never reported stale.
+models held) at scrape time, so a swapped model or a drained queue is never reported stale.
 
 Label values are bounded on purpose: unknown paths are "other", requested model names
 (which clients choose freely) never become labels, errors are our own codes.
@@ -21,14 +21,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.api.admission import AdmissionQueue
 from agent.runtimes.base import format_name
-from agent.serving import ActiveModel
+from agent.runtimes.keep_alive import KeepAliveRuntime
+from agent.serving import ModelTable
 from agent.stats import InferenceStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # what generate_latest writes: the Prometheus text format
 OTHER = "other"
 RELEASE_LABELS = ("bundle", "version", "variant")
 
-ReleaseInfo = Callable[[], Mapping[str, str]]
+ReleaseInfo = Callable[[str], Mapping[str, str] | None]
+"""The installed release (bundle, version, variant) behind a model name; None when unknown."""
 
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -41,7 +43,7 @@ class ApiMetrics:
     def __init__(
         self,
         *,
-        active: ActiveModel,
+        models: ModelTable,
         queue: AdmissionQueue,
         endpoint_paths: Mapping[str, str],
         release_info: ReleaseInfo | None = None,
@@ -91,7 +93,7 @@ class ApiMetrics:
             buckets=_RATE_BUCKETS,
             registry=r,
         )
-        r.register(_LiveCollector(active=active, queue=queue, release_info=release_info))
+        r.register(_LiveCollector(models=models, queue=queue, release_info=release_info))
 
     def add_route(self, path: str) -> None:
         """Let `path` appear as an endpoint label (anything else counts as "other")."""
@@ -124,12 +126,12 @@ class ApiMetrics:
 
 
 class _LiveCollector:
-    """Reads queue depth and the active model when scraped."""
+    """Reads queue depth and the models held when scraped."""
 
     def __init__(
-        self, *, active: ActiveModel, queue: AdmissionQueue, release_info: ReleaseInfo | None
+        self, *, models: ModelTable, queue: AdmissionQueue, release_info: ReleaseInfo | None
     ) -> None:
-        self._active = active
+        self._models = models
         self._queue = queue
         self._release_info = release_info
 
@@ -152,18 +154,22 @@ class _LiveCollector:
             "Requests turned away with 429 (queue full).",
             value=queue.rejected,
         )
-        runtime = self._active.current()
-        yield GaugeMetricFamily(
-            "edgefleet_model_loaded", "1 while a model is being served.", value=int(runtime is not None)
+        runtimes = self._models.runtimes()
+        loaded = GaugeMetricFamily(
+            "edgefleet_model_loaded",
+            "Per model the device holds: 1 while it is in memory, 0 while unloaded (idle or evicted).",
+            labels=["model"],
         )
         info = InfoMetricFamily(
             "edgefleet_active_model",
-            "The model being served and the release it came from.",
+            "Each model the device serves and the release it came from.",
             labels=["model", "runtime", "format", "device", "capabilities", *RELEASE_LABELS],
         )
-        if runtime is not None:
+        for runtime in runtimes:
             description = runtime.describe()
-            release = self._release() or {}
+            resident = not isinstance(runtime, KeepAliveRuntime) or runtime.loaded
+            loaded.add_metric([description.model_id], int(resident))
+            release = self._release(description.model_id) or {}
             info.add_metric(
                 [
                     description.model_id,
@@ -175,13 +181,14 @@ class _LiveCollector:
                 ],
                 {},
             )
+        yield loaded
         yield info
 
-    def _release(self) -> Mapping[str, str] | None:
+    def _release(self, model: str) -> Mapping[str, str] | None:
         if self._release_info is None:
             return None
         try:
-            return self._release_info()
+            return self._release_info(model)
         except Exception:  # a broken probe must not break the scrape; the model labels still help
             return None
 

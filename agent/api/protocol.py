@@ -357,11 +357,19 @@ class EmbeddingResponse(OpenAIBaseModel):
     usage: EmbeddingUsage
 
 
+class HealthModel(BaseModel):
+    """One model in GET /healthz."""
+
+    id: str
+    runtime: str
+
+
 class HealthResponse(BaseModel):
     """GET /healthz; the agent's own health figures (state, active, ...) appear beside these."""
 
     model_config = ConfigDict(extra="allow")
 
     status: Literal["ok", "unavailable"]
-    model: str | None
+    model: str | None  # the first model by name (one-model devices: the model)
     runtime: str | None = None
+    models: list[HealthModel] = Field(default_factory=list)  # every model the device holds

@@ -1,14 +1,14 @@
-"""Router for GET /healthz: 200 while a model is loaded, 503 otherwise (for load balancers
-and systemd/Kubernetes probes), with the agent's own health figures merged in."""
+"""Router for GET /healthz: 200 while the device holds a model it can serve, 503 otherwise
+(for load balancers and systemd/Kubernetes probes), with the agent's own health figures."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from agent.api.deps import HealthProbe, active_model, health_probe
+from agent.api.deps import HealthProbe, health_probe, model_table
 from agent.api.protocol import HealthResponse
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 
 router = APIRouter()
 
@@ -22,14 +22,20 @@ router = APIRouter()
     },
 )
 async def healthz(
-    active: ActiveModel = Depends(active_model), probe: HealthProbe | None = Depends(health_probe)
+    models: ModelTable = Depends(model_table), probe: HealthProbe | None = Depends(health_probe)
 ) -> JSONResponse:
-    # The probe's keys come first so "status" and "model" always describe what is served.
+    # The probe's keys come first so "status" and "models" always describe what is served.
     body: dict[str, object] = dict(probe()) if probe is not None else {}
-    runtime = active.current()
-    if runtime is None:
-        body.update(status="unavailable", model=None)
+    descriptions = [runtime.describe() for runtime in models.runtimes()]
+    if not descriptions:
+        body.update(status="unavailable", model=None, models=[])
         return JSONResponse(body, status_code=503)
-    description = runtime.describe()
-    body.update(status="ok", model=description.model_id, runtime=description.runtime)
+    # "model"/"runtime": the first model by name, for probes written for one-model devices.
+    first = descriptions[0]
+    body.update(
+        status="ok",
+        model=first.model_id,
+        runtime=first.runtime,
+        models=[{"id": d.model_id, "runtime": d.runtime} for d in descriptions],
+    )
     return JSONResponse(body)

@@ -1,20 +1,20 @@
-"""Router for GET /v1/models: the one model this device serves, or none."""
+"""Router for GET /v1/models: every model this device holds (loaded now or on demand)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from agent.api.deps import active_model
+from agent.api.deps import model_table
 from agent.api.protocol import ModelCard, ModelList
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(active: ActiveModel = Depends(active_model)) -> ModelList:
-    runtime = active.current()
-    if runtime is None:
-        return ModelList(data=[])
-    description = runtime.describe()
-    return ModelList(data=[ModelCard(id=description.model_id, max_model_len=description.n_ctx)])
+async def list_models(models: ModelTable = Depends(model_table)) -> ModelList:
+    cards = []
+    for runtime in models.runtimes():
+        description = runtime.describe()
+        cards.append(ModelCard(id=description.model_id, max_model_len=description.n_ctx))
+    return ModelList(data=cards)

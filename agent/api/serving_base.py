@@ -1,6 +1,6 @@
 """What every model endpoint shares: pick the model, check it can do the job, queue, report.
 
-`ServingEndpoint` owns the steps before any work starts: lease the active model, refuse
+`ServingEndpoint` owns the steps before any work starts: lease the model named, refuse
 models without the endpoint's capability, and wait for a slot in the admission queue (or
 be turned away with 429, or give up when the client leaves). `OpenAIServing` adds what
 chat and text completions share: validate the prompt before any byte is sent (so prompt
@@ -37,7 +37,7 @@ from agent.runtimes.base import (
     Runtime,
     SamplingParams,
 )
-from agent.serving import ActiveModel, Lease, NoActiveModel
+from agent.serving import Lease, ModelNotServed, ModelTable, NoActiveModel
 from agent.stats import InferenceStats
 
 RequestT = TypeVar("RequestT", bound=SamplingRequest)
@@ -74,9 +74,9 @@ class ServingEndpoint:
     capability_name: ClassVar[str]  # the capability as error messages name it
 
     def __init__(
-        self, *, active: ActiveModel, queue: AdmissionQueue, observer: Callable[[InferenceStats], None]
+        self, *, models: ModelTable, queue: AdmissionQueue, observer: Callable[[InferenceStats], None]
     ) -> None:
-        self._active = active
+        self._models = models
         self._queue = queue
         self._observer = observer
 
@@ -117,20 +117,11 @@ class ServingEndpoint:
 
     def _lease(self, requested: str) -> Lease:
         try:
-            lease = self._active.lease()
-        except NoActiveModel as exc:
+            lease = self._models.lease(requested)
+        except (NoActiveModel, ModelNotServed) as exc:
             raise api_error_for(exc) from exc
         description = lease.runtime.describe()
         served = description.model_id
-        if requested != served:
-            lease.release()
-            raise APIError(
-                404,
-                f"The model `{requested}` does not exist on this device; it serves `{served}`.",
-                type=INVALID_REQUEST,
-                code="model_not_found",
-                param="model",
-            )
         if self.capability not in description.capabilities:
             lease.release()
             can = ", ".join(sorted(c.value for c in description.capabilities)) or "nothing"

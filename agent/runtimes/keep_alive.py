@@ -1,9 +1,11 @@
-"""Unloads an idle model after a keep-alive and loads it again on the next request.
+"""Unloads an idle model after a keep-alive, or when the memory budget needs the room, and
+loads it again on the next request.
 
 A device that answers a few requests a day should not hold a model in memory all day (the
-`keep_alive` of Ollama and Foundry Local). The wrapper is a Runtime: the API leases it like
-any other; loading again happens inside the calls the API already makes off the event loop
-(opening a generation, embedding), so only the first request after an idle spell waits.
+`keep_alive` of Ollama and Foundry Local), and a device holding several models need not hold
+them all at once (memory_budget.py). The wrapper is a Runtime: the API leases it like any
+other; loading again happens inside the calls the API already makes off the event loop
+(opening a generation, embedding), so only the first request after an unload waits.
 """
 
 from __future__ import annotations
@@ -25,32 +27,58 @@ from agent.runtimes.base import (
     SamplingParams,
     collect,
 )
+from agent.runtimes.memory_budget import MemoryBudget
 
 log = logging.getLogger(__name__)
 
 
 class KeepAliveRuntime:
-    """Holds ``inner`` while it is used, unloads it ``keep_alive_s`` after the last use ends,
-    and calls ``reload`` when a request arrives for an unloaded model."""
+    """Holds ``inner`` while it is used, unloads it ``keep_alive_s`` after the last use ends
+    (never, when None) or when ``budget`` evicts it, and calls ``reload`` (through the budget)
+    when a request arrives for an unloaded model."""
 
-    def __init__(self, inner: Runtime, *, reload: Callable[[], Runtime], keep_alive_s: float) -> None:
-        if keep_alive_s <= 0:
+    def __init__(
+        self,
+        inner: Runtime,
+        *,
+        reload: Callable[[], Runtime],
+        keep_alive_s: float | None,
+        budget: MemoryBudget | None = None,
+        footprint_bytes: int = 0,
+    ) -> None:
+        if keep_alive_s is not None and keep_alive_s <= 0:
             raise ValueError("keep_alive_s must be positive")
         self._inner: Runtime | None = inner
         self._reload = reload
         self._keep_alive_s = keep_alive_s
+        self._budget = budget
+        self._footprint_bytes = footprint_bytes
         self._description = inner.describe()
         self._lock = threading.Lock()
         self._in_use = 0
         self._last_used = time.monotonic()
         self._closed = False
         self._idle = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="edgefleet-keep-alive", daemon=True)
-        self._reaper.start()
+        if keep_alive_s is not None:
+            threading.Thread(target=self._reap, name="edgefleet-keep-alive", daemon=True).start()
+        if budget is not None:
+            budget.join(self)
 
     @property
     def loaded(self) -> bool:
         return self._inner is not None
+
+    @property
+    def name(self) -> str:
+        return self._description.model_id
+
+    @property
+    def footprint_bytes(self) -> int:
+        return self._footprint_bytes
+
+    @property
+    def last_used(self) -> float:
+        return self._last_used
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -88,8 +116,24 @@ class KeepAliveRuntime:
             self._closed = True
             inner, self._inner = self._inner, None
         self._idle.set()
+        if self._budget is not None:
+            self._budget.leave(self)
         if inner is not None:
             inner.unload()
+
+    def try_evict(self) -> bool:
+        """Unload now if nobody uses the model (it loads again on its next request); never
+        waits, so a budget evicting on another model's behalf cannot deadlock with this one."""
+        if not self._lock.acquire(blocking=False):
+            return False  # loading, or a request is just taking it
+        try:
+            if self._in_use or self._inner is None:
+                return False
+            inner, self._inner = self._inner, None
+        finally:
+            self._lock.release()
+        inner.unload()
+        return True
 
     # -- use counting ---------------------------------------------------------------------
 
@@ -106,8 +150,16 @@ class KeepAliveRuntime:
             if self._closed:
                 raise RuntimeUnloaded(f"{self._description.model_id} was unloaded")
             if self._inner is None:
-                log.info("loading %s again after its keep-alive", self._description.model_id)
-                self._inner = self._reload()
+                log.info("loading %s again", self.name)
+                if self._budget is None:
+                    self._inner = self._reload()
+                else:
+                    self._inner = self._budget.load(
+                        name=self.name,
+                        footprint_bytes=self._footprint_bytes,
+                        factory=self._reload,
+                        requester=self,
+                    )
             self._in_use += 1
             return self._inner
 
@@ -117,14 +169,16 @@ class KeepAliveRuntime:
             self._last_used = time.monotonic()
 
     def _reap(self) -> None:
-        while not self._idle.wait(min(self._keep_alive_s, 1.0)):
+        keep_alive_s = self._keep_alive_s
+        assert keep_alive_s is not None
+        while not self._idle.wait(min(keep_alive_s, 1.0)):
             with self._lock:
-                idle = self._in_use == 0 and time.monotonic() - self._last_used >= self._keep_alive_s
+                idle = self._in_use == 0 and time.monotonic() - self._last_used >= keep_alive_s
                 inner = self._inner if idle else None
                 if inner is not None:
                     self._inner = None
             if inner is not None:
-                log.info("unloading %s: idle for %.0f s", self._description.model_id, self._keep_alive_s)
+                log.info("unloading %s: idle for %.0f s", self.name, keep_alive_s)
                 inner.unload()
 
 

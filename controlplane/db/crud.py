@@ -21,6 +21,7 @@ from controlplane.db.models import (
     Deployment,
     Device,
     DeviceCertificate,
+    DeviceModel,
     EnrollmentToken,
     TelemetryRecord,
     VariantPinRule,
@@ -186,34 +187,123 @@ def list_bundles(session: Session) -> Sequence[Bundle]:
     return session.exec(select(Bundle).order_by(col(Bundle.name), col(Bundle.version))).all()
 
 
+Release = tuple[str, int]  # (bundle name, version)
+
+
 @dataclass(frozen=True, slots=True)
 class DeployedTo:
+    """A device whose set of models changed: it must be re-assigned (new director targets)
+    listing exactly ``releases`` at ``generation``."""
+
     device_id: str
     generation: int
+    releases: list[Release]  # every model the device now holds, sorted by name
 
 
-def deploy(session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None) -> list[DeployedTo]:
-    """Points devices (all when ``device_ids`` is None) at a bundle with a new generation each."""
+def device_releases(session: Session, device_id: str) -> list[Release]:
+    """The releases assigned to a device, one per bundle name, sorted by name: what its
+    director targets must list."""
+    session.flush()  # rows added or deleted in this transaction count
+    rows = session.exec(
+        select(Bundle.name, Bundle.version)
+        .join(DeviceModel, col(DeviceModel.bundle_id) == col(Bundle.id))
+        .where(DeviceModel.device_id == device_id)
+        .order_by(col(Bundle.name))
+    ).all()
+    return [(name, version) for name, version in rows]
+
+
+def assigned_models(session: Session) -> dict[str, list[Release]]:
+    """Every device's assigned releases (sorted by name), in one query, for fleet listings."""
+    rows = session.exec(
+        select(DeviceModel.device_id, Bundle.name, Bundle.version)
+        .join(Bundle, col(DeviceModel.bundle_id) == col(Bundle.id))
+        .order_by(col(DeviceModel.device_id), col(Bundle.name))
+    ).all()
+    result: dict[str, list[Release]] = {}
+    for device_id, name, version in rows:
+        result.setdefault(device_id, []).append((name, version))
+    return result
+
+
+def _locked_devices(
+    session: Session, device_ids: Sequence[str] | None, *, holding: str | None = None
+) -> Sequence[Device]:
+    """Locks the devices a change is about, so concurrent changes to one device's models and
+    generation serialize: ``device_ids``, else every device (holding the model ``holding``,
+    when given). Raises DeviceNotFound naming every unknown id."""
     query = select(Device)
     if device_ids is not None:
         query = query.where(col(Device.id).in_(list(device_ids)))
-    devices = session.exec(query.with_for_update()).all()
+    elif holding is not None:
+        holders = select(DeviceModel.device_id).where(DeviceModel.name == holding)
+        query = query.where(col(Device.id).in_(holders))
+    devices = session.exec(query.order_by(col(Device.id)).with_for_update()).all()
     if device_ids is not None:
         missing = set(device_ids) - {d.id for d in devices}
         if missing:
             raise DeviceNotFound(f"unknown device(s): {', '.join(sorted(missing))}")
+    return devices
+
+
+def _assign_model(session: Session, device: Device, bundle: Bundle) -> None:
+    """Adds ``bundle`` to the device's models, replacing the release of the same name."""
+    assert bundle.id is not None
+    row = session.get(DeviceModel, (device.id, bundle.name))
+    if row is None:
+        row = DeviceModel(device_id=device.id, name=bundle.name, bundle_id=bundle.id)
+    row.bundle_id = bundle.id
+    session.add(row)
+
+
+def deploy(session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None) -> list[DeployedTo]:
+    """Adds a bundle to devices' models (all devices when ``device_ids`` is None), replacing
+    the release of the same name and keeping the others; each device gets a new generation.
+
+    ``desired_bundle_id`` follows the most recent deployment, which is what the nudge names.
+    """
     assert bundle.id is not None
     result = []
-    for device in devices:
+    for device in _locked_devices(session, device_ids):
+        _assign_model(session, device, bundle)
         device.desired_generation += 1
         device.desired_bundle_id = bundle.id
         session.add(device)
         session.add(
-            Deployment(
-                device_id=device.id, bundle_id=device.desired_bundle_id, generation=device.desired_generation
-            )
+            Deployment(device_id=device.id, bundle_id=bundle.id, generation=device.desired_generation)
         )
-        result.append(DeployedTo(device_id=device.id, generation=device.desired_generation))
+        result.append(DeployedTo(device.id, device.desired_generation, device_releases(session, device.id)))
+    return result
+
+
+def _latest_remaining(session: Session, device_id: str) -> int | None:
+    """The bundle id of the device's most recently pushed remaining model, or None."""
+    session.flush()
+    return session.exec(
+        select(DeviceModel.bundle_id)
+        .where(DeviceModel.device_id == device_id)
+        .order_by(col(DeviceModel.bundle_id).desc())
+        .limit(1)
+    ).first()
+
+
+def undeploy(session: Session, *, name: str, device_ids: Sequence[str] | None) -> list[DeployedTo]:
+    """Removes the model ``name`` from devices (every device holding it when ``device_ids`` is
+    None); each one that held it gets a new generation. Devices without it are left untouched
+    and not returned: there is nothing to re-sign for them.
+    """
+    result = []
+    for device in _locked_devices(session, device_ids, holding=name):
+        row = session.get(DeviceModel, (device.id, name))
+        if row is None:
+            continue
+        session.delete(row)
+        desired = session.get(Bundle, device.desired_bundle_id) if device.desired_bundle_id else None
+        if desired is None or desired.name == name:
+            device.desired_bundle_id = _latest_remaining(session, device.id)
+        device.desired_generation += 1
+        session.add(device)
+        result.append(DeployedTo(device.id, device.desired_generation, device_releases(session, device.id)))
     return result
 
 
@@ -292,12 +382,12 @@ def _pin_key(pin: VariantPinRule | None) -> tuple[str, int, str] | None:
 
 @dataclass(frozen=True, slots=True)
 class Repinned:
-    """A device whose pin in force changed while it has a release to run: it must be
-    re-assigned (new director targets) at ``generation``."""
+    """A device whose pin in force changed while it holds models: it must be re-assigned (new
+    director targets listing all of ``releases``, with the new pin) at ``generation``."""
 
     device_id: str
     generation: int
-    bundle: Bundle
+    releases: list[Release]  # every model the device holds, sorted by name
     pin: VariantPinRule | None
 
 
@@ -319,7 +409,7 @@ def set_pin(
 ) -> PinChange:
     """Sets or clears one scope's pin; devices whose pin in force changed get a new generation.
 
-    Devices with no release assigned yet only keep the pin for their next deployment.
+    Devices holding no model only keep the pin for their next deployment.
     """
     scope = pin_scope(device_id=device_id, selector=selector)
     if not clear and bool(variant_id) == bool(fmt):
@@ -354,16 +444,20 @@ def set_pin(
     repinned = []
     for device in devices:
         pin = effective_pin(pins, device)
-        if _pin_key(pin) == before[device.id] or device.desired_bundle_id is None:
+        if _pin_key(pin) == before[device.id]:
             continue
-        bundle = session.get(Bundle, device.desired_bundle_id)
-        assert bundle is not None
+        releases = device_releases(session, device.id)
+        if not releases:
+            continue
         device.desired_generation += 1
         session.add(device)
-        session.add(
-            Deployment(
-                device_id=device.id, bundle_id=device.desired_bundle_id, generation=device.desired_generation
+        if device.desired_bundle_id is not None:
+            session.add(
+                Deployment(
+                    device_id=device.id,
+                    bundle_id=device.desired_bundle_id,
+                    generation=device.desired_generation,
+                )
             )
-        )
-        repinned.append(Repinned(device.id, device.desired_generation, bundle, pin))
+        repinned.append(Repinned(device.id, device.desired_generation, releases, pin))
     return PinChange(changed=True, repinned=repinned)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import SQLModel, create_engine
+from sqlmodel import create_engine
 
-from controlplane.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from controlplane.db.upgrade import create_or_upgrade
 
 
 def make_engine(url: str) -> Engine:
-    """Creates the engine and the tables.
+    """Creates the engine and the tables (upgrading those an earlier version made).
 
     SQLite gets WAL, a busy timeout, and transactions that take the write lock when they
     begin (BEGIN IMMEDIATE): a transaction that reads and then writes (the audit chain, token
@@ -33,5 +33,5 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
+    create_or_upgrade(engine)
     return engine

@@ -34,6 +34,7 @@ class Device(SQLModel, table=True):
     variant: str = ""
     api_url: str = ""
     last_error: str = ""
+    # The most recently deployed of the device's models (DeviceModel), None when it holds none.
     desired_bundle_id: int | None = Field(default=None, foreign_key="bundle.id")
     desired_generation: int = 0
     applied_generation: int = 0
@@ -42,6 +43,21 @@ class Device(SQLModel, table=True):
     requests_total: int = 0
     revoked_at: datetime | None = None
     selection_reason: str = ""  # the agent's last explanation of its variant choice
+    # Every model the device last reported installed: [{"name", "version", "variant", "loaded"}].
+    # What it is assigned is DeviceModel; this is what it says it holds, shown side by side.
+    models: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class DeviceModel(SQLModel, table=True):
+    """One model a device is assigned: at most one release per bundle name, so deploying a new
+    version of a name replaces the old one and the device's other models stay.
+
+    The director targets signed for the device list exactly these releases' targets.
+    """
+
+    device_id: str = Field(foreign_key="device.id", primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=128)
+    bundle_id: int = Field(foreign_key="bundle.id", index=True)
 
 
 class VariantPinRule(SQLModel, table=True):

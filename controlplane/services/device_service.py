@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from sqlmodel import Session
@@ -34,18 +35,41 @@ class Revoked(Exception):
 
 
 def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredState | None:
-    """What the device should run, or None before its first deployment; raises Revoked."""
+    """The nudge for the device's current generation, or None before its first assignment;
+    raises Revoked.
+
+    A device whose last model was undeployed holds none, yet its generation moved: it still
+    gets the nudge (without a bundle), or it would keep serving what it no longer may.
+    ``bundle`` names the most recently deployed model, a hint only: the agent installs what
+    the signed director targets list.
+    """
     device = session.get(Device, device_id)
     if device is None or device.revoked_at is not None:
         raise Revoked(device_id)
-    if device.desired_bundle_id is None:
+    if device.desired_generation <= 0:
         return None
-    bundle = session.get(Bundle, device.desired_bundle_id)
-    assert bundle is not None
-    return device_pb2.DesiredState(
-        generation=device.desired_generation,
-        bundle=common_pb2.BundleRef(name=bundle.name, version=bundle.version),
-    )
+    state = device_pb2.DesiredState(generation=device.desired_generation)
+    bundle = session.get(Bundle, device.desired_bundle_id) if device.desired_bundle_id else None
+    if bundle is not None:
+        state.bundle.CopyFrom(common_pb2.BundleRef(name=bundle.name, version=bundle.version))
+    return state
+
+
+MAX_REPORTED_MODELS = 64
+
+
+def reported_models(report: device_pb2.StatusReport) -> list[dict[str, Any]]:
+    """The installed models of a status report as stored on the device row (bounded: the
+    report is the device's word, and a listing must not grow without limit)."""
+    return [
+        {
+            "name": m.bundle.name[:128],
+            "version": m.bundle.version,
+            "variant": m.variant[:128],
+            "loaded": m.loaded,
+        }
+        for m in report.models[:MAX_REPORTED_MODELS]
+    ]
 
 
 IN_PROGRESS = frozenset(
@@ -56,6 +80,11 @@ IN_PROGRESS = frozenset(
         common_pb2.DEVICE_STATE_TESTING,
     }
 )
+
+
+# States in which a report's generation has been applied: serving it, or, once its last model
+# was undeployed, holding nothing by design.
+APPLIED = frozenset({common_pb2.DEVICE_STATE_ACTIVE, common_pb2.DEVICE_STATE_IDLE})
 
 
 def lifecycle_event(before: Device, report: device_pb2.StatusReport) -> str | None:
@@ -262,10 +291,11 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             if request.HasField("selection"):
                 row.selection_reason = request.selection.reason[:2000]
             row.last_error = request.error[:2000]
-            if request.HasField("active_bundle"):
-                row.active_bundle = request.active_bundle.name
-                row.active_version = request.active_bundle.version
-            if request.state == common_pb2.DEVICE_STATE_ACTIVE:
+            # The agent names its latest installed model in every report; none: it holds none.
+            row.active_bundle = request.active_bundle.name if request.HasField("active_bundle") else ""
+            row.active_version = request.active_bundle.version if request.HasField("active_bundle") else 0
+            row.models = reported_models(request)
+            if request.state in APPLIED:
                 row.applied_generation = max(row.applied_generation, request.generation)
             session.add(row)
 

@@ -1,9 +1,10 @@
-"""OperatorService: bundles, enrollment tokens, deployments, variant pins, fleet and telemetry queries."""
+"""OperatorService: bundles, enrollment tokens, deployments and undeployments, variant pins, fleet and
+telemetry queries."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, timedelta
 from typing import NoReturn
 
@@ -58,8 +59,23 @@ def pin_message(rule: VariantPinRule | None) -> common_pb2.VariantPin | None:
     )
 
 
+def installed_models(device: Device) -> list[common_pb2.InstalledModel]:
+    """The models the device last reported (stored by DeviceService.ReportStatus)."""
+    return [
+        common_pb2.InstalledModel(
+            bundle=common_pb2.BundleRef(name=str(m.get("name", "")), version=int(m.get("version", 0))),
+            variant=str(m.get("variant", "")),
+            loaded=bool(m.get("loaded", False)),
+        )
+        for m in device.models
+    ]
+
+
 def device_summary(
-    device: Device, desired: Bundle | None, pin: common_pb2.VariantPin | None = None
+    device: Device,
+    desired: Bundle | None,
+    pin: common_pb2.VariantPin | None = None,
+    desired_models: Sequence[crud.Release] = (),
 ) -> common_pb2.DeviceSummary:
     summary = common_pb2.DeviceSummary(
         device_id=device.id,
@@ -75,6 +91,8 @@ def device_summary(
         variant=device.variant,
         revoked=device.revoked_at is not None,
         selection_reason=device.selection_reason,
+        desired_models=[common_pb2.BundleRef(name=name, version=version) for name, version in desired_models],
+        models=installed_models(device),
     )
     if pin is not None:
         summary.pin.CopyFrom(pin)
@@ -126,6 +144,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             )
         )
         await context.abort(code, message)
+
+    def _assign(self, session: Session, changed: Sequence[crud.DeployedTo]) -> None:
+        """Signs each changed device's director targets: all of its models, with its pin."""
+        pins = crud.list_pins(session)
+        for target in changed:
+            device = session.get(Device, target.device_id)
+            assert device is not None
+            self.repositories.assign(
+                session,
+                device_id=target.device_id,
+                generation=target.generation,
+                releases=target.releases,
+                pin=pin_message(crud.effective_pin(pins, device)),
+            )
 
     async def PushBundle(
         self,
@@ -235,6 +267,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def Deploy(
         self, request: operator_pb2.DeployRequest, context: Context
     ) -> operator_pb2.DeployResponse:
+        """Adds a release to devices' models (replacing the release of the same name); each
+        device's director targets are re-signed listing every model it now holds."""
         who = await authorize(self.db, context, Role.OPERATOR)
         ref = f"{request.bundle.name}@{request.bundle.version}"
         if request.all_devices == bool(request.device_ids):
@@ -245,18 +279,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             assert bundle is not None
             ids = None if request.all_devices else list(request.device_ids)
             deployed = crud.deploy(session, bundle=bundle, device_ids=ids)
-            pins = crud.list_pins(session)
-            for target in deployed:
-                device = session.get(Device, target.device_id)
-                assert device is not None
-                self.repositories.assign(
-                    session,
-                    device_id=target.device_id,
-                    generation=target.generation,
-                    bundle=bundle.name,
-                    version=bundle.version,
-                    pin=pin_message(crud.effective_pin(pins, device)),
-                )
+            self._assign(session, deployed)
             audit.record(
                 session,
                 actor=who.actor,
@@ -278,6 +301,44 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             max_generation=max((d.generation for d in deployed), default=0),
         )
 
+    async def Undeploy(
+        self, request: operator_pb2.UndeployRequest, context: Context
+    ) -> operator_pb2.UndeployResponse:
+        """Removes a model from devices: each device that held it gets director targets listing
+        its remaining models (none at all is a valid assignment) and a nudge to apply them."""
+        who = await authorize(self.db, context, Role.OPERATOR)
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        if request.all_devices == bool(request.device_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either all_devices or device_ids")
+
+        def undeploy(session: Session) -> list[crud.DeployedTo]:
+            ids = None if request.all_devices else list(request.device_ids)
+            changed = crud.undeploy(session, name=request.name, device_ids=ids)
+            self._assign(session, changed)
+            audit.record(
+                session,
+                actor=who.actor,
+                action="undeploy",
+                target=request.name,
+                detail={"devices": {d.device_id: d.generation for d in changed}},
+            )
+            return changed
+
+        try:
+            changed = await self.db.run(undeploy)
+        except crud.DeviceNotFound as exc:
+            await self._refuse(context, who, "undeploy", request.name, grpc.StatusCode.NOT_FOUND, str(exc))
+        except RepositoryRefusal as exc:
+            await self._refuse(
+                context, who, "undeploy", request.name, grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            )
+        self.notifier.notify([d.device_id for d in changed])
+        return operator_pb2.UndeployResponse(
+            device_ids=[d.device_id for d in changed],
+            max_generation=max((d.generation for d in changed), default=0),
+        )
+
     async def ListDevices(
         self, request: operator_pb2.ListDevicesRequest, context: Context
     ) -> operator_pb2.ListDevicesResponse:
@@ -285,11 +346,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
         def summaries(session: Session) -> list[common_pb2.DeviceSummary]:
             pins = crud.list_pins(session)
+            assigned = crud.assigned_models(session)
             return [
                 device_summary(
                     d,
                     session.get(Bundle, d.desired_bundle_id) if d.desired_bundle_id else None,
                     pin_message(crud.effective_pin(pins, d)),
+                    assigned.get(d.id, ()),
                 )
                 for d in crud.list_devices(session)
             ]
@@ -538,8 +601,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                     session,
                     device_id=moved.device_id,
                     generation=moved.generation,
-                    bundle=moved.bundle.name,
-                    version=moved.bundle.version,
+                    releases=moved.releases,
                     pin=pin_message(moved.pin),
                 )
             detail: dict[str, object] = {

@@ -14,7 +14,7 @@ An agent installs only what both agree on (same path, length and hashes).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,22 +114,22 @@ def release_targets(targets: Targets, bundle: str, version: int) -> dict[str, Im
 
 @dataclass(frozen=True, slots=True)
 class DirectorAssignment:
-    """What the director tells one device to run."""
+    """What the director tells one device to run: every model it should hold, one release per
+    bundle name (an empty ``releases`` tells it to hold none)."""
 
     device_id: str
     generation: int
-    bundle: str
-    version: int
+    releases: tuple[tuple[str, int], ...]  # (bundle, version), sorted by bundle name
     targets: Mapping[str, ArtifactInfo]
     pin: common_pb2.VariantPin | None = None  # an operator's variant or runtime pin, signed with the rest
 
 
-def director_fields(device_id: str, generation: int, bundle: str, version: int) -> dict[str, Any]:
+def director_fields(device_id: str, generation: int, releases: Sequence[tuple[str, int]]) -> dict[str, Any]:
     return {
         CUSTOM_KEY: {
             "deviceId": device_id,
             "generation": generation,
-            "bundle": {"name": bundle, "version": version},
+            "bundles": [{"name": name, "version": version} for name, version in sorted(releases)],
         }
     }
 
@@ -139,11 +139,16 @@ def parse_director_targets(targets: Targets) -> DirectorAssignment:
     if not isinstance(raw, dict):
         raise MalformedMetadata(f"director targets lack the {CUSTOM_KEY!r} field")
     try:
+        # "bundle" (one release) is what control planes before several-model devices signed.
+        listed = raw["bundles"] if "bundles" in raw else [raw["bundle"]]
+        releases = tuple(sorted((str(b["name"]), int(b["version"])) for b in listed))
+        names = [name for name, _ in releases]
+        if len(set(names)) != len(names):
+            raise ValueError("a bundle name is assigned twice")
         assignment = DirectorAssignment(
             device_id=str(raw["deviceId"]),
             generation=int(raw["generation"]),
-            bundle=str(raw["bundle"]["name"]),
-            version=int(raw["bundle"]["version"]),
+            releases=releases,
             targets={path: artifact_info(path, t) for path, t in targets.targets.items()},
             pin=_pin(raw.get("pin")),
         )

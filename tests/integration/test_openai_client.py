@@ -23,7 +23,7 @@ from agent.api import create_app
 from agent.api.admission import AdmissionQueue, QueueLimits
 from agent.runtimes import load_runtime
 from agent.runtimes.base import Capability, Runtime
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 from agent.stats import InferenceStats
 from protos.fleet.v1 import common_pb2
 
@@ -61,7 +61,7 @@ class Device:
     """A running API: base URL, the model holder, the app and what the observer saw."""
 
     def __init__(
-        self, base_url: str, active: ActiveModel, runtime: Runtime, recorder: Recorder, app: FastAPI
+        self, base_url: str, active: ModelTable, runtime: Runtime, recorder: Recorder, app: FastAPI
     ) -> None:
         self.base_url = base_url
         self.active = active
@@ -117,9 +117,9 @@ def runtime() -> Iterator[Runtime]:
 
 @pytest.fixture(scope="module")
 def device(runtime: Runtime) -> Iterator[Device]:
-    active = ActiveModel(runtime)
+    active = ModelTable(runtime)
     recorder = Recorder()
-    app = create_app(active=active, observer=recorder, health=lambda: {"state": "active"})
+    app = create_app(models=active, observer=recorder, health=lambda: {"state": "active"})
     with serving(app) as base_url:
         yield Device(base_url, active, runtime, recorder, app)
 
@@ -281,7 +281,8 @@ def test_unknown_model_raises_not_found(client: openai.OpenAI) -> None:
 
 
 def test_no_model_is_503_then_recovers(client: openai.OpenAI, device: Device) -> None:
-    previous = device.active.swap(None)
+    previous = device.active.remove(MODEL_ID)
+    assert previous is not None
     try:
         with pytest.raises(openai.InternalServerError) as raised:
             client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2)
@@ -290,11 +291,17 @@ def test_no_model_is_503_then_recovers(client: openai.OpenAI, device: Device) ->
         assert client.models.list().data == []
         assert httpx.get(f"{device.base_url}/healthz").status_code == 503
     finally:
-        device.active.swap(previous)
+        device.active.put(previous)
     assert client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2).choices
     health = httpx.get(f"{device.base_url}/healthz")
     assert health.status_code == 200
-    assert health.json() == {"state": "active", "status": "ok", "model": MODEL_ID, "runtime": "llama.cpp"}
+    assert health.json() == {
+        "state": "active",
+        "status": "ok",
+        "model": MODEL_ID,
+        "runtime": "llama.cpp",
+        "models": [{"id": MODEL_ID, "runtime": "llama.cpp"}],
+    }
 
 
 def test_raw_malformed_json_gets_openai_error(device: Device) -> None:
@@ -344,7 +351,7 @@ def test_client_timeout_stops_a_non_streamed_generation(device: Device) -> None:
 
 def test_a_full_queue_raises_rate_limit_error(runtime: Runtime) -> None:
     app = create_app(
-        active=ActiveModel(runtime),
+        models=ModelTable(runtime),
         observer=lambda stats: None,
         limits=QueueLimits(max_running=1, max_waiting=0),
     )

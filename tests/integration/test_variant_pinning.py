@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     enroll_device,
     public_channel,
 )
+from tests.integration.test_cp_models import stored_director, tiny_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +99,7 @@ async def test_operator_pins_reach_the_device_in_signed_director_targets(
     assert assignment.generation == 2
     assert pin == Pin(variant_id=shipped, scope="device")
     chosen = select_variant(
-        assignment.release, hardware=HardwareProfile(), supported_formats={GGUF}, n_ctx=512, pin=pin
+        assignment.releases[0], hardware=HardwareProfile(), supported_formats={GGUF}, n_ctx=512, pin=pin
     )
     assert chosen.variant.id == shipped and "pinned to variant" in chosen.reason
 
@@ -110,7 +111,7 @@ async def test_operator_pins_reach_the_device_in_signed_director_targets(
     assert pin == Pin(format=common_pb2.MODEL_FORMAT_MLX, scope="device")
     with pytest.raises(PinNotHonoured, match="pinned to runtime mlx"):
         select_variant(
-            assignment.release, hardware=HardwareProfile(), supported_formats={GGUF}, n_ctx=512, pin=pin
+            assignment.releases[0], hardware=HardwareProfile(), supported_formats={GGUF}, n_ctx=512, pin=pin
         )
 
     # An edited pin in the device's stored copy is not trusted: ngclient refuses the local file
@@ -174,6 +175,35 @@ async def test_group_pins_follow_labels_and_wait_for_a_deployment(
     assert (unpinned.changed, list(unpinned.device_ids)) == (True, [])  # the device pin still rules
     for device in (jetson, pi):
         await device.channel.close()
+
+
+async def test_a_pin_re_signs_every_model_the_device_holds(
+    op: operator_pb2_grpc.OperatorServiceStub,
+    enrolled: EnrolledDevice,
+    controlplane: RunningControlPlane,
+    smollm2_bundle: BundleOnDisk,
+    keys: KeyDir,
+    tmp_path: Path,
+) -> None:
+    await push(op, smollm2_bundle.path, keys.release_signers(), admin_token(tmp_path))
+    tiny = tiny_bundle(tmp_path, keys, "alpha", 1)
+    await push(op, tiny.path, keys.release_signers(), admin_token(tmp_path))
+    for name in ("smollm2", "alpha"):
+        ref = common_pb2.BundleRef(name=name, version=1)
+        await op.Deploy(operator_pb2.DeployRequest(bundle=ref, device_ids=[enrolled.id]))
+
+    pinned = await op.SetVariantPin(operator_pb2.SetVariantPinRequest(device_id=enrolled.id, format=GGUF))
+    assert (list(pinned.device_ids), pinned.max_generation) == ([enrolled.id], 3)
+    signed = stored_director(controlplane, enrolled.id)
+    assert (signed.generation, signed.releases) == (3, (("alpha", 1), ("smollm2", 1)))
+    assert signed.pin == common_pb2.VariantPin(format=GGUF, scope="device")
+    assignment, pin, _ = await verified(enrolled, controlplane, keys, tmp_path / "tuf")
+    assert [r.name for r in assignment.releases] == ["alpha", "smollm2"]
+    assert pin == Pin(format=GGUF, scope="device")
+
+    await op.SetVariantPin(operator_pb2.SetVariantPinRequest(device_id=enrolled.id, clear=True))
+    signed = stored_director(controlplane, enrolled.id)
+    assert (signed.generation, signed.releases, signed.pin) == (4, (("alpha", 1), ("smollm2", 1)), None)
 
 
 async def test_a_viewer_cannot_pin_and_bad_requests_are_refused(

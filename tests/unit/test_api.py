@@ -41,7 +41,7 @@ from agent.runtimes.base import (
     collect,
 )
 from agent.runtimes.text import StopTextBuffer
-from agent.serving import ActiveModel, NoActiveModel
+from agent.serving import ModelNotServed, ModelTable, NoActiveModel
 from agent.stats import InferenceStats
 from protos.fleet.v1 import common_pb2
 
@@ -219,8 +219,8 @@ def runtime() -> FakeRuntime:
 
 
 @pytest.fixture
-def active(runtime: FakeRuntime) -> ActiveModel:
-    return ActiveModel(runtime)
+def active(runtime: FakeRuntime) -> ModelTable:
+    return ModelTable(runtime)
 
 
 @pytest.fixture
@@ -229,8 +229,8 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-def app(active: ActiveModel, recorder: Recorder) -> FastAPI:
-    return create_app(active=active, observer=recorder, health=lambda: {"state": "active", "slot": "b"})
+def app(active: ModelTable, recorder: Recorder) -> FastAPI:
+    return create_app(models=active, observer=recorder, health=lambda: {"state": "active", "slot": "b"})
 
 
 @pytest.fixture
@@ -295,8 +295,8 @@ def test_models_lists_the_active_model(client: TestClient) -> None:
     assert card["object"] == "model" and isinstance(card["created"], int) and card["owned_by"]
 
 
-def test_models_is_empty_without_a_model(client: TestClient, active: ActiveModel) -> None:
-    active.swap(None)
+def test_models_is_empty_without_a_model(client: TestClient, active: ModelTable) -> None:
+    active.remove(MODEL)
     assert client.get("/v1/models").json() == {"object": "list", "data": []}
 
 
@@ -309,11 +309,12 @@ def test_healthz_ok_merges_agent_health(client: TestClient) -> None:
         "status": "ok",
         "model": MODEL,
         "runtime": "fake",
+        "models": [{"id": MODEL, "runtime": "fake"}],
     }
 
 
-def test_healthz_503_without_a_model(client: TestClient, active: ActiveModel) -> None:
-    active.swap(None)
+def test_healthz_503_without_a_model(client: TestClient, active: ModelTable) -> None:
+    active.remove(MODEL)
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
@@ -321,9 +322,27 @@ def test_healthz_503_without_a_model(client: TestClient, active: ActiveModel) ->
 
 
 def test_healthz_without_probe(recorder: Recorder) -> None:
-    app = create_app(active=ActiveModel(FakeRuntime()), observer=recorder)
+    app = create_app(models=ModelTable(FakeRuntime()), observer=recorder)
     with TestClient(app) as client:
-        assert client.get("/healthz").json() == {"status": "ok", "model": MODEL, "runtime": "fake"}
+        assert client.get("/healthz").json() == {
+            "status": "ok",
+            "model": MODEL,
+            "runtime": "fake",
+            "models": [{"id": MODEL, "runtime": "fake"}],
+        }
+
+
+def test_requests_name_the_model_that_answers(client: TestClient, active: ModelTable) -> None:
+    """A device holding several models: /v1/models lists each, the `model` field routes."""
+    other = FakeRuntime(model_id="other-model")
+    active.put(other)
+    assert [card["id"] for card in client.get("/v1/models").json()["data"]] == [MODEL, "other-model"]
+    for name in (MODEL, "other-model"):
+        response = client.post("/v1/completions", json={**completion_body(), "model": name})
+        assert response.status_code == 200 and response.json()["model"] == name
+    assert other.prompts, "the second model never answered"
+    health = client.get("/healthz").json()
+    assert [m["id"] for m in health["models"]] == [MODEL, "other-model"]
 
 
 # --- happy paths -------------------------------------------------------------------------
@@ -488,7 +507,7 @@ def test_stream_holds_back_stop_sequences(client: TestClient) -> None:
 
 
 def test_mid_stream_failure_is_reported_in_band(client: TestClient, recorder: Recorder) -> None:
-    client.app.state.active_model.swap(FakeRuntime(fail_at=2))  # type: ignore[attr-defined]
+    client.app.state.models.put(FakeRuntime(fail_at=2))  # type: ignore[attr-defined]
     response, events = stream(client, "/v1/chat/completions", chat_body(stream=True))
     assert response.status_code == 200
     assert events[-1] == "[DONE]"
@@ -584,9 +603,9 @@ def test_unknown_model_is_404(client: TestClient, recorder: Recorder, path: str,
 @pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_no_model_is_503(
-    client: TestClient, active: ActiveModel, recorder: Recorder, path: str, streamed: bool
+    client: TestClient, active: ModelTable, recorder: Recorder, path: str, streamed: bool
 ) -> None:
-    active.swap(None)
+    active.remove(MODEL)
     body = chat_body() if "chat" in path else completion_body()
     response = client.post(path, json={**body, "stream": streamed})
     error = assert_openai_error(response, 503, "model_not_loaded")
@@ -613,17 +632,17 @@ def test_context_length_exceeded_in_chat_points_at_messages(client: TestClient) 
     assert error["param"] == "messages"
 
 
-def test_chat_on_a_base_model_is_400(client: TestClient, active: ActiveModel) -> None:
-    active.swap(FakeRuntime(chat_supported=False))
+def test_chat_on_a_base_model_is_400(client: TestClient, active: ModelTable) -> None:
+    active.put(FakeRuntime(chat_supported=False))
     assert_openai_error(client.post("/v1/chat/completions", json=chat_body()), 400, "chat_not_supported")
     assert client.post("/v1/completions", json=completion_body()).status_code == 200
 
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_generation_failure_before_first_token_is_500(
-    client: TestClient, active: ActiveModel, recorder: Recorder, streamed: bool
+    client: TestClient, active: ModelTable, recorder: Recorder, streamed: bool
 ) -> None:
-    active.swap(FakeRuntime(fail_at=0))
+    active.put(FakeRuntime(fail_at=0))
     response = client.post("/v1/chat/completions", json=chat_body(stream=streamed))
     error = assert_openai_error(response, 500, "generation_failed")
     assert error["type"] == "server_error"
@@ -641,30 +660,30 @@ def test_unknown_route_and_wrong_method(client: TestClient) -> None:
     assert_openai_error(client.get("/v1/chat/completions"), 405)
 
 
-def test_unexpected_exception_is_openai_500(client: TestClient, active: ActiveModel) -> None:
+def test_unexpected_exception_is_openai_500(client: TestClient, active: ModelTable) -> None:
     class Broken(FakeRuntime):
         def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> FakeGeneration:
             raise KeyError("bug")
 
-    active.swap(Broken())
+    active.put(Broken())
     assert_openai_error(client.post("/v1/chat/completions", json=chat_body()), 500, "internal_error")
 
 
-def test_observer_failure_does_not_break_serving(active: ActiveModel) -> None:
+def test_observer_failure_does_not_break_serving(active: ModelTable) -> None:
     def broken_observer(stats: InferenceStats) -> None:
         raise RuntimeError("telemetry down")
 
-    with TestClient(create_app(active=active, observer=broken_observer)) as client:
+    with TestClient(create_app(models=active, observer=broken_observer)) as client:
         assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200
 
 
 # --- concurrency, leases, cancellation ------------------------------------------------------
 
 
-async def test_generation_does_not_block_the_event_loop(active: ActiveModel, recorder: Recorder) -> None:
+async def test_generation_does_not_block_the_event_loop(active: ModelTable, recorder: Recorder) -> None:
     gate = threading.Event()
-    active.swap(FakeRuntime(gate=gate))
-    app = create_app(active=active, observer=recorder)
+    active.put(FakeRuntime(gate=gate))
+    app = create_app(models=active, observer=recorder)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://device") as client:
         pending = asyncio.create_task(client.post("/v1/chat/completions", json=chat_body()))
@@ -678,7 +697,7 @@ async def test_generation_does_not_block_the_event_loop(active: ActiveModel, rec
 
 
 def test_leases_are_released_after_every_request(client: TestClient, runtime: FakeRuntime) -> None:
-    active = client.app.state.active_model  # type: ignore[attr-defined]
+    active = client.app.state.models  # type: ignore[attr-defined]
     client.post("/v1/chat/completions", json=chat_body())
     stream(client, "/v1/chat/completions", chat_body(stream=True))
     client.post("/v1/completions", json=completion_body(prompt="word " * 100))
@@ -690,11 +709,11 @@ def test_leases_are_released_after_every_request(client: TestClient, runtime: Fa
     assert all(generation.closed.is_set() for generation in runtime.generations)
 
 
-async def test_client_disconnect_stops_generation(active: ActiveModel, recorder: Recorder) -> None:
+async def test_client_disconnect_stops_generation(active: ModelTable, recorder: Recorder) -> None:
     reply = " ".join(f"w{i}" for i in range(500))
     runtime = FakeRuntime(reply=reply, n_ctx=10_000, token_delay=0.005)
-    active.swap(runtime)
-    app = create_app(active=active, observer=recorder)
+    active.put(runtime)
+    app = create_app(models=active, observer=recorder)
     body = json.dumps(chat_body(stream=True, max_tokens=500)).encode()
     disconnected = asyncio.Event()
     request_sent = False
@@ -737,30 +756,42 @@ async def test_client_disconnect_stops_generation(active: ActiveModel, recorder:
     assert recorder.only().error == "client_disconnected"
 
 
-# --- ActiveModel -----------------------------------------------------------------------------
+# --- ModelTable -----------------------------------------------------------------------------
 
 
-def test_active_model_swap_returns_previous() -> None:
-    first, second = FakeRuntime(), FakeRuntime(model_id="second")
-    active = ActiveModel()
-    assert active.current() is None
-    assert active.swap(first) is None
-    assert active.swap(second) is first
-    assert active.current() is second
+def test_model_table_put_replaces_by_name_and_returns_the_old_runtime() -> None:
+    first, second, other = FakeRuntime(), FakeRuntime(), FakeRuntime(model_id="other")
+    table = ModelTable()
+    assert table.names() == [] and table.get(MODEL) is None
+    assert table.put(first) is None
+    assert table.put(other) is None
+    assert table.put(second) is first  # same name: replaced
+    assert table.names() == ["fake-model", "other"]
+    assert table.runtimes() == [second, other]
+    assert table.remove("other") is other and table.remove("other") is None
+    assert table.names() == [MODEL]
 
 
 def test_lease_without_model_raises() -> None:
     with pytest.raises(NoActiveModel):
-        ActiveModel().lease()
+        ModelTable().lease(MODEL)
+
+
+def test_lease_of_a_model_not_held_names_the_models_that_are() -> None:
+    table = ModelTable(FakeRuntime(), FakeRuntime(model_id="embedder"))
+    with pytest.raises(ModelNotServed, match=r"`nope`.*`embedder`, `fake-model`"):
+        table.lease("nope")
+    with table.lease("embedder") as runtime:
+        assert runtime.describe().model_id == "embedder"
 
 
 def test_retire_waits_for_in_flight_leases() -> None:
-    old, new = FakeRuntime(), FakeRuntime(model_id="new")
-    active = ActiveModel(old)
-    lease = active.lease()
+    old, new = FakeRuntime(), FakeRuntime()
+    active = ModelTable(old)
+    lease = active.lease(MODEL)
     assert active.in_flight(old) == 1
-    assert active.swap(new) is old
-    with active.lease() as runtime:
+    assert active.put(new) is old
+    with active.lease(MODEL) as runtime:
         assert runtime is new  # new requests already go to the new model
     retired = threading.Thread(target=active.retire, args=(old,))
     retired.start()
@@ -775,17 +806,17 @@ def test_retire_waits_for_in_flight_leases() -> None:
 
 def test_retire_times_out_but_unloads() -> None:
     old = FakeRuntime()
-    active = ActiveModel(old)
-    active.lease()
-    active.swap(None)
+    active = ModelTable(old)
+    active.lease(MODEL)
+    active.remove(MODEL)
     assert active.retire(old, timeout=0.05) is False
     assert old.unloaded
 
 
-def test_retire_refuses_the_active_runtime() -> None:
+def test_retire_refuses_a_runtime_still_serving() -> None:
     runtime = FakeRuntime()
-    with pytest.raises(ValueError, match="active"):
-        ActiveModel(runtime).retire(runtime)
+    with pytest.raises(ValueError, match="still serves"):
+        ModelTable(runtime).retire(runtime)
 
 
 # --- runtime plumbing the API relies on ----------------------------------------------------

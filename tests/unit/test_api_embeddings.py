@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from agent.api import create_app
 from agent.runtimes.base import GENERATIVE, Capability
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 from tests.unit.test_api import MODEL, FakeRuntime, Recorder, assert_openai_error, chat_body, completion_body
 
 
@@ -22,8 +22,8 @@ def runtime() -> FakeRuntime:
 
 
 @pytest.fixture
-def active(runtime: FakeRuntime) -> ActiveModel:
-    return ActiveModel(runtime)
+def active(runtime: FakeRuntime) -> ModelTable:
+    return ModelTable(runtime)
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-def client(active: ActiveModel, recorder: Recorder) -> Iterator[TestClient]:
+def client(active: ModelTable, recorder: Recorder) -> Iterator[TestClient]:
     with TestClient(
-        create_app(active=active, observer=recorder), raise_server_exceptions=False
+        create_app(models=active, observer=recorder), raise_server_exceptions=False
     ) as test_client:
         yield test_client
 
@@ -116,13 +116,13 @@ def test_unknown_model_is_404(client: TestClient) -> None:
     )
 
 
-def test_model_without_embeddings_is_400_naming_it(client: TestClient, active: ActiveModel) -> None:
-    active.swap(FakeRuntime(capabilities=GENERATIVE))
+def test_model_without_embeddings_is_400_naming_it(client: TestClient, active: ModelTable) -> None:
+    active.put(FakeRuntime(capabilities=GENERATIVE))
     error = assert_openai_error(
         client.post("/v1/embeddings", json=embedding_body()), 400, "capability_not_supported"
     )
     assert error["param"] == "model" and MODEL in error["message"] and "embeddings" in error["message"]
-    assert active.in_flight(active.current()) == 0  # type: ignore[arg-type]
+    assert active.in_flight(active.get(MODEL)) == 0  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -133,10 +133,10 @@ def test_model_without_embeddings_is_400_naming_it(client: TestClient, active: A
     ],
 )
 def test_encoder_refuses_generation(
-    client: TestClient, active: ActiveModel, recorder: Recorder, path: str, body: dict[str, Any], missing: str
+    client: TestClient, active: ModelTable, recorder: Recorder, path: str, body: dict[str, Any], missing: str
 ) -> None:
     encoder = FakeRuntime(capabilities=frozenset({Capability.EMBEDDINGS}))
-    active.swap(encoder)
+    active.put(encoder)
     error = assert_openai_error(client.post(path, json=body), 400, "capability_not_supported")
     assert missing in error["message"] and MODEL in error["message"]
     assert encoder.generations == []
@@ -144,12 +144,12 @@ def test_encoder_refuses_generation(
     assert client.post("/v1/embeddings", json=embedding_body()).status_code == 200
 
 
-def test_no_model_is_503(client: TestClient, active: ActiveModel) -> None:
-    active.swap(None)
+def test_no_model_is_503(client: TestClient, active: ModelTable) -> None:
+    active.remove(MODEL)
     assert_openai_error(client.post("/v1/embeddings", json=embedding_body()), 503, "model_not_loaded")
 
 
-def test_lease_and_slot_are_released(client: TestClient, runtime: FakeRuntime, active: ActiveModel) -> None:
+def test_lease_and_slot_are_released(client: TestClient, runtime: FakeRuntime, active: ModelTable) -> None:
     client.post("/v1/embeddings", json=embedding_body())
     client.post("/v1/embeddings", json=embedding_body(dimensions=7))
     assert active.in_flight(runtime) == 0

@@ -9,12 +9,12 @@ from fastapi.testclient import TestClient
 
 from agent.api.app import create_app
 from agent.api.auth import is_loopback, load_or_create_api_key, require_api_key
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 
 
 @pytest.fixture
 def client() -> TestClient:
-    app = create_app(active=ActiveModel(), observer=lambda stats: None)
+    app = create_app(models=ModelTable(), observer=lambda stats: None)
     require_api_key(app, "ef-secret")
     return TestClient(app)
 

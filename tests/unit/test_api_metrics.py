@@ -10,20 +10,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.api import create_app
 from agent.api.auth import require_api_key
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 from tests.unit.test_api import MODEL, FakeRuntime, chat_body, completion_body, stream
 
 RELEASE = {"bundle": "smollm2", "version": "1.2.0", "variant": "q4_1-cpu"}
 
 
 @pytest.fixture
-def active() -> ActiveModel:
-    return ActiveModel(FakeRuntime())
+def active() -> ModelTable:
+    return ModelTable(FakeRuntime())
 
 
 @pytest.fixture
-def client(active: ActiveModel) -> Iterator[TestClient]:
-    app = create_app(active=active, observer=lambda stats: None, release_info=lambda: RELEASE)
+def client(active: ModelTable) -> Iterator[TestClient]:
+    app = create_app(
+        models=active,
+        observer=lambda stats: None,
+        release_info=lambda model: RELEASE if model == MODEL else None,
+    )
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -82,7 +86,7 @@ def test_queue_depth_and_limits(client: TestClient) -> None:
     assert ("edgefleet_api_queue_rejected_total", ()) in samples
 
 
-def test_active_model_info_follows_swaps(client: TestClient, active: ActiveModel) -> None:
+def test_active_model_info_follows_swaps(client: TestClient, active: ModelTable) -> None:
     samples = scrape(client)
     info = {key: v for key, v in samples.items() if key[0] == "edgefleet_active_model_info"}
     ((_, labels),) = info
@@ -94,33 +98,32 @@ def test_active_model_info_follows_swaps(client: TestClient, active: ActiveModel
         "capabilities": "chat,completions,embeddings",
         **RELEASE,
     }
-    assert value(samples, "edgefleet_model_loaded") == 1
-    active.swap(None)
+    assert value(samples, "edgefleet_model_loaded", model=MODEL) == 1
+    active.remove(MODEL)
     samples = scrape(client)
-    assert not [key for key in samples if key[0] == "edgefleet_active_model_info"]
-    assert value(samples, "edgefleet_model_loaded") == 0
+    assert not [key for key in samples if key[0] in ("edgefleet_active_model_info", "edgefleet_model_loaded")]
 
 
-def test_each_app_has_its_own_registry(active: ActiveModel) -> None:
-    first = create_app(active=active, observer=lambda stats: None)
-    second = create_app(active=active, observer=lambda stats: None)
+def test_each_app_has_its_own_registry(active: ModelTable) -> None:
+    first = create_app(models=active, observer=lambda stats: None)
+    second = create_app(models=active, observer=lambda stats: None)
     with TestClient(first) as one, TestClient(second) as two:
         one.post("/v1/chat/completions", json=chat_body())
         assert value(scrape(one), "edgefleet_api_prompt_tokens_total", endpoint="/v1/chat/completions") == 6
         assert value(scrape(two), "edgefleet_api_prompt_tokens_total", endpoint="/v1/chat/completions") == 0
 
 
-def test_a_failing_release_probe_does_not_break_the_scrape(active: ActiveModel) -> None:
-    def broken() -> dict[str, str]:
+def test_a_failing_release_probe_does_not_break_the_scrape(active: ModelTable) -> None:
+    def broken(model: str) -> dict[str, str]:
         raise RuntimeError("state unavailable")
 
-    with TestClient(create_app(active=active, observer=lambda stats: None, release_info=broken)) as client:
+    with TestClient(create_app(models=active, observer=lambda stats: None, release_info=broken)) as client:
         samples = scrape(client)
     assert any(key[0] == "edgefleet_active_model_info" for key in samples)
 
 
-def test_metrics_need_the_key_when_the_api_does(active: ActiveModel) -> None:
-    app = create_app(active=active, observer=lambda stats: None)
+def test_metrics_need_the_key_when_the_api_does(active: ModelTable) -> None:
+    app = create_app(models=active, observer=lambda stats: None)
     require_api_key(app, "ef-secret")
     with TestClient(app) as client:
         refused = client.get("/metrics")

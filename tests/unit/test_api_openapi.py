@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent.api import create_app
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 from tests.unit.test_api import FakeRuntime
 
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -16,7 +16,7 @@ MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
-    app = create_app(active=ActiveModel(FakeRuntime()), observer=lambda stats: None)
+    app = create_app(models=ModelTable(FakeRuntime()), observer=lambda stats: None)
     with TestClient(app) as client:
         response = client.get("/openapi.json")
     assert response.status_code == 200

@@ -13,7 +13,7 @@ import pytest
 
 from agent.api import create_app
 from agent.api.admission import AdmissionQueue, QueueFull, QueueLimits
-from agent.serving import ActiveModel
+from agent.serving import ModelTable
 from tests.unit.test_api import FakeRuntime, Recorder, chat_body, completion_body
 
 
@@ -89,7 +89,7 @@ async def test_requests_beyond_the_queue_get_429_with_retry_after() -> None:
     runtime = FakeRuntime(gate=gate)
     recorder = Recorder()
     app = create_app(
-        active=ActiveModel(runtime), observer=recorder, limits=QueueLimits(max_running=1, max_waiting=1)
+        models=ModelTable(runtime), observer=recorder, limits=QueueLimits(max_running=1, max_waiting=1)
     )
     queue: AdmissionQueue = app.state.admission_queue
     transport = httpx.ASGITransport(app=app)
@@ -155,9 +155,9 @@ async def call_then_leave(app: Any, path: str, body: dict[str, Any], leave: asyn
 async def test_non_streamed_request_stops_when_the_client_leaves(path: str) -> None:
     reply = " ".join(f"w{i}" for i in range(500))
     runtime = FakeRuntime(reply=reply, n_ctx=10_000, token_delay=0.005)
-    active = ActiveModel(runtime)
+    active = ModelTable(runtime)
     recorder = Recorder()
-    app = create_app(active=active, observer=recorder)
+    app = create_app(models=active, observer=recorder)
     body = chat_body(max_tokens=500) if "chat" in path else completion_body(max_tokens=500)
     leave = asyncio.Event()
     call = asyncio.create_task(call_then_leave(app, path, body, leave))
@@ -177,7 +177,7 @@ async def test_a_client_that_leaves_while_queued_frees_its_place() -> None:
     gate = threading.Event()
     runtime = FakeRuntime(gate=gate)
     recorder = Recorder()
-    app = create_app(active=ActiveModel(runtime), observer=recorder)
+    app = create_app(models=ModelTable(runtime), observer=recorder)
     queue: AdmissionQueue = app.state.admission_queue
     holder_leaves, waiter_leaves = asyncio.Event(), asyncio.Event()
     holder = asyncio.create_task(call_then_leave(app, "/v1/chat/completions", chat_body(), holder_leaves))

@@ -68,8 +68,15 @@ class World:
     transport: AttackerTransport
     tmp: Path
 
-    def publish(self, version: int, payload: bytes, *, signers: list | None = None) -> rel.VerifiedRelease:  # type: ignore[type-arg]
-        release = fake_release(version, payload)
+    def publish(
+        self,
+        version: int,
+        payload: bytes,
+        *,
+        signers: list | None = None,  # type: ignore[type-arg]
+        name: str = "tiny",
+    ) -> rel.VerifiedRelease:
+        release = fake_release(version, payload, name=name)
         with Session(self.engine) as s, s.begin():
             current = self.repos.image_targets(s)
             data = extend_image_targets(
@@ -78,9 +85,17 @@ class World:
             self.repos.publish_image_targets(s, data, release=release)
         return release
 
-    def deploy(self, version: int, generation: int, device_id: str = DEVICE) -> None:
+    def deploy(
+        self,
+        version: int,
+        generation: int,
+        device_id: str = DEVICE,
+        *,
+        also: tuple[tuple[str, int], ...] = (),
+    ) -> None:
         with Session(self.engine) as s, s.begin():
-            self.repos.assign(s, device_id=device_id, generation=generation, bundle="tiny", version=version)
+            releases = [("tiny", version), *also]
+            self.repos.assign(s, device_id=device_id, generation=generation, releases=releases)
 
     def verifier(self, name: str = "device") -> UptaneVerifier:
         return UptaneVerifier(
@@ -97,7 +112,7 @@ class World:
         return data
 
 
-def fake_release(version: int, payload: bytes) -> rel.VerifiedRelease:
+def fake_release(version: int, payload: bytes, *, name: str = "tiny") -> rel.VerifiedRelease:
     artifact = "model.q4_0.gguf"
     info = rel.ArtifactInfo(artifact, len(payload), hashlib.sha256(payload).hexdigest())
     variant = bundle_pb2.Variant(
@@ -107,8 +122,8 @@ def fake_release(version: int, payload: bytes) -> rel.VerifiedRelease:
         artifact=artifact,
         size_bytes=len(payload),
     )
-    manifest = bundle_pb2.BundleManifest(schema_version=1, name="tiny", version=version, variants=[variant])
-    return rel.VerifiedRelease("tiny", version, datetime.now(UTC), manifest, {artifact: info}, b"")
+    manifest = bundle_pb2.BundleManifest(schema_version=1, name=name, version=version, variants=[variant])
+    return rel.VerifiedRelease(name, version, datetime.now(UTC), manifest, {artifact: info}, b"")
 
 
 @pytest.fixture
@@ -135,7 +150,7 @@ def director_targets(world: World, **custom: object) -> Targets:
     release = world.publish(2, b"two" * 100) if "path" not in custom else None
     path = str(custom.pop("path", uptane.image_target_path("tiny", 2, "model.q4_0.gguf")))
     info = release.artifacts["model.q4_0.gguf"] if release else rel.ArtifactInfo(path, 3, "0" * 64)
-    fields = uptane.director_fields(str(custom.get("device", DEVICE)), 2, "tiny", 2)
+    fields = uptane.director_fields(str(custom.get("device", DEVICE)), 2, [("tiny", 2)])
     length = int(custom.get("length", info.length))  # type: ignore[call-overload]
     return Targets(
         version=2,
@@ -167,7 +182,38 @@ def substitute_director(world: World, targets: Targets) -> None:
 def test_both_repositories_agree(world: World) -> None:
     assignment = world.verifier().refresh()
     assert assignment is not None
-    assert (assignment.generation, assignment.release.name, assignment.release.version) == (1, "tiny", 1)
+    ((release,),) = [assignment.releases]
+    assert (assignment.generation, release.name, release.version) == (1, "tiny", 1)
+
+
+def test_several_models_are_verified_each_against_its_own_release(world: World) -> None:
+    world.publish(1, b"embedder" * 50, name="embed")
+    world.deploy(1, generation=2, also=(("embed", 1),))
+    assignment = world.verifier().refresh()
+    assert [(r.name, r.version) for r in assignment.releases] == [("embed", 1), ("tiny", 1)]
+    embed = assignment.releases[0]
+    assert (
+        [v.artifact for v in embed.manifest.variants]
+        == list(embed.artifacts)
+        == [uptane.image_target_path("embed", 1, "model.q4_0.gguf")]
+    )
+    world.deploy(1, generation=3, also=())
+    assert [r.name for r in world.verifier().refresh().releases] == ["tiny"]
+
+
+def test_director_listing_a_target_of_an_unassigned_release_is_refused(world: World) -> None:
+    """A compromised director slips another bundle's artifact in beside the assigned one."""
+    info = world.publish(1, b"embedder" * 50, name="embed").artifacts["model.q4_0.gguf"]
+    path = uptane.image_target_path("embed", 1, "model.q4_0.gguf")
+    targets = Targets(
+        version=2,
+        expires=datetime.now(UTC) + timedelta(days=1),
+        targets={path: TargetFile(info.length, {"sha256": info.sha256}, path)},
+        unrecognized_fields=uptane.director_fields(DEVICE, 2, [("tiny", 1)]),
+    )
+    substitute_director(world, targets)
+    with pytest.raises(rel.DirectorImageMismatch, match="belongs to embed@1, the director assigns tiny@1"):
+        world.verifier().refresh()
 
 
 # -- attacks -----------------------------------------------------------------------------------
@@ -272,7 +318,7 @@ def test_key_rotation_is_followed_and_the_revoked_key_refused(world: World) -> N
     world.publish(2, b"two" * 100)  # signed with the new release key
     world.deploy(2, generation=2)
     assignment = world.verifier().refresh()
-    assert assignment is not None and assignment.release.version == 2
+    assert assignment is not None and assignment.releases[0].version == 2
     assert (world.tmp / "device" / IMAGE / "root_history" / "2.root.json").exists()
 
     # The revoked key signs a newer image targets: refused, though it was trusted before.
@@ -313,11 +359,11 @@ def test_root_key_rotation_is_followed(world: World) -> None:
 def test_deliberate_operator_rollback_is_accepted(world: World) -> None:
     world.publish(2, b"two" * 100)
     world.deploy(2, generation=2)
-    assert world.verifier().refresh().release.version == 2  # type: ignore[union-attr]
+    assert world.verifier().refresh().releases[0].version == 2  # type: ignore[union-attr]
     world.deploy(1, generation=3)  # new director metadata pointing at the older release
     assignment = world.verifier().refresh()
     assert assignment is not None
-    assert (assignment.generation, assignment.release.version) == (3, 1)
+    assert (assignment.generation, assignment.releases[0].version) == (3, 1)
 
 
 def test_control_plane_refuses_image_targets_that_drop_a_release(world: World) -> None:

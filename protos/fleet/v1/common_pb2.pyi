@@ -51,7 +51,7 @@ class BundleRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant", "revoked", "selection_reason", "pin")
+    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant", "revoked", "selection_reason", "pin", "desired_models", "models")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,8 @@ class DeviceSummary(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     SELECTION_REASON_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: DeviceState
     active_bundle: BundleRef
@@ -93,7 +95,19 @@ class DeviceSummary(_message.Message):
     revoked: bool
     selection_reason: str
     pin: VariantPin
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ..., revoked: _Optional[bool] = ..., selection_reason: _Optional[str] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ...) -> None: ...
+    desired_models: _containers.RepeatedCompositeFieldContainer[BundleRef]
+    models: _containers.RepeatedCompositeFieldContainer[InstalledModel]
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ..., revoked: _Optional[bool] = ..., selection_reason: _Optional[str] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ..., desired_models: _Optional[_Iterable[_Union[BundleRef, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ...) -> None: ...
+
+class InstalledModel(_message.Message):
+    __slots__ = ("bundle", "variant", "loaded")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    bundle: BundleRef
+    variant: str
+    loaded: bool
+    def __init__(self, bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., variant: _Optional[str] = ..., loaded: _Optional[bool] = ...) -> None: ...
 
 class VariantPin(_message.Message):
     __slots__ = ("variant_id", "format", "scope")

@@ -3,7 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -91,7 +91,7 @@ class DesiredState(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("state", "generation", "active_bundle", "api_url", "error", "error_kind", "variant", "detail", "selection")
+    __slots__ = ("state", "generation", "active_bundle", "api_url", "error", "error_kind", "variant", "detail", "selection", "models")
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BUNDLE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class StatusReport(_message.Message):
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.DeviceState
     generation: int
     active_bundle: _common_pb2.BundleRef
@@ -110,7 +111,8 @@ class StatusReport(_message.Message):
     variant: str
     detail: str
     selection: _common_pb2.VariantSelection
-    def __init__(self, state: _Optional[_Union[_common_pb2.DeviceState, str]] = ..., generation: _Optional[int] = ..., active_bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., variant: _Optional[str] = ..., detail: _Optional[str] = ..., selection: _Optional[_Union[_common_pb2.VariantSelection, _Mapping]] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.InstalledModel]
+    def __init__(self, state: _Optional[_Union[_common_pb2.DeviceState, str]] = ..., generation: _Optional[int] = ..., active_bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., variant: _Optional[str] = ..., detail: _Optional[str] = ..., selection: _Optional[_Union[_common_pb2.VariantSelection, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ...) -> None: ...
 
 class StatusAck(_message.Message):
     __slots__ = ()

@@ -271,6 +271,24 @@ class DeployResponse(_message.Message):
     max_generation: int
     def __init__(self, device_ids: _Optional[_Iterable[str]] = ..., max_generation: _Optional[int] = ...) -> None: ...
 
+class UndeployRequest(_message.Message):
+    __slots__ = ("name", "all_devices", "device_ids")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALL_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    all_devices: bool
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., all_devices: _Optional[bool] = ..., device_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UndeployResponse(_message.Message):
+    __slots__ = ("device_ids", "max_generation")
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_generation: int
+    def __init__(self, device_ids: _Optional[_Iterable[str]] = ..., max_generation: _Optional[int] = ...) -> None: ...
+
 class ListDevicesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

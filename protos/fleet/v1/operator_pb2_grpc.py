@@ -114,6 +114,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinResponse.FromString,
                 _registered_method=True)
+        self.Undeploy = channel.unary_unary(
+                '/fleet.v1.OperatorService/Undeploy',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -224,6 +229,14 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Undeploy(self, request, context):
+        """Removes a model (every release of a bundle name) from devices: each gets director targets
+        without it and a new generation, and the agent unloads and deletes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -306,6 +319,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.SetVariantPin,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinResponse.SerializeToString,
+            ),
+            'Undeploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undeploy,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -740,6 +758,33 @@ class OperatorService:
             '/fleet.v1.OperatorService/SetVariantPin',
             protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.SetVariantPinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undeploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/Undeploy',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,255 @@
+"""The store's side of several models per device, on SQLite and on a real PostgreSQL:
+deploy adds or replaces by bundle name, undeploy removes, pins re-sign the whole set, and a
+database made before several models per device is brought up to date."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from controlplane.db import crud
+from controlplane.db.engine import make_engine
+from controlplane.db.models import Bundle, Deployment, Device, DeviceModel, utcnow
+
+pytestmark = pytest.mark.integration
+
+
+def _postgres_admin_dsn() -> str:
+    return os.environ.get(
+        "EDGEFLEET_TEST_POSTGRES_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+    )
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'controlplane.sqlite3'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database; skipped only when no server answers."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(_postgres_admin_dsn(), autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable ({exc})")
+    name = f"edgefleet_models_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        host = admin.info.get_parameters().get("host", "127.0.0.1")
+        try:
+            yield f"postgresql+psycopg://{admin.info.user}@{host}:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture
+def engine(url: str) -> Iterator[Engine]:
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+def add_bundle(session: Session, name: str, version: int) -> Bundle:
+    bundle = Bundle(
+        name=name,
+        version=version,
+        release_metadata=f"{name}@{version}".encode(),
+        manifest_json="{}",
+        expires_at=utcnow() + timedelta(days=1),
+    )
+    session.add(bundle)
+    session.flush()
+    return bundle
+
+
+def add_device(session: Session, device_id: str, labels: dict[str, str] | None = None) -> None:
+    crud.create_device(session, device_id=device_id, hostname="h", labels=labels or {})
+
+
+def bundle_named(session: Session, name: str, version: int) -> Bundle:
+    bundle = crud.get_bundle(session, name=name, version=version)
+    assert bundle is not None
+    return bundle
+
+
+@pytest.fixture
+def fleet(engine: Engine) -> Engine:
+    """Devices a, b (labelled hw=jetson) and c; bundles alpha@1, alpha@2, beta@1."""
+    with Session(engine) as s, s.begin():
+        for device_id in "abc":
+            add_device(s, device_id, {"hw": "jetson"} if device_id == "b" else {})
+        for name, version in [("alpha", 1), ("alpha", 2), ("beta", 1)]:
+            add_bundle(s, name, version)
+    return engine
+
+
+def deploy(engine: Engine, name: str, version: int, ids: list[str] | None) -> list[crud.DeployedTo]:
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        return crud.deploy(s, bundle=bundle_named(s, name, version), device_ids=ids)
+
+
+def undeploy(engine: Engine, name: str, ids: list[str] | None) -> list[crud.DeployedTo]:
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        return crud.undeploy(s, name=name, device_ids=ids)
+
+
+def device(engine: Engine, device_id: str) -> tuple[int, str | None]:
+    """(desired generation, desired bundle as name@version or None)."""
+    with Session(engine) as s:
+        row = s.get(Device, device_id)
+        assert row is not None
+        desired = s.get(Bundle, row.desired_bundle_id) if row.desired_bundle_id else None
+        return row.desired_generation, f"{desired.name}@{desired.version}" if desired else None
+
+
+def releases(engine: Engine, device_id: str) -> list[tuple[str, int]]:
+    with Session(engine) as s:
+        return crud.device_releases(s, device_id)
+
+
+def test_deploy_adds_or_replaces_by_name(fleet: Engine) -> None:
+    assert deploy(fleet, "alpha", 1, ["a", "b"]) == [
+        crud.DeployedTo("a", 1, [("alpha", 1)]),
+        crud.DeployedTo("b", 1, [("alpha", 1)]),
+    ]
+    assert deploy(fleet, "beta", 1, ["a"]) == [crud.DeployedTo("a", 2, [("alpha", 1), ("beta", 1)])]
+    assert deploy(fleet, "alpha", 2, None) == [
+        crud.DeployedTo("a", 3, [("alpha", 2), ("beta", 1)]),
+        crud.DeployedTo("b", 2, [("alpha", 2)]),
+        crud.DeployedTo("c", 1, [("alpha", 2)]),
+    ]
+    assert device(fleet, "a") == (3, "alpha@2")
+    with Session(fleet) as s:
+        assert len(s.exec(select(DeviceModel)).all()) == 4  # a: alpha, beta; b: alpha; c: alpha
+        history = s.exec(select(Deployment).where(Deployment.device_id == "a")).all()
+        assert sorted(d.generation for d in history) == [1, 2, 3]
+        assert crud.assigned_models(s) == {
+            "a": [("alpha", 2), ("beta", 1)],
+            "b": [("alpha", 2)],
+            "c": [("alpha", 2)],
+        }
+
+
+def test_deploy_to_an_unknown_device_changes_nothing(fleet: Engine) -> None:
+    with pytest.raises(crud.DeviceNotFound, match="nope"):
+        deploy(fleet, "alpha", 1, ["a", "nope"])
+    assert (device(fleet, "a"), releases(fleet, "a")) == ((0, None), [])
+
+
+def test_undeploy_removes_the_name_and_moves_the_desired_bundle(fleet: Engine) -> None:
+    deploy(fleet, "beta", 1, ["a"])
+    deploy(fleet, "alpha", 2, ["a", "b"])
+    assert device(fleet, "a") == (2, "alpha@2")
+
+    assert undeploy(fleet, "alpha", ["a"]) == [crud.DeployedTo("a", 3, [("beta", 1)])]
+    assert device(fleet, "a") == (3, "beta@1")  # the remaining model
+    assert undeploy(fleet, "beta", ["a"]) == [crud.DeployedTo("a", 4, [])]
+    assert device(fleet, "a") == (4, None)
+    assert device(fleet, "b") == (1, "alpha@2")  # never named
+
+
+def test_undeploy_keeps_the_desired_bundle_when_another_name_goes(fleet: Engine) -> None:
+    deploy(fleet, "alpha", 1, ["a"])
+    deploy(fleet, "beta", 1, ["a"])
+    undeploy(fleet, "alpha", ["a"])
+    assert device(fleet, "a") == (3, "beta@1")
+
+
+def test_undeploy_falls_back_to_the_newest_pushed_remaining_model(fleet: Engine) -> None:
+    with Session(fleet) as s, s.begin():
+        add_bundle(s, "gamma", 1)  # pushed after beta: the higher bundle id
+    deploy(fleet, "gamma", 1, ["a"])
+    deploy(fleet, "beta", 1, ["a"])
+    deploy(fleet, "alpha", 1, ["a"])
+    undeploy(fleet, "alpha", ["a"])
+    assert device(fleet, "a") == (4, "gamma@1")
+
+
+def test_undeploy_leaves_devices_without_the_model_alone(fleet: Engine) -> None:
+    deploy(fleet, "alpha", 1, ["a"])
+    deploy(fleet, "beta", 1, ["b"])
+    assert undeploy(fleet, "alpha", ["b", "c"]) == []
+    assert undeploy(fleet, "alpha", None) == [crud.DeployedTo("a", 2, [])]
+    assert (device(fleet, "b"), device(fleet, "c")) == ((1, "beta@1"), (0, None))
+    assert undeploy(fleet, "alpha", None) == []
+    with pytest.raises(crud.DeviceNotFound, match="nope"):
+        undeploy(fleet, "beta", ["b", "nope"])
+    assert releases(fleet, "b") == [("beta", 1)]
+
+
+def pin(engine: Engine, *, device_id: str | None = None, **selector: str) -> crud.PinChange:
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        return crud.set_pin(
+            s, device_id=device_id, selector=selector, variant_id="gguf-q4_0", fmt=0, clear=False, actor="t"
+        )
+
+
+def test_a_pin_change_re_signs_every_model_and_skips_devices_without_any(fleet: Engine) -> None:
+    deploy(fleet, "alpha", 1, ["b"])
+    deploy(fleet, "beta", 1, ["b"])
+    deploy(fleet, "alpha", 1, ["a"])
+    undeploy(fleet, "alpha", ["a"])  # a: generation 2, no models left
+
+    by_label = pin(fleet, hw="jetson")
+    assert [(m.device_id, m.generation, m.releases) for m in by_label.repinned] == [
+        ("b", 3, [("alpha", 1), ("beta", 1)])
+    ]
+    on_a = pin(fleet, device_id="a")
+    assert (on_a.changed, on_a.repinned) == (True, [])
+    assert device(fleet, "a") == (2, None)
+
+
+def test_reported_models_round_trip(fleet: Engine) -> None:
+    reported = [{"name": "alpha", "version": 1, "variant": "gguf-q4_0", "loaded": True}]
+    with Session(fleet) as s, s.begin():
+        row = s.get(Device, "a")
+        assert row is not None and row.models == []
+        row.models = reported
+        s.add(row)
+    with Session(fleet) as s:
+        row = s.get(Device, "a")
+        assert row is not None and row.models == reported
+
+
+def test_a_database_from_before_several_models_is_upgraded(url: str) -> None:
+    """Made by the previous version: no devicemodel table, no device.models column, and a
+    device whose one model is its desired bundle. Opening it keeps that model assigned."""
+    engine = make_engine(url)
+    with Session(engine) as s, s.begin():
+        add_device(s, "old")
+        add_device(s, "new")
+        bundle = add_bundle(s, "alpha", 1)
+        old = s.get(Device, "old")
+        assert old is not None
+        old.desired_bundle_id, old.desired_generation = bundle.id, 1
+        s.add(old)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE devicemodel"))
+        conn.execute(text("ALTER TABLE device DROP COLUMN models"))
+    engine.dispose()
+
+    upgraded = make_engine(url)
+    try:
+        assert "models" in {c["name"] for c in inspect(upgraded).get_columns("device")}
+        assert (releases(upgraded, "old"), releases(upgraded, "new")) == ([("alpha", 1)], [])
+        with Session(upgraded) as s:
+            row = s.get(Device, "old")
+            assert row is not None and row.models == []
+        make_engine(url).dispose()  # a second start changes nothing
+        assert releases(upgraded, "old") == [("alpha", 1)]
+    finally:
+        upgraded.dispose()
