@@ -4,6 +4,9 @@ llama.cpp holds the CPU for the whole generation, so calling it on the event loo
 freeze every other request (health checks included). Every generation, streamed or not,
 gets a dedicated thread that hands deltas to the loop through an asyncio queue and stops
 as soon as the consumer cancels, so a client that leaves frees the model within a token.
+A generation that can push its deltas itself (`PushingGeneration`, e.g. llama.cpp's, from
+its own thread) does so: that thread then hands each delta to the loop directly, and the
+dedicated thread only waits for the end instead of relaying every token.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.runtimes.base import Completion, Delta, FinishReason, Generation
+from agent.runtimes.base import Completion, Delta, FinishReason, Generation, PushingGeneration
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,10 @@ class TokenPump:
 
     def _run(self) -> None:
         try:
+            if isinstance(self._generation, PushingGeneration):
+                self._generation.stream_to(self._put, self._cancelled)
+                self._put(_END)
+                return
             while not self._cancelled.is_set():
                 try:
                     delta = next(self._generation)

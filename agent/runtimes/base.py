@@ -11,10 +11,11 @@ thread that generates and the event loop that serves.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from protos.fleet.v1 import common_pb2
 
@@ -257,3 +258,12 @@ def format_name(fmt: int) -> str:
         return common_pb2.ModelFormat.Name(fmt)
     except ValueError:
         return f"#{fmt}"
+
+
+@runtime_checkable
+class PushingGeneration(Protocol):
+    """A generation that can drive itself, handing each delta to a callback on its backend's
+    own thread (SlotGeneration on llama.cpp): no thread hand-off per token. The consumer
+    thread blocks in ``stream_to`` until the end, or until ``cancelled`` is set."""
+
+    def stream_to(self, emit: Callable[[Delta], None], cancelled: threading.Event) -> None: ...

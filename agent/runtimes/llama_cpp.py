@@ -125,6 +125,13 @@ class _LlamaThread:
             raise RuntimeUnloaded("the model was unloaded") from exc
         return future.result()
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queue `fn` on the llama thread without waiting; `fn` must handle its own errors."""
+        try:
+            self._executor.submit(fn)
+        except RuntimeError as exc:
+            raise RuntimeUnloaded("the model was unloaded") from exc
+
     def stop(self) -> None:
         self._executor.shutdown(wait=True)
 

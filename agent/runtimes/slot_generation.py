@@ -5,13 +5,22 @@ thread of their own, ONNX Runtime on whichever thread asks (`InlineCalls`). A ge
 takes the runtime's slot on its first `next()`, not when created, so a request can be
 validated (and refused) without queueing behind another; it gives the slot back when
 exhausted, on an error, or on `close()`, and `unload()` waits for the slot.
+
+Streaming (`stream_to`): on a backend thread that can queue work without waiting for it
+(`PostingThread`), each step runs there and queues the next one itself, handing every delta
+straight to the consumer's callback. Stepping through `next()` instead costs two thread
+hand-offs per token (consumer -> backend -> consumer) while the backend sits idle: on 2
+cores (SmolLM2, llama.cpp on one thread) that doubled the time between two decodes, from
+about 0.4 ms to 0.8 ms a token (more under load), and held the API's streamed decode speed
+to 0.93 of llama-cpp-python's own. Queueing the next step rather than looping still lets
+other calls (embeddings) run between two tokens.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator, Iterator
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from agent.runtimes.base import ContextLengthExceeded, Delta, InvalidPromptError, RuntimeUnloaded
 
@@ -26,6 +35,13 @@ class OwnThread(Protocol):
 
 class StoppableThread(OwnThread, Protocol):
     def stop(self) -> None: ...
+
+
+@runtime_checkable
+class PostingThread(OwnThread, Protocol):
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queue `fn` to run on the backend thread without waiting (RuntimeUnloaded once stopped)."""
+        ...
 
 
 def unload_on_own_thread(slot: threading.Lock, thread: StoppableThread, release: Callable[[], bool]) -> None:
@@ -104,6 +120,59 @@ class SlotGeneration:
             self._finish()
             raise StopIteration
         return delta
+
+    def stream_to(self, emit: Callable[[Delta], None], cancelled: threading.Event) -> None:
+        """Generate to the end, or until `cancelled` is set, handing each delta to `emit`.
+
+        Blocks the calling (consumer) thread until then and re-raises what the generation
+        raised; `close()` still follows. On a `PostingThread`, `emit` runs on the backend
+        thread (it must be quick and thread-safe) and the consumer thread sleeps throughout;
+        otherwise this steps through `next()` on the calling thread."""
+        if not isinstance(self._thread, PostingThread):
+            while not cancelled.is_set():
+                try:
+                    delta = next(self)
+                except StopIteration:
+                    return
+                emit(delta)
+            return
+        if self._done:
+            return
+        if not self._holds_slot:
+            self._slot.acquire()  # here, never on the backend thread (it must not block)
+            self._holds_slot = True
+        ended = threading.Event()
+        exhausted = False
+        failure: BaseException | None = None
+        post = self._thread.post
+
+        def step() -> None:
+            """On the backend thread: one token, then queue the next step behind other calls."""
+            nonlocal exhausted, failure
+            try:
+                if not cancelled.is_set():
+                    delta = next(self._steps, None)
+                    if delta is not None:
+                        emit(delta)
+                        post(step)
+                        return
+                    exhausted = True
+            except BaseException as exc:
+                failure = exc
+            ended.set()
+
+        try:
+            post(step)
+        except BaseException:
+            self._finish()
+            raise
+        ended.wait()
+        if failure is not None:
+            self._finish()
+            raise failure
+        if exhausted:
+            self._finish()
+        # else cancelled: the generator stays open, and close() ends it on the backend thread
 
     def close(self) -> None:
         try:
