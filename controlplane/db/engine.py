@@ -6,11 +6,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import create_engine
 
-from controlplane.db.upgrade import create_or_upgrade
+from controlplane.db.migrate import migrate
 
 
 def make_engine(url: str) -> Engine:
-    """Creates the engine and the tables (upgrading those an earlier version made).
+    """Creates the engine and brings the database to the current schema (controlplane.db.migrate).
 
     SQLite gets WAL, a busy timeout, and transactions that take the write lock when they
     begin (BEGIN IMMEDIATE): a transaction that reads and then writes (the audit chain, token
@@ -33,5 +33,5 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    create_or_upgrade(engine)
+    migrate(engine)
     return engine

@@ -4,28 +4,23 @@ database made before several models per device is brought up to date."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from alembic import command
+from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from controlplane.db import crud
 from controlplane.db.engine import make_engine
+from controlplane.db.migrate import BASELINE, alembic_config
 from controlplane.db.models import Bundle, Deployment, Device, DeviceModel, utcnow
+from tests.integration.test_cp_migrations import HEAD, assert_matches_models, revision
 
 pytestmark = pytest.mark.integration
-
-
-def _postgres_admin_dsn() -> str:
-    return os.environ.get(
-        "EDGEFLEET_TEST_POSTGRES_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-    )
 
 
 @pytest.fixture
@@ -33,27 +28,9 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'controlplane.sqlite3'}"
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL database; skipped only when no server answers."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(_postgres_admin_dsn(), autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable ({exc})")
-    name = f"edgefleet_models_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        host = admin.info.get_parameters().get("host", "127.0.0.1")
-        try:
-            yield f"postgresql+psycopg://{admin.info.user}@{host}:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(f"{request.param}_url"))
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_database"))
 
 
 @pytest.fixture
@@ -225,30 +202,81 @@ def test_reported_models_round_trip(fleet: Engine) -> None:
         assert row is not None and row.models == reported
 
 
-def test_a_database_from_before_several_models_is_upgraded(url: str) -> None:
-    """Made by the previous version: no devicemodel table, no device.models column, and a
-    device whose one model is its desired bundle. Opening it keeps that model assigned."""
-    engine = make_engine(url)
-    with Session(engine) as s, s.begin():
-        add_device(s, "old")
-        add_device(s, "new")
-        bundle = add_bundle(s, "alpha", 1)
-        old = s.get(Device, "old")
-        assert old is not None
-        old.desired_bundle_id, old.desired_generation = bundle.id, 1
-        s.add(old)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE devicemodel"))
-        conn.execute(text("ALTER TABLE device DROP COLUMN models"))
-    engine.dispose()
+def make_baseline_database(url: str, *, versioned: bool) -> None:
+    """A database as a release before several models per device left it: the baseline tables
+    (the text its create_all wrote), alembic_version only when ``versioned``, a device "old"
+    whose one model is its desired bundle alpha@1 (deployed: a row that points at the device,
+    which SQLite's copy of the device table must keep valid), and a device "new" without one."""
+    plain = create_engine(url)
+    try:
+        with plain.begin() as conn:
+            command.upgrade(alembic_config(conn), BASELINE)
+            if not versioned:
+                conn.execute(text("DROP TABLE alembic_version"))
+            tables = MetaData()
+            tables.reflect(conn)
+            bundle, device, deployment = (tables.tables[t] for t in ("bundle", "device", "deployment"))
+            now = utcnow()
+            alpha = conn.execute(
+                bundle.insert()
+                .values(
+                    name="alpha",
+                    version=1,
+                    release_metadata=b"alpha@1",
+                    manifest_json="{}",
+                    created_at=now,
+                    expires_at=now + timedelta(days=1),
+                    total_bytes=0,
+                )
+                .returning(bundle.c.id)
+            ).scalar_one()
+            row = {
+                "enrollment_sha256": "",
+                "hostname": "h",
+                "labels": {},
+                "enrolled_at": now,
+                "state": 0,
+                "active_bundle": "",
+                "active_version": 0,
+                "variant": "",
+                "api_url": "",
+                "last_error": "",
+                "applied_generation": 0,
+                "last_tokens_per_second": 0.0,
+                "last_latency_ms": 0.0,
+                "requests_total": 0,
+                "selection_reason": "",
+            }
+            conn.execute(
+                device.insert(),
+                [
+                    {**row, "id": "old", "desired_bundle_id": alpha, "desired_generation": 1},
+                    {**row, "id": "new", "desired_bundle_id": None, "desired_generation": 0},
+                ],
+            )
+            conn.execute(
+                deployment.insert().values(device_id="old", bundle_id=alpha, generation=1, created_at=now)
+            )
+    finally:
+        plain.dispose()
+
+
+@pytest.mark.parametrize("versioned", [True, False], ids=["by-alembic", "by-create-all"])
+def test_a_database_from_before_several_models_is_upgraded(url: str, versioned: bool) -> None:
+    """No devicemodel table, no device.models column, and a device whose one model is its
+    desired bundle; left at the baseline by Alembic, or made by create_all (no alembic_version:
+    recognised as the baseline). Opening it keeps that model assigned."""
+    make_baseline_database(url, versioned=versioned)
 
     upgraded = make_engine(url)
     try:
+        assert revision(upgraded) == HEAD
         assert "models" in {c["name"] for c in inspect(upgraded).get_columns("device")}
         assert (releases(upgraded, "old"), releases(upgraded, "new")) == ([("alpha", 1)], [])
         with Session(upgraded) as s:
             row = s.get(Device, "old")
             assert row is not None and row.models == []
+        assert_matches_models(upgraded)
         make_engine(url).dispose()  # a second start changes nothing
         assert releases(upgraded, "old") == [("alpha", 1)]
     finally:

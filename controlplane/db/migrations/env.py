@@ -1,0 +1,48 @@
+"""Alembic's environment for the control plane's database, run by every Alembic command.
+
+It never connects on its own: ``controlplane.db.migrate`` hands it the connection it opened in
+``config.attributes["connection"]`` (Alembic's cookbook pattern for sharing a connection), so
+migrations run inside the caller's transaction, with the engine's SQLite settings, on whatever
+database the control plane was given. There is no offline (``--sql``) mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from alembic import context
+from alembic.autogenerate.api import AutogenContext
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import SQLModel
+
+from controlplane.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+
+def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
+    """Writes SQLModel's column types (AutoString, UTCDateTime) as the SQLAlchemy types they
+    wrap, which are what the database holds: revisions then import no sqlmodel and stay
+    valid whatever sqlmodel does to its types later."""
+    if type_ == "type" and isinstance(obj, TypeDecorator) and type(obj).__module__.startswith("sqlmodel."):
+        return f"sa.{obj.impl!r}"
+    return False
+
+
+def run_migrations() -> None:
+    connection = context.config.attributes.get("connection")
+    if context.is_offline_mode() or not isinstance(connection, Connection):
+        raise RuntimeError("run Alembic through controlplane.db.migrate, which passes a connection")
+    context.configure(
+        connection=connection,
+        target_metadata=SQLModel.metadata,
+        # SQLite alters most of a table only by copying it; batch mode writes that, and plain
+        # ALTERs on PostgreSQL.
+        render_as_batch=True,
+        render_item=render_item,
+        compare_server_default=True,  # "no differences" must cover defaults too
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+run_migrations()
