@@ -45,6 +45,12 @@ def run(
         Path | None, typer.Option(help="CA of an mqtts:// broker (default: the fleet CA in --trust)")
     ] = None,
     heartbeat_seconds: Annotated[float, typer.Option(help="heartbeat interval")] = 15.0,
+    telemetry_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="seconds per inference summary: requests are reported per model and interval"
+        ),
+    ] = 15.0,
     n_ctx: Annotated[int, typer.Option(help="context window per loaded model")] = 2048,
     threads: Annotated[int | None, typer.Option(help="inference threads (default: all cores)")] = None,
     disk_budget_mb: Annotated[
@@ -107,6 +113,7 @@ def run(
         mqtt_url=mqtt or None,
         mqtt_ca_path=mqtt_ca,
         heartbeat_interval_seconds=heartbeat_seconds,
+        telemetry_interval_seconds=telemetry_interval,
         n_ctx=n_ctx,
         n_threads=threads or len(os.sched_getaffinity(0)),
         api_key=api_key,

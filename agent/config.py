@@ -1,9 +1,12 @@
-"""The agent's one settings object, with units in the names."""
+"""The agent's one settings object, with units in the names, and the settings in force once the
+control plane's signed device config is laid over it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from protos.fleet.v1 import common_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +22,7 @@ class AgentConfig:
     mqtt_url: str | None = None  # None: use the broker the control plane advertised at enrollment
     mqtt_ca_path: Path | None = None  # CA of an mqtts:// broker; None: the fleet CA from the trust file
     heartbeat_interval_seconds: float = 15.0
+    telemetry_interval_seconds: float = 15.0  # inference figures leave as one summary per model this often
     n_ctx: int = 2048
     n_threads: int | None = None
     hostname: str = ""
@@ -72,3 +76,68 @@ class AgentConfig:
     @property
     def outbox_path(self) -> Path:
         return self.state_dir / "outbox.sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSettings:
+    """What a model is loaded with: a change means loading it again (the rest apply live)."""
+
+    n_ctx: int
+    n_threads: int | None
+
+    def describe(self) -> str:
+        return f"n_ctx={self.n_ctx}, n_threads={self.n_threads if self.n_threads is not None else 'auto'}"
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveSettings:
+    """The settings in force: the command line's, overridden by each field the signed device
+    config sets (see ``effective_settings``)."""
+
+    n_ctx: int
+    n_threads: int | None
+    max_running_requests: int
+    max_waiting_requests: int
+    telemetry_interval_seconds: float
+    keep_alive_seconds: float | None  # None: never unload an idle model
+
+    @property
+    def load(self) -> LoadSettings:
+        return LoadSettings(n_ctx=self.n_ctx, n_threads=self.n_threads)
+
+    def to_dict(self) -> dict[str, object]:
+        """For /healthz."""
+        return asdict(self)
+
+
+def effective_settings(config: AgentConfig, device: common_pb2.DeviceConfig | None) -> EffectiveSettings:
+    """Each field ``device`` sets wins over the command line's; an unset field keeps it.
+
+    ``keep_alive_seconds`` 0 in a device config means "never unload", as leaving
+    ``--keep-alive`` off does. ``device`` must have passed validation (protos.fleet.device_config).
+    """
+    base = EffectiveSettings(
+        n_ctx=config.n_ctx,
+        n_threads=config.n_threads,
+        max_running_requests=config.max_running_requests,
+        max_waiting_requests=config.max_waiting_requests,
+        telemetry_interval_seconds=config.telemetry_interval_seconds,
+        keep_alive_seconds=config.keep_alive_seconds,
+    )
+    if device is None:
+        return base
+    has = device.HasField
+    return EffectiveSettings(
+        n_ctx=device.n_ctx if has("n_ctx") else base.n_ctx,
+        n_threads=device.n_threads if has("n_threads") else base.n_threads,
+        max_running_requests=device.max_running if has("max_running") else base.max_running_requests,
+        max_waiting_requests=device.max_waiting if has("max_waiting") else base.max_waiting_requests,
+        telemetry_interval_seconds=(
+            device.telemetry_interval_seconds
+            if has("telemetry_interval_seconds")
+            else base.telemetry_interval_seconds
+        ),
+        keep_alive_seconds=(
+            (device.keep_alive_seconds or None) if has("keep_alive_seconds") else base.keep_alive_seconds
+        ),
+    )

@@ -1,9 +1,10 @@
 """The agent process: enroll once, restore the installed model, serve it, follow desired state.
 
 Tasks on one event loop: the local API (uvicorn), the desired-state watch (reconnecting with
-jittered backoff), the updater worker, the status reporter and the heartbeat. Blocking work
-(model loading, inference, SQLite, MQTT) runs in threads. When the control plane or broker is
-gone, the API keeps serving and telemetry waits in the durable outbox.
+jittered backoff), the updater worker, the status reporter, the heartbeat and the timer that
+closes each inference-telemetry interval. Blocking work (model loading, inference, SQLite, MQTT)
+runs in threads. When the control plane or broker is gone, the API keeps serving and telemetry
+waits in the durable outbox.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 import grpc
 import uvicorn
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_random_exponential
 
-from agent.api.admission import QueueLimits
+from agent.api.admission import AdmissionQueue, QueueLimits
 from agent.api.app import create_app
 from agent.api.auth import require_api_key
 from agent.artifacts import ArtifactStore
 from agent.channel import DeviceLink, open_enrollment_channel
-from agent.config import AgentConfig
+from agent.config import AgentConfig, EffectiveSettings
 from agent.device_tls import (
     CertificateProblem,
     DeviceCertificate,
@@ -47,19 +49,25 @@ from agent.runtimes.memory_budget import MemoryBudget
 from agent.serving import ModelTable
 from agent.state import AgentState, load_state, remove_interrupted_writes
 from agent.stats import InferenceStats
+from agent.telemetry.aggregate import InferenceAggregator, ServedRelease
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.publisher import TelemetryPublisher
-from agent.telemetry.recorder import Telemetry
+from agent.telemetry.recorder import FlushSchedule, Telemetry
+from agent.telemetry.resources import ResourceSampler
 from agent.updater import Updater
 from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier
 from protos.fleet.uptane import TrustAnchors
-from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
 
 STREAM_ESTABLISHED_SECONDS = 10.0
 """A desired-state stream that lived this long counts as a recovered connection."""
+
+FLUSH_CHECK_SECONDS = 1.0
+"""How often the inference-telemetry timer looks at its schedule: a shortened interval applies
+within this long."""
 
 
 def retrying(
@@ -198,6 +206,16 @@ class AgentService:
         self.api_url = ""
         self.started = time.monotonic()
         self.stop_event = asyncio.Event()
+        self.device_id = ""
+        self.telemetry: Telemetry | None = None
+        self.publisher: TelemetryPublisher | None = None
+        # Requests served before telemetry exists (model restore, enrollment) wait here and go
+        # out in the first summary, instead of being dropped.
+        self.inference = InferenceAggregator()
+        self.resources = ResourceSampler(config.state_dir)
+        # Live settings a signed device config may change (the updater calls _apply_settings).
+        self.flush_schedule = FlushSchedule(config.telemetry_interval_seconds)
+        self.admission: AdmissionQueue | None = None
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -217,7 +235,6 @@ class AgentService:
 
         identity = load_identity(config.identity_path)
         # Serve what is installed first: enrollment and the control plane may be unreachable.
-        self.telemetry: Telemetry | None = None
         self.updater = Updater(
             config=config,
             store=ArtifactStore(config.artifact_dir, config.download_dir, config.unpacked_dir),
@@ -226,6 +243,7 @@ class AgentService:
             on_transition=self._on_transition,
             available_ram=available_ram_bytes,
             budget=self.budget,
+            on_settings=self._apply_settings,
         )
         server = self._api_server()
         api_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
@@ -250,8 +268,17 @@ class AgentService:
         publisher = TelemetryPublisher(
             device_id=identity.device_id, broker_url=broker_url, outbox=outbox, tls_context=self.broker_tls
         )
-        self.telemetry = Telemetry(device_id=identity.device_id, outbox=outbox, nudge=publisher.nudge)
+        self.device_id = identity.device_id
+        telemetry = Telemetry(
+            device_id=identity.device_id,
+            outbox=outbox,
+            nudge=publisher.nudge,
+            release_of=self._served_release,
+            aggregator=self.inference,
+        )
+        self.telemetry = telemetry
         publisher.start()
+        self.publisher = publisher  # the start transition below publishes the first status
         self._on_transition(self.updater.state, self.updater.state.desired_generation, "agent started")
 
         verifier = UptaneVerifier(
@@ -266,6 +293,7 @@ class AgentService:
             asyncio.create_task(self._apply_loop(verifier, link), name="updater"),
             asyncio.create_task(self._report_loop(link), name="reporter"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._inference_loop(telemetry), name="inference-telemetry"),
             asyncio.create_task(self._renew_loop(link), name="renewal"),
         ]
         stopper = asyncio.create_task(self.stop_event.wait(), name="stop")
@@ -286,10 +314,12 @@ class AgentService:
                 await asyncio.wait_for(api_task, timeout=5)
             await asyncio.gather(*tasks[1:], return_exceptions=True)
             stopper.cancel()
+            await self._flush_inference(telemetry)  # the API is down: a clean stop loses no figures
             await asyncio.to_thread(publisher.stop)
             outbox.close()
             await self._unload_models()
             await link.close()
+            self._warn_unreported()
 
     async def _serve_offline(self, server: uvicorn.Server, api_task: asyncio.Task[None]) -> None:
         stopper = asyncio.create_task(self.stop_event.wait(), name="stop")
@@ -299,6 +329,14 @@ class AgentService:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(api_task, timeout=5)
         await self._unload_models()
+        self._warn_unreported()
+
+    def _warn_unreported(self) -> None:
+        """Requests recorded after the last flush, or with no telemetry at all, are logged: their
+        figures are lost, but not silently (the heartbeat's requests_total counted them too)."""
+        pending = self.inference.pending
+        if pending:
+            log.warning("the figures of %d requests were never reported: no telemetry took them", pending)
 
     async def _unload_models(self) -> None:
         for name in self.models.names():
@@ -319,6 +357,8 @@ class AgentService:
             ),
             release_info=self._release_info,
         )
+        queue = app.state.admission_queue
+        self.admission = queue if isinstance(queue, AdmissionQueue) else None
         if self.config.api_key:
             require_api_key(app, self.config.api_key)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
@@ -351,10 +391,30 @@ class AgentService:
 
     # -- callbacks from the API and the updater ---------------------------------------
 
+    def _apply_settings(self, settings: EffectiveSettings) -> None:
+        """The live settings the updater hands over (at boot and when a device config changes
+        them): queue limits without dropping anyone queued, and the telemetry interval."""
+        self.flush_schedule.interval_seconds = settings.telemetry_interval_seconds
+        if self.admission is not None:
+            self.admission.set_limits(
+                QueueLimits(
+                    max_running=settings.max_running_requests, max_waiting=settings.max_waiting_requests
+                )
+            )
+
     def _observe(self, stats: InferenceStats) -> None:
         self.requests.add()
         if self.telemetry is not None:
             self.telemetry.record_inference(stats)
+        else:  # not enrolled yet: held for the first interval telemetry flushes
+            self.inference.add(stats, self._served_release(stats.model))
+
+    def _served_release(self, model: str) -> ServedRelease | None:
+        """The release serving `model` now: the bundle and variant its inference summary names."""
+        record = self.updater.state.model(model)
+        if record is None:
+            return None
+        return ServedRelease(bundle=record.bundle, version=record.version, variant=record.variant)
 
     def _release_info(self, model: str) -> dict[str, str] | None:
         """Which release and variant serve `model`, for the model-info metric."""
@@ -372,6 +432,10 @@ class AgentService:
             "memory_budget_bytes": self.budget.limit_bytes,
             "memory_resident_bytes": self.budget.resident_bytes(),
             "last_error": state.last_error or None,
+            "telemetry": self.telemetry.counters() if self.telemetry is not None else None,
+            # The signed device config in force (protobuf JSON; None: none) and what it results in.
+            "device_config": state.device_config or None,
+            "settings": self.updater.settings.to_dict(),
         }
 
     def installed_models(self, state: AgentState) -> list[common_pb2.InstalledModel]:
@@ -408,6 +472,7 @@ class AgentService:
         if selection is not None:
             report.selection.CopyFrom(selection.to_message())  # the control plane keeps the latest
         self.reports.put(report)
+        self._publish_status(state)
         if self.telemetry is not None:
             self.telemetry.record_deployment(
                 generation=generation,
@@ -417,6 +482,36 @@ class AgentService:
                 # Once per choice: the step where the variant was picked carries why.
                 selection=selection if state.phase == common_pb2.DEVICE_STATE_FETCHING else None,
             )
+
+    def device_status(self, state: AgentState) -> telemetry_pb2.DeviceStatus:
+        """The retained status: what a dashboard subscribing now should learn about this device."""
+        selection = self.updater.selection
+        status = telemetry_pb2.DeviceStatus(
+            schema_version=telemetry_pb2.TELEMETRY_SCHEMA_V1,
+            device_id=self.device_id,
+            state=cast("common_pb2.DeviceState", state.phase),
+            desired_generation=state.desired_generation,
+            applied_generation=state.applied_generation,
+            models=self.installed_models(state),
+            api_url=self.api_url,
+            last_error=state.last_error,
+            selection_reason=selection.reason if selection is not None else "",
+        )
+        status.time.FromDatetime(datetime.now(UTC))
+        return status
+
+    def _publish_status(self, state: AgentState) -> None:
+        """Hands the latest status to the publisher (retained; it republishes after reconnects).
+
+        Before the publisher exists (model restore at boot) there is nothing to hand it to; the
+        transition recorded once it starts carries the state then.
+        """
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.set_status(self.device_status(state))
+        except Exception:  # a status that cannot be published must not stop an update
+            log.exception("could not publish the device status")
 
     # -- loops -------------------------------------------------------------------------
 
@@ -491,19 +586,49 @@ class AgentService:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            state = self.updater.state
-            active = state.active
-            if self.telemetry is not None:
-                self.telemetry.record_heartbeat(
-                    state=state.phase,
-                    active_bundle=(active.bundle, active.version) if active else None,
-                    api_url=self.api_url,
-                    rss_bytes=rss_bytes(),
-                    uptime_seconds=time.monotonic() - self.started,
-                    requests_total=self.requests.total,
-                    variant=active.variant if active else "",
-                )
+            self.record_heartbeat()
             await asyncio.sleep(self.config.heartbeat_interval_seconds)
+
+    def record_heartbeat(self) -> int | None:
+        """Queues one heartbeat (None without telemetry); CPU is since the previous beat."""
+        if self.telemetry is None:
+            return None
+        state = self.updater.state
+        active = state.active
+        usage = self.resources.sample()
+        return self.telemetry.record_heartbeat(
+            state=state.phase,
+            active_bundle=(active.bundle, active.version) if active else None,
+            api_url=self.api_url,
+            rss_bytes=rss_bytes(),
+            uptime_seconds=time.monotonic() - self.started,
+            requests_total=self.requests.total,
+            variant=active.variant if active else "",
+            cpu_percent=usage.cpu_percent,
+            memory_available_bytes=usage.memory_available_bytes,
+            disk_free_bytes=usage.disk_free_bytes,
+            models=self.installed_models(state),
+        )
+
+    async def _inference_loop(self, telemetry: Telemetry) -> None:
+        """Closes an inference interval every telemetry interval (one summary per model); the
+        interval is read from the schedule each time round, so a device config changes it live."""
+        schedule = self.flush_schedule
+        while True:
+            await asyncio.sleep(max(0.0, min(schedule.due_in(), FLUSH_CHECK_SECONDS)))
+            if schedule.due_in() <= 0:
+                schedule.flushed()  # first: a failing flush must not make this loop spin
+                await self._flush_inference(telemetry)
+
+    @staticmethod
+    async def _flush_inference(telemetry: Telemetry) -> None:
+        """In a thread: each summary is an fsync'd outbox put, too slow for the event loop. Flushes
+        are serialized by Telemetry, so the stop's flush waits for one a cancelled loop left running.
+        A failure is logged, never raised: it would end the agent, and serving matters more."""
+        try:
+            await asyncio.to_thread(telemetry.flush_inference)
+        except Exception:
+            log.exception("could not flush inference telemetry")
 
 
 def run_agent(config: AgentConfig) -> None:

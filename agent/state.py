@@ -2,7 +2,8 @@
 
 Written atomically after every transition. ``models`` is what serves, one installed release
 per bundle name; ``previous`` keeps, per name, the release it replaced (for rollback and
-garbage collection); the lifecycle phase mirrors the proto's DeviceState.
+garbage collection); the lifecycle phase mirrors the proto's DeviceState; ``device_config`` is
+the signed device config in force, so it applies at boot before any model loads.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from google.protobuf import json_format
 
 from protos.fleet.fsio import atomic_write_bytes
 from protos.fleet.v1 import common_pb2
@@ -58,6 +61,17 @@ class AgentState:
     last_error: str = ""
     last_error_kind: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The signed DeviceConfig in force, in its protobuf JSON mapping ({}: none, the command line rules).
+    device_config: dict[str, Any] = field(default_factory=dict)
+
+    def config_in_force(self) -> common_pb2.DeviceConfig | None:
+        """The device config in force as a message; None when there is none."""
+        return _device_config(self.device_config) if self.device_config else None
+
+    def with_config(self, config: common_pb2.DeviceConfig | None) -> AgentState:
+        """``config`` is in force now (None or an empty config: none)."""
+        raw = json_format.MessageToDict(config) if config is not None else {}
+        return replace(self, device_config=raw)
 
     def with_phase(self, phase: int, *, error: str = "", error_kind: str = "") -> AgentState:
         return replace(self, phase=phase, last_error=error, last_error_kind=error_kind)
@@ -86,6 +100,13 @@ class AgentState:
             ),
         )
 
+    def updated(self, record: InstallRecord) -> AgentState:
+        """``record`` replaces the serving record of its name in place (same artifact, a new
+        generation or memory estimate): unlike ``installing``, the rollback copy is untouched."""
+        return replace(
+            self, models=_by_name([*(r for r in self.models if r.bundle != record.bundle), record])
+        )
+
     def rolled_back(self, name: str) -> AgentState:
         """The rollback copy of ``name`` serves again (its newer release would not load)."""
         rollback = self.previous_of(name)
@@ -111,6 +132,14 @@ class AgentState:
 
 def _records(raw: Any) -> tuple[InstallRecord, ...]:
     return _by_name(InstallRecord(**item) for item in raw)
+
+
+def _device_config(raw: Any) -> common_pb2.DeviceConfig:
+    """Strict, like the director's field it came from: a state file naming a setting this build
+    does not know is malformed, not a config with that setting dropped."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"device_config must be an object, not {type(raw).__name__}")
+    return json_format.ParseDict(raw, common_pb2.DeviceConfig())
 
 
 def _legacy(raw: dict[str, Any]) -> tuple[tuple[InstallRecord, ...], tuple[InstallRecord, ...]]:
@@ -141,9 +170,17 @@ def load_state(path: Path) -> AgentState:
             last_error=str(raw.get("last_error", "")),
             last_error_kind=str(raw.get("last_error_kind", "")),
             extra=dict(raw.get("extra", {})),
+            device_config=_checked_config(raw.get("device_config", {})),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, json_format.ParseError) as exc:
         raise StateError(f"state file {path} is malformed: {exc}") from exc
+
+
+def _checked_config(raw: Any) -> dict[str, Any]:
+    """The stored config as stored, once it is known to parse (state files predating device
+    configs have none)."""
+    _device_config(raw)
+    return dict(raw)
 
 
 def save_state(path: Path, state: AgentState) -> None:

@@ -6,6 +6,23 @@ loaded and answered a smoke test, so each model serves its old or its new releas
 neither. A device holds several models (one release per bundle name): a generation installs
 each assigned release that changed, removes the models no longer assigned, and leaves the
 rest serving untouched.
+
+A generation may also carry a device config, signed with the rest (never taken from the
+nudge). The settings in force are the command line's, overridden by each field the config
+sets. The config is checked again here (a compromised director holds the online key, not the
+operator's judgement) and put in force as a unit, before the releases of its generation install:
+
+* ``max_running``/``max_waiting`` and ``telemetry_interval_seconds`` apply live (the
+  ``on_settings`` listener: the admission queue and the flush schedule);
+* ``keep_alive_seconds`` applies to every loaded model's keep-alive at once and to new loads;
+* ``n_ctx``/``n_threads`` load each installed model again: every new runtime is loaded and
+  smoke-tested first, then all are swapped in; one failure unloads the new ones and refuses the
+  generation with the old runtimes and the old settings still in force;
+* its ``pin`` is the operator's pin when the director signed none; a director pin wins.
+
+An unusable config is refused like a bad release: FAILED with the reason, nothing changes. The
+generation counts as applied only once its config is in force (and every release installed);
+the config in force is persisted with the state and applies at boot before any model loads.
 """
 
 from __future__ import annotations
@@ -13,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from agent.archive import model_folder
 from agent.artifacts import ArtifactStore
-from agent.config import AgentConfig
+from agent.config import AgentConfig, EffectiveSettings, LoadSettings, effective_settings
 from agent.errors import AgentError, ControlPlaneUnavailable
 from agent.hardware import HardwareProfile, detect_hardware, load_profile_override
 from agent.runtimes.base import Runtime, RuntimeFailure
@@ -31,6 +49,7 @@ from agent.serving import ModelTable
 from agent.state import AgentState, InstallRecord, retained, save_state
 from agent.uptane_client import Assignment, UptaneVerifier
 from protos.fleet import release as rel
+from protos.fleet.device_config import InvalidConfig, describe_config, validate_config
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,6 +63,30 @@ REFUSALS = (AgentError, rel.ReleaseError, RuntimeFailure, ModelMemoryExhausted, 
 S = common_pb2
 PhaseListener = Callable[[AgentState, int, str], None]
 """Called after every persisted transition with (state, generation, detail)."""
+SettingsListener = Callable[[EffectiveSettings], None]
+"""Called with the settings in force at boot and whenever a device config changes them."""
+
+
+class UnusableConfig(AgentError):
+    """The signed device config breaks a rule, or a model cannot run with it; nothing changed."""
+
+
+class RuntimeLoader(Protocol):
+    """Loads one model file (agent.runtimes.registry.load_runtime; tests pass their own)."""
+
+    def __call__(
+        self, *, fmt: int, model_path: Path, model_id: str, n_ctx: int, n_threads: int | None
+    ) -> Runtime: ...
+
+
+@dataclass
+class _Plan:
+    """What a generation does to each assigned release, decided before anything changes."""
+
+    keep: list[InstallRecord] = field(default_factory=list)  # serving as it should
+    reload: list[InstallRecord] = field(default_factory=list)  # same artifact, new load settings
+    install: list[tuple[rel.VerifiedRelease, Selection]] = field(default_factory=list)
+    refused: list[tuple[str, BaseException]] = field(default_factory=list)  # (bundle name, why)
 
 
 class Updater:
@@ -60,11 +103,15 @@ class Updater:
         available_ram: Callable[[], int | None],
         hardware: HardwareProfile | None = None,
         budget: MemoryBudget | None = None,
+        on_settings: SettingsListener | None = None,
+        loader: RuntimeLoader = load_runtime,
     ) -> None:
         """``hardware`` replaces detection (tests); otherwise ``restore`` detects it once, or reads
         ``config.hardware_profile_path``. ``available_ram`` refreshes the detected free RAM at
         each selection, since what is free at boot is not what is free at the next release.
-        ``budget`` bounds what the models hold in memory at once (None: unlimited)."""
+        ``budget`` bounds what the models hold in memory at once (None: unlimited).
+        ``on_settings`` applies the live settings the updater does not own (admission limits,
+        telemetry interval). ``loader`` loads a model file (default: the runtime registry)."""
         self.config = config
         self.store = store
         self.models = models
@@ -76,6 +123,12 @@ class Updater:
         self._hardware_is_override = hardware is not None or config.hardware_profile_path is not None
         self.selection: Selection | None = None
         """The latest variant choice, for status reports; None until a release was selected."""
+        self.on_settings = on_settings
+        self.loader = loader
+        self.settings = effective_settings(config, None)
+        """The settings in force; ``restore`` lays the persisted device config over them."""
+        self._loaded_with: dict[str, LoadSettings] = {}
+        """Per model name, what the runtime serving it was loaded with."""
 
     # -- persistence -------------------------------------------------------------------
 
@@ -110,11 +163,40 @@ class Updater:
         return profile
 
     async def restore(self) -> None:
-        """Loads the installed models, offline: the control plane need not be up."""
+        """Puts the persisted device config in force, then loads the installed models with it,
+        offline: the control plane need not be up."""
         await self.hardware()
+        self._settings_at_boot()
         await self._load_at_boot()
         # A crash between activation and garbage collection leaves an unused artifact behind.
         self._collect_garbage(keep_partial=True)
+
+    def _settings_at_boot(self) -> None:
+        """The persisted config was checked when it was signed in; it is checked again because
+        this build may be older or stricter. One it cannot use is dropped (logged): serving with
+        the command line's settings beats not serving at all."""
+        config = self.state.config_in_force()
+        try:
+            if config is not None:
+                validate_config(config)
+        except InvalidConfig as exc:
+            log.error("persisted device config unusable (%s); using the command line's settings", exc)
+            self.state = self.state.with_config(None)
+            save_state(self.config.state_path, self.state)
+            config = None
+        self._apply_settings(effective_settings(self.config, config))
+        if config is not None:
+            log.info("device config in force: %s", describe_config(config))
+
+    def _apply_settings(self, settings: EffectiveSettings) -> None:
+        """The live part: keep-alive of every loaded model now, then the listener's settings.
+        Load settings apply to the loads that follow."""
+        self.settings = settings
+        for runtime in self.models.runtimes():
+            if isinstance(runtime, KeepAliveRuntime):
+                runtime.keep_alive_s = settings.keep_alive_seconds
+        if self.on_settings is not None:
+            self.on_settings(settings)
 
     async def _load_at_boot(self) -> None:
         served: list[str] = []
@@ -128,6 +210,7 @@ class Updater:
                     rolled_back.append(rollback.model_id)
             if runtime is not None:
                 self.models.put(runtime)
+                self._loaded_with[record.bundle] = self.settings.load
                 served.append(record.bundle)
         if not served:
             return
@@ -158,9 +241,11 @@ class Updater:
         path = self.store.path(record.artifact_sha256)
         if path.stat().st_size != record.length:
             raise rel.ArtifactLengthMismatch(f"installed artifact of {record.model_id} has the wrong size")
-        return await self._load_and_test(record, path)
+        return await self._load_and_test(record, path, self.settings)
 
-    async def _load_and_test(self, record: InstallRecord, path: Path) -> Runtime:
+    async def _load_and_test(self, record: InstallRecord, path: Path, settings: EffectiveSettings) -> Runtime:
+        """Loads through the memory budget, smoke-tests, and wraps the runtime so its keep-alive
+        can change later (a device config may set one where the command line set none)."""
         if record.model_format in FOLDER_FORMATS:
             assert self.store.unpacked_dir is not None, "folder variants need an unpacked_dir"
             path = await asyncio.to_thread(
@@ -170,12 +255,12 @@ class Updater:
                 max_total_bytes=record.length,
             )
         load = partial(
-            load_runtime,
+            self.loader,
             fmt=record.model_format,
             model_path=path,
             model_id=record.bundle,
-            n_ctx=self.config.n_ctx,
-            n_threads=self.config.n_threads,
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
         )
         runtime = await asyncio.to_thread(
             self.budget.load, name=record.bundle, footprint_bytes=record.footprint_bytes, factory=load
@@ -185,12 +270,10 @@ class Updater:
         except BaseException:
             await asyncio.to_thread(runtime.unload)
             raise
-        if self.config.keep_alive_seconds is None and self.budget.limit_bytes is None:
-            return runtime  # held until replaced: nothing would ever unload it
         return KeepAliveRuntime(
             runtime,
             reload=load,
-            keep_alive_s=self.config.keep_alive_seconds,
+            keep_alive_s=settings.keep_alive_seconds,
             budget=self.budget,
             footprint_bytes=record.footprint_bytes,
         )
@@ -254,14 +337,25 @@ class Updater:
     async def _apply_assignment(
         self, assignment: Assignment, stub: device_pb2_grpc.DeviceServiceStub
     ) -> None:
-        """Each assigned release installed (or kept), each unassigned model removed; the
-        generation counts as applied only when every model is as assigned."""
+        """The config put in force (models reloaded when their load settings change), then each
+        assigned release installed (or kept), each unassigned model removed; the generation
+        counts as applied only when the config is in force and every model is as assigned.
+
+        Everything that can refuse the whole generation (the config, the pins, a reload) is
+        decided before anything changes."""
         generation = assignment.generation
+        config = signed_config(assignment)
+        settings = effective_settings(self.config, config)
         pins = release_pins(assignment)
-        refused: tuple[str, BaseException] | None = None
-        for release in assignment.releases:
+        plan = await self._plan(assignment, pins, settings)
+        await self._reload(plan.reload, settings, generation)
+        self._put_in_force(
+            config, settings, plan.keep, generation, pin_overridden=_pin_overridden(assignment)
+        )
+        refused = plan.refused[0] if plan.refused else None
+        for release, selection in plan.install:
             try:
-                await self._install(release, generation, stub, pins.get(release.name))
+                await self._install(release, selection, generation, stub, settings)
             except ControlPlaneUnavailable:
                 raise
             except REFUSALS as exc:
@@ -286,39 +380,162 @@ class Updater:
             detail=f"serving {served}",
         )
 
-    async def _install(
+    async def _plan(
+        self, assignment: Assignment, pins: dict[str, Pin | None], settings: EffectiveSettings
+    ) -> _Plan:
+        """Chooses each release's variant under the new settings (``n_ctx`` counts toward what
+        fits), and sorts the releases: serving as chosen, to reload, to install, refused."""
+        plan = _Plan()
+        profile = await self._selection_profile()
+        for release in assignment.releases:
+            try:
+                selection = select_variant(
+                    release,
+                    hardware=profile,
+                    supported_formats=supported_formats(),
+                    n_ctx=settings.n_ctx,
+                    pin=pins.get(release.name),
+                )
+            except REFUSALS as exc:
+                self._blame_config(release, pins.get(release.name), profile, settings, exc)
+                log.error("refused %s@%d: %s: %s", release.name, release.version, type(exc).__name__, exc)
+                plan.refused.append((release.name, exc))
+                continue
+            self.selection = selection
+            current = self._serving(release, selection)
+            if current is None:
+                plan.install.append((release, selection))
+                continue
+            updated = replace(
+                current,
+                generation=assignment.generation,
+                memory_bytes=memory_needed(selection.variant, settings.n_ctx),
+            )
+            if self._loaded_with.get(release.name) == settings.load:
+                log.info("%s: %s; already serving it", release.name, selection.reason)
+                plan.keep.append(updated)
+            else:
+                plan.reload.append(updated)
+        return plan
+
+    def _blame_config(
         self,
-        verified: rel.VerifiedRelease,
-        generation: int,
-        stub: device_pb2_grpc.DeviceServiceStub,
+        release: rel.VerifiedRelease,
         pin: Pin | None,
+        profile: HardwareProfile,
+        settings: EffectiveSettings,
+        exc: BaseException,
     ) -> None:
-        selection = select_variant(
-            verified,
-            hardware=await self._selection_profile(),
-            supported_formats=supported_formats(),
-            n_ctx=self.config.n_ctx,
-            pin=pin,
-        )
-        self.selection = selection
-        variant = selection.variant
-        info = verified.artifacts[variant.artifact]
+        """No variant of a release this device serves fits the new context length, though one
+        fits the current one: the config is what the device cannot use, so the whole generation
+        is refused (UnusableConfig) before anything changes, as when a reload fails."""
+        current = self.state.model(release.name)
+        if current is None or current.version != release.version or settings.n_ctx == self.settings.n_ctx:
+            return
+        try:
+            select_variant(
+                release,
+                hardware=profile,
+                supported_formats=supported_formats(),
+                n_ctx=self.settings.n_ctx,
+                pin=pin,
+            )
+        except REFUSALS:
+            return  # refused under the current settings too: not the config's doing
+        raise UnusableConfig(
+            f"{release.name}@{release.version} cannot run with n_ctx={settings.n_ctx}: {exc}"
+        ) from exc
+
+    def _serving(self, verified: rel.VerifiedRelease, selection: Selection) -> InstallRecord | None:
+        """The install record of ``verified`` when the variant chosen is what serves it now
+        (unchanged, or a re-selection chose it again): nothing to fetch."""
+        info = verified.artifacts[selection.variant.artifact]
         current = self.state.model(verified.name)
         if (
             current is not None
             and (current.version, current.artifact_sha256) == (verified.version, info.sha256)
             and self.models.get(verified.name) is not None
         ):
-            # Unchanged, or re-selection (a pin changed) chose what already serves: nothing to
-            # fetch or reload.
-            self.state = replace(
-                self.state,
-                models=tuple(
-                    replace(r, generation=generation) if r is current else r for r in self.state.models
-                ),
-            )
-            log.info("%s: %s; already serving it", verified.name, selection.reason)
+            return current
+        return None
+
+    async def _reload(
+        self, records: list[InstallRecord], settings: EffectiveSettings, generation: int
+    ) -> None:
+        """Loads every model in ``records`` again with the new load settings: all new runtimes
+        are loaded and smoke-tested before any is swapped in, so a failure leaves every model on
+        its old runtime (its new ones unloaded) and refuses the generation (UnusableConfig).
+        Until the swap, old and new runtimes are both in memory; under a memory budget an idle
+        old one may be unloaded to make room (it loads again on demand, until retired)."""
+        if not records:
             return
+        names = ", ".join(r.bundle for r in records)
+        self._transition(
+            self.state.with_phase(S.DEVICE_STATE_TESTING),
+            generation=generation,
+            detail=f"loading {names} again with {settings.load.describe()}",
+        )
+        loaded: list[tuple[InstallRecord, Runtime]] = []
+        for record in records:
+            try:
+                path = self.store.path(record.artifact_sha256)
+                loaded.append((record, await self._load_and_test(record, path, settings)))
+            except REFUSALS as exc:
+                for _, runtime in loaded:
+                    await asyncio.to_thread(runtime.unload)
+                why = f"{type(exc).__name__}: {exc}"
+                raise UnusableConfig(
+                    f"{record.model_id} cannot run with {settings.load.describe()}: {why}"
+                ) from exc
+        retired = []
+        for record, runtime in loaded:  # every swap first: no model waits on another's requests
+            retired.append(self.models.put(runtime))
+            self._loaded_with[record.bundle] = settings.load
+            self.state = self.state.updated(record)
+        for old in retired:
+            if old is not None:  # in-flight requests on the old runtime finish first
+                await asyncio.to_thread(self.models.retire, old, timeout=120)
+
+    def _put_in_force(
+        self,
+        config: common_pb2.DeviceConfig | None,
+        settings: EffectiveSettings,
+        kept: list[InstallRecord],
+        generation: int,
+        *,
+        pin_overridden: bool = False,
+    ) -> None:
+        """The config is in force from here: live settings applied, persisted with the records
+        of the models it left serving (a crash from here on boots with it)."""
+        state = self.state
+        for record in kept:
+            state = state.updated(record)
+        state = state.with_config(config)
+        if settings != self.settings:
+            self._apply_settings(settings)
+        if state.device_config == self.state.device_config:
+            self.state = state  # persisted with the generation's next transition
+            return
+        detail = (
+            f"device config in force: {describe_config(config)}"
+            if config is not None
+            else "device config removed: the command line's settings apply"
+        )
+        if pin_overridden:
+            detail += " (its pin is overridden by the director's pin)"
+        self._transition(state, generation=generation, detail=detail)
+
+    async def _install(
+        self,
+        verified: rel.VerifiedRelease,
+        selection: Selection,
+        generation: int,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        settings: EffectiveSettings,
+    ) -> None:
+        self.selection = selection  # the FETCHING transition reports this release's choice
+        variant = selection.variant
+        info = verified.artifacts[variant.artifact]
         self._transition(
             replace(self.state.with_phase(S.DEVICE_STATE_FETCHING), desired_generation=generation),
             generation=generation,
@@ -336,13 +553,14 @@ class Updater:
             model_format=variant.format,
             artifact_sha256=info.sha256,
             length=info.length,
-            memory_bytes=memory_needed(variant, self.config.n_ctx),
+            memory_bytes=memory_needed(variant, settings.n_ctx),
         )
 
         self._transition(self.state.with_phase(S.DEVICE_STATE_TESTING), generation=generation)
-        runtime = await self._load_and_test(record, path)
+        runtime = await self._load_and_test(record, path, settings)
 
         old = self.models.put(runtime)
+        self._loaded_with[record.bundle] = settings.load
         self._transition(
             self.state.installing(record).with_phase(S.DEVICE_STATE_TESTING),
             generation=generation,
@@ -356,6 +574,7 @@ class Updater:
         """The model is no longer assigned: stop serving it (after its requests finish) and
         forget it, rollback copy included; its files go with the next garbage collection."""
         old = self.models.remove(name)
+        self._loaded_with.pop(name, None)
         self._transition(
             self.state.without(name).with_phase(S.DEVICE_STATE_INSTALLING),
             generation=generation,
@@ -396,11 +615,55 @@ def release_pins(assignment: Assignment) -> dict[str, Pin | None]:
 
 
 def signed_pin(assignment: Assignment) -> Pin | None:
-    """The operator's pin as the director signed it into this device's targets (never the
-    unsigned nudge); a malformed one is a refusal, not a silent "no pin"."""
-    if assignment.pin is None:
+    """The operator's pin, as signed into this device's director targets (never the unsigned
+    nudge): the director's own pin, else the pin of the signed device config. When both are set
+    the director's wins (it is the newer, more specific word: ``fleetctl devices pin``), and the
+    overridden config pin is logged. A malformed pin is a refusal, not a silent "no pin"."""
+    director = _usable_pin(assignment.pin, "director targets carry")
+    config = assignment.config
+    from_config = (
+        _usable_pin(config.pin, "device config carries") if config and config.HasField("pin") else None
+    )
+    if director is not None and from_config is not None and director != from_config:
+        log.warning(
+            "the director's pin (%s) wins over the device config's (%s)",
+            director.describe(),
+            from_config.describe(),
+        )
+    return director if director is not None else from_config
+
+
+def _pin_overridden(assignment: Assignment) -> bool:
+    """Both the director and the config signed a pin: the director's applies (``signed_pin``)."""
+    config = assignment.config
+    director = assignment.pin
+    return (
+        director is not None
+        and bool(director.variant_id or director.format)
+        and config is not None
+        and config.HasField("pin")
+    )
+
+
+def _usable_pin(message: common_pb2.VariantPin | None, where: str) -> Pin | None:
+    if message is None:
         return None
     try:
-        return Pin.from_message(assignment.pin)
+        return Pin.from_message(message)
     except ValueError as exc:
-        raise rel.MalformedMetadata(f"director targets carry an unusable pin: {exc}") from exc
+        raise rel.MalformedMetadata(f"{where} an unusable pin: {exc}") from exc
+
+
+def signed_config(assignment: Assignment) -> common_pb2.DeviceConfig | None:
+    """The device config the director signed, checked against the same rules the control plane
+    applies (protos.fleet.device_config): the control plane refuses an invalid config, so one
+    arriving here means a compromised director or a stricter agent. None: no config, the
+    command line's settings."""
+    config = assignment.config
+    if config is None or not config.ListFields():
+        return None
+    try:
+        validate_config(config)
+    except InvalidConfig as exc:
+        raise UnusableConfig(f"device config refused: {exc}") from exc
+    return config

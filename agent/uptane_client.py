@@ -67,6 +67,7 @@ class Assignment:
     generation: int
     releases: tuple[rel.VerifiedRelease, ...]
     pin: common_pb2.VariantPin | None = None  # from the verified director targets, never the nudge
+    config: common_pb2.DeviceConfig | None = None  # likewise; its ranges are checked where it is applied
 
 
 def _translate(exc: Exception, repo: str) -> Exception:
@@ -181,4 +182,9 @@ class UptaneVerifier:
                     metadata=b"",
                 )
             )
-        return Assignment(generation=assignment.generation, releases=tuple(releases), pin=assignment.pin)
+        return Assignment(
+            generation=assignment.generation,
+            releases=tuple(releases),
+            pin=assignment.pin,
+            config=assignment.config,
+        )

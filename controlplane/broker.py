@@ -96,7 +96,8 @@ class EmbeddedBroker:
         return self._url
 
     def start(self, timeout: float = 10.0) -> str:
-        """Starts the broker and returns ``mqtt://host:port`` once it accepts connections."""
+        """Starts the broker and returns its URL (``mqtt://host:port?protocol=3.1.1``) once it
+        accepts connections."""
         if self._thread is not None:
             raise RuntimeError("embedded broker already started")
         loop = asyncio.new_event_loop()
@@ -111,7 +112,7 @@ class EmbeddedBroker:
             raise BrokerStartError(f"embedded MQTT broker did not start on {self._host}: {exc}") from exc
         host = f"[{self._host}]" if ":" in self._host else self._host
         # The socket is listening once start_server has returned: connections queue in its backlog.
-        self._url = f"mqtt://{host}:{port}"
+        self._url = f"mqtt://{host}:{port}?protocol=3.1.1"  # amqtt speaks MQTT 3.1.1 only
         logger.info("embedded MQTT broker listening on %s", self._url)
         return self._url
 

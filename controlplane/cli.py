@@ -19,6 +19,8 @@ from controlplane.cli_admin import audit_app, operators_app
 from controlplane.cli_bundle import bundle_app
 from controlplane.cli_common import ControlPlaneOpt, connect, err, fail, rpc_error
 from controlplane.cli_keys import keys_app, open_keys
+from controlplane.cli_rollout import devices_label, rollout_app
+from controlplane.retention import RetentionPolicy
 from controlplane.settings import DEFAULT_DEVICE_LISTEN, DEFAULT_LISTEN, Settings, default_home
 from protos.fleet.v1 import common_pb2, operator_pb2
 from protos.fleet.v1.operator_pb2_grpc import OperatorServiceStub
@@ -34,6 +36,8 @@ app.add_typer(bundle_app, name="bundle")
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")
 app.add_typer(telemetry_app, name="telemetry")
+app.add_typer(rollout_app, name="rollout")
+devices_app.command("label")(devices_label)
 
 
 def parse_ref(ref: str) -> common_pb2.BundleRef:
@@ -57,6 +61,16 @@ def parse_duration(text: str, option: str) -> timedelta:
 
 
 # -- serve ---------------------------------------------------------------------------------
+
+
+def retention_policy(raw: str, rollups: str) -> RetentionPolicy:
+    try:
+        return RetentionPolicy(
+            raw_for=parse_duration(raw, "--telemetry-retention"),
+            rollups_for=parse_duration(rollups, "--rollup-retention"),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rollup-retention") from exc
 
 
 @app.command()
@@ -109,6 +123,26 @@ def serve(
             envvar="EDGEFLEET_CRL_FILE", help="where to keep the device CRL (default: DATA_DIR/tls)"
         ),
     ] = None,
+    telemetry_retention: Annotated[
+        str, typer.Option(help="keep raw telemetry this long (e.g. 7d), then fold it into hourly rollups")
+    ] = "7d",
+    rollup_retention: Annotated[str, typer.Option(help="keep hourly telemetry rollups this long")] = "365d",
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_METRICS_LISTEN",
+            help="serve Prometheus metrics (GET /metrics, no auth) on HOST:PORT (default: off)",
+        ),
+    ] = None,
+    replica_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_REPLICA_ID",
+            help="this replica's name: unique among control planes sharing a broker and the same "
+            "across restarts (its broker session, and the telemetry queued in it, go by "
+            "edgefleet-controlplane-REPLICA_ID; default: the host name)",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Start the control plane: gRPC (TLS) + health service, store, blobs, telemetry ingestion."""
@@ -129,9 +163,12 @@ def serve(
         tls_hostnames=tuple(tls_san or ()),
         device_cert_validity=parse_duration(device_cert_validity, "--device-cert-validity"),
         crl_file=crl_file,
+        retention=retention_policy(telemetry_retention, rollup_retention),
     )
     try:
-        asyncio.run(serve_forever(settings))
+        asyncio.run(
+            serve_forever(settings, metrics_listen=metrics_listen or None, replica_id=replica_id or None)
+        )
     except ServeError as exc:
         raise fail(str(exc)) from exc
 
@@ -383,6 +420,39 @@ def telemetry_query(
                 }
             )
         )
+
+
+@telemetry_app.command("tail")
+def telemetry_tail(
+    controlplane: ControlPlaneOpt = DEFAULT_LISTEN,
+    device: Annotated[str, typer.Option(help="only this device")] = "",
+    kind: Annotated[str, typer.Option(help="heartbeat, inference or deployment")] = "",
+    backlog: Annotated[int, typer.Option(help="first print the newest N stored rows")] = 0,
+) -> None:
+    """Print telemetry rows as JSON lines as the control plane stores them, until Ctrl-C."""
+    if backlog < 0:
+        raise fail("--backlog must be 0 or more")
+    channel, stub = connect(controlplane)
+    with channel:
+        rows = stub.TailTelemetry(
+            operator_pb2.TailTelemetryRequest(device_id=device, kind=kind, backlog=backlog)
+        )
+        try:
+            for row in rows:
+                typer.echo(
+                    json.dumps(
+                        {
+                            "device": row.device_id,
+                            "kind": row.kind,
+                            "seq": row.seq,
+                            "payload": json.loads(row.payload_json),
+                        }
+                    )
+                )
+        except KeyboardInterrupt:
+            rows.cancel()
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from exc
 
 
 @app.command()

@@ -237,7 +237,7 @@ def _run(
                     trust=keys.trust_path,
                     state_dir=work / f"agent-{i + 1}",
                     port=port,
-                    extra=["--heartbeat-seconds", "2", "--threads", "1"],
+                    extra=["--heartbeat-seconds", "2", "--telemetry-interval", "2", "--threads", "1"],
                 ),
                 work / "logs" / f"agent-{i + 1}.log",
             )

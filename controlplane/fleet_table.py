@@ -89,6 +89,7 @@ def devices_json(devices: Sequence[common_pb2.DeviceSummary]) -> list[dict[str, 
                 "applied_generation": d.applied_generation,
                 "labels": dict(d.labels),
                 "revoked": d.revoked,
+                "online": d.online,
             }
         )
     return rows
@@ -115,7 +116,7 @@ def devices_table(devices: Sequence[common_pb2.DeviceSummary], *, now: datetime 
         models = _models_text(d) or " ".join(filter(None, [_ref(d.active_bundle), d.variant])) or "-"
         table.add_row(
             d.device_id,
-            "revoked" if d.revoked else _state(d.state),
+            ("revoked" if d.revoked else _state(d.state)) + ("" if d.online or d.revoked else "\noffline"),
             "\n".join(filter(None, [models, _pin_text(d)])),
             _short(d.selection_reason) or "-",
             d.api_url or "-",

@@ -1,16 +1,30 @@
 """Telemetry ingestion: MQTT subscriber in, batched database writes out.
 
 The chain device outbox → broker → here → database is at-least-once end to end:
-- the subscription lives in a persistent broker session (fixed client id, clean_session=False),
-  so QoS 1 messages published while the control plane is down wait in the broker;
+- the subscriptions live in a persistent broker session (a fixed client id per replica, MQTT v5
+  clean_start=False with a Session Expiry Interval of ``session_expiry_s``), so QoS 1 messages
+  published while this replica is down wait in the broker for it;
 - a message is acknowledged to the broker (manual PUBACK) only after the batch holding it is
   committed, so a crash between receiving and writing makes the broker redeliver it;
 - redeliveries are harmless because the database ignores a repeated (device_id, seq).
 
-Writes use group commit: the writer takes everything that queued up while the previous write
-ran (up to ``batch_size``), so a burst becomes a few large inserts and a trickle is written
-immediately. No message waits for a timer; ``flush_interval`` is only how often an idle writer
-looks up to see whether it should stop.
+Replicas share the load with MQTT v5 shared subscriptions (``$share/edgefleet-controlplane/...``):
+the broker hands each message to one member of the group, and each replica writes what it got.
+Every replica needs its own client id (``replica_client_id``), or they would take over each
+other's session, and that id must stay the same across restarts: Mosquitto keeps routing a
+share of the messages to a replica that is down but whose session lives, and they wait there
+until it comes back under the same id. A replica retired for good must be started once more to
+drain its session, or its share is dropped when the session expires. Mosquitto 2.0.11 does not
+restore shared subscriptions from its persistence file: after a broker restart nothing matches
+until the replicas subscribe again, and the agents, told so by the v5 PUBACK (no matching
+subscribers), keep those records in their outboxes meanwhile. On an MQTT 3.1.1 broker
+(``?protocol=3.1.1``, the embedded demo broker) there are no shared subscriptions: one replica.
+
+Record streams carry JSON arrays of records (protos/fleet/v1/telemetry.proto); Presence and
+DeviceStatus are single retained objects. Writes use group commit: the writer takes everything
+that queued up while the previous write ran (up to ``batch_size`` messages), so a burst becomes
+a few large inserts and a trickle is written immediately. No message waits for a timer;
+``flush_interval`` is only how often an idle writer looks up to see whether it should stop.
 
 Nothing a device sends can stop ingestion: malformed payloads, unknown topics and a device
 writing under another device's id are acknowledged, counted and logged, never raised.
@@ -19,19 +33,23 @@ writing under another device's id are acknowledged, counted and logged, never ra
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import queue
 import ssl
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import paho.mqtt.client as mqtt
-from google.protobuf import json_format
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from tenacity import (
@@ -44,16 +62,36 @@ from tenacity import (
     wait_random,
 )
 
-from controlplane.db.telemetry import IngestRecord, insert_telemetry
+from controlplane.db.telemetry import IngestRecord, PresenceUpdate, StatusUpdate, store_batch
+from controlplane.record_shape import BadShape, checked
 from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
 from protos.fleet.topics import (
     MESSAGE_TYPES,
+    PRESENCE,
+    SHARED_GROUP,
+    STATUS,
+    ParsedTopic,
     TopicError,
+    device_of,
     parse_telemetry_topic,
+    presence_subscription,
+    shared,
+    status_subscription,
     telemetry_subscription,
 )
+from protos.fleet.v1 import telemetry_pb2
 
 logger = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 14 * 24 * 3600  # as long as Mosquitto keeps a persistent session (deploy/)
+CLIENT_ID_PREFIX = "edgefleet-controlplane-"
+
+
+def replica_client_id(replica: str) -> str:
+    """The MQTT client id of one control-plane replica: one persistent session each."""
+    if not replica or not replica.isprintable() or any(c.isspace() for c in replica) or len(replica) > 200:
+        raise ValueError(f"replica id {replica!r}: need 1 to 200 printable characters without spaces")
+    return CLIENT_ID_PREFIX + replica
 
 
 class RejectReason(enum.Enum):
@@ -74,10 +112,14 @@ class RejectedMessage(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class IngestStats:
-    """A snapshot of the ingestor's counters since start."""
+    """A snapshot of the ingestor's counters since start. ``stored`` counts telemetry messages
+    written, ``rows`` the records they carried (a duplicate the database ignored counts too)."""
 
     received: int = 0
     stored: int = 0
+    rows: int = 0
+    presence: int = 0
+    status: int = 0
     rejected: int = 0
     malformed: int = 0
     device_mismatch: int = 0
@@ -85,51 +127,151 @@ class IngestStats:
     write_failures: int = 0
 
 
-def decode_message(topic: str, payload: bytes | bytearray) -> IngestRecord:
-    """Turns one MQTT message into a storable record, or raises RejectedMessage.
+@dataclass(frozen=True, slots=True)
+class TelemetryBatch:
+    """The records of one record-stream message, oldest first."""
 
-    Pure, so it can be tested without a broker. The stored payload is the message re-encoded
-    with protobuf's JSON mapping: field names normalised to lowerCamelCase and unknown fields
-    (from a newer schema) dropped, so queries see one shape per schema version.
+    records: tuple[IngestRecord, ...]
+
+
+Decoded: TypeAlias = TelemetryBatch | PresenceUpdate | StatusUpdate
+
+
+# decoding (pure, testable without a broker) ----------------------------------------------------
+
+
+def decode(topic: str, payload: bytes | bytearray, *, arrived: datetime) -> Decoded | None:
+    """Turns one MQTT message into something storable, or raises RejectedMessage. None: an
+    empty presence or status payload, which only clears the retained message (nothing to store).
+    ``arrived`` is when it was received."""
+    if topic.endswith("/" + PRESENCE):
+        return decode_presence(topic, payload, arrived=arrived) if payload else None
+    if topic.endswith("/" + STATUS):
+        return decode_status(topic, payload, arrived=arrived) if payload else None
+    return decode_message(topic, payload)
+
+
+def decode_message(topic: str, payload: bytes | bytearray) -> TelemetryBatch:
+    """Decodes a record-stream message: a non-empty JSON array of records of the topic's kind.
+
+    One malformed element, or one claiming another device, rejects the whole message: a
+    device's own agent never sends such a thing, so none of it can be trusted. The stored
+    payload is each record's known fields as the agent wrote them (lowerCamelCase, each checked
+    against the type protobuf's JSON mapping gives it by ``record_shape``); unknown fields,
+    from a newer schema, are dropped.
     """
     try:
         parsed = parse_telemetry_topic(topic)
     except TopicError as exc:
         raise RejectedMessage(RejectReason.BAD_TOPIC, str(exc)) from exc
-    message = MESSAGE_TYPES[parsed.kind]()
-    try:
-        json_format.Parse(payload.decode("utf-8"), message, ignore_unknown_fields=True)
-    except (json_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
+    elements = _json(payload, f"{parsed.kind.value} payload on {topic}")
+    if not isinstance(elements, list) or not elements:
         raise RejectedMessage(
-            RejectReason.MALFORMED, f"{parsed.kind.value} payload on {topic}: {exc}"
-        ) from exc
-    if message.device_id != parsed.device_id:
-        raise RejectedMessage(
-            RejectReason.DEVICE_MISMATCH,
-            f"message for device {message.device_id!r} published on {parsed.device_id!r}'s topic",
+            RejectReason.MALFORMED, f"{parsed.kind.value} payload on {topic}: not a non-empty JSON array"
         )
-    if message.seq <= 0:
-        raise RejectedMessage(RejectReason.MALFORMED, f"{parsed.kind.value} payload on {topic}: no seq")
-    if message.HasField("time"):
-        try:
-            when = message.time.ToDatetime(tzinfo=UTC)
-        except (ValueError, OverflowError) as exc:
-            raise RejectedMessage(RejectReason.MALFORMED, f"bad time on {topic}: {exc}") from exc
-    else:
-        when = datetime.now(UTC)
-    body = json_format.MessageToDict(
-        message, preserving_proto_field_name=False, always_print_fields_with_no_presence=True
+    return TelemetryBatch(
+        tuple(_record(parsed, topic, index, element) for index, element in enumerate(elements))
     )
-    return IngestRecord(
-        device_id=parsed.device_id, kind=parsed.kind.value, seq=message.seq, time=when, payload=body
+
+
+def decode_presence(topic: str, payload: bytes | bytearray, *, arrived: datetime) -> PresenceUpdate:
+    """Decodes a retained Presence. Its time is the agent's stamp (never later than its arrival:
+    a clock running ahead must not pin a device's presence in the future), or the arrival time
+    for the Last Will, which carries none."""
+    device_id = _device_of(topic, PRESENCE)
+    message = telemetry_pb2.Presence()
+    _parse_object(message, payload, f"presence on {topic}")
+    _check_device(message.device_id, device_id)
+    stamped = message.HasField("time")
+    when = min(_time(message, topic), arrived) if stamped else arrived
+    return PresenceUpdate(
+        device_id=device_id, online=message.online, time=when, reason=message.reason, stamped=stamped
     )
+
+
+def decode_status(topic: str, payload: bytes | bytearray, *, arrived: datetime) -> StatusUpdate:
+    """Decodes a retained DeviceStatus: validated and counted; only its time is used."""
+    device_id = _device_of(topic, STATUS)
+    message = telemetry_pb2.DeviceStatus()
+    _parse_object(message, payload, f"status on {topic}")
+    _check_device(message.device_id, device_id)
+    when = min(_time(message, topic), arrived) if message.HasField("time") else None
+    return StatusUpdate(device_id=device_id, time=when)
+
+
+def _json(payload: bytes | bytearray, where: str) -> Any:
+    try:
+        return json.loads(bytes(payload))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise RejectedMessage(RejectReason.MALFORMED, f"{where}: {exc}") from exc
+
+
+def _parse_object(message: Message, payload: bytes | bytearray, where: str) -> None:
+    value = _json(payload, where)
+    if not isinstance(value, dict):
+        raise RejectedMessage(RejectReason.MALFORMED, f"{where}: not a JSON object")
+    try:
+        json_format.ParseDict(value, message, ignore_unknown_fields=True)
+    except (json_format.ParseError, ValueError, RecursionError) as exc:
+        raise RejectedMessage(RejectReason.MALFORMED, f"{where}: {exc}") from exc
+
+
+def _record(parsed: ParsedTopic, topic: str, index: int, element: Any) -> IngestRecord:
+    """One record, checked against its message type (record_shape: protobuf's JSON mapping,
+    unknown fields dropped) with its identity fields parsed strictly."""
+    where = f"{parsed.kind.value} record {index} on {topic}"
+    try:
+        body = checked(MESSAGE_TYPES[parsed.kind].DESCRIPTOR, element)
+    except BadShape as exc:
+        raise RejectedMessage(RejectReason.MALFORMED, f"{where}: {exc}") from exc
+    _check_device(str(body.get("deviceId", "")), parsed.device_id)
+    seq = int(body.get("seq", 0))
+    if seq <= 0:
+        raise RejectedMessage(RejectReason.MALFORMED, f"{where}: no seq")
+    stamp = body.get("time")
+    when = _parse_time(stamp, topic) if stamp is not None else datetime.now(UTC)
+    return IngestRecord(device_id=parsed.device_id, kind=parsed.kind.value, seq=seq, time=when, payload=body)
+
+
+def _parse_time(stamp: str, topic: str) -> datetime:
+    timestamp = timestamp_pb2.Timestamp()
+    try:
+        timestamp.FromJsonString(stamp)
+        return timestamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise RejectedMessage(RejectReason.MALFORMED, f"bad time on {topic}: {exc}") from exc
+
+
+def _device_of(topic: str, leaf: str) -> str:
+    try:
+        return device_of(topic, leaf)
+    except TopicError as exc:
+        raise RejectedMessage(RejectReason.BAD_TOPIC, str(exc)) from exc
+
+
+def _check_device(claimed: str, device_id: str) -> None:
+    if claimed != device_id:
+        raise RejectedMessage(
+            RejectReason.DEVICE_MISMATCH, f"message for device {claimed!r} published on {device_id!r}'s topic"
+        )
+
+
+def _time(message: Any, topic: str) -> datetime:
+    try:
+        when: datetime = message.time.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise RejectedMessage(RejectReason.MALFORMED, f"bad time on {topic}: {exc}") from exc
+    return when
+
+
+# the subscriber ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class _Inbound:
-    """One received message in arrival order; ``record`` is None for a rejected one (ack only)."""
+    """One received message in arrival order; ``item`` is None for one with nothing to store."""
 
-    record: IngestRecord | None
+    item: Decoded | None
     mid: int
     qos: int
     connection: int  # which connection it arrived on: a mid is only meaningful there
@@ -140,6 +282,9 @@ class _Counters:
         self.lock = threading.Lock()
         self.received = 0
         self.stored = 0
+        self.rows = 0
+        self.presence = 0
+        self.status = 0
         self.write_failures = 0
         self.rejected: dict[RejectReason, int] = dict.fromkeys(RejectReason, 0)
 
@@ -148,6 +293,9 @@ class _Counters:
             return IngestStats(
                 received=self.received,
                 stored=self.stored,
+                rows=self.rows,
+                presence=self.presence,
+                status=self.status,
                 rejected=sum(self.rejected.values()),
                 malformed=self.rejected[RejectReason.MALFORMED],
                 device_mismatch=self.rejected[RejectReason.DEVICE_MISMATCH],
@@ -156,8 +304,36 @@ class _Counters:
             )
 
 
+@dataclass
+class _Split:
+    """A batch of inbound messages sorted by what they carry, for one database transaction."""
+
+    records: list[IngestRecord]
+    presence: list[PresenceUpdate]
+    statuses: list[StatusUpdate]
+    messages: int  # telemetry messages among them
+
+    @classmethod
+    def of(cls, batch: list[_Inbound]) -> _Split:
+        split = cls([], [], [], 0)
+        for inbound in batch:
+            item = inbound.item
+            if isinstance(item, TelemetryBatch):
+                split.records.extend(item.records)
+                split.messages += 1
+            elif isinstance(item, PresenceUpdate):
+                split.presence.append(item)
+            elif isinstance(item, StatusUpdate):
+                split.statuses.append(item)
+        return split
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.presence or self.statuses)
+
+
 class TelemetryIngestor:
-    """Subscribes to every device's telemetry and stores it; ``start()``/``stop()`` bracket it."""
+    """Subscribes to every device's telemetry, presence and status and stores them;
+    ``start()``/``stop()`` bracket it."""
 
     def __init__(
         self,
@@ -168,17 +344,20 @@ class TelemetryIngestor:
         batch_size: int = 500,
         flush_interval: float = 0.2,
         keepalive_s: int = 30,
+        session_expiry_s: int = SESSION_EXPIRY_S,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Raises BrokerUrlError for a bad URL; an unreachable broker is retried, not raised."""
-        if batch_size < 1 or flush_interval <= 0:
-            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
+        """Raises BrokerUrlError for a bad URL; an unreachable broker is retried, not raised.
+        ``client_id`` must be this replica's own (``replica_client_id``)."""
+        if batch_size < 1 or flush_interval <= 0 or session_expiry_s < 1:
+            raise ValueError("batch_size and session_expiry_s must be >= 1 and flush_interval > 0")
         self._engine = engine
         self._address: BrokerAddress = parse_broker_url(broker_url)
         self._client_id = client_id
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._keepalive_s = keepalive_s
+        self._session_expiry_s = session_expiry_s
         self._tls_context = tls_context
         self._queue: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._counters = _Counters()
@@ -200,7 +379,7 @@ class TelemetryIngestor:
 
     @property
     def stored(self) -> int:
-        """Records written (a duplicate the database ignored counts too)."""
+        """Telemetry messages written (see IngestStats.rows for their records)."""
         return self.stats().stored
 
     @property
@@ -208,7 +387,7 @@ class TelemetryIngestor:
         return self.stats().rejected
 
     def wait_subscribed(self, timeout: float) -> bool:
-        """True once the broker has confirmed the subscription within ``timeout`` seconds."""
+        """True once the broker has confirmed the subscriptions within ``timeout`` seconds."""
         return self._subscribed.wait(timeout)
 
     # lifecycle -------------------------------------------------------------------------------
@@ -222,7 +401,26 @@ class TelemetryIngestor:
         self._writer.start()
         client = self._make_client()
         self._client = client
-        client.connect_async(self._address.host, self._address.port, keepalive=self._keepalive_s)
+        if self._address.v5:
+            session = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            session.SessionExpiryInterval = self._session_expiry_s
+            # The broker may have this many messages unacknowledged with us; since we acknowledge
+            # only after the commit, it is what one database write can hold (the default, 20 on
+            # Mosquitto, would cap a write at 20 messages and the rate at 20 per commit).
+            session.ReceiveMaximum = min(self._batch_size, 65535)
+            client.connect_async(
+                self._address.host,
+                self._address.port,
+                keepalive=self._keepalive_s,
+                clean_start=False,  # on every connect: the session holds what arrived while away
+                properties=session,
+            )
+        else:
+            logger.warning(
+                "%s speaks MQTT 3.1.1: no shared subscriptions, so run only one control-plane replica",
+                self._address.url,
+            )
+            client.connect_async(self._address.host, self._address.port, keepalive=self._keepalive_s)
         client.loop_start()
         logger.info("telemetry ingestor %s started towards %s", self._client_id, self._address.url)
 
@@ -247,13 +445,21 @@ class TelemetryIngestor:
         self._subscribed.clear()
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            clean_session=False,  # the broker queues QoS 1 telemetry for us while we are down
-            protocol=MQTTProtocolVersion.MQTTv311,
-            manual_ack=True,  # PUBACK only after the database commit
-        )
+        if self._address.v5:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self._client_id,
+                protocol=self._address.protocol,
+                manual_ack=True,  # PUBACK only after the database commit
+            )
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self._client_id,
+                clean_session=False,  # the broker queues QoS 1 telemetry for us while we are down
+                protocol=self._address.protocol,
+                manual_ack=True,
+            )
         client.enable_logger(logging.getLogger("paho.ingest"))
         configure_client(client, self._address, self._tls_context)
         client.on_connect = self._on_connect
@@ -261,6 +467,19 @@ class TelemetryIngestor:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
+
+    def _subscriptions(self) -> list[tuple[str, SubscribeOptions]] | list[tuple[str, int]]:
+        """QoS 1 on telemetry, presence and status; shared by the replicas on MQTT v5.
+
+        Mosquitto 2.0.11 delivers retained messages to a new shared subscription too: a new
+        replica learns every device's presence and status at once. Renewing the subscription on
+        a reconnect does not replay them (Retain Handling 1); the session queued what changed.
+        """
+        filters = [telemetry_subscription(), presence_subscription(), status_subscription()]
+        if not self._address.v5:
+            return [(f, 1) for f in filters]
+        retained = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        return [(shared(f, SHARED_GROUP), retained) for f in filters]
 
     # paho callbacks (network thread) ---------------------------------------------------------
 
@@ -279,7 +498,7 @@ class TelemetryIngestor:
         self._connected.set()
         # Subscribing on every connect covers a broker that lost our session (restart without
         # persistence); with the session present it is a harmless repeat.
-        client.subscribe(telemetry_subscription(), qos=1)
+        client.subscribe(self._subscriptions())
         logger.info(
             "ingestor connected to %s (session present: %s)", self._address.url, flags.session_present
         )
@@ -293,7 +512,7 @@ class TelemetryIngestor:
         properties: Properties | None,
     ) -> None:
         if any(rc.is_failure for rc in reason_codes):
-            logger.error("broker refused the telemetry subscription: %s", reason_codes)
+            logger.error("broker refused the telemetry subscriptions: %s", reason_codes)
             return
         self._subscribed.set()
 
@@ -311,9 +530,9 @@ class TelemetryIngestor:
             logger.warning("ingestor lost the broker (%s); paho reconnects with backoff", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        record: IngestRecord | None = None
+        item: Decoded | None = None
         try:
-            record = decode_message(message.topic, message.payload)
+            item = decode(message.topic, message.payload, arrived=datetime.now(UTC))
         except RejectedMessage as exc:
             self._count_rejected(exc.reason)
             logger.warning("rejected telemetry (%s): %s", exc.reason.value, exc)
@@ -322,9 +541,7 @@ class TelemetryIngestor:
             logger.exception("could not decode telemetry message %d", message.mid)
         with self._counters.lock:
             self._counters.received += 1
-        self._queue.put(
-            _Inbound(record=record, mid=message.mid, qos=message.qos, connection=self._connection)
-        )
+        self._queue.put(_Inbound(item=item, mid=message.mid, qos=message.qos, connection=self._connection))
 
     def _count_rejected(self, reason: RejectReason) -> None:
         with self._counters.lock:
@@ -362,26 +579,32 @@ class TelemetryIngestor:
 
     def _write(self, batch: list[_Inbound], *, retry: bool) -> bool:
         """Stores and acknowledges a batch; False if the database refused it (left unacked)."""
-        records = [item.record for item in batch if item.record is not None]
-        if records:
+        split = _Split.of(batch)
+        if split:
             try:
                 if retry:
-                    self._insert_with_retry(records)
+                    self._store_with_retry(split)
                 else:
-                    insert_telemetry(self._engine, records=records)
+                    self._store(split)
             except SQLAlchemyError:
                 with self._counters.lock:
                     self._counters.write_failures += 1
                 logger.exception(
-                    "dropping %d telemetry records unacknowledged; the broker resends them", len(records)
+                    "leaving %d telemetry messages unacknowledged; the broker resends them", len(batch)
                 )
                 return False
             with self._counters.lock:
-                self._counters.stored += len(records)
+                self._counters.stored += split.messages
+                self._counters.rows += len(split.records)
+                self._counters.presence += len(split.presence)
+                self._counters.status += len(split.statuses)
         self._ack(batch)
         return True
 
-    def _insert_with_retry(self, records: list[IngestRecord]) -> None:
+    def _store(self, split: _Split) -> None:
+        store_batch(self._engine, records=split.records, presence=split.presence, statuses=split.statuses)
+
+    def _store_with_retry(self, split: _Split) -> None:
         """Retries a failing database with jittered backoff until it works or we are stopping."""
 
         def log_retry(state: RetryCallState) -> None:
@@ -399,10 +622,10 @@ class TelemetryIngestor:
             reraise=True,
         ):
             with attempt:
-                insert_telemetry(self._engine, records=records)
+                self._store(split)
 
     def _ack(self, batch: list[_Inbound]) -> None:
-        """PUBACKs in arrival order, as MQTT 3.1.1 asks; skips mids from an older connection."""
+        """PUBACKs in arrival order, as MQTT asks; skips mids from an older connection."""
         client = self._client
         if client is None or not self._connected.is_set():
             return

@@ -3,8 +3,8 @@
 Image repository: ``targets`` arrives signed by the release keys (``fleetctl bundle push``);
 the control plane only checks it and signs ``snapshot``/``timestamp`` with its online key.
 Director repository: per device, the control plane signs ``targets`` (which release this
-device runs, with its id, deployment generation and any operator pin of a variant or runtime),
-``snapshot`` and ``timestamp`` online.
+device runs, with its id, deployment generation, any operator pin of a variant or runtime and
+any device config), ``snapshot`` and ``timestamp`` online.
 Every version is stored; devices fetch them through ``DeviceService.FetchMetadata`` by the
 file names python-tuf's updater asks for.
 """
@@ -28,6 +28,7 @@ from controlplane.db.crud import as_utc
 from controlplane.db.models import TufMetadata
 from controlplane.keys import KeyDir
 from protos.fleet import uptane
+from protos.fleet.device_config import InvalidConfig, config_to_json, is_empty, validate_config
 from protos.fleet.release import VerifiedRelease
 from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import common_pb2
@@ -58,11 +59,16 @@ def director_fields(
     generation: int,
     releases: Sequence[tuple[str, int]],
     pin: common_pb2.VariantPin | None,
+    config: common_pb2.DeviceConfig | None = None,
 ) -> dict[str, Any]:
-    """The signed custom part of director targets: the shared Uptane fields, plus the pin."""
+    """The signed custom part of director targets: the shared Uptane fields, plus the pin and
+    the device config (each only when it says something, so older agents see what they knew)."""
     fields = uptane.director_fields(device_id, generation, releases)
     if pin is not None and (pin.variant_id or pin.format):
         fields[uptane.CUSTOM_KEY]["pin"] = json_format.MessageToDict(pin)
+    if not is_empty(config):
+        assert config is not None
+        fields[uptane.CUSTOM_KEY]["config"] = config_to_json(config)
     return fields
 
 
@@ -265,13 +271,21 @@ class Repositories:
         generation: int,
         releases: Sequence[tuple[str, int]],
         pin: common_pb2.VariantPin | None = None,
+        config: common_pb2.DeviceConfig | None = None,
     ) -> None:
         """Signs new director metadata telling ``device_id`` to hold exactly ``releases``
         (``(bundle, version)`` pairs, one per bundle name; empty: no model at all).
 
         A ``pin`` goes into the signed ``edgefleet`` field as "pin" (protobuf JSON mapping), so
         the device honours only pins the director signed; without one the field has no "pin".
+        A non-empty ``config`` goes in as "config" the same way, after ``validate_config``: an
+        invalid one is refused (RepositoryRefusal) before anything is signed.
         """
+        if config is not None:
+            try:
+                validate_config(config)
+            except InvalidConfig as exc:
+                raise RepositoryRefusal(f"device config of {device_id} refused: {exc}") from exc
         image = self.image_targets(session)
         if image is None:
             raise RepositoryRefusal("the image repository is empty; push a bundle first")
@@ -287,7 +301,7 @@ class Repositories:
             version=self._next_version(session, DIRECTOR, device_id, "targets"),
             expires=datetime.now(UTC) + self.expiry.director_targets,
             targets=files,
-            unrecognized_fields=director_fields(device_id, generation, releases, pin),
+            unrecognized_fields=director_fields(device_id, generation, releases, pin, config),
         )
         self._store(session, DIRECTOR, device_id, self._sign(DIRECTOR, targets, "targets", session))
         self._sign_snapshot_and_timestamp(

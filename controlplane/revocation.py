@@ -22,13 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion
 
 from controlplane.ca import CertificateAuthority
 from controlplane.crl import CRL_VALIDITY, RevokedCertificate, write_crl
 from controlplane.db import crud
 from controlplane.db.database import Database
-from protos.fleet.broker_url import configure_client, parse_broker_url
+from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,20 @@ SECOND_TAKEOVER_AFTER_SECONDS = 3.0
 
 
 def end_broker_session(broker_url: str, client_id: str, tls_context: ssl.SSLContext | None = None) -> bool:
-    """Connects with ``client_id`` (clean start) and disconnects: the broker closes whichever
-    connection held that id. Returns False when the broker could not be reached or refused us."""
+    """Connects with ``client_id`` (clean start, in the URL's MQTT version) and disconnects: the
+    broker closes whichever connection held that id, and publishes its Last Will (the device's
+    Presence offline, which ingestion ignores for a revoked device). Returns False when the
+    broker could not be reached or refused us."""
     address = parse_broker_url(broker_url)
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        clean_session=True,
-        protocol=MQTTProtocolVersion.MQTTv311,
-    )
+    client = _takeover_client(address, client_id)
     configure_client(client, address, tls_context)
     accepted = threading.Event()
     client.on_connect = lambda _c, _u, _f, reason, _p: accepted.set() if not reason.is_failure else None
     try:
-        client.connect(address.host, address.port, keepalive=10)
+        if address.v5:
+            client.connect(address.host, address.port, keepalive=10, clean_start=True)
+        else:
+            client.connect(address.host, address.port, keepalive=10)
     except OSError as exc:
         log.warning("cannot reach %s to end %s's session: %s", address.url, client_id, exc)
         return False
@@ -60,6 +60,24 @@ def end_broker_session(broker_url: str, client_id: str, tls_context: ssl.SSLCont
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _takeover_client(address: BrokerAddress, client_id: str) -> mqtt.Client:
+    """A client that never reconnects: one CONNECT is the whole job."""
+    if address.v5:
+        return mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=address.protocol,
+            reconnect_on_failure=False,
+        )
+    return mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=True,
+        protocol=address.protocol,
+        reconnect_on_failure=False,
+    )
 
 
 @dataclass

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,18 +20,24 @@ from controlplane.broker import EmbeddedBroker
 from controlplane.ca import CertificateAuthority, CertificateError, load_ca
 from controlplane.db.database import Database
 from controlplane.db.engine import make_engine
-from controlplane.ingest import TelemetryIngestor
+from controlplane.ingest import TelemetryIngestor, replica_client_id
 from controlplane.keys import KeyDir, KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
 from controlplane.rbac import bootstrap_admin
 from controlplane.repositories import Repositories
+from controlplane.retention import RetentionPolicy, apply_retention
 from controlplane.revocation import Revocations
+from controlplane.rollouts.engine import EngineConfig
+from controlplane.rollouts.runner import RolloutEngine
 from controlplane.services.device_service import DeviceService
 from controlplane.services.operator_service import OperatorService
 from controlplane.settings import Settings
 from controlplane.tls import ServerCertificate, server_hostnames
 from protos.fleet.broker_url import parse_broker_url
 from protos.fleet.v1 import device_pb2_grpc, operator_pb2_grpc
+
+if TYPE_CHECKING:
+    from controlplane.exporter import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +71,15 @@ class RunningControlPlane:
     broker: EmbeddedBroker | None
     ingestor: TelemetryIngestor
     upkeep: asyncio.Task[None]
+    metrics: MetricsServer | None = None  # the Prometheus endpoint, with --metrics-listen
+    rollouts: RolloutEngine | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         self.upkeep.cancel()
+        if self.rollouts is not None:
+            await self.rollouts.stop()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         self.revocations.cancel()
         await self.server.stop(grace)
         await asyncio.to_thread(self.ingestor.stop)
@@ -73,9 +87,16 @@ class RunningControlPlane:
             await asyncio.to_thread(self.broker.stop)
 
 
-async def _upkeep(db: Database, repositories: Repositories, revocations: Revocations, every: float) -> None:
+async def _upkeep(
+    db: Database,
+    repositories: Repositories,
+    revocations: Revocations,
+    retention: RetentionPolicy,
+    every: float,
+) -> None:
     """Re-signs timestamps and director metadata before they expire, so online devices never
-    see a freeze that is only the control plane's own neglect; re-issues the CRL likewise."""
+    see a freeze that is only the control plane's own neglect; re-issues the CRL likewise;
+    folds telemetry past its retention into hourly rollups."""
     while True:
         try:
             refreshed = await db.run(repositories.refresh_expiring)
@@ -83,6 +104,7 @@ async def _upkeep(db: Database, repositories: Repositories, revocations: Revocat
                 log.info("re-signed %d repositories' expiring metadata", refreshed)
             if revocations.crl_is_stale():
                 await revocations.publish_crl()
+            await asyncio.to_thread(apply_retention, db.engine, retention)
         except Exception:
             log.exception("upkeep failed; retrying in %.0fs", every)
         await asyncio.sleep(every)
@@ -104,8 +126,11 @@ def _advertised_device_endpoint(settings: Settings, device_port: int) -> str:
     return settings.device_advertise or f":{device_port}"
 
 
-async def start_control_plane(settings: Settings) -> RunningControlPlane:
-    """Starts everything and returns once the gRPC port accepts calls."""
+async def start_control_plane(
+    settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
+) -> RunningControlPlane:
+    """Starts everything and returns once the gRPC port accepts calls; with ``metrics_listen``
+    (HOST:PORT) also the Prometheus exporter (controlplane/exporter.py)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_db_url)
     db = Database(engine)
@@ -130,7 +155,14 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
     if mqtt_url is None:
         broker = EmbeddedBroker()
         mqtt_url = await asyncio.to_thread(broker.start)
-    ingestor = TelemetryIngestor(engine=engine, broker_url=mqtt_url)
+    # One persistent broker session per replica (default: this host's name); replicas share the
+    # telemetry stream through a shared subscription.
+    try:
+        client_id = replica_client_id(replica_id or socket.gethostname())
+    except ValueError as exc:
+        raise ServeError(str(exc)) from exc
+    ingestor = TelemetryIngestor(engine=engine, broker_url=mqtt_url, client_id=client_id)
+    metrics = _start_metrics(metrics_listen, engine, ingestor)
     ingestor.start()
     revocations = Revocations(db, ca, settings.crl_path, mqtt_url)
     await revocations.publish_crl()
@@ -159,6 +191,7 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
         ),
         server,
     )
+    rollout_config = EngineConfig(tick_seconds=settings.rollout_tick_seconds)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
         OperatorService(
             db=db,
@@ -166,6 +199,7 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
             notifier=notifier,
             repositories=repositories,
             on_device_revoked=revocations.device_revoked,
+            rollout_config=rollout_config,
         ),
         server,
     )
@@ -174,7 +208,11 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    upkeep = asyncio.create_task(_upkeep(db, repositories, revocations, settings.metadata_refresh_seconds))
+    upkeep = asyncio.create_task(
+        _upkeep(db, repositories, revocations, settings.retention, settings.metadata_refresh_seconds)
+    )
+    rollouts = RolloutEngine(db=db, repositories=repositories, notifier=notifier, config=rollout_config)
+    rollouts.start()
     return RunningControlPlane(
         server=server,
         port=port,
@@ -187,12 +225,29 @@ async def start_control_plane(settings: Settings) -> RunningControlPlane:
         broker=broker,
         ingestor=ingestor,
         upkeep=upkeep,
+        metrics=metrics,
+        rollouts=rollouts,
     )
 
 
-async def serve_forever(settings: Settings) -> None:
+def _start_metrics(listen: str | None, engine: Engine, ingestor: TelemetryIngestor) -> MetricsServer | None:
+    if listen is None:
+        return None
+    from controlplane.exporter import start_metrics_server  # prometheus_client only when asked for
+
+    try:
+        metrics = start_metrics_server(listen, engine, ingestor.stats)
+    except (OSError, ValueError) as exc:
+        raise ServeError(f"cannot serve metrics on {listen}: {exc}") from exc
+    log.info("Prometheus metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics.port)
+    return metrics
+
+
+async def serve_forever(
+    settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
+) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls."""
-    running = await start_control_plane(settings)
+    running = await start_control_plane(settings, metrics_listen=metrics_listen, replica_id=replica_id)
     host = settings.listen.rsplit(":", 1)[0]
     device_host = settings.device_listen.rsplit(":", 1)[0]
     log.info(

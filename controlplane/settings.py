@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from controlplane.ca import DEVICE_VALIDITY
+from controlplane.retention import RetentionPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
 DEFAULT_DEVICE_LISTEN = "127.0.0.1:7444"
@@ -54,6 +55,9 @@ class Settings:
         return self.data_dir / "blobs"
 
     metadata_refresh_seconds: float = 600.0
+    # Raw telemetry for days, hourly rollups for a year.
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    rollout_tick_seconds: float = 1.0  # how often the rollout engine steps (controlplane/rollouts)
 
     @property
     def crl_path(self) -> Path:

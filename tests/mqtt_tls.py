@@ -34,11 +34,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from controlplane.ca import CertificateAuthority, init_ca, new_private_key, private_key_pem
 from controlplane.crl import RevokedCertificate, write_crl
+from controlplane.ingest import SESSION_EXPIRY_S
 from controlplane.revocation import end_broker_session
 from tests.conftest import port_open
 
@@ -46,6 +49,7 @@ DEPLOY_MOSQUITTO = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
 CONTROLPLANE_USER = "edgefleet-controlplane"  # the password user deploy/mosquitto/acl grants reads
 WAIT_S = 10.0
 NOT_AUTHORIZED = 0x87  # the MQTT v5 reason code of a CONNACK or PUBACK refused by auth or ACL
+NO_MATCHING_SUBSCRIBERS = 0x10  # a v5 PUBACK's "accepted, but nobody subscribes to it"
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 # Mosquitto logs this (log_type information) at the start of a SIGHUP reload. Its main loop is
 # single-threaded and reloads before it serves another packet, so a connection made after
@@ -303,15 +307,22 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) 
 class Probe:
     """One MQTT v5 connection whose CONNACK, SUBACK and PUBACK reason codes the test can read.
 
-    ``persistent`` makes it the session ``controlplane.ingest`` keeps instead: MQTT 3.1.1 with
-    clean_session=False, for which the broker queues QoS 1 messages while it is away (MQTT 3.1.1
-    acknowledgements carry no reason, so there every PUBACK reads as success).
+    ``persistent`` makes it the session ``controlplane.ingest`` keeps: clean start off and a
+    Session Expiry Interval, so the broker queues QoS 1 messages while it is away. ``will`` is a
+    (topic, payload) Last Will, retained at QoS 1 as the agent registers its Presence.
 
     paho's automatic reconnect is never used: a refused or dropped connection stays down, so
     a test sees exactly what the broker did.
     """
 
-    def __init__(self, label: str, *, client_id: str | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        label: str,
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+        will: tuple[str, bytes] | None = None,
+    ) -> None:
         self.client_id = client_id or f"{label}-{uuid.uuid4().hex[:8]}"
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.disconnected = threading.Event()
@@ -321,21 +332,15 @@ class Probe:
         self._answered = threading.Event()
         self._acks: dict[int, list[ReasonCode]] = {}
         self._acked = threading.Condition()
-        if persistent:
-            self.mqtt = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=self.client_id,
-                clean_session=False,
-                protocol=MQTTProtocolVersion.MQTTv311,
-                reconnect_on_failure=False,
-            )
-        else:
-            self.mqtt = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=self.client_id,
-                protocol=MQTTProtocolVersion.MQTTv5,
-                reconnect_on_failure=False,
-            )
+        self.persistent = persistent
+        self.mqtt = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        if will is not None:
+            self.mqtt.will_set(will[0], will[1], qos=1, retain=True)
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_disconnect = self._on_disconnect
         self.mqtt.on_subscribe = self._on_subscribe
@@ -408,8 +413,14 @@ class Probe:
             self.mqtt.tls_set_context(tls)
         if username is not None:
             self.mqtt.username_pw_set(username, password)
+        session = None
+        if self.persistent:
+            session = Properties(PacketTypes.CONNECT)
+            session.SessionExpiryInterval = SESSION_EXPIRY_S
         try:
-            self.mqtt.connect("127.0.0.1", port, keepalive=30)
+            self.mqtt.connect(
+                "127.0.0.1", port, keepalive=30, clean_start=not self.persistent, properties=session
+            )
         except (OSError, ssl.SSLError):
             return False
         self.mqtt.loop_start()
@@ -424,16 +435,20 @@ class Probe:
                 raise TimeoutError(f"{self.client_id}: no {what} for message {mid}")
             return self._acks.pop(mid)
 
-    def subscribe(self, topic: str) -> ReasonCode:
-        """The SUBACK's reason code for ``topic`` (QoS 1): granted QoS or a failure code."""
-        result, mid = self.mqtt.subscribe(topic, qos=1)
+    def subscribe(self, topic: str, *, retained: bool = True) -> ReasonCode:
+        """The SUBACK's reason code for ``topic`` (QoS 1): granted QoS or a failure code.
+        ``retained=False`` asks the broker not to send the retained messages it holds."""
+        handling = (
+            SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if retained else SubscribeOptions.RETAIN_DO_NOT_SEND
+        )
+        result, mid = self.mqtt.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=handling))
         assert result == MQTTErrorCode.MQTT_ERR_SUCCESS, result
         [code] = self._wait_ack(mid, "SUBACK")
         return code
 
-    def publish(self, topic: str, payload: bytes) -> ReasonCode:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> ReasonCode:
         """Publishes at QoS 1 and returns the PUBACK's reason code."""
-        info = self.mqtt.publish(topic, payload, qos=1)
+        info = self.mqtt.publish(topic, payload, qos=1, retain=retain)
         [code] = self._wait_ack(info.mid, "PUBACK")
         return code
 
@@ -453,6 +468,15 @@ class Probe:
             except queue.Empty:
                 raise TimeoutError(f"{self.client_id} never received {payload!r}; got {received}") from None
         return received
+
+    def drop(self) -> None:
+        """Ends the connection without a DISCONNECT, as a device losing its network does: the
+        broker then publishes the Last Will."""
+        sock = self.mqtt.socket()
+        assert sock is not None
+        sock.shutdown(socket.SHUT_RDWR)
+        self.disconnected.wait(WAIT_S)
+        self.mqtt.loop_stop()
 
     def close(self) -> None:
         self.mqtt.disconnect()

@@ -7,6 +7,11 @@ minutes of latency for everyone plus requests whose clients gave up long ago. So
 anyone beyond that is told at once to come back later (HTTP 429 with Retry-After, which the
 OpenAI SDKs honour).
 
+The limits can change while requests wait (a signed device config does): nobody already
+admitted or waiting is turned away; a raised ``max_running`` admits waiters at once, a lowered
+one takes effect as running requests finish, and a lowered ``max_waiting`` only refuses newcomers
+until the line is short enough.
+
 Slots are released from whichever thread finishes the work (the generation thread, usually),
 so the bookkeeping sits behind a threading lock and waiters are woken through their loop.
 """
@@ -88,6 +93,19 @@ class AdmissionQueue:
         self._rejected = 0
         self._mean_hold_s: float | None = None
 
+    def set_limits(self, limits: QueueLimits) -> None:
+        """Applies new limits without dropping anyone (see the module docstring)."""
+        with self._lock:
+            self.limits = limits
+            granted = []
+            while self._waiters and self._running < limits.max_running:
+                waiter = self._waiters.popleft()
+                waiter.granted = True
+                self._running += 1
+                granted.append(waiter)
+        for waiter in granted:
+            self._wake(waiter)
+
     @property
     def running(self) -> int:
         with self._lock:
@@ -133,11 +151,15 @@ class AdmissionQueue:
             self._mean_hold_s = (
                 held_s if previous is None else previous + self._EWMA_WEIGHT * (held_s - previous)
             )
-            if not self._waiters:
-                self._running -= 1
+            if not self._waiters or self._running > self.limits.max_running:
+                self._running -= 1  # over a lowered max_running, the slot goes away
                 return
             waiter = self._waiters.popleft()  # the slot passes straight on; running stays the same
             waiter.granted = True
+        self._wake(waiter)
+
+    def _wake(self, waiter: _Waiter) -> None:
+        """Hands a granted slot to its waiter, from any thread."""
         try:
             waiter.loop.call_soon_threadsafe(_wake, waiter.future)
         except RuntimeError:  # that loop is closed (server shut down): nobody will use the slot

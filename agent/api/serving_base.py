@@ -261,6 +261,15 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
         created = int(timer.started_at_wall)
         exclude = None if request.include_usage() else {"usage"}
         outcome = CLIENT_DISCONNECTED  # until the stream is known to have ended properly
+
+        def report() -> None:
+            """Before [DONE] too: a client that stops reading there finds the request counted."""
+            timer.report(
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                error=outcome,
+            )
+
         try:
             delta, is_first = first, True
             while delta is not None:
@@ -281,19 +290,17 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
                 )
                 yield sse.event(chunk.model_dump_json())
             outcome = ""
+            report()
             yield sse.DONE
         except Exception as exc:  # a failure mid-stream: tell the client in-band, as OpenAI does
             error = api_error_for(exc, param=self.prompt_param)
             outcome = error_code(error)
+            report()
             yield sse.event(ErrorResponse(error=error.info).model_dump_json())
             yield sse.DONE
         finally:
             pump.cancel()
-            timer.report(
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                error=outcome,
-            )
+            report()  # a departed client; otherwise already reported, and this does nothing
 
     def _new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"

@@ -21,6 +21,7 @@ from agent.runtimes.base import (
     Delta,
     Embeddings,
     Generation,
+    PushingGeneration,
     Runtime,
     RuntimeDescription,
     RuntimeUnloaded,
@@ -59,8 +60,10 @@ class KeepAliveRuntime:
         self._last_used = time.monotonic()
         self._closed = False
         self._idle = threading.Event()
+        self._reaper_lock = threading.Lock()  # not self._lock: that one is held across a reload
+        self._reaping = False
         if keep_alive_s is not None:
-            threading.Thread(target=self._reap, name="edgefleet-keep-alive", daemon=True).start()
+            self._start_reaper()
         if budget is not None:
             budget.join(self)
 
@@ -79,6 +82,28 @@ class KeepAliveRuntime:
     @property
     def last_used(self) -> float:
         return self._last_used
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        return self._keep_alive_s
+
+    @keep_alive_s.setter
+    def keep_alive_s(self, value: float | None) -> None:
+        """Changes the keep-alive of a loaded or unloaded model (a signed device config does),
+        from the next check on: an idle time already past the new value unloads within a second.
+        Never waits for a load in progress, so the caller's event loop does not stall."""
+        if value is not None and value <= 0:
+            raise ValueError("keep_alive_s must be positive")
+        self._keep_alive_s = value
+        if value is not None:
+            self._start_reaper()
+
+    def _start_reaper(self) -> None:
+        with self._reaper_lock:
+            if self._reaping or self._closed:
+                return
+            self._reaping = True
+        threading.Thread(target=self._reap, name="edgefleet-keep-alive", daemon=True).start()
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -169,9 +194,12 @@ class KeepAliveRuntime:
             self._last_used = time.monotonic()
 
     def _reap(self) -> None:
-        keep_alive_s = self._keep_alive_s
-        assert keep_alive_s is not None
-        while not self._idle.wait(min(keep_alive_s, 1.0)):
+        """Runs until the model is unloaded for good; reads the keep-alive afresh at each check,
+        so a new value applies without a new thread (None: checks continue, nothing unloads)."""
+        while not self._idle.wait(min(self._keep_alive_s or 1.0, 1.0)):
+            keep_alive_s = self._keep_alive_s
+            if keep_alive_s is None:
+                continue
             with self._lock:
                 idle = self._in_use == 0 and time.monotonic() - self._last_used >= keep_alive_s
                 inner = self._inner if idle else None
@@ -206,6 +234,19 @@ class _Counted:
         except BaseException:
             self._finish()
             raise
+
+    def stream_to(self, emit: Callable[[Delta], None], cancelled: threading.Event) -> None:
+        """Lets a wrapped generation that pushes its own deltas keep doing so (llama.cpp's
+        fast path); others are stepped here. The model stays in use until ``close``."""
+        if isinstance(self._inner, PushingGeneration):
+            self._inner.stream_to(emit, cancelled)
+            return
+        while not cancelled.is_set():
+            try:
+                delta = next(self._inner)
+            except StopIteration:
+                return
+            emit(delta)
 
     def close(self) -> None:
         try:

@@ -3,7 +3,7 @@
 A device is often offline (NAT, flaky links, the broker being upgraded), and telemetry taken
 while offline is the telemetry an operator most wants to see afterwards. So every record is
 committed to SQLite in the agent's state dir *before* anything tries to send it, and is deleted
-only when the broker's PUBACK for it arrives. The control plane deduplicates by
+only when the broker's PUBACK for the message carrying it arrives. The control plane deduplicates by
 (device, seq), which makes resending after a crash harmless; this module's job is to make sure
 the sequence numbers are never reused and nothing ``put()`` returned for is lost.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('dropped', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('discarded', 0);
 """
 
 
@@ -73,6 +74,22 @@ def encode_message(message: Message) -> bytes:
         indent=None,
     )
     return text.encode("utf-8")
+
+
+def encode_batch(payloads: Sequence[bytes]) -> bytes:
+    """The wire form of a record stream message: a JSON array of encoded records, oldest first.
+
+    Records are stored already encoded (``encode_message``), so a batch is their bytes joined,
+    not a second round of protobuf encoding on the publish path.
+    """
+    if not payloads:
+        raise ValueError("a telemetry message carries at least one record")
+    return b"[" + b",".join(payloads) + b"]"
+
+
+def batch_size(payload_sizes: int, records: int) -> int:
+    """The size ``encode_batch`` gives ``records`` payloads of ``payload_sizes`` bytes in total."""
+    return payload_sizes + max(records - 1, 0) + 2
 
 
 class Outbox:
@@ -214,6 +231,14 @@ class Outbox:
 
     def ack_many(self, seqs: Iterable[int]) -> int:
         """Deletes several acknowledged records in one transaction (one fsync); returns how many."""
+        return self._delete(seqs, counter=None)
+
+    def discard(self, seqs: Iterable[int]) -> int:
+        """Deletes records the broker will never accept (larger than it allows, or refused again
+        and again), counting them apart from ``dropped``: they are lost, not crowded out."""
+        return self._delete(seqs, counter="discarded")
+
+    def _delete(self, seqs: Iterable[int], *, counter: str | None) -> int:
         params = [(int(s),) for s in seqs]
         if not params:
             return 0
@@ -222,8 +247,16 @@ class Outbox:
                 before = conn.total_changes
                 conn.executemany("DELETE FROM outbox WHERE seq = ?", params)
                 deleted = conn.total_changes - before
+                if counter is not None and deleted:
+                    conn.execute("UPDATE meta SET value = value + ? WHERE key = ?", (deleted, counter))
             self._count -= deleted
         return deleted
+
+    @property
+    def discarded(self) -> int:
+        """How many records were discarded because the broker would not take them, over its life."""
+        with self._lock:
+            return self._scalar("SELECT value FROM meta WHERE key = 'discarded'")
 
     @property
     def dropped(self) -> int:

@@ -1,18 +1,34 @@
-"""Moves outbox records to the MQTT broker at QoS 1, deleting each only when the broker has it.
+"""Moves outbox records to the MQTT broker in batches at QoS 1, deleting them only when the
+broker has them; announces the device's presence and keeps its latest status retained.
+
+Wire format (protos/fleet/v1/telemetry.proto): a PUBLISH on a record stream topic carries a JSON
+array of consecutive outbox records of that topic's kind, oldest first (``encode_batch``), at
+most ``max_batch_records`` records and ``max_batch_bytes`` bytes, so a backlog after an outage
+costs a few large messages rather than one per record. On MQTT v5, metric streams
+(``METRIC_KINDS``) carry a Message Expiry Interval: a heartbeat a week old is not worth queueing
+for a subscriber that has been away that long. Deployment events never expire.
+
+Presence (``presence_topic``) and status (``status_topic``) are retained QoS 1 JSON objects,
+outside the outbox because only the latest of each matters: the Last Will says "offline,
+connection lost", every connect says "online, connected", a clean stop says "offline, agent
+stopped"; the latest DeviceStatus is published when set and again after every reconnect.
 
 Threads: paho's network thread (``loop_start``) runs the callbacks and paho's own reconnect
-backoff; one drain thread of ours reads the outbox and hands records to paho. The two meet in a
-small bookkeeping structure under one lock, and nothing here ever raises into the agent: a dead
-broker only means records wait in the outbox.
+backoff; one drain thread of ours reads the outbox, hands batches to paho and applies the
+broker's acknowledgements. The callbacks only queue what happened and wake the drain thread,
+so every piece of bookkeeping has one owner and no lock of ours is ever held across a paho
+call. Nothing here raises into the agent: a dead broker only means records wait in the outbox.
 
 Delivery contract, end to end:
-- a record is published once per connection life of this client; paho keeps unacknowledged
-  QoS 1 publishes and resends them itself after a reconnect (``dup`` set);
-- the record leaves the outbox only in response to ``on_publish`` for its message id, i.e. the
-  broker's PUBACK;
+- a record is in at most one message that paho holds; paho keeps unacknowledged QoS 1 messages
+  and resends them itself after a reconnect (``dup`` set);
+- records leave the outbox only when the PUBACK for the message carrying them arrives, and on
+  MQTT v5 only when it does not say "no matching subscribers": a broker that has no control
+  plane's session to give them to would drop them;
 - after every (re)connect the drain re-reads the outbox from the start, so a record that was
   never handed to paho, or whose delete failed, goes out again. Duplicates on the wire are
   expected; the control plane drops them by (device_id, seq).
+- the clean start is deliberate: the outbox is the session, nothing needs to live in the broker.
 """
 
 from __future__ import annotations
@@ -21,37 +37,88 @@ import logging
 import ssl
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.telemetry.outbox import Outbox, OutboxError
+from agent.telemetry.outbox import Outbox, OutboxError, OutboxItem, batch_size, encode_batch, encode_message
 from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
-from protos.fleet.topics import TopicKind, telemetry_topic
+from protos.fleet.topics import METRIC_KINDS, TopicKind, presence_topic, status_topic, telemetry_topic
+from protos.fleet.v1 import telemetry_pb2
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MESSAGE_EXPIRY_S = 7 * 24 * 3600
+MAX_BATCH_RECORDS = 100
+MAX_BATCH_BYTES = 128 * 1024  # below Mosquitto's max_packet_size in deploy/mosquitto (256 KiB)
+MQTT_MAX_PACKET = 268_435_455 + 5  # the largest packet MQTT can frame (remaining length + header)
+PUBLISH_OVERHEAD = 64  # fixed header, topic length, packet id and v5 properties, with room to spare
+GOODBYE_ACK_WAIT_S = 1.0
+MAX_REFUSALS = 5  # a record the broker refused this often in a row is discarded
+RETRY_BACKOFF_S = (1.0, 30.0)  # after a refusal or a PUBACK saying nobody subscribes
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT v5 PUBACK reason code
+MAX_WINDOW = 10_000  # far below the 65535 message ids paho cycles through
 
-class _Ledger:
-    """Which outbox records paho currently holds, by MQTT message id; guarded by its condition.
 
-    ``early`` exists because paho may run ``on_publish`` for a message between ``publish()``
-    returning and the caller recording the mid (the network thread handles the PUBACK as soon
-    as paho's own lock is released). Taking our lock around ``publish()`` would deadlock with
-    paho's lock held during ``on_publish``, so the early acks are parked here instead.
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Consecutive outbox records of one kind that go out as one PUBLISH."""
+
+    kind: TopicKind
+    seqs: tuple[int, ...]
+    payload: bytes
+
+
+def batch_records(items: Iterable[OutboxItem], *, max_records: int, max_bytes: int) -> list[Batch]:
+    """Groups records, oldest first, into batches of consecutive records of one kind.
+
+    A batch closes when the kind changes, at ``max_records`` records, or before the encoded
+    array would exceed ``max_bytes``; a single record larger than that still goes out alone
+    (the caller decides whether the broker can take it). Pure, for unit tests.
     """
+    batches: list[Batch] = []
+    run: list[OutboxItem] = []
+    run_bytes = 0
 
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.inflight: dict[int, int] = {}  # mid -> seq, handed to paho, not yet acked
-        self.early: set[int] = set()  # mids acked before publish() returned
-        self.busy: set[int] = set()  # seqs in flight or acked but not yet deleted
-        self.acked: list[int] = []  # seqs the broker acknowledged, to delete from the outbox
-        self.cursor = 0  # highest seq handed to paho in this pass over the outbox
-        self.resync = True  # set on (re)connect: re-read the outbox from the start
+    def close() -> None:
+        if run:
+            payload = encode_batch([item.payload for item in run])
+            batches.append(Batch(run[0].kind, tuple(item.seq for item in run), payload))
+
+    for item in items:
+        fits = batch_size(run_bytes + len(item.payload), len(run) + 1) <= max_bytes
+        if run and (item.kind is not run[0].kind or len(run) >= max_records or not fits):
+            close()
+            run, run_bytes = [], 0
+        run.append(item)
+        run_bytes += len(item.payload)
+    close()
+    return batches
+
+
+@dataclass
+class _Drain:
+    """The drain thread's bookkeeping; only that thread touches it while it runs."""
+
+    inflight: dict[int, Batch] = field(default_factory=dict)  # mid -> batch paho holds
+    busy: set[int] = field(default_factory=set)  # seqs in flight, or acked and not yet deleted
+    acked: list[int] = field(default_factory=list)  # seqs to delete from the outbox
+    refusals: dict[int, int] = field(default_factory=dict)  # seq -> PUBACKs refusing it in a row
+    cursor: int = 0  # highest seq handed to paho in this pass over the outbox
+    backoff_s: float = 0.0
+    resume_at: float = 0.0  # after a refusal: publish nothing new before this (monotonic)
+
+    def inflight_records(self) -> int:
+        return sum(len(batch.seqs) for batch in self.inflight.values())
 
 
 class TelemetryPublisher:
@@ -65,36 +132,54 @@ class TelemetryPublisher:
         outbox: Outbox,
         client_id: str | None = None,
         max_inflight: int = 20,
-        window: int = 200,
+        window: int = 1000,
+        max_batch_records: int = MAX_BATCH_RECORDS,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
+        message_expiry_s: int = DEFAULT_MESSAGE_EXPIRY_S,
         keepalive_s: int = 30,
         poll_interval_s: float = 1.0,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         """Raises BrokerUrlError or TopicError for bad configuration; never for an absent broker.
 
-        ``max_inflight`` is the MQTT in-flight limit; ``window`` bounds how many records are
-        handed to paho at once, which bounds the memory a long outage can cost.
+        ``max_inflight`` is the MQTT in-flight limit (messages); ``window`` bounds how many
+        records are handed to paho at once, which bounds the memory a long outage can cost.
+        ``message_expiry_s`` is the Message Expiry Interval of heartbeat and inference messages
+        on MQTT v5 (0: none).
         """
-        if max_inflight < 1 or window < max_inflight:
-            raise ValueError("need 1 <= max_inflight <= window")
+        _check_limits(max_inflight, window, max_batch_records, max_batch_bytes, message_expiry_s)
         self._address: BrokerAddress = parse_broker_url(broker_url)
         self._device_id = device_id
         self._topics = {kind: telemetry_topic(device_id, kind) for kind in TopicKind}
+        self._presence_topic = presence_topic(device_id)
+        self._status_topic = status_topic(device_id)
         self._outbox = outbox
         self._client_id = client_id or device_id  # the broker ends this session on revocation
         self._max_inflight = max_inflight
         self._window = window
+        self._max_batch_records = max_batch_records
+        self._max_batch_bytes = max_batch_bytes
+        self._message_expiry_s = message_expiry_s
         self._keepalive_s = keepalive_s
         self._poll_interval_s = poll_interval_s
         self._tls_context = tls_context
-        self._ledger = _Ledger()
+        self._drain = _Drain()
+        self._acks: deque[tuple[int, ReasonCode]] = deque()  # from on_publish, applied by the drain
+        self._reconnected = threading.Event()  # on_connect: re-read the outbox from the start
+        self._status_due = threading.Event()  # the latest status still has to be published
+        self._status_lock = threading.Lock()
+        self._status: telemetry_pb2.DeviceStatus | None = None
+        self._server_max_packet = MQTT_MAX_PACKET  # the broker's Maximum Packet Size (v5 CONNACK)
+        self._inflight_cap = max_inflight  # telemetry messages in flight: ours, or the broker's less
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._connected = threading.Event()
+        self._stop_deadline = 0.0
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self._published = 0
         self._acknowledged = 0
+        self._discarded = 0
 
     @property
     def device_id(self) -> str:
@@ -106,13 +191,18 @@ class TelemetryPublisher:
 
     @property
     def published(self) -> int:
-        """PUBLISH packets handed to paho (first sends only; paho's own resends not counted)."""
+        """Telemetry PUBLISH packets handed to paho (first sends only; paho's resends not counted)."""
         return self._published
 
     @property
     def acknowledged(self) -> int:
         """Records the broker acknowledged."""
         return self._acknowledged
+
+    @property
+    def discarded(self) -> int:
+        """Records this publisher discarded because the broker would never take them."""
+        return self._discarded
 
     def nudge(self) -> None:
         """Tells the drain thread new records are waiting; cheap and safe from any thread."""
@@ -122,16 +212,44 @@ class TelemetryPublisher:
         """True once connected to the broker within ``timeout`` seconds."""
         return self._connected.wait(timeout)
 
+    def set_status(self, status: telemetry_pb2.DeviceStatus) -> None:
+        """Keeps ``status`` as the device's latest and publishes it retained (QoS 1) now if
+        connected, and again after every reconnect. Only the latest matters, so it bypasses the
+        outbox: a status replaced before it could be sent is simply never sent.
+
+        Fills in the device id, schema version and time when unset; raises ValueError for a
+        status of another device. Safe from any thread.
+        """
+        latest = telemetry_pb2.DeviceStatus()
+        latest.CopyFrom(status)
+        if latest.device_id and latest.device_id != self._device_id:
+            raise ValueError(f"status of {latest.device_id!r} given to {self._device_id!r}'s publisher")
+        latest.device_id = self._device_id
+        latest.schema_version = latest.schema_version or telemetry_pb2.TELEMETRY_SCHEMA_V1
+        if not latest.HasField("time"):
+            latest.time.FromDatetime(datetime.now(UTC))
+        with self._status_lock:
+            self._status = latest
+        self._status_due.set()
+        self._wake.set()
+
     def start(self) -> None:
         """Starts connecting (in the background) and draining; returns immediately."""
         if self._thread is not None:
             raise RuntimeError("publisher already started")
         self._stopping.clear()
-        with self._ledger.cond:
-            self._ledger = _Ledger()
+        self._drain = _Drain()
+        self._acks.clear()
+        self._reconnected.clear()
         client = self._make_client()
         self._client = client
-        client.connect_async(self._address.host, self._address.port, keepalive=self._keepalive_s)
+        if self._address.v5:
+            # Clean start with the default Session Expiry of 0: the outbox is the session.
+            client.connect_async(
+                self._address.host, self._address.port, keepalive=self._keepalive_s, clean_start=True
+            )
+        else:
+            client.connect_async(self._address.host, self._address.port, keepalive=self._keepalive_s)
         client.loop_start()
         self._thread = threading.Thread(
             target=self._run, name=f"telemetry-publisher-{self._device_id}", daemon=True
@@ -143,46 +261,69 @@ class TelemetryPublisher:
         """Stops within about ``timeout`` seconds (plus paho's 5 s connect timeout at worst).
 
         In-flight records get until the deadline to be acknowledged; whatever is not stays in
-        the outbox and is sent after the next start.
+        the outbox and is sent after the next start. A connected publisher says goodbye
+        (retained Presence offline, "agent stopped") and disconnects cleanly, so the broker
+        discards the Last Will.
         """
-        deadline = time.monotonic() + timeout
+        self._stop_deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(max(0.0, self._stop_deadline - time.monotonic()))
+            if thread.is_alive():
                 logger.warning("telemetry drain thread did not stop within %.1f s", timeout)
-            self._thread = None
-        client = self._client
+        client, self._client = self._client, None
         if client is not None:
-            with self._ledger.cond:
-                self._ledger.cond.wait_for(
-                    lambda: not self._ledger.inflight or not self._connected.is_set(),
-                    timeout=max(0.0, deadline - time.monotonic()),
-                )
+            self._say_goodbye(client)
             client.disconnect()
             client.loop_stop()
-            self._client = None
         self._connected.clear()
-        self._flush_acks()
+        if thread is None or not thread.is_alive():
+            self._settle()  # PUBACKs that arrived after the drain thread left
 
-    # paho callbacks (network thread) -------------------------------------------------------
+    # paho callbacks (network thread): record what happened, wake the drain ---------------------
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            clean_session=True,  # the outbox is the session: nothing needs to live in the broker
-            protocol=MQTTProtocolVersion.MQTTv311,
-        )
+        if self._address.v5:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=self._address.protocol
+            )
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self._client_id,
+                clean_session=True,  # the outbox is the session: nothing needs to live in the broker
+                protocol=self._address.protocol,
+            )
         client.enable_logger(logging.getLogger("paho.agent"))
         client.max_inflight_messages_set(self._max_inflight)
         client.max_queued_messages_set(0)  # the window bounds what we queue
+        # The broker publishes this, retained, when the connection dies without a DISCONNECT.
+        client.will_set(
+            self._presence_topic,
+            self._presence(online=False, reason="connection lost", timed=False),
+            qos=1,
+            retain=True,
+        )
         configure_client(client, self._address, self._tls_context)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         return client
+
+    def _presence(self, *, online: bool, reason: str, timed: bool = True) -> bytes:
+        """A Presence payload, stamped now unless ``timed`` is False (the Last Will: the broker
+        sends it whenever the connection dies, so no time written now would be right)."""
+        presence = telemetry_pb2.Presence(
+            schema_version=telemetry_pb2.TELEMETRY_SCHEMA_V1,
+            device_id=self._device_id,
+            online=online,
+            reason=reason,
+        )
+        if timed:
+            presence.time.FromDatetime(datetime.now(UTC))
+        return encode_message(presence)
 
     def _on_connect(
         self,
@@ -195,11 +336,25 @@ class TelemetryPublisher:
         if reason_code.is_failure:
             logger.warning("broker %s refused the connection: %s", self._address.url, reason_code)
             return
-        with self._ledger.cond:
-            self._ledger.resync = True
+        self._apply_broker_limits(properties)
+        client.publish(
+            self._presence_topic, self._presence(online=True, reason="connected"), qos=1, retain=True
+        )
+        self._reconnected.set()
+        self._status_due.set()
         self._connected.set()
         logger.info("telemetry connected to %s", self._address.url)
         self._wake.set()
+
+    def _apply_broker_limits(self, properties: Properties | None) -> None:
+        """paho does not enforce a v5 broker's Receive Maximum or Maximum Packet Size (nor lets
+        its in-flight limit change once connected); the drain does, since exceeding either
+        lets the broker drop the connection. Two of the broker's slots stay free for presence
+        and status."""
+        receive_maximum = int(getattr(properties, "ReceiveMaximum", 0))
+        cap = min(self._max_inflight, receive_maximum - 2) if receive_maximum else self._max_inflight
+        self._inflight_cap = max(1, cap)
+        self._server_max_packet = int(getattr(properties, "MaximumPacketSize", MQTT_MAX_PACKET))
 
     def _on_disconnect(
         self,
@@ -210,8 +365,7 @@ class TelemetryPublisher:
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
-        with self._ledger.cond:
-            self._ledger.cond.notify_all()
+        self._wake.set()
         if not self._stopping.is_set():
             logger.warning("telemetry lost the broker (%s); paho reconnects with backoff", reason_code)
 
@@ -223,36 +377,61 @@ class TelemetryPublisher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        if reason_code.is_failure:
-            # Only MQTT v5 brokers refuse in a PUBACK; resending would be refused again.
-            logger.error("broker refused telemetry message %d: %s; dropping it", mid, reason_code)
-        with self._ledger.cond:
-            seq = self._ledger.inflight.pop(mid, None)
-            if seq is None:
-                self._ledger.early.add(mid)
-                return
-            self._ledger.acked.append(seq)
-            self._ledger.cond.notify_all()
+        # Runs under paho's message lock: no lock of ours here, only a thread-safe append.
+        self._acks.append((mid, reason_code))
         self._wake.set()
 
-    # drain thread --------------------------------------------------------------------------
+    # drain thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        while True:
             self._wake.wait(self._poll_interval_s)
             self._wake.clear()
             try:
-                self._flush_acks()
-                if self._connected.is_set() and not self._stopping.is_set():
+                self._settle()
+                if self._stopping.is_set():
+                    if self._may_leave():
+                        return
+                    continue
+                if self._connected.is_set():
+                    self._publish_status()
                     self._publish_pending()
             except OutboxError:
                 logger.exception("telemetry outbox failed; records wait until it works again")
             except Exception:  # the agent keeps serving whatever goes wrong with telemetry
                 logger.exception("unexpected error in the telemetry publisher")
 
-    def _flush_acks(self) -> None:
-        with self._ledger.cond:
-            acked, self._ledger.acked = self._ledger.acked, []
+    def _may_leave(self) -> bool:
+        """While stopping: leave once nothing is in flight, the broker is gone, or time is up."""
+        drain = self._drain
+        return not drain.inflight or not self._connected.is_set() or time.monotonic() >= self._stop_deadline
+
+    def _settle(self) -> None:
+        """Applies the PUBACKs received so far and deletes acknowledged records from the outbox."""
+        drain = self._drain
+        unheard: list[Batch] = []
+        refused: list[tuple[Batch, ReasonCode]] = []
+        while self._acks:
+            mid, reason_code = self._acks.popleft()
+            batch = drain.inflight.pop(mid, None)
+            if batch is None:
+                continue  # a presence or status message: nothing to delete
+            if reason_code.is_failure:
+                refused.append((batch, reason_code))
+            elif reason_code.value == NO_MATCHING_SUBSCRIBERS:
+                unheard.append(batch)
+            else:
+                drain.acked.extend(batch.seqs)
+                drain.backoff_s = 0.0
+        if refused:
+            self._refused(refused)
+        if unheard:
+            self._unheard(unheard)
+        self._flush_acked()
+
+    def _flush_acked(self) -> None:
+        drain = self._drain
+        acked, drain.acked = drain.acked, []
         if not acked:
             return
         try:
@@ -260,47 +439,161 @@ class TelemetryPublisher:
         except OutboxError:
             logger.exception("could not delete %d acknowledged records; they will be resent", len(acked))
         finally:
-            with self._ledger.cond:
-                self._ledger.busy.difference_update(acked)
+            drain.busy.difference_update(acked)
+            for seq in acked:
+                drain.refusals.pop(seq, None)
         self._acknowledged += len(acked)
+
+    def _unheard(self, unheard: list[Batch]) -> None:
+        """The broker took messages nobody subscribes to (v5 PUBACK 0x10): no control plane has
+        a session on it, e.g. Mosquitto 2.0.11 after a restart, which does not restore shared
+        subscriptions until the replicas subscribe again. Delivered to nobody is not delivered:
+        the records stay in the outbox and go out again after a backoff."""
+        for batch in unheard:
+            self._drain.busy.difference_update(batch.seqs)
+        records = sum(len(batch.seqs) for batch in unheard)
+        self._back_off(f"no control plane subscribes yet; {records} records wait")
+
+    def _refused(self, refused: list[tuple[Batch, ReasonCode]]) -> None:
+        """A v5 broker refused messages (3.1.1 brokers cannot say so). Their records stay in the
+        outbox and go out again after a backoff, unless they were refused too often: then they
+        are discarded, since resending them forever would only hold up the rest."""
+        drain = self._drain
+        hopeless: list[int] = []
+        for batch, reason_code in refused:
+            logger.warning(
+                "broker refused a %s message of %d records: %s",
+                batch.kind.value,
+                len(batch.seqs),
+                reason_code,
+            )
+            drain.busy.difference_update(batch.seqs)
+            for seq in batch.seqs:
+                drain.refusals[seq] = drain.refusals.get(seq, 0) + 1
+                if drain.refusals[seq] >= MAX_REFUSALS:
+                    hopeless.append(seq)
+        if hopeless:
+            logger.error("discarding %d records the broker refused %d times", len(hopeless), MAX_REFUSALS)
+            self._discard(hopeless)
+        self._back_off("the broker refused telemetry")
+
+    def _back_off(self, why: str) -> None:
+        """Publishes nothing new for a while, then re-reads the outbox from the start."""
+        drain = self._drain
+        low, high = RETRY_BACKOFF_S
+        drain.backoff_s = min(high, max(low, drain.backoff_s * 2))
+        drain.resume_at = time.monotonic() + drain.backoff_s
+        self._reconnected.set()
+        logger.warning("%s; resending in %.0f s", why, drain.backoff_s)
+
+    def _discard(self, seqs: Sequence[int]) -> None:
+        for seq in seqs:
+            self._drain.refusals.pop(seq, None)
+        self._discarded += self._outbox.discard(seqs)
+
+    def _publish_status(self) -> None:
+        client = self._client
+        if client is None or not self._status_due.is_set():
+            return
+        self._status_due.clear()
+        with self._status_lock:
+            status = self._status
+        if status is not None:
+            client.publish(self._status_topic, encode_message(status), qos=1, retain=True)
 
     def _publish_pending(self) -> None:
         client = self._client
-        if client is None:
+        drain = self._drain
+        if client is None or time.monotonic() < drain.resume_at:
             return
-        with self._ledger.cond:
-            if self._ledger.resync:
-                self._ledger.resync = False
-                self._ledger.cursor = 0
-            room = self._window - len(self._ledger.inflight)
-        while room > 0 and not self._stopping.is_set() and self._connected.is_set():
-            with self._ledger.cond:
-                cursor = self._ledger.cursor
-                busy = set(self._ledger.busy)
-            items = self._outbox.pending(min(room, self._window), after=cursor)
-            if not items:
-                return
-            for item in items:
-                if item.seq in busy:
-                    with self._ledger.cond:
-                        self._ledger.cursor = item.seq
-                    continue
-                info = client.publish(self._topics[item.kind], item.payload, qos=1)
-                if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                    return  # paho is full; the next ack wakes us
-                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                    # paho still holds the message and resends it after reconnecting.
-                    logger.debug("publish of seq %d returned %s", item.seq, info.rc)
-                self._published += 1
-                with self._ledger.cond:
-                    self._ledger.cursor = item.seq
-                    self._ledger.busy.add(item.seq)
-                    if info.mid in self._ledger.early:
-                        self._ledger.early.discard(info.mid)
-                        self._ledger.acked.append(item.seq)
-                        self._wake.set()
-                    else:
-                        self._ledger.inflight[info.mid] = item.seq
-                room -= 1
-                if room <= 0:
-                    return
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            drain.cursor = 0
+        while self._may_publish():
+            room = self._window - drain.inflight_records()
+            items = self._outbox.pending(room, after=drain.cursor)
+            if not items or not self._send_all(client, items):
+                return  # nothing more, or no room left: the next PUBACK wakes us
+            drain.cursor = max(drain.cursor, items[-1].seq)
+
+    def _may_publish(self) -> bool:
+        """Connected, not stopping, and room in both the record window and the in-flight cap."""
+        drain = self._drain
+        return (
+            self._connected.is_set()
+            and not self._stopping.is_set()
+            and drain.inflight_records() < self._window
+            and len(drain.inflight) < self._inflight_cap
+        )
+
+    def _send_all(self, client: mqtt.Client, items: list[OutboxItem]) -> bool:
+        """Batches and sends the records of ``items`` not already in flight; False when it had
+        to stop early (the cursor then stays after the last batch sent)."""
+        drain = self._drain
+        fresh = [item for item in items if item.seq not in drain.busy]
+        for batch in batch_records(fresh, max_records=self._max_batch_records, max_bytes=self._batch_bytes()):
+            if not self._may_publish() or not self._send(client, batch):
+                return False
+            drain.cursor = batch.seqs[-1]
+        return True
+
+    def _batch_bytes(self) -> int:
+        """The payload size a batch may reach: ours, or less if the broker accepts less."""
+        longest_topic = max(len(topic) for topic in self._topics.values())
+        return min(self._max_batch_bytes, self._server_max_packet - PUBLISH_OVERHEAD - longest_topic)
+
+    def _send(self, client: mqtt.Client, batch: Batch) -> bool:
+        """Hands one batch to paho; False if paho did not take it (try again later)."""
+        topic = self._topics[batch.kind]
+        if len(batch.payload) + len(topic) + PUBLISH_OVERHEAD > self._server_max_packet:
+            logger.error(
+                "%s record %d is larger than the broker accepts (%d bytes); discarding it",
+                batch.kind.value,
+                batch.seqs[0],
+                self._server_max_packet,
+            )
+            self._discard(batch.seqs)  # one record: batch_records keeps batches of several below it
+            return True
+        info = client.publish(topic, batch.payload, qos=1, properties=self._properties(batch.kind))
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            return False
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # paho still holds the message and resends it after reconnecting.
+            logger.debug("publish of seqs %d-%d returned %s", batch.seqs[0], batch.seqs[-1], info.rc)
+        self._published += 1
+        self._drain.inflight[info.mid] = batch
+        self._drain.busy.update(batch.seqs)
+        return True
+
+    def _properties(self, kind: TopicKind) -> Properties | None:
+        """MQTT v5 PUBLISH properties: a Message Expiry Interval on metrics, nothing otherwise."""
+        if not self._address.v5 or kind not in METRIC_KINDS or not self._message_expiry_s:
+            return None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.MessageExpiryInterval = self._message_expiry_s
+        return properties
+
+    def _say_goodbye(self, client: mqtt.Client) -> None:
+        """Retained Presence offline ("agent stopped"), waiting briefly for its PUBACK so the
+        DISCONNECT right after it does not overtake it in a slow network."""
+        if not self._connected.is_set():
+            return
+        info = client.publish(
+            self._presence_topic, self._presence(online=False, reason="agent stopped"), qos=1, retain=True
+        )
+        wait = min(GOODBYE_ACK_WAIT_S, max(0.0, self._stop_deadline - time.monotonic()))
+        with suppress(RuntimeError, ValueError):  # not connected any more: the Will speaks for us
+            info.wait_for_publish(wait)
+
+
+def _check_limits(
+    max_inflight: int, window: int, max_batch_records: int, max_batch_bytes: int, message_expiry_s: int
+) -> None:
+    if max_inflight < 1 or not max_inflight <= window <= MAX_WINDOW:
+        raise ValueError(f"need 1 <= max_inflight <= window <= {MAX_WINDOW}")
+    if not 1 <= max_batch_records <= window:
+        raise ValueError("need 1 <= max_batch_records <= window")
+    if max_batch_bytes < 1024:
+        raise ValueError("max_batch_bytes must be at least 1024")
+    if message_expiry_s < 0:
+        raise ValueError("message_expiry_s must be 0 (none) or more")

@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +28,7 @@ from controlplane.db.models import (
     VariantPinRule,
     utcnow,
 )
+from protos.fleet.device_config import config_from_json
 from protos.fleet.release import VerifiedRelease, manifest_to_json
 from protos.fleet.v1 import common_pb2
 
@@ -461,3 +463,92 @@ def set_pin(
             )
         repinned.append(Repinned(device.id, device.desired_generation, releases, pin))
     return PinChange(changed=True, repinned=repinned)
+
+
+# -- labels and configs ----------------------------------------------------------------------
+
+MAX_LABELS = 32
+MAX_LABEL_LENGTH = 128
+
+
+class InvalidLabels(StoreError):
+    """Labels or a selector that are not KEY=VALUE as selectors write them, or too many."""
+
+
+def check_selector(selector: Mapping[str, str], *, what: str = "selector") -> None:
+    """Raises InvalidLabels unless every item can be written as KEY=VALUE in a selector
+    ("hw=jetson,site=a"): a key without ',' or '=', a value without ',', both bounded."""
+    for key, value in selector.items():
+        if not key or _SELECTOR_FORBIDDEN & set(key) or "," in value:
+            raise InvalidLabels(f"{what} {key}={value} is not KEY=VALUE without ',' (or '=' in the key)")
+        if len(key) > MAX_LABEL_LENGTH or len(value) > MAX_LABEL_LENGTH:
+            raise InvalidLabels(f"{what} {key[:40]}=… is longer than {MAX_LABEL_LENGTH} characters")
+
+
+def selector_matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    """A device matches a selector when it has every key with the same value (empty: all)."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class LabelChange:
+    labels: dict[str, str]  # the device's labels afterwards
+    repinned: Repinned | None  # set when a group pin started or stopped applying to it
+
+
+def set_labels(
+    session: Session, *, device_id: str, set_: Mapping[str, str], remove: Sequence[str]
+) -> LabelChange:
+    """Sets and removes labels of one device (removals first, so a key in both ends up set).
+
+    Group pins select by label, so a change that moves the device into or out of one re-assigns
+    it with the pin now in force, at a new generation (as ``set_pin`` does for its devices).
+    """
+    check_selector(set_, what="label")
+    devices = _locked_devices(session, [device_id])
+    device = devices[0]
+    removed = set(remove)
+    labels = {k: v for k, v in device.labels.items() if k not in removed}
+    labels.update(set_)
+    if len(labels) > MAX_LABELS:
+        raise InvalidLabels(f"a device has at most {MAX_LABELS} labels")
+    if labels == device.labels:
+        return LabelChange(labels=labels, repinned=None)
+    pins = list(list_pins(session))
+    before = _pin_key(effective_pin(pins, device))
+    device.labels = labels
+    session.add(device)
+    pin = effective_pin(pins, device)
+    releases = device_releases(session, device.id)
+    if _pin_key(pin) == before or not releases:
+        return LabelChange(labels=labels, repinned=None)
+    generation = _next_generation(session, device)
+    return LabelChange(labels=labels, repinned=Repinned(device.id, generation, releases, pin))
+
+
+def _next_generation(session: Session, device: Device) -> int:
+    """Moves the device to a new generation whose release set is unchanged, recording it as a
+    deployment of its latest model (when it holds one), and returns it."""
+    device.desired_generation += 1
+    session.add(device)
+    if device.desired_bundle_id is not None:
+        session.add(
+            Deployment(
+                device_id=device.id, bundle_id=device.desired_bundle_id, generation=device.desired_generation
+            )
+        )
+    return device.desired_generation
+
+
+def device_config(device: Device) -> common_pb2.DeviceConfig | None:
+    """The DeviceConfig in force for the device, None when it has none."""
+    return config_from_json(device.config) if device.config else None
+
+
+def set_config(session: Session, *, device_id: str, config: Mapping[str, Any]) -> DeployedTo:
+    """Makes ``config`` (stored form; {}: none) the device's config and moves it to a new
+    generation, which its director targets must be signed at, listing its models as they are."""
+    device = _locked_devices(session, [device_id])[0]
+    device.config = dict(config)
+    generation = _next_generation(session, device)
+    return DeployedTo(device.id, generation, device_releases(session, device.id))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, LargeBinary, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 
@@ -46,6 +46,13 @@ class Device(SQLModel, table=True):
     # Every model the device last reported installed: [{"name", "version", "variant", "loaded"}].
     # What it is assigned is DeviceModel; this is what it says it holds, shown side by side.
     models: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Whether the device is connected to the broker, from its retained Presence (its Last Will
+    # says offline), and that Presence's time: an older one never replaces a newer one.
+    online: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    presence_at: datetime | None = None
+    # The DeviceConfig in force for the device (protobuf JSON mapping; {} when none), signed into
+    # its director targets with its models and pin; set by config rollouts (controlplane/rollouts).
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
 class DeviceModel(SQLModel, table=True):
@@ -183,3 +190,75 @@ class OperatorToken(SQLModel, table=True):
     role: str = Field(max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+
+
+class TelemetryRollup(SQLModel, table=True):
+    """One device's telemetry of one kind over one hour, folded from raw rows past retention
+    (controlplane/retention.py): counts, sums and maxima, so rates and averages stay derivable."""
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(primary_key=True, max_length=32)
+    hour: datetime = Field(primary_key=True)
+    records: int = 0
+    requests: int = 0  # inference: requests served
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    decode_tokens: int = 0  # tokens after the first of successful generations
+    decode_seconds: float = 0.0  # decode_tokens / decode_seconds = the hour's decode tokens/s
+    latency_ms_p95_max: float = 0.0
+    rss_bytes_max: int = Field(default=0, sa_type=BigInteger)  # heartbeat
+    cpu_percent_sum: float = 0.0  # heartbeat: / records = the hour's mean CPU
+
+
+class Rollout(SQLModel, table=True):
+    """A release or a device config taken to the devices a label selector matches, wave by wave,
+    each wave gated on what its devices report (controlplane/rollouts/). Everything the engine
+    knows lives here and in RolloutDevice, so a restarted control plane resumes where it stopped.
+
+    The change is ``bundle_id`` (a release) or, when that is None, ``config`` (a DeviceConfig in
+    the protobuf JSON mapping). ``waves`` holds the WaveSpecs ([{"percent": 10.0} or {"count": 5}]),
+    ``gates`` the HealthGates (field name: value), ``state`` a fleet.v1.RolloutState, and
+    ``wave_progress`` one {"soak_until": ISO time or None, "gate_result": str} per wave.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=128)
+    bundle_id: int | None = Field(default=None, foreign_key="bundle.id")
+    config: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    selector: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    waves: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    soak_seconds: int = 0
+    max_concurrent: int = 0  # devices UPDATING at once; 0: no limit
+    gates: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    state: int = Field(default=0, index=True)
+    current_wave: int = 0
+    reason: str = ""
+    wave_progress: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One device of a rollout: its wave, where it is (a fleet.v1.RolloutDeviceState), and what it
+    ran before, so a rollback can put it back.
+
+    ``generation`` is the one the rollout assigned it (0: not assigned yet); a device with one is
+    never assigned again by this rollout. ``previous_bundle_id`` is the release of the rollout's
+    bundle name the device held before (None: it held none, so a rollback removes the model);
+    ``previous_config`` the DeviceConfig it had (config rollouts).
+    """
+
+    rollout_id: int = Field(foreign_key="rollout.id", primary_key=True)
+    device_id: str = Field(foreign_key="device.id", primary_key=True, index=True, max_length=64)
+    wave: int = 0
+    state: int = 0
+    reason: str = ""
+    generation: int = 0
+    previous_bundle_id: int | None = Field(default=None, foreign_key="bundle.id")
+    previous_config: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    assigned_at: datetime | None = None
+    applied_at: datetime | None = None  # when the engine saw the device report it applied
+    rollback_generation: int = 0  # the generation that put it back, once rolled back
+    updated_at: datetime = Field(default_factory=utcnow)

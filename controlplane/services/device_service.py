@@ -21,6 +21,7 @@ from controlplane.db.database import Database
 from controlplane.db.models import Bundle, Device, utcnow
 from controlplane.notifier import DesiredStateNotifier, wait_event
 from controlplane.repositories import Repositories
+from controlplane.rollouts import store as rollout_store
 from controlplane.services.auth import Context, authenticate_device, new_device_id, secret_sha256
 from protos.fleet import topics
 from protos.fleet.uptane import DIRECTOR, IMAGE
@@ -298,6 +299,13 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             if request.state in APPLIED:
                 row.applied_generation = max(row.applied_generation, request.generation)
             session.add(row)
+            rollout_store.record_device_report(
+                session,
+                device_id=device.id,
+                generation=request.generation,
+                state=request.state,
+                error=request.error,
+            )
 
         await self.db.run(apply)
         return device_pb2.StatusAck()

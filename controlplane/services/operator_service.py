@@ -3,22 +3,24 @@ telemetry queries."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, timedelta
-from typing import NoReturn
+from functools import partial
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlmodel import Session
+from sqlmodel import Session, col, func, select
 
 from controlplane import audit
 from controlplane.audit import Outcome
 from controlplane.blobs import BlobStore
 from controlplane.db import crud
 from controlplane.db.database import Database
-from controlplane.db.models import Bundle, Device, EnrollmentToken, VariantPinRule, utcnow
+from controlplane.db.models import Bundle, Device, EnrollmentToken, TelemetryRecord, utcnow
 from controlplane.keys import KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
 from controlplane.rbac import (
@@ -31,14 +33,21 @@ from controlplane.rbac import (
     revoke_operator,
 )
 from controlplane.repositories import Repositories, RepositoryRefusal
+from controlplane.rollouts import director
+from controlplane.rollouts.director import pin_message
+from controlplane.rollouts.engine import EngineConfig, RolloutMachine
+from controlplane.rollouts.rpc import RolloutRpcs
 from controlplane.services.auth import Context, new_secret, secret_sha256
 from controlplane.services.bundle_upload import BundleUpload, PushRefused
+from protos.fleet.topics import TopicKind
 from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import bundle_pb2, common_pb2, operator_pb2, operator_pb2_grpc
 
 DEFAULT_TOKEN_TTL = timedelta(hours=24)
 MAX_TOKEN_USES = 100_000
 MAX_TELEMETRY_ROWS = 10_000
+TAIL_POLL_SECONDS = 0.5
+TAIL_BATCH_ROWS = 500
 
 
 def timestamp(value: object) -> Timestamp:
@@ -46,17 +55,6 @@ def timestamp(value: object) -> Timestamp:
     if value is not None:
         ts.FromDatetime(crud.as_utc(value))  # type: ignore[arg-type]
     return ts
-
-
-def pin_message(rule: VariantPinRule | None) -> common_pb2.VariantPin | None:
-    """A stored pin as the director signs it; ``scope`` tells the device where it came from."""
-    if rule is None:
-        return None
-    return common_pb2.VariantPin(
-        variant_id=rule.variant_id,
-        format=rule.format,  # type: ignore[arg-type]
-        scope="device" if rule.device_id else crud.selector_text(rule.selector),
-    )
 
 
 def installed_models(device: Device) -> list[common_pb2.InstalledModel]:
@@ -104,6 +102,9 @@ def device_summary(
         summary.desired_bundle.CopyFrom(common_pb2.BundleRef(name=desired.name, version=desired.version))
     if device.last_seen is not None:
         summary.last_seen.CopyFrom(timestamp(device.last_seen))
+    summary.online = device.online
+    if device.presence_at is not None:
+        summary.presence_at.CopyFrom(timestamp(device.presence_at))
     return summary
 
 
@@ -116,12 +117,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         notifier: DesiredStateNotifier,
         repositories: Repositories,
         on_device_revoked: Callable[[str], Awaitable[None]] | None = None,
+        rollout_config: EngineConfig | None = None,
     ) -> None:
         self.db = db
         self.blobs = blobs
         self.notifier = notifier
         self.repositories = repositories
         self.on_device_revoked = on_device_revoked  # e.g. re-issue the CRL and cut the broker session
+        self.rollouts = RolloutRpcs(
+            db=db,
+            notifier=notifier,
+            machine=RolloutMachine(repositories, rollout_config or EngineConfig()),
+            refuse=self._refuse,
+        )
 
     async def _refuse(
         self,
@@ -146,18 +154,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         await context.abort(code, message)
 
     def _assign(self, session: Session, changed: Sequence[crud.DeployedTo]) -> None:
-        """Signs each changed device's director targets: all of its models, with its pin."""
-        pins = crud.list_pins(session)
-        for target in changed:
-            device = session.get(Device, target.device_id)
-            assert device is not None
-            self.repositories.assign(
-                session,
-                device_id=target.device_id,
-                generation=target.generation,
-                releases=target.releases,
-                pin=pin_message(crud.effective_pin(pins, device)),
-            )
+        """Signs each changed device's director targets: all of its models, its pin, its config."""
+        director.sign_changed(session, self.repositories, changed)
 
     async def PushBundle(
         self,
@@ -382,6 +380,42 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             ]
         )
 
+    async def TailTelemetry(
+        self, request: operator_pb2.TailTelemetryRequest, context: Context
+    ) -> AsyncIterator[operator_pb2.TelemetryRow]:
+        """Sends the ``backlog`` newest matching rows, then every matching row stored after the
+        call began, in id order, until the caller cancels.
+
+        Why polling the table (every TAIL_POLL_SECONDS, one indexed range query on the primary
+        key) rather than a hook in the ingestor: rows are written by the ingestor's own thread
+        and, with several control-plane replicas behind a shared subscription, by other
+        processes; the database is the one place that sees them all, and SQLite has no
+        LISTEN/NOTIFY. Ids grow with every insert, so "id greater than the last sent" neither
+        repeats nor skips a row written by one ingestor; a row another replica commits after a
+        higher id was already sent can be missed (``fleetctl telemetry query`` is the record).
+        """
+        await authorize(self.db, context, Role.VIEWER)
+        kinds = {k.value for k in TopicKind}
+        if request.kind and request.kind not in kinds:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"kind must be one of {', '.join(sorted(kinds))}"
+            )
+        device_id, kind = request.device_id or None, request.kind or None
+        backlog = min(request.backlog, MAX_TELEMETRY_ROWS)
+        last_id, rows = await self.db.run(
+            lambda s: _tail_start(s, device_id=device_id, kind=kind, backlog=backlog)
+        )
+        for row in rows:
+            yield _telemetry_row(row)
+        while True:
+            rows = await self.db.run(partial(_tail_after, after=last_id, device_id=device_id, kind=kind))
+            for row in rows:
+                yield _telemetry_row(row)
+            if rows:
+                last_id = rows[-1].id or last_id
+            if len(rows) < TAIL_BATCH_ROWS:  # a full batch means more are waiting: no pause
+                await asyncio.sleep(TAIL_POLL_SECONDS)
+
     async def GetImageTargets(
         self, request: operator_pb2.GetImageTargetsRequest, context: Context
     ) -> operator_pb2.GetImageTargetsResponse:
@@ -597,9 +631,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 actor=who.actor,
             )
             for moved in change.repinned:
-                self.repositories.assign(
+                device = session.get(Device, moved.device_id)
+                assert device is not None
+                director.sign(
                     session,
-                    device_id=moved.device_id,
+                    self.repositories,
+                    device=device,
                     generation=moved.generation,
                     releases=moved.releases,
                     pin=pin_message(moved.pin),
@@ -629,3 +666,133 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             max_generation=max((m.generation for m in change.repinned), default=0),
             changed=change.changed,
         )
+
+    async def SetDeviceLabels(
+        self, request: operator_pb2.SetDeviceLabelsRequest, context: Context
+    ) -> operator_pb2.SetDeviceLabelsResponse:
+        """Labels select devices for rollouts and group pins; a change that moves the device into
+        or out of a group pin re-signs its director targets with the pin now in force."""
+        who = await authorize(self.db, context, Role.OPERATOR)
+        if not request.device_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id is required")
+
+        def label(session: Session) -> crud.LabelChange:
+            change = crud.set_labels(
+                session, device_id=request.device_id, set_=dict(request.set), remove=list(request.remove)
+            )
+            moved = change.repinned
+            if moved is not None:
+                device = session.get(Device, moved.device_id)
+                assert device is not None
+                director.sign(
+                    session,
+                    self.repositories,
+                    device=device,
+                    generation=moved.generation,
+                    releases=moved.releases,
+                    pin=pin_message(moved.pin),
+                )
+            audit.record(
+                session,
+                actor=who.actor,
+                action="device.labels",
+                target=request.device_id,
+                detail={
+                    "set": dict(request.set),
+                    "remove": list(request.remove),
+                    "labels": change.labels,
+                    "generation": moved.generation if moved else None,
+                },
+            )
+            return change
+
+        try:
+            change = await self.db.run(label)
+        except crud.InvalidLabels as exc:
+            await self._refuse(
+                context, who, "device.labels", request.device_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            )
+        except crud.DeviceNotFound as exc:
+            await self._refuse(
+                context, who, "device.labels", request.device_id, grpc.StatusCode.NOT_FOUND, str(exc)
+            )
+        except RepositoryRefusal as exc:
+            await self._refuse(
+                context,
+                who,
+                "device.labels",
+                request.device_id,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                str(exc),
+            )
+        if change.repinned is not None:
+            self.notifier.notify([request.device_id])
+        return operator_pb2.SetDeviceLabelsResponse(labels=change.labels)
+
+    # -- rollouts (controlplane/rollouts/rpc.py) ---------------------------------------------
+
+    async def CreateRollout(
+        self, request: operator_pb2.CreateRolloutRequest, context: Context
+    ) -> operator_pb2.Rollout:
+        return await self.rollouts.create(request, context)
+
+    async def GetRollout(
+        self, request: operator_pb2.GetRolloutRequest, context: Context
+    ) -> operator_pb2.Rollout:
+        return await self.rollouts.get(request, context)
+
+    async def ListRollouts(
+        self, request: operator_pb2.ListRolloutsRequest, context: Context
+    ) -> operator_pb2.ListRolloutsResponse:
+        return await self.rollouts.list(request, context)
+
+    async def ControlRollout(
+        self, request: operator_pb2.ControlRolloutRequest, context: Context
+    ) -> operator_pb2.Rollout:
+        return await self.rollouts.control(request, context)
+
+
+# -- TailTelemetry's queries ---------------------------------------------------------------------
+
+
+def _telemetry_row(r: TelemetryRecord) -> operator_pb2.TelemetryRow:
+    return operator_pb2.TelemetryRow(
+        device_id=r.device_id,
+        kind=r.kind,
+        seq=r.seq,
+        time=timestamp(r.time),
+        payload_json=json.dumps(r.payload, sort_keys=True),
+    )
+
+
+def _matching(query: Any, *, device_id: str | None, kind: str | None) -> Any:
+    if device_id:
+        query = query.where(TelemetryRecord.device_id == device_id)
+    if kind:
+        query = query.where(TelemetryRecord.kind == kind)
+    return query
+
+
+def _tail_start(
+    session: Session, *, device_id: str | None, kind: str | None, backlog: int
+) -> tuple[int, list[TelemetryRecord]]:
+    """The id of the newest stored row (of any device and kind: where the tail starts) and the
+    ``backlog`` newest matching rows up to it, oldest first."""
+    newest = session.exec(select(func.max(TelemetryRecord.id))).one() or 0
+    if not backlog:
+        return newest, []
+    query = _matching(
+        select(TelemetryRecord).where(col(TelemetryRecord.id) <= newest), device_id=device_id, kind=kind
+    )
+    rows = session.exec(query.order_by(col(TelemetryRecord.id).desc()).limit(backlog)).all()
+    return newest, list(reversed(rows))
+
+
+def _tail_after(
+    session: Session, *, after: int, device_id: str | None, kind: str | None
+) -> list[TelemetryRecord]:
+    """Up to TAIL_BATCH_ROWS matching rows stored after row ``after``, in id order."""
+    query = _matching(
+        select(TelemetryRecord).where(col(TelemetryRecord.id) > after), device_id=device_id, kind=kind
+    )
+    return list(session.exec(query.order_by(col(TelemetryRecord.id)).limit(TAIL_BATCH_ROWS)).all())

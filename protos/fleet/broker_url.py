@@ -4,6 +4,10 @@ Both sides are configured with one string (``mqtt://host:port`` or ``mqtts://use
 so an operator writes the broker address once, in the form Mosquitto and EMQX document. The
 parser is pure and strict: a typo in a deployment file should fail at start-up with a message
 naming the problem, not as an endless reconnect to the wrong place.
+
+Clients speak MQTT v5 (message expiry, shared subscriptions, reason codes). A broker that only
+speaks 3.1.1 is named with ``?protocol=3.1.1``: the embedded demo broker is one; clients then
+do without v5's features (one control-plane replica, no broker-side expiry).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from dataclasses import dataclass, field
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
+
+PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+"""The ``protocol`` query values a broker URL may carry; MQTT v5 when absent."""
 
 
 class BrokerScheme(enum.StrEnum):
@@ -45,13 +53,19 @@ class BrokerAddress:
     tls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+
+    @property
+    def v5(self) -> bool:
+        return self.protocol == MQTTProtocolVersion.MQTTv5
 
     @property
     def url(self) -> str:
         """The URL without credentials, safe to log."""
         scheme = BrokerScheme.MQTTS if self.tls else BrokerScheme.MQTT
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme.value}://{host}:{self.port}"
+        query = "" if self.v5 else "?protocol=3.1.1"
+        return f"{scheme.value}://{host}:{self.port}{query}"
 
 
 def _scheme(parts: SplitResult, url: str) -> BrokerScheme:
@@ -77,11 +91,23 @@ def _port(parts: SplitResult, scheme: BrokerScheme, url: str) -> int:
     return port
 
 
-def parse_broker_url(url: str) -> BrokerAddress:
-    """Parses ``mqtt[s]://[user[:password]@]host[:port]`` or raises BrokerUrlError.
+def _protocol(parts: SplitResult, url: str) -> MQTTProtocolVersion:
+    if not parts.query:
+        if "?" in url:
+            raise BrokerUrlError(f"broker URL {url!r}: an empty query string is not allowed")
+        return MQTTProtocolVersion.MQTTv5
+    key, _, value = parts.query.partition("=")
+    if key != "protocol" or value not in PROTOCOLS:
+        allowed = " or ".join(f"protocol={v}" for v in PROTOCOLS)
+        raise BrokerUrlError(f"broker URL {url!r}: the only query allowed is {allowed}")
+    return PROTOCOLS[value]
 
-    User and password may be percent-encoded (``%40`` for ``@``). A path other than ``/``,
-    a query or a fragment is refused because MQTT has no use for them and their presence
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parses ``mqtt[s]://[user[:password]@]host[:port][?protocol=3.1.1]`` or raises BrokerUrlError.
+
+    User and password may be percent-encoded (``%40`` for ``@``). A path other than ``/``, any
+    other query, or a fragment is refused because MQTT has no use for them and their presence
     usually means a mistyped URL.
     """
     if not isinstance(url, str) or not url.strip():
@@ -94,8 +120,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     scheme = _scheme(parts, url)
     if parts.path not in ("", "/"):
         raise BrokerUrlError(f"broker URL {url!r}: a path ({parts.path!r}) is not allowed")
-    if parts.query or "?" in url:
-        raise BrokerUrlError(f"broker URL {url!r}: a query string is not allowed")
+    protocol = _protocol(parts, url)
     if parts.fragment or "#" in url:
         raise BrokerUrlError(f"broker URL {url!r}: a fragment is not allowed")
     host = parts.hostname
@@ -109,7 +134,9 @@ def parse_broker_url(url: str) -> BrokerAddress:
             raise BrokerUrlError(f"broker URL {url!r}: a password is given without a user name")
         username = None
         password = None
-    return BrokerAddress(host=host, port=port, tls=scheme.tls, username=username, password=password)
+    return BrokerAddress(
+        host=host, port=port, tls=scheme.tls, username=username, password=password, protocol=protocol
+    )
 
 
 RECONNECT_MIN_DELAY_S = 1

@@ -25,15 +25,25 @@ class TopicKind(enum.StrEnum):
 
 
 TelemetryMessage: TypeAlias = (
-    telemetry_pb2.Heartbeat | telemetry_pb2.InferenceRecord | telemetry_pb2.DeploymentEvent
+    telemetry_pb2.Heartbeat | telemetry_pb2.InferenceSummary | telemetry_pb2.DeploymentEvent
 )
 
-# The message each telemetry topic carries: a topic never lies about its payload.
+# The record type each telemetry topic carries (as a JSON array of them): a topic never lies
+# about its payload.
 MESSAGE_TYPES: dict[TopicKind, type[TelemetryMessage]] = {
     TopicKind.HEARTBEAT: telemetry_pb2.Heartbeat,
-    TopicKind.INFERENCE: telemetry_pb2.InferenceRecord,
+    TopicKind.INFERENCE: telemetry_pb2.InferenceSummary,
     TopicKind.DEPLOYMENT: telemetry_pb2.DeploymentEvent,
 }
+
+METRIC_KINDS = frozenset({TopicKind.HEARTBEAT, TopicKind.INFERENCE})
+"""Streams whose records go stale: the outbox drops them first when full, and the broker may
+expire them (MQTT v5 message expiry). Deployment events are neither dropped early nor expired."""
+
+PRESENCE = "presence"
+STATUS = "status"
+SHARED_GROUP = "edgefleet-controlplane"
+"""The shared-subscription group every control-plane replica joins, so each message reaches one."""
 
 
 class TopicError(ValueError):
@@ -59,6 +69,38 @@ def telemetry_topic(device_id: str, kind: TopicKind) -> str:
 def telemetry_subscription() -> str:
     """The filter the control plane subscribes with to receive every device's telemetry."""
     return f"{ROOT}/+/telemetry/+"
+
+
+def presence_topic(device_id: str) -> str:
+    """Retained Presence of one device; the agent's Last Will publishes its offline value."""
+    return f"{device_prefix(device_id)}/{PRESENCE}"
+
+
+def status_topic(device_id: str) -> str:
+    """Retained DeviceStatus of one device: its latest state, models and generation."""
+    return f"{device_prefix(device_id)}/{STATUS}"
+
+
+def presence_subscription() -> str:
+    return f"{ROOT}/+/{PRESENCE}"
+
+
+def status_subscription() -> str:
+    return f"{ROOT}/+/{STATUS}"
+
+
+def shared(topic_filter: str, group: str = SHARED_GROUP) -> str:
+    """An MQTT v5 shared subscription: the broker gives each message to one member of ``group``."""
+    return f"$share/{group}/{topic_filter}"
+
+
+def device_of(topic: str, leaf: str) -> str:
+    """The device id of ``fleet/v1/devices/{id}/{leaf}``, or TopicError."""
+    prefix = ROOT + "/"
+    parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+    if len(parts) != 2 or parts[1] != leaf:
+        raise TopicError(f"not a {leaf} topic: {topic!r}")
+    return _check_device_id(parts[0])
 
 
 @dataclass(frozen=True, slots=True)

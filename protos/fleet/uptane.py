@@ -122,6 +122,7 @@ class DirectorAssignment:
     releases: tuple[tuple[str, int], ...]  # (bundle, version), sorted by bundle name
     targets: Mapping[str, ArtifactInfo]
     pin: common_pb2.VariantPin | None = None  # an operator's variant or runtime pin, signed with the rest
+    config: common_pb2.DeviceConfig | None = None  # the device's runtime settings, signed with the rest
 
 
 def director_fields(device_id: str, generation: int, releases: Sequence[tuple[str, int]]) -> dict[str, Any]:
@@ -151,6 +152,7 @@ def parse_director_targets(targets: Targets) -> DirectorAssignment:
             releases=releases,
             targets={path: artifact_info(path, t) for path, t in targets.targets.items()},
             pin=_pin(raw.get("pin")),
+            config=_config(raw.get("config")),
         )
     except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
         raise MalformedMetadata(f"director targets have a malformed {CUSTOM_KEY!r} field: {exc}") from exc
@@ -164,3 +166,18 @@ def _pin(raw: object) -> common_pb2.VariantPin | None:
     if not isinstance(raw, dict):
         raise TypeError(f"pin must be an object, not {type(raw).__name__}")
     return json_format.ParseDict(raw, common_pb2.VariantPin(), ignore_unknown_fields=True)
+
+
+def _config(raw: object) -> common_pb2.DeviceConfig | None:
+    """The device config in its protobuf JSON form, or None when the director set none.
+
+    Unlike the pin, unknown fields are refused: a setting this agent does not know cannot be
+    honoured, and skipping it would report a config in force that is not. Ranges are the
+    agent's to check (agent/updater.py), so a malformed document and an unusable value are told
+    apart in what the device reports.
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError(f"config must be an object, not {type(raw).__name__}")
+    return json_format.ParseDict(raw, common_pb2.DeviceConfig())

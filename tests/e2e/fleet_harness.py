@@ -192,6 +192,8 @@ class Fleet:
             f"127.0.0.1:{self.agent_ports[i]}",
             "--heartbeat-seconds",
             "1",
+            "--telemetry-interval",
+            "1",
             "--threads",
             "1",
         ]

@@ -212,7 +212,7 @@ class CrashRig:
         release = self.releases[self.version]
         assert state["phase"] == ACTIVE, state
         assert state["desired_generation"] == state["applied_generation"] == self.generation, state
-        active = state["active"]
+        (active,) = state["models"]  # one model: the bundle this rig deploys
         assert (active["bundle"], active["version"], active["generation"]) == (
             BUNDLE,
             self.version,
@@ -225,8 +225,8 @@ class CrashRig:
             assert sha256_of(artifact) == release.sha256
         by_sha = {r.sha256: r for r in self.releases.values()}
         kept = {release.sha256}
-        if state["previous"] is not None:
-            previous = by_sha[state["previous"]["artifact_sha256"]]
+        for rollback in state["previous"]:
+            previous = by_sha[rollback["artifact_sha256"]]
             assert self.artifact(previous).stat().st_size == previous.length, "rollback target is gone"
             kept.add(previous.sha256)
 

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,11 @@ def test_telemetry_reaches_the_database(fleet: Fleet) -> None:
         return list(rows) if {r.device_id for r in rows} == {d.device_id for d in fleet.devices()} else None
 
     rows = wait_for("inference telemetry from both devices", inference_rows, timeout=30)
-    payload = json.loads(rows[0].payload_json)
-    assert payload["completionTokens"] > 0 and payload["tokensPerSecond"] > 0 and payload["latencyMs"] > 0
+    served = [p for p in (json.loads(r.payload_json) for r in rows) if int(p["requests"]) > int(p["errors"])]
+    assert served, "no inference summary with a successful request"
+    payload = served[0]
+    assert int(payload["completionTokens"]) > 0 and payload["tokensPerSecond"] > 0
+    assert payload["latencyMsP95"] >= payload["latencyMsP50"] > 0 and payload["model"] == "smollm2"
     heartbeats = stub.QueryTelemetry(operator_pb2.QueryTelemetryRequest(kind="heartbeat", limit=10)).rows
     assert heartbeats, "no heartbeats stored"
     listed = json.loads(fleet.fleetctl("devices", "list", "--json"))
@@ -140,13 +144,19 @@ def test_agents_keep_serving_while_the_broker_is_down_and_telemetry_arrives_late
     device = fleet.devices()[0]
     stub = fleet.stub()
 
-    def inference_rows() -> int:
+    def requests_reported() -> int:
+        """Requests the device's stored inference summaries account for."""
         rows = stub.QueryTelemetry(
             operator_pb2.QueryTelemetryRequest(device_id=device.device_id, kind="inference", limit=1000)
         ).rows
-        return len(rows)
+        return sum(int(json.loads(r.payload_json)["requests"]) for r in rows)
 
-    before = wait_for("earlier telemetry to settle", lambda: inference_rows() or None, timeout=30)
+    def settled() -> int | None:
+        first = requests_reported()
+        time.sleep(2.5)  # more than an interval (1 s): the last summary has been flushed and sent
+        return first if first and requests_reported() == first else None
+
+    before = wait_for("earlier telemetry to settle", settled, timeout=60)
     broker.stop()
     client = client_for(device.api_url)
     for _ in range(3):
@@ -156,12 +166,14 @@ def test_agents_keep_serving_while_the_broker_is_down_and_telemetry_arrives_late
         assert reply.choices[0].message.content is not None
     outbox = fleet.agent_dir(fleet.agent_ports.index(int(device.api_url.rsplit(":", 1)[1]))) / "outbox.sqlite"
     assert outbox.exists()
-    assert inference_rows() == before, "nothing can arrive while the broker is down"
+    time.sleep(2.5)  # the requests' summary is flushed into the outbox
+    assert requests_reported() == before, "nothing can arrive while the broker is down"
     broker.start()  # same port, persistent sessions
     wait_for(
-        "the outage's records in the database", lambda: inference_rows() >= before + 3 or None, timeout=90
+        "the outage's records in the database", lambda: requests_reported() >= before + 3 or None, timeout=90
     )
-    assert inference_rows() == before + 3, "each record arrives exactly once"
+    time.sleep(2.5)
+    assert requests_reported() == before + 3, "each request is reported exactly once"
 
 
 def test_tampered_artifact_is_refused_and_old_model_keeps_serving(

@@ -17,10 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.ingest import replica_client_id
 from controlplane.settings import Settings
-from protos.fleet.topics import TopicKind, device_prefix, telemetry_subscription, telemetry_topic
+from protos.fleet.topics import (
+    TopicKind,
+    device_prefix,
+    presence_topic,
+    shared,
+    status_topic,
+    telemetry_subscription,
+    telemetry_topic,
+)
 from tests.mqtt_tls import (
-    CONTROLPLANE_USER,
+    NO_MATCHING_SUBSCRIBERS,
     NOT_AUTHORIZED,
     Probe,
     TlsBroker,
@@ -54,18 +63,20 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
 @needs_mosquitto
 def test_mosquitto_conf_runs_and_persists_across_a_restart(tmp_path: Path) -> None:
     """Telemetry a device sends while the control plane is away waits in the control plane's
-    persistent session (clean_session=False, as controlplane.ingest subscribes), and survives
-    a broker restart: SIGTERM saves the database (exit status 0) and the next start loads it."""
+    persistent session (MQTT v5 clean start off with a Session Expiry Interval, and the shared
+    subscription, as controlplane.ingest makes them), and survives a broker restart: SIGTERM
+    saves the database (exit status 0) and the next start loads it."""
     broker = start_tls_broker(tmp_path)
+    replica = replica_client_id("a")
     try:
         device = broker.issue_device("dev-c")
         topic = telemetry_topic(device.device_id, TopicKind.HEARTBEAT)
-        subscriber = controlplane_probe(broker, client_id=CONTROLPLANE_USER, persistent=True)
-        assert not subscriber.subscribe(telemetry_subscription()).is_failure
+        subscriber = controlplane_probe(broker, client_id=replica, persistent=True)
+        assert not subscriber.subscribe(shared(telemetry_subscription())).is_failure
         subscriber.close()
         # Offline before the device publishes, so the message is queued rather than sent.
         wait_for(
-            lambda: f"Client {CONTROLPLANE_USER} disconnected." in broker.log_text(),
+            lambda: f"Client {replica} disconnected." in broker.log_text(),
             "the control plane's disconnection",
         )
         sender = device_probe(broker, device)
@@ -78,7 +89,7 @@ def test_mosquitto_conf_runs_and_persists_across_a_restart(tmp_path: Path) -> No
         stopped_with = broker.process.returncode
         broker.start()
 
-        subscriber = controlplane_probe(broker, client_id=CONTROLPLANE_USER, persistent=True)
+        subscriber = controlplane_probe(broker, client_id=replica, persistent=True)
         try:
             received = subscriber.receive_until(b"queued while away")
         finally:
@@ -98,6 +109,41 @@ def test_mosquitto_conf_runs_and_persists_across_a_restart(tmp_path: Path) -> No
 
 
 @needs_mosquitto
+def test_after_a_restart_a_shared_subscription_waits_for_its_subscriber(tmp_path: Path) -> None:
+    """What the agent's publisher relies on: Mosquitto 2.0.11 restores a persistent session's
+    queued messages but not its shared subscriptions, so after a restart nothing matches the
+    control plane's filters until it subscribes again, and a device's v5 PUBACK says so (0x10,
+    no matching subscribers). The publisher keeps such records in its outbox and resends them."""
+    broker = start_tls_broker(tmp_path)
+    replica = replica_client_id("a")
+    try:
+        device = broker.issue_device("dev-r")
+        topic = telemetry_topic(device.device_id, TopicKind.HEARTBEAT)
+        subscriber = controlplane_probe(broker, client_id=replica, persistent=True)
+        assert not subscriber.subscribe(shared(telemetry_subscription())).is_failure
+        subscriber.close()
+        broker.stop()
+        broker.start()
+        sender = device_probe(broker, device)
+        try:
+            unheard = sender.publish(topic, b"before the control plane is back")
+            subscriber = controlplane_probe(broker, client_id=replica, persistent=True)
+            assert subscriber.session_present
+            assert not subscriber.subscribe(shared(telemetry_subscription())).is_failure
+            heard = sender.publish(topic, b"after it subscribed")
+            received = subscriber.receive_until(b"after it subscribed")
+            subscriber.close()
+        finally:
+            sender.close()
+    finally:
+        broker.stop()
+
+    assert unheard.value == NO_MATCHING_SUBSCRIBERS, unheard
+    assert heard.value == 0, heard
+    assert received == [(topic, b"after it subscribed")]
+
+
+@needs_mosquitto
 def test_anonymous_client_is_refused(broker: TlsBroker) -> None:
     client = Probe("anonymous")
     try:
@@ -107,6 +153,21 @@ def test_anonymous_client_is_refused(broker: TlsBroker) -> None:
 
     assert not accepted
     assert client.connack is not None and client.connack.value == NOT_AUTHORIZED, client.connack
+
+
+@needs_mosquitto
+def test_control_plane_cannot_publish_presence_or_status(broker: TlsBroker) -> None:
+    """Nor can it plant a retained presence or status for a device."""
+    device = broker.issue_device("dev-p")
+    controlplane = controlplane_probe(broker)
+    try:
+        forged = [
+            controlplane.publish(presence_topic(device.device_id), b"forged", retain=True),
+            controlplane.publish(status_topic(device.device_id), b"forged", retain=True),
+        ]
+    finally:
+        controlplane.close()
+    assert [code.value for code in forged] == [NOT_AUTHORIZED, NOT_AUTHORIZED]
 
 
 @needs_mosquitto

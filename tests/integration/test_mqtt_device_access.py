@@ -22,7 +22,17 @@ from pathlib import Path
 import pytest
 
 from controlplane.ca import init_ca
-from protos.fleet.topics import TopicKind, device_prefix, telemetry_subscription, telemetry_topic
+from protos.fleet.topics import (
+    TopicKind,
+    device_prefix,
+    presence_subscription,
+    presence_topic,
+    shared,
+    status_subscription,
+    status_topic,
+    telemetry_subscription,
+    telemetry_topic,
+)
 from tests.mqtt_tls import (
     CONTROLPLANE_USER,
     NOT_AUTHORIZED,
@@ -77,9 +87,12 @@ def device_b(broker: TlsBroker) -> DeviceIdentity:
 
 @pytest.fixture
 def controlplane(broker: TlsBroker) -> Iterator[Probe]:
-    """The control plane's telemetry subscription, as controlplane.ingest makes it."""
+    """The control plane's subscriptions, as controlplane.ingest makes them: shared, to every
+    device's telemetry, presence and status. Without the retained messages the module's earlier
+    tests left (a new shared subscription gets them on Mosquitto 2.0.11): each test sees its own."""
     probe = controlplane_probe(broker)
-    assert not probe.subscribe(telemetry_subscription()).is_failure
+    for subscription in (telemetry_subscription(), presence_subscription(), status_subscription()):
+        assert not probe.subscribe(shared(subscription), retained=False).is_failure
     yield probe
     probe.close()
 
@@ -194,6 +207,82 @@ def test_device_cannot_read_another_devices_topics(
     assert all(code.value in (1, NOT_AUTHORIZED) for code in foreign), foreign
     # a's own subtree and the telemetry wildcard both match a's marker: one copy each.
     assert {payload for _, payload in received} == {b"a's own"}, received
+
+
+# --- presence and status: retained messages and the Last Will ---
+
+
+def test_device_publishes_its_retained_presence_status_and_last_will(
+    broker: TlsBroker, device_a: DeviceIdentity, controlplane: Probe
+) -> None:
+    """What the agent publishes outside its telemetry streams: retained Presence and status on
+    its own topics, and a Last Will on its presence topic that the broker publishes when the
+    connection dies. All of it reaches the control plane's shared subscriptions."""
+    presence, status = presence_topic(device_a.device_id), status_topic(device_a.device_id)
+    device = Probe(device_a.device_id, will=(presence, b"offline (will)"))
+    assert device.connect(broker.tls_port, tls=device_a.ssl_context()), broker.log_text()
+    online = device.publish(presence, b"online", retain=True)
+    latest = device.publish(status, b"status", retain=True)
+
+    device.drop()  # no DISCONNECT: the broker publishes the will
+
+    received = controlplane.receive_until(b"offline (will)")
+    late = controlplane_probe(broker, "late-reader")
+    try:
+        late.subscribe(presence)
+        late.subscribe(status)
+        retained = {late.messages.get(timeout=WAIT_S) for _ in range(2)}
+    finally:
+        late.close()
+    assert not online.is_failure and not latest.is_failure, (online, latest)
+    assert received == [(presence, b"online"), (status, b"status"), (presence, b"offline (will)")]
+    assert retained == {(presence, b"offline (will)"), (status, b"status")}
+
+
+def test_device_cannot_set_another_devices_presence_or_status(
+    broker: TlsBroker, device_a: DeviceIdentity, device_b: DeviceIdentity, controlplane: Probe
+) -> None:
+    """Retained publishes are checked like any other, and a Last Will is checked against the
+    device's write rules when the broker publishes it: Mosquitto 2.0.11 accepts the CONNECT of
+    a device whose will names another device's topic, then drops the will."""
+    b_presence, b_status = presence_topic(device_b.device_id), status_topic(device_b.device_id)
+    device = Probe(device_a.device_id, will=(b_presence, b"b is offline, says a"))
+    accepted = device.connect(broker.tls_port, tls=device_a.ssl_context())
+    forged = [device.publish(b_presence, b"b is online, says a", retain=True)]
+    forged.append(device.publish(b_status, b"b's status, says a", retain=True))
+    device.drop()
+    own = device_probe(broker, device_a)  # after the will would have been published
+    try:
+        marker = own.publish(presence_topic(device_a.device_id), b"a's own", retain=True)
+    finally:
+        own.close()
+
+    received = controlplane.receive_until(b"a's own")
+    assert accepted, broker.log_text()
+    assert [code.value for code in forged] == [NOT_AUTHORIZED, NOT_AUTHORIZED]
+    assert not marker.is_failure
+    assert received == [(presence_topic(device_a.device_id), b"a's own")]
+
+
+def test_device_cannot_read_another_devices_retained_presence_or_status(
+    broker: TlsBroker, device_a: DeviceIdentity, device_b: DeviceIdentity
+) -> None:
+    other = device_probe(broker, device_b)
+    try:
+        assert not other.publish(presence_topic(device_b.device_id), b"b online", retain=True).is_failure
+        assert not other.publish(status_topic(device_b.device_id), b"b status", retain=True).is_failure
+    finally:
+        other.close()
+    device = device_probe(broker, device_a)
+    try:
+        device.subscribe(presence_subscription())  # every device's, retained ones included
+        device.subscribe(status_subscription())
+        own = presence_topic(device_a.device_id)
+        assert not device.publish(own, b"a's own").is_failure
+        received = device.receive_until(b"a's own")
+    finally:
+        device.close()
+    assert received == [(own, b"a's own")]
 
 
 # --- who may connect at all ---

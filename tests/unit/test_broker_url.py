@@ -49,7 +49,9 @@ def test_parses_valid_urls(url: str, expected: BrokerAddress) -> None:
         ("mqtt://host:65536", "port must be a number"),
         ("mqtt://host:", "port is empty"),
         ("mqtt://host/topic", "path"),
-        ("mqtt://host?x=1", "query"),
+        ("mqtt://host?x=1", "query allowed is protocol=5 or protocol=3.1.1"),
+        ("mqtt://host?protocol=4", "query allowed"),
+        ("mqtt://host?", "empty query"),
         ("mqtt://host#frag", "fragment"),
         ("mqtt://host :1883", "whitespace"),
         (" mqtt://host", "whitespace"),
@@ -77,3 +79,14 @@ def test_address_is_frozen() -> None:
     address = parse_broker_url("mqtt://host")
     with pytest.raises(AttributeError):
         address.port = 1  # type: ignore[misc]
+
+
+def test_protocol_query_names_a_3_1_1_broker() -> None:
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    assert parse_broker_url("mqtt://host").protocol == MQTTProtocolVersion.MQTTv5
+    old = parse_broker_url("mqtt://host:1884?protocol=3.1.1")
+    assert old.protocol == MQTTProtocolVersion.MQTTv311 and not old.v5
+    assert old.url == "mqtt://host:1884?protocol=3.1.1"
+    assert parse_broker_url(old.url) == old
+    assert parse_broker_url("mqtt://host?protocol=5").v5

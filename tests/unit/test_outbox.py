@@ -8,24 +8,24 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from agent.stats import InferenceStats
-from agent.telemetry import Outbox, OutboxCorruptError, OutboxError, Telemetry
+from agent.telemetry import Outbox, OutboxCorruptError, OutboxError
+from agent.telemetry.outbox import batch_size, encode_batch
 from protos.fleet.topics import TopicKind
 from protos.fleet.v1 import telemetry_pb2
 
 
-def _inference(tokens_per_second: float = 12.5) -> telemetry_pb2.InferenceRecord:
-    return telemetry_pb2.InferenceRecord(
+def _inference(tokens_per_second: float = 12.5) -> telemetry_pb2.InferenceSummary:
+    return telemetry_pb2.InferenceSummary(
         schema_version=telemetry_pb2.TELEMETRY_SCHEMA_V1,
         device_id="dev-1",
         model="smollm2",
-        endpoint="chat.completions",
-        latency_ms=40.0,
+        requests=3,
+        requests_by_endpoint={"chat.completions": 3},
+        latency_ms_p95=40.0,
         tokens_per_second=tokens_per_second,
     )
 
@@ -54,7 +54,8 @@ def test_put_assigns_increasing_seqs_and_stores_camel_case_json(path: Path) -> N
     assert [(i.seq, i.kind) for i in items] == [(1, TopicKind.INFERENCE), (2, TopicKind.HEARTBEAT)]
     body = json.loads(items[0].payload)
     assert body["tokensPerSecond"] == 12.5
-    assert body["latencyMs"] == 40.0
+    assert body["latencyMsP95"] == 40.0
+    assert body["requestsByEndpoint"] == {"chat.completions": "3"}
     assert body["deviceId"] == "dev-1"
     assert body["seq"] == "1"  # uint64 in protobuf's JSON mapping
     assert json.loads(items[1].payload)["requestsTotal"] == "3"
@@ -239,56 +240,36 @@ def test_uses_wal_and_full_sync(path: Path) -> None:
         assert path.with_name(path.name + "-wal").exists()
 
 
-def test_telemetry_facade_builds_messages(path: Path) -> None:
-    nudges: list[int] = []
-    when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+def test_discard_deletes_and_counts_apart_from_dropped(path: Path) -> None:
     with Outbox(path) as outbox:
-        telemetry = Telemetry(
-            device_id="dev-9", outbox=outbox, nudge=lambda: nudges.append(1), clock=lambda: when
-        )
-        stats = InferenceStats(
-            model="m",
-            endpoint="completions",
-            prompt_tokens=3,
-            completion_tokens=5,
-            latency_ms=12.0,
-            time_to_first_token_ms=2.0,
-            tokens_per_second=80.0,
-            stream=True,
-        )
-        assert telemetry.record_inference(stats) == 1
-        assert (
-            telemetry.record_heartbeat(
-                state=6,
-                active_bundle=("smollm2", 3),
-                api_url="http://127.0.0.1:8080",
-                rss_bytes=1024,
-                uptime_seconds=1.5,
-                requests_total=9,
-                variant="gguf-q4",
-            )
-            == 2
-        )
-        assert telemetry.record_deployment(generation=4, bundle=None, state=7, detail="bad signature") == 3
-        bodies = [json.loads(i.payload) for i in outbox.pending(10)]
-    assert nudges == [1, 1, 1]
-    inference, heartbeat, deployment = bodies
-    assert inference["deviceId"] == "dev-9"
-    assert inference["schemaVersion"] == 1
-    assert inference["time"] == "2025-01-02T03:04:05Z"
-    assert inference["tokensPerSecond"] == 80.0
-    assert inference["stream"] is True
-    assert heartbeat["activeBundle"] == {"name": "smollm2", "version": "3"}
-    assert heartbeat["state"] == "DEVICE_STATE_ACTIVE"
-    assert heartbeat["requestsTotal"] == "9"
-    assert deployment["state"] == "DEVICE_STATE_FAILED"
-    assert deployment["detail"] == "bad signature"
-    assert deployment["generation"] == "4"
+        for _ in range(4):
+            outbox.put(TopicKind.INFERENCE, _inference())
+        assert outbox.discard([2, 3, 99]) == 2
+        assert [i.seq for i in outbox.pending(10)] == [1, 4]
+        assert len(outbox) == 2
+        assert (outbox.discarded, outbox.dropped) == (2, 0)
+    with Outbox(path) as outbox:
+        assert outbox.discarded == 2
 
 
-def test_telemetry_facade_never_raises_when_the_outbox_fails(path: Path) -> None:
-    outbox = Outbox(path)
-    telemetry = Telemetry(device_id="dev-1", outbox=outbox)
-    outbox.close()  # every later put fails
-    assert telemetry.record_deployment(generation=1, bundle=("b", 1), state=1, detail="") is None
-    assert telemetry.lost == 1
+def test_an_outbox_from_before_discard_counting_opens_with_zero(path: Path) -> None:
+    with Outbox(path) as outbox:
+        outbox.put(TopicKind.HEARTBEAT, _heartbeat())
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'discarded'")
+    with Outbox(path) as outbox:
+        assert outbox.discarded == 0
+        assert outbox.discard([1]) == 1
+        assert outbox.discarded == 1
+
+
+def test_encode_batch_is_a_json_array_of_the_stored_records_oldest_first(path: Path) -> None:
+    with Outbox(path) as outbox:
+        outbox.put(TopicKind.INFERENCE, _inference(1.0))
+        outbox.put(TopicKind.INFERENCE, _inference(2.0))
+        payloads = [i.payload for i in outbox.pending(10)]
+    batch = encode_batch(payloads)
+    assert len(batch) == batch_size(sum(map(len, payloads)), len(payloads))
+    assert [(r["seq"], r["tokensPerSecond"]) for r in json.loads(batch)] == [("1", 1.0), ("2", 2.0)]
+    with pytest.raises(ValueError, match="at least one record"):
+        encode_batch([])

@@ -25,6 +25,7 @@ from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import FetcherInterface
 
 from agent.artifacts import ArtifactStore
+from agent.updater import UnusableConfig, signed_config
 from agent.uptane_client import UptaneVerifier
 from controlplane.bundles import BundleOnDisk
 from controlplane.client import extend_image_targets
@@ -440,3 +441,71 @@ def test_control_plane_re_signs_timestamps_before_they_expire(world: World) -> N
     with Session(world.engine) as s, s.begin():
         assert world.repos.refresh_expiring(s) == 0
     assert world.verifier().refresh() is not None
+
+
+# -- device config -----------------------------------------------------------------------------
+
+
+def assign_config(world: World, generation: int, config: common_pb2.DeviceConfig) -> None:
+    with Session(world.engine) as s, s.begin():
+        world.repos.assign(s, device_id=DEVICE, generation=generation, releases=[("tiny", 1)], config=config)
+
+
+def test_a_signed_device_config_reaches_the_device(world: World) -> None:
+    config = common_pb2.DeviceConfig(
+        n_ctx=4096, max_waiting=0, keep_alive_seconds=0, telemetry_interval_seconds=2.5
+    )
+    assign_config(world, 2, config)
+    assignment = world.verifier().refresh()
+    assert assignment.generation == 2 and assignment.config == config
+    assert signed_config(assignment) == config
+    world.deploy(1, generation=3)  # a deployment without one: the device has none
+    assert world.verifier().refresh().config is None
+
+
+def test_control_plane_refuses_an_invalid_config_before_signing(world: World) -> None:
+    before = world.stored(DIRECTOR, "timestamp.json")
+    with pytest.raises(
+        RepositoryRefusal, match=r"device config of dev-a+ refused: n_ctx: must be 128\.\.1048576"
+    ):
+        assign_config(world, 2, common_pb2.DeviceConfig(n_ctx=16))
+    assert world.stored(DIRECTOR, "timestamp.json") == before  # nothing signed
+    assert world.verifier().refresh().generation == 1
+
+
+def test_compromised_director_pushing_an_invalid_config_is_refused_by_the_agent(world: World) -> None:
+    """The attacker holds the online director key, so the signature checks out; the agent
+    applies the control plane's rules again and refuses the config (the updater reports FAILED
+    with this reason and keeps its settings: tests/unit/test_device_config_agent.py)."""
+    targets = director_targets(world)
+    targets.unrecognized_fields[uptane.CUSTOM_KEY]["config"] = {"maxRunning": 100000, "nCtx": 4096}
+    substitute_director(world, targets)
+    assignment = world.verifier().refresh()
+    assert assignment.config == common_pb2.DeviceConfig(max_running=100000, n_ctx=4096)
+    with pytest.raises(
+        UnusableConfig, match=r"device config refused: max_running: must be 1\.\.64, got 100000"
+    ):
+        signed_config(assignment)
+
+
+@pytest.mark.parametrize(
+    "bad", ["nCtx=4096", {"nCtx": "4096 tokens"}, {"nCtx": -1}, {"sshKey": "ssh-ed25519"}]
+)
+def test_compromised_director_pushing_a_malformed_config_is_refused_by_the_verifier(
+    world: World, bad: object
+) -> None:
+    targets = director_targets(world)
+    targets.unrecognized_fields[uptane.CUSTOM_KEY]["config"] = bad
+    substitute_director(world, targets)
+    with pytest.raises(rel.MalformedMetadata, match="malformed 'edgefleet' field"):
+        world.verifier().refresh()
+
+
+def test_a_config_edited_in_transit_is_refused(world: World) -> None:
+    """Without the director key: the signed bytes change, the signature no longer matches."""
+    assign_config(world, 2, common_pb2.DeviceConfig(n_ctx=1024))
+    document = json.loads(world.stored(DIRECTOR, "targets.json"))
+    document["signed"][uptane.CUSTOM_KEY]["config"] = {"nCtx": 1048576}
+    world.transport.substitute[(DIRECTOR, "targets.json")] = json.dumps(document).encode()
+    with pytest.raises(rel.UntrustedMetadata):
+        world.verifier().refresh()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/fleet/v1/common.proto\x12\x08\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\tBundleRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x98\x05\n\rDeviceSummary\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12*\n\ractive_bundle\x18\x03 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12+\n\x0e\x64\x65sired_bundle\x18\x04 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07\x61pi_url\x18\x05 \x01(\t\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1e\n\x16last_tokens_per_second\x18\x08 \x01(\x01\x12\x17\n\x0flast_latency_ms\x18\t \x01(\x01\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x1a\n\x12\x64\x65sired_generation\x18\x0b \x01(\x04\x12\x1a\n\x12\x61pplied_generation\x18\x0c \x01(\x04\x12\x33\n\x06labels\x18\r \x03(\x0b\x32#.fleet.v1.DeviceSummary.LabelsEntry\x12\x0f\n\x07variant\x18\x0e \x01(\t\x12\x0f\n\x07revoked\x18\x0f \x01(\x08\x12\x18\n\x10selection_reason\x18\x10 \x01(\t\x12!\n\x03pin\x18\x11 \x01(\x0b\x32\x14.fleet.v1.VariantPin\x12+\n\x0e\x64\x65sired_models\x18\x12 \x03(\x0b\x32\x13.fleet.v1.BundleRef\x12(\n\x06models\x18\x13 \x03(\x0b\x32\x18.fleet.v1.InstalledModel\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x0eInstalledModel\x12#\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\"V\n\nVariantPin\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.fleet.v1.ModelFormat\x12\r\n\x05scope\x18\x03 \x01(\t\"3\n\x10VariantRejection\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc2\x01\n\x10VariantSelection\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.fleet.v1.ModelFormat\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\nrejections\x18\x05 \x03(\x0b\x32\x1a.fleet.v1.VariantRejection\x12!\n\x03pin\x18\x06 \x01(\x0b\x32\x14.fleet.v1.VariantPin*\x80\x02\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45VICE_STATE_IDLE\x10\x01\x12\x19\n\x15\x44\x45VICE_STATE_FETCHING\x10\x02\x12\x1a\n\x16\x44\x45VICE_STATE_VERIFYING\x10\x03\x12\x1b\n\x17\x44\x45VICE_STATE_INSTALLING\x10\x04\x12\x18\n\x14\x44\x45VICE_STATE_TESTING\x10\x05\x12\x17\n\x13\x44\x45VICE_STATE_ACTIVE\x10\x06\x12\x17\n\x13\x44\x45VICE_STATE_FAILED\x10\x07\x12\x1c\n\x18\x44\x45VICE_STATE_ROLLED_BACK\x10\x08*o\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_GGUF\x10\x01\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x02\x12\x14\n\x10MODEL_FORMAT_MLX\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/fleet/v1/common.proto\x12\x08\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\tBundleRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xd9\x05\n\rDeviceSummary\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12*\n\ractive_bundle\x18\x03 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12+\n\x0e\x64\x65sired_bundle\x18\x04 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07\x61pi_url\x18\x05 \x01(\t\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1e\n\x16last_tokens_per_second\x18\x08 \x01(\x01\x12\x17\n\x0flast_latency_ms\x18\t \x01(\x01\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x1a\n\x12\x64\x65sired_generation\x18\x0b \x01(\x04\x12\x1a\n\x12\x61pplied_generation\x18\x0c \x01(\x04\x12\x33\n\x06labels\x18\r \x03(\x0b\x32#.fleet.v1.DeviceSummary.LabelsEntry\x12\x0f\n\x07variant\x18\x0e \x01(\t\x12\x0f\n\x07revoked\x18\x0f \x01(\x08\x12\x18\n\x10selection_reason\x18\x10 \x01(\t\x12!\n\x03pin\x18\x11 \x01(\x0b\x32\x14.fleet.v1.VariantPin\x12+\n\x0e\x64\x65sired_models\x18\x12 \x03(\x0b\x32\x13.fleet.v1.BundleRef\x12(\n\x06models\x18\x13 \x03(\x0b\x32\x18.fleet.v1.InstalledModel\x12\x0e\n\x06online\x18\x14 \x01(\x08\x12/\n\x0bpresence_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x0eInstalledModel\x12#\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\"V\n\nVariantPin\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.fleet.v1.ModelFormat\x12\r\n\x05scope\x18\x03 \x01(\t\"\xc9\x02\n\x0c\x44\x65viceConfig\x12\x16\n\tn_threads\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05n_ctx\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bmax_running\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0bmax_waiting\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\'\n\x1atelemetry_interval_seconds\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12keep_alive_seconds\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12!\n\x03pin\x18\x07 \x01(\x0b\x32\x14.fleet.v1.VariantPinB\x0c\n\n_n_threadsB\x08\n\x06_n_ctxB\x0e\n\x0c_max_runningB\x0e\n\x0c_max_waitingB\x1d\n\x1b_telemetry_interval_secondsB\x15\n\x13_keep_alive_seconds\"3\n\x10VariantRejection\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc2\x01\n\x10VariantSelection\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.fleet.v1.ModelFormat\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\nrejections\x18\x05 \x03(\x0b\x32\x1a.fleet.v1.VariantRejection\x12!\n\x03pin\x18\x06 \x01(\x0b\x32\x14.fleet.v1.VariantPin*\x80\x02\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45VICE_STATE_IDLE\x10\x01\x12\x19\n\x15\x44\x45VICE_STATE_FETCHING\x10\x02\x12\x1a\n\x16\x44\x45VICE_STATE_VERIFYING\x10\x03\x12\x1b\n\x17\x44\x45VICE_STATE_INSTALLING\x10\x04\x12\x18\n\x14\x44\x45VICE_STATE_TESTING\x10\x05\x12\x17\n\x13\x44\x45VICE_STATE_ACTIVE\x10\x06\x12\x17\n\x13\x44\x45VICE_STATE_FAILED\x10\x07\x12\x1c\n\x18\x44\x45VICE_STATE_ROLLED_BACK\x10\x08*o\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_GGUF\x10\x01\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x02\x12\x14\n\x10MODEL_FORMAT_MLX\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICESUMMARY_LABELSENTRY']._loaded_options = None
   _globals['_DEVICESUMMARY_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICESTATE']._serialized_start=1213
-  _globals['_DEVICESTATE']._serialized_end=1469
-  _globals['_MODELFORMAT']._serialized_start=1471
-  _globals['_MODELFORMAT']._serialized_end=1582
+  _globals['_DEVICESTATE']._serialized_start=1610
+  _globals['_DEVICESTATE']._serialized_end=1866
+  _globals['_MODELFORMAT']._serialized_start=1868
+  _globals['_MODELFORMAT']._serialized_end=1979
   _globals['_BUNDLEREF']._serialized_start=75
   _globals['_BUNDLEREF']._serialized_end=117
   _globals['_DEVICESUMMARY']._serialized_start=120
-  _globals['_DEVICESUMMARY']._serialized_end=784
-  _globals['_DEVICESUMMARY_LABELSENTRY']._serialized_start=739
-  _globals['_DEVICESUMMARY_LABELSENTRY']._serialized_end=784
-  _globals['_INSTALLEDMODEL']._serialized_start=786
-  _globals['_INSTALLEDMODEL']._serialized_end=872
-  _globals['_VARIANTPIN']._serialized_start=874
-  _globals['_VARIANTPIN']._serialized_end=960
-  _globals['_VARIANTREJECTION']._serialized_start=962
-  _globals['_VARIANTREJECTION']._serialized_end=1013
-  _globals['_VARIANTSELECTION']._serialized_start=1016
-  _globals['_VARIANTSELECTION']._serialized_end=1210
+  _globals['_DEVICESUMMARY']._serialized_end=849
+  _globals['_DEVICESUMMARY_LABELSENTRY']._serialized_start=804
+  _globals['_DEVICESUMMARY_LABELSENTRY']._serialized_end=849
+  _globals['_INSTALLEDMODEL']._serialized_start=851
+  _globals['_INSTALLEDMODEL']._serialized_end=937
+  _globals['_VARIANTPIN']._serialized_start=939
+  _globals['_VARIANTPIN']._serialized_end=1025
+  _globals['_DEVICECONFIG']._serialized_start=1028
+  _globals['_DEVICECONFIG']._serialized_end=1357
+  _globals['_VARIANTREJECTION']._serialized_start=1359
+  _globals['_VARIANTREJECTION']._serialized_end=1410
+  _globals['_VARIANTSELECTION']._serialized_start=1413
+  _globals['_VARIANTSELECTION']._serialized_end=1607
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,7 @@ class BundleRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant", "revoked", "selection_reason", "pin", "desired_models", "models")
+    __slots__ = ("device_id", "state", "active_bundle", "desired_bundle", "api_url", "last_seen", "last_error", "last_tokens_per_second", "last_latency_ms", "requests_total", "desired_generation", "applied_generation", "labels", "variant", "revoked", "selection_reason", "pin", "desired_models", "models", "online", "presence_at")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class DeviceSummary(_message.Message):
     PIN_FIELD_NUMBER: _ClassVar[int]
     DESIRED_MODELS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_AT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: DeviceState
     active_bundle: BundleRef
@@ -97,7 +99,9 @@ class DeviceSummary(_message.Message):
     pin: VariantPin
     desired_models: _containers.RepeatedCompositeFieldContainer[BundleRef]
     models: _containers.RepeatedCompositeFieldContainer[InstalledModel]
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ..., revoked: _Optional[bool] = ..., selection_reason: _Optional[str] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ..., desired_models: _Optional[_Iterable[_Union[BundleRef, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ...) -> None: ...
+    online: bool
+    presence_at: _timestamp_pb2.Timestamp
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., active_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., desired_bundle: _Optional[_Union[BundleRef, _Mapping]] = ..., api_url: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_tokens_per_second: _Optional[float] = ..., last_latency_ms: _Optional[float] = ..., requests_total: _Optional[int] = ..., desired_generation: _Optional[int] = ..., applied_generation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., variant: _Optional[str] = ..., revoked: _Optional[bool] = ..., selection_reason: _Optional[str] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ..., desired_models: _Optional[_Iterable[_Union[BundleRef, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., online: _Optional[bool] = ..., presence_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class InstalledModel(_message.Message):
     __slots__ = ("bundle", "variant", "loaded")
@@ -118,6 +122,24 @@ class VariantPin(_message.Message):
     format: ModelFormat
     scope: str
     def __init__(self, variant_id: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., scope: _Optional[str] = ...) -> None: ...
+
+class DeviceConfig(_message.Message):
+    __slots__ = ("n_threads", "n_ctx", "max_running", "max_waiting", "telemetry_interval_seconds", "keep_alive_seconds", "pin")
+    N_THREADS_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    n_threads: int
+    n_ctx: int
+    max_running: int
+    max_waiting: int
+    telemetry_interval_seconds: float
+    keep_alive_seconds: float
+    pin: VariantPin
+    def __init__(self, n_threads: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_running: _Optional[int] = ..., max_waiting: _Optional[int] = ..., telemetry_interval_seconds: _Optional[float] = ..., keep_alive_seconds: _Optional[float] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ...) -> None: ...
 
 class VariantRejection(_message.Message):
     __slots__ = ("variant", "reason")

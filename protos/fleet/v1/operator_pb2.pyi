@@ -4,12 +4,242 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from protos.fleet.v1 import common_pb2 as _common_pb2
 from protos.fleet.v1 import bundle_pb2 as _bundle_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_STATE_UNSPECIFIED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_RUNNING: _ClassVar[RolloutState]
+    ROLLOUT_STATE_PAUSED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_COMPLETED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ABORTED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ROLLED_BACK: _ClassVar[RolloutState]
+
+class RolloutDeviceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_DEVICE_STATE_UNSPECIFIED: _ClassVar[RolloutDeviceState]
+    ROLLOUT_DEVICE_STATE_PENDING: _ClassVar[RolloutDeviceState]
+    ROLLOUT_DEVICE_STATE_UPDATING: _ClassVar[RolloutDeviceState]
+    ROLLOUT_DEVICE_STATE_UPDATED: _ClassVar[RolloutDeviceState]
+    ROLLOUT_DEVICE_STATE_HEALTHY: _ClassVar[RolloutDeviceState]
+    ROLLOUT_DEVICE_STATE_FAILED: _ClassVar[RolloutDeviceState]
+    ROLLOUT_DEVICE_STATE_ROLLED_BACK: _ClassVar[RolloutDeviceState]
+
+class RolloutAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_ACTION_UNSPECIFIED: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_PAUSE: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_RESUME: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_ABORT: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_ROLLBACK: _ClassVar[RolloutAction]
+ROLLOUT_STATE_UNSPECIFIED: RolloutState
+ROLLOUT_STATE_RUNNING: RolloutState
+ROLLOUT_STATE_PAUSED: RolloutState
+ROLLOUT_STATE_COMPLETED: RolloutState
+ROLLOUT_STATE_ABORTED: RolloutState
+ROLLOUT_STATE_ROLLED_BACK: RolloutState
+ROLLOUT_DEVICE_STATE_UNSPECIFIED: RolloutDeviceState
+ROLLOUT_DEVICE_STATE_PENDING: RolloutDeviceState
+ROLLOUT_DEVICE_STATE_UPDATING: RolloutDeviceState
+ROLLOUT_DEVICE_STATE_UPDATED: RolloutDeviceState
+ROLLOUT_DEVICE_STATE_HEALTHY: RolloutDeviceState
+ROLLOUT_DEVICE_STATE_FAILED: RolloutDeviceState
+ROLLOUT_DEVICE_STATE_ROLLED_BACK: RolloutDeviceState
+ROLLOUT_ACTION_UNSPECIFIED: RolloutAction
+ROLLOUT_ACTION_PAUSE: RolloutAction
+ROLLOUT_ACTION_RESUME: RolloutAction
+ROLLOUT_ACTION_ABORT: RolloutAction
+ROLLOUT_ACTION_ROLLBACK: RolloutAction
+
+class SetDeviceLabelsRequest(_message.Message):
+    __slots__ = ("device_id", "set", "remove")
+    class SetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    set: _containers.ScalarMap[str, str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetDeviceLabelsResponse(_message.Message):
+    __slots__ = ("labels",)
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class WaveSpec(_message.Message):
+    __slots__ = ("percent", "count")
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    percent: float
+    count: int
+    def __init__(self, percent: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+
+class HealthGates(_message.Message):
+    __slots__ = ("max_load_failure_rate", "max_error_rate", "max_p95_latency_ratio", "min_tokens_per_second_ratio", "min_requests")
+    MAX_LOAD_FAILURE_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_P95_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_PER_SECOND_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    max_load_failure_rate: float
+    max_error_rate: float
+    max_p95_latency_ratio: float
+    min_tokens_per_second_ratio: float
+    min_requests: int
+    def __init__(self, max_load_failure_rate: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_p95_latency_ratio: _Optional[float] = ..., min_tokens_per_second_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+
+class CreateRolloutRequest(_message.Message):
+    __slots__ = ("name", "bundle", "config", "selector", "waves", "soak_seconds", "max_concurrent", "gates")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    SOAK_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bundle: _common_pb2.BundleRef
+    config: _common_pb2.DeviceConfig
+    selector: _containers.ScalarMap[str, str]
+    waves: _containers.RepeatedCompositeFieldContainer[WaveSpec]
+    soak_seconds: int
+    max_concurrent: int
+    gates: HealthGates
+    def __init__(self, name: _Optional[str] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., config: _Optional[_Union[_common_pb2.DeviceConfig, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[_Union[WaveSpec, _Mapping]]] = ..., soak_seconds: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., gates: _Optional[_Union[HealthGates, _Mapping]] = ...) -> None: ...
+
+class RolloutDevice(_message.Message):
+    __slots__ = ("device_id", "wave", "state", "reason", "generation", "previous_bundle")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    wave: int
+    state: RolloutDeviceState
+    reason: str
+    generation: int
+    previous_bundle: _common_pb2.BundleRef
+    def __init__(self, device_id: _Optional[str] = ..., wave: _Optional[int] = ..., state: _Optional[_Union[RolloutDeviceState, str]] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., previous_bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ...) -> None: ...
+
+class WaveStatus(_message.Message):
+    __slots__ = ("index", "devices", "updated", "healthy", "failed", "soak_until", "gate_result")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    SOAK_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    GATE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    devices: int
+    updated: int
+    healthy: int
+    failed: int
+    soak_until: _timestamp_pb2.Timestamp
+    gate_result: str
+    def __init__(self, index: _Optional[int] = ..., devices: _Optional[int] = ..., updated: _Optional[int] = ..., healthy: _Optional[int] = ..., failed: _Optional[int] = ..., soak_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_result: _Optional[str] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("id", "name", "state", "bundle", "config", "selector", "waves", "soak_seconds", "max_concurrent", "gates", "current_wave", "wave_status", "devices", "reason", "created", "updated", "created_by")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    SOAK_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_WAVE_FIELD_NUMBER: _ClassVar[int]
+    WAVE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    state: RolloutState
+    bundle: _common_pb2.BundleRef
+    config: _common_pb2.DeviceConfig
+    selector: _containers.ScalarMap[str, str]
+    waves: _containers.RepeatedCompositeFieldContainer[WaveSpec]
+    soak_seconds: int
+    max_concurrent: int
+    gates: HealthGates
+    current_wave: int
+    wave_status: _containers.RepeatedCompositeFieldContainer[WaveStatus]
+    devices: _containers.RepeatedCompositeFieldContainer[RolloutDevice]
+    reason: str
+    created: _timestamp_pb2.Timestamp
+    updated: _timestamp_pb2.Timestamp
+    created_by: str
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., config: _Optional[_Union[_common_pb2.DeviceConfig, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[_Union[WaveSpec, _Mapping]]] = ..., soak_seconds: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., gates: _Optional[_Union[HealthGates, _Mapping]] = ..., current_wave: _Optional[int] = ..., wave_status: _Optional[_Iterable[_Union[WaveStatus, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ..., reason: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("id", "name")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListRolloutsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRolloutsResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+
+class ControlRolloutRequest(_message.Message):
+    __slots__ = ("rollout", "action")
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    rollout: GetRolloutRequest
+    action: RolloutAction
+    def __init__(self, rollout: _Optional[_Union[GetRolloutRequest, _Mapping]] = ..., action: _Optional[_Union[RolloutAction, str]] = ...) -> None: ...
 
 class SetVariantPinRequest(_message.Message):
     __slots__ = ("device_id", "selector", "variant_id", "format", "clear")
@@ -328,6 +558,16 @@ class QueryTelemetryResponse(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[TelemetryRow]
     def __init__(self, rows: _Optional[_Iterable[_Union[TelemetryRow, _Mapping]]] = ...) -> None: ...
+
+class TailTelemetryRequest(_message.Message):
+    __slots__ = ("device_id", "kind", "backlog")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    kind: str
+    backlog: int
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., backlog: _Optional[int] = ...) -> None: ...
 
 class PublishImageTargetsRequest(_message.Message):
     __slots__ = ("targets",)

@@ -69,6 +69,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryResponse.FromString,
                 _registered_method=True)
+        self.TailTelemetry = channel.unary_stream(
+                '/fleet.v1.OperatorService/TailTelemetry',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.TailTelemetryRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.TelemetryRow.FromString,
+                _registered_method=True)
         self.GetImageTargets = channel.unary_unary(
                 '/fleet.v1.OperatorService/GetImageTargets',
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.GetImageTargetsRequest.SerializeToString,
@@ -119,6 +124,31 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployResponse.FromString,
                 _registered_method=True)
+        self.SetDeviceLabels = channel.unary_unary(
+                '/fleet.v1.OperatorService/SetDeviceLabels',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetDeviceLabelsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetDeviceLabelsResponse.FromString,
+                _registered_method=True)
+        self.CreateRollout = channel.unary_unary(
+                '/fleet.v1.OperatorService/CreateRollout',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.CreateRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/fleet.v1.OperatorService/GetRollout',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/fleet.v1.OperatorService/ListRollouts',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.ControlRollout = channel.unary_unary(
+                '/fleet.v1.OperatorService/ControlRollout',
+                request_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -164,6 +194,14 @@ class OperatorServiceServicer:
 
     def QueryTelemetry(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TailTelemetry(self, request, context):
+        """Streams telemetry rows as the control plane stores them, oldest first, until the caller
+        cancels: the `backlog` newest stored rows, then every row stored after the call began.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -237,6 +275,42 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDeviceLabels(self, request, context):
+        """Sets and removes labels of one device (operator); rollouts and pins select devices by them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRollout(self, request, context):
+        """Rollouts: a release or a device config taken to the devices a selector matches, wave by
+        wave, each wave gated on the health the devices report; see controlplane/rollouts/.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlRollout(self, request, context):
+        """Pause: no new device starts updating (those updating finish). Resume: carry on.
+        Abort: stop for good, devices keep what they have. Rollback: abort, and every device the
+        rollout updated goes back to what it ran before (signed, at a higher generation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +348,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.QueryTelemetry,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryResponse.SerializeToString,
+            ),
+            'TailTelemetry': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailTelemetry,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.TailTelemetryRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.TelemetryRow.SerializeToString,
             ),
             'GetImageTargets': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImageTargets,
@@ -324,6 +403,31 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.Undeploy,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployResponse.SerializeToString,
+            ),
+            'SetDeviceLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDeviceLabels,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetDeviceLabelsRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.SetDeviceLabelsResponse.SerializeToString,
+            ),
+            'CreateRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRollout,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.CreateRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.GetRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'ControlRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlRollout,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_operator__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -515,6 +619,33 @@ class OperatorService:
             '/fleet.v1.OperatorService/QueryTelemetry',
             protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.QueryTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.OperatorService/TailTelemetry',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.TailTelemetryRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.TelemetryRow.FromString,
             options,
             channel_credentials,
             insecure,
@@ -785,6 +916,141 @@ class OperatorService:
             '/fleet.v1.OperatorService/Undeploy',
             protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_operator__pb2.UndeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDeviceLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/SetDeviceLabels',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.SetDeviceLabelsRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.SetDeviceLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/CreateRollout',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.CreateRolloutRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/GetRollout',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.GetRolloutRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/ListRollouts',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.ListRolloutsRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.OperatorService/ControlRollout',
+            protos_dot_fleet_dot_v1_dot_operator__pb2.ControlRolloutRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_operator__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,19 +26,31 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos.fleet.v1 import common_pb2 as protos_dot_fleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/fleet/v1/telemetry.proto\x12\x08\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cprotos/fleet/v1/common.proto\"\xa4\x02\n\tHeartbeat\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12*\n\ractive_bundle\x18\x06 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07\x61pi_url\x18\x07 \x01(\t\x12\x11\n\trss_bytes\x18\x08 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x0f\n\x07variant\x18\x0b \x01(\t\"\xb4\x02\n\x0fInferenceRecord\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x12\n\nlatency_ms\x18\t \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\n \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x0b \x01(\x01\x12\x0e\n\x06stream\x18\x0c \x01(\x08\x12\r\n\x05\x65rror\x18\r \x01(\t\"\x91\x02\n\x0f\x44\x65ploymentEvent\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12#\n\x06\x62undle\x18\x06 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12$\n\x05state\x18\x07 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12-\n\tselection\x18\t \x01(\x0b\x32\x1a.fleet.v1.VariantSelection*L\n\x0fTelemetrySchema\x12 \n\x1cTELEMETRY_SCHEMA_UNSPECIFIED\x10\x00\x12\x17\n\x13TELEMETRY_SCHEMA_V1\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/fleet/v1/telemetry.proto\x12\x08\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cprotos/fleet/v1/common.proto\"\xe7\x03\n\tHeartbeat\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12*\n\ractive_bundle\x18\x06 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07\x61pi_url\x18\x07 \x01(\t\x12\x11\n\trss_bytes\x18\x08 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x0f\n\x07variant\x18\x0b \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x0c \x01(\x01\x12\x1e\n\x16memory_available_bytes\x18\r \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x0e \x01(\x04\x12\x18\n\x10records_produced\x18\x0f \x01(\x04\x12\x17\n\x0frecords_dropped\x18\x10 \x01(\x04\x12\x16\n\x0eoutbox_pending\x18\x11 \x01(\x04\x12(\n\x06models\x18\x12 \x03(\x0b\x32\x18.fleet.v1.InstalledModel\"\xa1\x06\n\x10InferenceSummary\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x06 \x01(\t\x12#\n\x06\x62undle\x18\x07 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07variant\x18\x08 \x01(\t\x12\x10\n\x08requests\x18\t \x01(\x04\x12\x0e\n\x06\x65rrors\x18\n \x01(\x04\x12\x44\n\x0e\x65rrors_by_code\x18\x0b \x03(\x0b\x32,.fleet.v1.InferenceSummary.ErrorsByCodeEntry\x12P\n\x14requests_by_endpoint\x18\x0c \x03(\x0b\x32\x32.fleet.v1.InferenceSummary.RequestsByEndpointEntry\x12\x15\n\rprompt_tokens\x18\r \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x0e \x01(\x04\x12\x16\n\x0elatency_ms_p50\x18\x0f \x01(\x01\x12\x16\n\x0elatency_ms_p95\x18\x10 \x01(\x01\x12\x16\n\x0elatency_ms_max\x18\x11 \x01(\x01\x12\"\n\x1atime_to_first_token_ms_p50\x18\x12 \x01(\x01\x12\"\n\x1atime_to_first_token_ms_p95\x18\x13 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x14 \x01(\x01\x12\x15\n\rdecode_tokens\x18\x15 \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x16 \x01(\x01\x1a\x33\n\x11\x45rrorsByCodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x39\n\x17RequestsByEndpointEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x91\x02\n\x0f\x44\x65ploymentEvent\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12#\n\x06\x62undle\x18\x06 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12$\n\x05state\x18\x07 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12-\n\tselection\x18\t \x01(\x0b\x32\x1a.fleet.v1.VariantSelection\"\x7f\n\x08Presence\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xaa\x02\n\x0c\x44\x65viceStatus\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12\x1a\n\x12\x64\x65sired_generation\x18\x05 \x01(\x04\x12\x1a\n\x12\x61pplied_generation\x18\x06 \x01(\x04\x12(\n\x06models\x18\x07 \x03(\x0b\x32\x18.fleet.v1.InstalledModel\x12\x0f\n\x07\x61pi_url\x18\x08 \x01(\t\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x18\n\x10selection_reason\x18\n \x01(\t*L\n\x0fTelemetrySchema\x12 \n\x1cTELEMETRY_SCHEMA_UNSPECIFIED\x10\x00\x12\x17\n\x13TELEMETRY_SCHEMA_V1\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.fleet.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TELEMETRYSCHEMA']._serialized_start=990
-  _globals['_TELEMETRYSCHEMA']._serialized_end=1066
+  _globals['_INFERENCESUMMARY_ERRORSBYCODEENTRY']._loaded_options = None
+  _globals['_INFERENCESUMMARY_ERRORSBYCODEENTRY']._serialized_options = b'8\001'
+  _globals['_INFERENCESUMMARY_REQUESTSBYENDPOINTENTRY']._loaded_options = None
+  _globals['_INFERENCESUMMARY_REQUESTSBYENDPOINTENTRY']._serialized_options = b'8\001'
+  _globals['_TELEMETRYSCHEMA']._serialized_start=2108
+  _globals['_TELEMETRYSCHEMA']._serialized_end=2184
   _globals['_HEARTBEAT']._serialized_start=109
-  _globals['_HEARTBEAT']._serialized_end=401
-  _globals['_INFERENCERECORD']._serialized_start=404
-  _globals['_INFERENCERECORD']._serialized_end=712
-  _globals['_DEPLOYMENTEVENT']._serialized_start=715
-  _globals['_DEPLOYMENTEVENT']._serialized_end=988
+  _globals['_HEARTBEAT']._serialized_end=596
+  _globals['_INFERENCESUMMARY']._serialized_start=599
+  _globals['_INFERENCESUMMARY']._serialized_end=1400
+  _globals['_INFERENCESUMMARY_ERRORSBYCODEENTRY']._serialized_start=1290
+  _globals['_INFERENCESUMMARY_ERRORSBYCODEENTRY']._serialized_end=1341
+  _globals['_INFERENCESUMMARY_REQUESTSBYENDPOINTENTRY']._serialized_start=1343
+  _globals['_INFERENCESUMMARY_REQUESTSBYENDPOINTENTRY']._serialized_end=1400
+  _globals['_DEPLOYMENTEVENT']._serialized_start=1403
+  _globals['_DEPLOYMENTEVENT']._serialized_end=1676
+  _globals['_PRESENCE']._serialized_start=1678
+  _globals['_PRESENCE']._serialized_end=1805
+  _globals['_DEVICESTATUS']._serialized_start=1808
+  _globals['_DEVICESTATUS']._serialized_end=2106
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,659 @@
+"""A simulated fleet: N devices in one process, on one asyncio loop, speaking the real device
+gRPC protocol to a real control plane.
+
+Each simulated device does what the agent does on the wire (agent/service.py): it makes one
+P-256 key, enrolls over TLS with the bootstrap token and a CSR (agent.device_tls), opens its
+own mutual-TLS channel with the certificate it got, holds ``WatchDesiredState`` open (and
+reopens it with jittered backoff), and answers every nudge with ``ReportStatus``: VERIFYING,
+then, after its behaviour's delay, ACTIVE at that generation with the nudge's release among
+its models, or FAILED with an error and error kind (a release that fails to load; the previous
+one keeps "serving", as with the agent). It can publish InferenceSummary telemetry on its
+inference topic with the tokens/s and latency a caller gives for the release it runs.
+
+What a simulated device does NOT do: hold a model, verify TUF metadata, download artifacts.
+It trusts the nudge's bundle hint (so an undeploy, whose nudge names no bundle, leaves its
+models as they were). It exercises the control plane's fan-out, state tracking and rollout
+gates at fleet sizes no machine could run real agents for; it says nothing about the agent,
+which tests/e2e covers with real processes.
+
+Why it stays small per device: one gRPC channel each is unavoidable (every device presents
+its own client certificate, so no two can share a connection, and each gets its own
+subchannel), plus one task holding the stream and a few fields; the key is dropped once the
+channel's credentials hold it. Telemetry goes through ONE MQTT connection publishing for
+every device: the tests' Mosquitto allows anonymous clients and has no ACL. A broker that
+checks device certificates (deploy/mosquitto/) would refuse it; that path is the agent's.
+
+    async with SimFleet(target=..., ca_pem=..., token=..., size=50) as fleet:
+        deployed = await operator.Deploy(...)
+        seconds = await fleet.wait_generation(deployed.max_generation, within=30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import grpc
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+from securesystemslib.signer import Signer
+
+from agent.channel import CHANNEL_OPTIONS
+from agent.device_tls import csr_pem, key_pem, new_key
+from agent.identity import DeviceIdentity
+from agent.telemetry.outbox import encode_batch, encode_message
+from controlplane.bundles import BundleOnDisk, build_bundle
+from protos.fleet.broker_url import configure_client, parse_broker_url
+from protos.fleet.topics import TopicKind, telemetry_topic
+from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
+
+ANY_RELEASE = "*"
+"""In ``Behaviour.fail``: every release fails."""
+VARIANT = "sim"
+"""The variant every simulated device reports: it chose none, it holds no model."""
+REPORT_TIMEOUT_S = 30.0
+ENROLL_TIMEOUT_S = 60.0
+ENROLL_ATTEMPTS = 3
+MAX_BACKOFF_S = 5.0
+DEVICE_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+"""The agent's options (retries, keepalive), and a connection of each channel's own: channels
+with different client certificates must never be pooled into one."""
+
+Labels = Mapping[str, str] | Callable[[int], Mapping[str, str]]
+"""Enrollment labels: the same for every device, or per device index (e.g. canary rings)."""
+
+
+def release_name(name: str, version: int) -> str:
+    """``name@version``, the way fleetctl names a release."""
+    return f"{name}@{version}"
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """How a simulated device answers a nudge.
+
+    ``fail`` lists releases (``name@version``, or ``ANY_RELEASE``) that fail to load on this
+    device: it reports FAILED with ``error`` and ``error_kind`` and keeps its previous models.
+    Per release, not per nudge, so a rollback to a release it could load succeeds. ``delay_s``
+    is the time between VERIFYING and the outcome (a download and a smoke test, say).
+    """
+
+    delay_s: float = 0.0
+    fail: frozenset[str] = frozenset()
+    error: str = "the release failed its smoke test"
+    error_kind: str = "SmokeTestFailed"
+
+    @classmethod
+    def failing(cls, *releases: str, delay_s: float = 0.0, error_kind: str = "SmokeTestFailed") -> Behaviour:
+        """Fails ``releases`` (none given: every release)."""
+        return cls(delay_s=delay_s, fail=frozenset(releases or (ANY_RELEASE,)), error_kind=error_kind)
+
+    def fails(self, release: str | None) -> bool:
+        return release is not None and (release in self.fail or ANY_RELEASE in self.fail)
+
+
+@dataclass(slots=True, eq=False)
+class SimDevice:
+    """One simulated device: its channel and what it received, reported and holds.
+
+    ``generation`` is the highest generation its stream delivered, ``received_at`` when
+    (time.monotonic); ``reported`` the highest generation whose outcome (ACTIVE or FAILED)
+    the control plane acknowledged. ``models`` maps bundle name to the version it serves.
+    """
+
+    device_id: str
+    index: int
+    channel: grpc.aio.Channel
+    stub: device_pb2_grpc.DeviceServiceStub
+    behaviour: Behaviour
+    generation: int = 0
+    received_at: float = 0.0
+    reported: int = 0
+    reported_at: float = 0.0
+    state: int = common_pb2.DEVICE_STATE_IDLE
+    models: dict[str, int] = field(default_factory=dict)
+    active: str | None = None  # the latest release installed, "name@version"
+    last_error: str = ""
+    seq: int = 0  # telemetry sequence number, per device as the agent's outbox keeps it
+    revoked: bool = False
+    watch: asyncio.Task[None] | None = None
+    applying: asyncio.Task[None] | None = None
+
+    @property
+    def api_url(self) -> str:
+        """An address that names the device and can never resolve (RFC 2606 ``.invalid``)."""
+        return f"http://{self.device_id}.sim.invalid:8080"
+
+    def installed(self) -> list[common_pb2.InstalledModel]:
+        return [
+            common_pb2.InstalledModel(
+                bundle=common_pb2.BundleRef(name=name, version=version), variant=VARIANT, loaded=True
+            )
+            for name, version in sorted(self.models.items())
+        ]
+
+
+Progress = Literal["generation", "reported"]
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """Someone waiting for devices to reach generations; counted down as devices cross, so a
+    fan-out to thousands costs O(1) per delivery instead of a scan of the fleet."""
+
+    progress: Progress
+    targets: dict[str, int]
+    remaining: int
+    done: asyncio.Future[None]
+    last: float = 0.0  # when the latest device crossed (monotonic)
+
+
+class _TelemetryLink:
+    """One MQTT v5 (or 3.1.1) connection publishing for every simulated device."""
+
+    def __init__(self, url: str) -> None:
+        self.address = parse_broker_url(url)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-simfleet-{secrets.token_hex(4)}",
+            protocol=self.address.protocol,
+        )
+        configure_client(self.client, self.address)
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        if not reason.is_failure:
+            self.connected.set()
+
+    def open(self, timeout: float) -> None:
+        """Blocking: connects and waits for the broker's CONNACK."""
+        self.client.connect(self.address.host, self.address.port)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.close()
+            raise TimeoutError(f"no CONNACK from {self.address.url} within {timeout:.0f}s")
+
+    def publish_all(self, messages: list[tuple[str, bytes]], timeout: float) -> None:
+        """Blocking: publishes at QoS 1 and returns once the broker acknowledged every one."""
+        infos = [self.client.publish(topic, payload, qos=1) for topic, payload in messages]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        unacked = sum(not info.is_published() for info in infos)
+        if unacked:
+            raise TimeoutError(f"{unacked} telemetry messages unacknowledged after {timeout:.0f}s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def inference_summary(
+    device: SimDevice,
+    name: str,
+    version: int,
+    *,
+    tokens_per_second: float,
+    latency_ms: float,
+    requests: int,
+    errors: int,
+    window: timedelta,
+) -> telemetry_pb2.InferenceSummary:
+    """One interval's summary as the agent's aggregator fills it: ``requests`` chat requests of
+    20 prompt and 32 completion tokens each, decoded at ``tokens_per_second``, every latency
+    percentile ``latency_ms``."""
+    ok = max(requests - errors, 0)
+    decode_tokens = ok * 31  # completion tokens after each request's first
+    device.seq += 1
+    summary = telemetry_pb2.InferenceSummary(
+        schema_version=telemetry_pb2.TELEMETRY_SCHEMA_V1,
+        device_id=device.device_id,
+        seq=device.seq,
+        model=name,
+        bundle=common_pb2.BundleRef(name=name, version=version),
+        variant=VARIANT,
+        requests=requests,
+        errors=errors,
+        errors_by_code={"runtime_error": errors} if errors else {},
+        requests_by_endpoint={"chat.completions": requests},
+        prompt_tokens=requests * 20,
+        completion_tokens=ok * 32,
+        latency_ms_p50=latency_ms,
+        latency_ms_p95=latency_ms,
+        latency_ms_max=latency_ms,
+        time_to_first_token_ms_p50=latency_ms / 4,
+        time_to_first_token_ms_p95=latency_ms / 4,
+        tokens_per_second=tokens_per_second if ok else 0.0,
+        decode_tokens=decode_tokens,
+        decode_seconds=decode_tokens / tokens_per_second if ok and tokens_per_second > 0 else 0.0,
+    )
+    now = datetime.now(UTC)
+    summary.time.FromDatetime(now)
+    summary.window_start.FromDatetime(now - window)
+    return summary
+
+
+def backoff(failures: int) -> float:
+    """Jittered exponential backoff, so thousands of devices do not reconnect in lockstep."""
+    return float(min(MAX_BACKOFF_S, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0))
+
+
+class SimFleet:
+    """``size`` simulated devices enrolled with ``token`` at ``target`` (the control plane's TLS
+    port, verified against ``ca_pem``), each holding its desired-state stream on
+    ``device_target`` (default: the endpoint the control plane names at enrollment).
+
+    Entering enrolls them ``enroll_concurrency`` at a time, opens every channel and starts every
+    stream; it returns once every channel is connected. ``enrolled_s`` and ``connected_s`` say
+    how long those took. ``mqtt_url`` is the broker telemetry goes to (default: the one the
+    control plane names at enrollment), connected on the first ``publish_inference``.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        ca_pem: bytes,
+        token: str,
+        size: int,
+        device_target: str | None = None,
+        labels: Labels | None = None,
+        behaviour: Behaviour = Behaviour(),
+        enroll_concurrency: int = 32,
+        connect_timeout: float = 120.0,
+        mqtt_url: str | None = None,
+        hostname_prefix: str = "sim",
+    ) -> None:
+        self.target = target
+        self.ca_pem = ca_pem
+        self.token = token
+        self.size = size
+        self.device_target = device_target
+        self.labels = labels
+        self.default_behaviour = behaviour
+        self.enroll_concurrency = enroll_concurrency
+        self.connect_timeout = connect_timeout
+        self.mqtt_url = mqtt_url
+        self.hostname_prefix = hostname_prefix
+        self.enrolled_s = 0.0
+        self.connected_s = 0.0
+        self._devices: dict[str, SimDevice] = {}
+        self._waiters: list[_Waiter] = []
+        self._enroll_channel: grpc.aio.Channel | None = None
+        self._telemetry: _TelemetryLink | None = None
+        self._telemetry_lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        started = time.monotonic()
+        self._enroll_channel = grpc.aio.secure_channel(
+            self.target, grpc.ssl_channel_credentials(self.ca_pem), options=CHANNEL_OPTIONS
+        )
+        stub = device_pb2_grpc.DeviceServiceStub(self._enroll_channel)
+        slots = asyncio.Semaphore(self.enroll_concurrency)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._enroll(stub, slots, index)) for index in range(self.size)]
+        for task in tasks:
+            device = task.result()
+            self._devices[device.device_id] = device
+        self.enrolled_s = time.monotonic() - started
+        for device in self._devices.values():
+            device.watch = asyncio.create_task(self._watch(device), name=f"watch-{device.device_id}")
+        await asyncio.wait_for(
+            asyncio.gather(*(d.channel.channel_ready() for d in self._devices.values())),
+            self.connect_timeout,
+        )
+        self.connected_s = time.monotonic() - started - self.enrolled_s
+
+    async def close(self) -> None:
+        """Ends every stream and closes every channel and the broker connection."""
+        tasks = [t for d in self._devices.values() for t in (d.watch, d.applying) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(d.channel.close() for d in self._devices.values()), return_exceptions=True)
+        if self._enroll_channel is not None:
+            await self._enroll_channel.close()
+            self._enroll_channel = None
+        for waiter in self._waiters:
+            if not waiter.done.done():
+                waiter.done.cancel()
+        if self._telemetry is not None:
+            await asyncio.to_thread(self._telemetry.close)
+            self._telemetry = None
+
+    def _labels_of(self, index: int) -> Mapping[str, str]:
+        if self.labels is None:
+            return {}
+        return self.labels(index) if callable(self.labels) else self.labels
+
+    async def _enroll(
+        self, stub: device_pb2_grpc.DeviceServiceStub, slots: asyncio.Semaphore, index: int
+    ) -> SimDevice:
+        """Enrolls like the agent; retrying is safe because the control plane recognises the
+        same token and key and answers with the same identity without spending a use."""
+        hostname = f"{self.hostname_prefix}-{index:05d}"
+        key = new_key()
+        request = device_pb2.EnrollRequest(
+            bootstrap_token=self.token,
+            hostname=hostname,
+            labels=dict(self._labels_of(index)),
+            csr=csr_pem(key, hostname),
+        )
+        async with slots:
+            for attempt in range(ENROLL_ATTEMPTS):
+                try:
+                    response = await stub.Enroll(request, timeout=ENROLL_TIMEOUT_S)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                    if exc.code() not in transient or attempt == ENROLL_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(backoff(attempt))
+        if self.mqtt_url is None:
+            self.mqtt_url = response.mqtt_url
+        identity = DeviceIdentity(
+            device_id=response.device_id,
+            mqtt_url=response.mqtt_url,
+            controlplane=self.target,
+            device_endpoint=response.device_endpoint,
+        )
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem, private_key=key_pem(key), certificate_chain=response.certificate
+        )
+        channel = grpc.aio.secure_channel(
+            self.device_target or identity.device_target, credentials, options=DEVICE_CHANNEL_OPTIONS
+        )
+        return SimDevice(
+            device_id=response.device_id,
+            index=index,
+            channel=channel,
+            stub=device_pb2_grpc.DeviceServiceStub(channel),
+            behaviour=self.default_behaviour,
+        )
+
+    # -- the device side -------------------------------------------------------------------
+
+    async def _watch(self, device: SimDevice) -> None:
+        """Holds the stream; reopens it with backoff; stops for good when the device is revoked."""
+        failures = 0
+        while True:
+            request = device_pb2.WatchDesiredStateRequest(known_generation=device.reported)
+            try:
+                async for desired in device.stub.WatchDesiredState(request):
+                    failures = 0
+                    self._nudged(device, desired)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    device.revoked = True
+                    return
+            failures += 1
+            await asyncio.sleep(backoff(failures))
+
+    def _nudged(self, device: SimDevice, desired: device_pb2.DesiredState) -> None:
+        if desired.generation <= device.generation:
+            return
+        before, device.generation = device.generation, desired.generation
+        device.received_at = time.monotonic()
+        self._advance(device, "generation", before, device.generation, device.received_at)
+        if device.applying is not None:
+            device.applying.cancel()  # the newest desired state wins, as with the agent
+        device.applying = asyncio.create_task(self._apply(device, desired))
+
+    async def _apply(self, device: SimDevice, desired: device_pb2.DesiredState) -> None:
+        generation = desired.generation
+        bundle = desired.bundle if desired.HasField("bundle") else None
+        release = release_name(bundle.name, bundle.version) if bundle is not None else None
+        await self._report(device, common_pb2.DEVICE_STATE_VERIFYING, generation, detail="verifying")
+        behaviour = device.behaviour
+        if behaviour.delay_s > 0:
+            await asyncio.sleep(behaviour.delay_s)
+        if behaviour.fails(release):
+            device.last_error = f"{release}: {behaviour.error}"
+            await self._report(
+                device,
+                common_pb2.DEVICE_STATE_FAILED,
+                generation,
+                detail="release refused",
+                error_kind=behaviour.error_kind,
+            )
+        else:
+            if bundle is not None and release is not None:
+                device.models[bundle.name] = bundle.version
+                device.active = release
+            device.last_error = ""
+            await self._report(device, common_pb2.DEVICE_STATE_ACTIVE, generation, detail="serving")
+        before, device.reported = device.reported, max(device.reported, generation)
+        device.reported_at = time.monotonic()
+        self._advance(device, "reported", before, device.reported, device.reported_at)
+
+    async def _report(
+        self, device: SimDevice, state: int, generation: int, *, detail: str, error_kind: str = ""
+    ) -> None:
+        """Sends one status report until it is acknowledged (latest wins: a newer nudge cancels
+        this task); a revoked device stops reporting."""
+        device.state = state
+        report = device_pb2.StatusReport(
+            state=state,  # type: ignore[arg-type]
+            generation=generation,
+            api_url=device.api_url,
+            error=device.last_error if state == common_pb2.DEVICE_STATE_FAILED else "",
+            error_kind=error_kind,
+            variant=VARIANT if device.active else "",
+            detail=detail,
+            models=device.installed(),
+        )
+        if device.active is not None:
+            name, _, version = device.active.rpartition("@")
+            report.active_bundle.CopyFrom(common_pb2.BundleRef(name=name, version=int(version)))
+        failures = 0
+        while True:
+            try:
+                await device.stub.ReportStatus(report, timeout=REPORT_TIMEOUT_S)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    device.revoked = True
+                    return
+                failures += 1
+                await asyncio.sleep(backoff(failures))
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _advance(self, device: SimDevice, progress: Progress, before: int, now: int, at: float) -> None:
+        for waiter in self._waiters:
+            if waiter.progress != progress:
+                continue
+            goal = waiter.targets.get(device.device_id)
+            if goal is not None and before < goal <= now:
+                waiter.remaining -= 1
+                waiter.last = max(waiter.last, at)
+                if waiter.remaining == 0 and not waiter.done.done():
+                    waiter.done.set_result(None)
+
+    async def _wait(
+        self, progress: Progress, generation: int | Mapping[str, int], within: float, since: float | None
+    ) -> float:
+        since = time.monotonic() if since is None else since
+        if isinstance(generation, int):
+            targets = dict.fromkeys(self._devices, generation)
+        else:
+            unknown = generation.keys() - self._devices.keys()
+            if unknown:
+                raise KeyError(f"not simulated devices: {', '.join(sorted(unknown))}")
+            targets = dict(generation)
+        waiter = _Waiter(progress, targets, 0, asyncio.get_running_loop().create_future())
+        for device_id, goal in targets.items():
+            device = self._devices[device_id]
+            held, at = (
+                (device.generation, device.received_at)
+                if progress == "generation"
+                else (device.reported, device.reported_at)
+            )
+            if held < goal:
+                waiter.remaining += 1
+            else:
+                waiter.last = max(waiter.last, at)
+        if waiter.remaining:
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter.done, within)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"{waiter.remaining} of {len(targets)} devices had not {progress} their target "
+                    f"generation after {within:.0f}s"
+                ) from None
+            finally:
+                self._waiters.remove(waiter)
+        return max(0.0, waiter.last - since)
+
+    async def wait_generation(
+        self, generation: int | Mapping[str, int], within: float, *, since: float | None = None
+    ) -> float:
+        """Seconds from ``since`` (a time.monotonic() value; default: now) until every device
+        (or each device of a mapping) had received at least ``generation`` on its stream;
+        0.0 if they already had. Raises TimeoutError naming how many are behind."""
+        return await self._wait("generation", generation, within, since)
+
+    async def wait_reported(
+        self, generation: int | Mapping[str, int], within: float, *, since: float | None = None
+    ) -> float:
+        """Like ``wait_generation``, until the control plane acknowledged every device's outcome
+        (ACTIVE or FAILED) for at least ``generation``: what it shows in ListDevices is settled."""
+        return await self._wait("reported", generation, within, since)
+
+    # -- the caller's controls ---------------------------------------------------------------
+
+    @property
+    def devices(self) -> list[SimDevice]:
+        """Every simulated device, in enrollment order."""
+        return list(self._devices.values())
+
+    def device(self, device_id: str) -> SimDevice:
+        return self._devices[device_id]
+
+    def set_behaviour(self, device_id: str, behaviour: Behaviour) -> None:
+        """How ``device_id`` answers its next nudges (one being applied keeps its behaviour)."""
+        self._devices[device_id].behaviour = behaviour
+
+    async def publish_inference(
+        self,
+        *,
+        tokens_per_second: float,
+        latency_ms: float,
+        requests: int = 10,
+        errors: int = 0,
+        device_ids: Iterable[str] | None = None,
+        release: str | None = None,
+        window: timedelta = timedelta(seconds=60),
+        within: float = 30.0,
+    ) -> int:
+        """Publishes one InferenceSummary per device (default: all) for the release it runs,
+        as its agent would at the end of an interval, and returns how many, once the broker
+        acknowledged them all. With ``release`` (``name@version``), only devices serving that
+        release publish, for it: call once per release to give releases different figures.
+        Devices serving nothing publish nothing."""
+        chosen = self.devices if device_ids is None else [self._devices[i] for i in device_ids]
+        messages = []
+        for device in chosen:
+            served = release if release is not None else device.active
+            if served is None:
+                continue
+            name, _, version = served.rpartition("@")
+            if device.models.get(name) != int(version):
+                continue
+            summary = inference_summary(
+                device,
+                name,
+                int(version),
+                tokens_per_second=tokens_per_second,
+                latency_ms=latency_ms,
+                requests=requests,
+                errors=errors,
+                window=window,
+            )
+            topic = telemetry_topic(device.device_id, TopicKind.INFERENCE)
+            messages.append((topic, encode_batch([encode_message(summary)])))
+        link = await self._telemetry_link(within)
+        await asyncio.to_thread(link.publish_all, messages, within)
+        return len(messages)
+
+    async def _telemetry_link(self, within: float) -> _TelemetryLink:
+        async with self._telemetry_lock:
+            if self._telemetry is None:
+                if not self.mqtt_url:
+                    raise RuntimeError("no broker URL: pass mqtt_url, or enroll first")
+                link = _TelemetryLink(self.mqtt_url)
+                await asyncio.to_thread(link.open, within)
+                self._telemetry = link
+            return self._telemetry
+
+
+# -- a release for simulated devices ---------------------------------------------------------------
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A few-hundred-byte GGUF with the header fields a bundle build reads (architecture, file
+    type, context length): simulated devices never load it, so nothing bigger is needed."""
+    import gguf
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("sim")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_context_length(512)
+    writer.add_tensor("w", np.zeros((2, 34), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def build_sim_bundle(
+    work: Path, signers: Sequence[Signer], *, name: str = "simlm", version: int = 1
+) -> BundleOnDisk:
+    """A real signed bundle of a tiny GGUF, for fan-out and state tracking with simulated devices."""
+    model = work / f"{name}-{version}.gguf"
+    if not model.exists():
+        write_tiny_gguf(model)
+    return build_bundle(model, name=name, version=version, out=work / f"{name}-{version}", signers=signers)
+
+
+__all__ = [
+    "ANY_RELEASE",
+    "Behaviour",
+    "SimDevice",
+    "SimFleet",
+    "build_sim_bundle",
+    "release_name",
+    "write_tiny_gguf",
+]

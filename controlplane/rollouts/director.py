@@ -1,0 +1,67 @@
+"""Signing a device's director targets with everything in force for it: every model it is
+assigned, its variant pin and its config.
+
+Every change of a device's assignment (Deploy, Undeploy, SetVariantPin, SetDeviceLabels, and
+the rollout engine's releases, configs and rollbacks) signs through here, so none of them drops
+what another set: a deploy keeps the device's config, a config rollout keeps its models and pin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlmodel import Session
+
+from controlplane.db import crud
+from controlplane.db.models import Device, VariantPinRule
+from controlplane.repositories import Repositories
+from protos.fleet.v1 import common_pb2
+
+
+def pin_message(rule: VariantPinRule | None) -> common_pb2.VariantPin | None:
+    """A stored pin as the director signs it; ``scope`` tells the device where it came from."""
+    if rule is None:
+        return None
+    return common_pb2.VariantPin(
+        variant_id=rule.variant_id,
+        format=rule.format,  # type: ignore[arg-type]
+        scope="device" if rule.device_id else crud.selector_text(rule.selector),
+    )
+
+
+def sign(
+    session: Session,
+    repositories: Repositories,
+    *,
+    device: Device,
+    generation: int,
+    releases: Sequence[crud.Release],
+    pin: common_pb2.VariantPin | None,
+) -> None:
+    """Signs ``device``'s director targets at ``generation``: ``releases``, ``pin`` and the
+    config stored on the device row."""
+    repositories.assign(
+        session,
+        device_id=device.id,
+        generation=generation,
+        releases=releases,
+        pin=pin,
+        config=crud.device_config(device),
+    )
+
+
+def sign_changed(session: Session, repositories: Repositories, changed: Sequence[crud.DeployedTo]) -> None:
+    """Signs each changed device's director targets: all of its models, with the pin in force
+    for it and its config."""
+    pins = crud.list_pins(session)
+    for target in changed:
+        device = session.get(Device, target.device_id)
+        assert device is not None
+        sign(
+            session,
+            repositories,
+            device=device,
+            generation=target.generation,
+            releases=target.releases,
+            pin=pin_message(crud.effective_pin(pins, device)),
+        )
