@@ -46,6 +46,7 @@ class Broker:
     def start(self) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         assert Path(binary).exists(), "mosquitto is not installed: run dev/setup"
+        self.work.mkdir(parents=True, exist_ok=True)
         conf = self.work / "mosquitto.conf"
         # "user" keeps a root-run broker from dropping to an account that cannot write here.
         conf.write_text(
