@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +20,22 @@ from controlplane.client import operator_stub, publish_bundle
 from controlplane.keys import KeyDir
 from controlplane.server import RunningControlPlane
 from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from tests.conftest import start_broker
 from tests.integration.conftest import admin_token
 
 pytestmark = pytest.mark.integration
 
 SIZE = 50
+
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A broker of this module's own: ingestors that other tests stopped keep persistent sessions
+    in the control plane's shared-subscription group on the session-wide broker, and the broker
+    would queue part of this module's telemetry for them."""
+    broker = start_broker(tmp_path_factory.mktemp("sim-fleet-broker"))
+    yield broker.url
+    broker.stop()
 
 
 @pytest.fixture
