@@ -214,7 +214,10 @@ class Updater:
                 served.append(record.bundle)
         if not served:
             return
-        generation = max(r.generation for r in self.state.models)
+        # What was applied, not the newest model's generation: a kill after a model was swapped
+        # in but before its generation was applied must not report that generation as applied
+        # (the nudge applies it again, finding the model already installed).
+        generation = self.state.applied_generation
         if rolled_back:
             self._transition(
                 self.state.with_phase(S.DEVICE_STATE_ROLLED_BACK),
