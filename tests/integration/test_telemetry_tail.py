@@ -108,11 +108,13 @@ async def test_tail_sends_the_backlog_then_rows_as_they_are_stored(
 ) -> None:
     store(controlplane, heartbeat("d1", 1), inference("d1", 2), inference("d2", 1), inference("d1", 3))
     token = admin_token(tmp_path)
-    everything = stub.TailTelemetry(operator_pb2.TailTelemetryRequest(), metadata=auth(token))
+    # backlog=1: reading that row proves this tail has started before new rows are stored.
+    everything = stub.TailTelemetry(operator_pb2.TailTelemetryRequest(backlog=1), metadata=auth(token))
     inference_d1 = stub.TailTelemetry(
         operator_pb2.TailTelemetryRequest(device_id="d1", kind="inference", backlog=2), metadata=auth(token)
     )
     try:
+        assert ids([await next_row(everything)]) == [("d1", "inference", 3)]
         backlog = [await next_row(inference_d1), await next_row(inference_d1)]
         assert ids(backlog) == [("d1", "inference", 2), ("d1", "inference", 3)], "newest N, oldest first"
         assert json.loads(backlog[1].payload_json)["tokensPerSecond"] == 40.0
@@ -124,7 +126,7 @@ async def test_tail_sends_the_backlog_then_rows_as_they_are_stored(
         assert ids([await next_row(inference_d1)]) == [("d1", "inference", 5)]
         new = [await next_row(everything) for _ in range(3)]
         assert ids(new) == [("d1", "heartbeat", 4), ("d2", "inference", 2), ("d1", "inference", 5)], (
-            "no backlog: only rows stored after the call began, in the order they were stored"
+            "after the backlog, only rows stored after the call began, in the order they were stored"
         )
         payload = json.loads(new[2].payload_json)
         assert payload["tokensPerSecond"] == 55.5 and payload["requestsByEndpoint"] == {
