@@ -115,3 +115,12 @@ def checked(descriptor: Descriptor | Any, value: Any) -> dict[str, Any]:
             raise BadShape(f"field {name!r} has the wrong type ({type(item).__name__})")
         kept[name] = item
     return kept
+
+
+def json_number(value: Any) -> float:
+    """A number from a stored record (protobuf JSON writes 64-bit integers as strings); 0.0 when
+    absent or not a number. Stored records passed ``checked``, so this only guards old rows."""
+    try:
+        return float(value) if value is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, delete, select
 from sqlalchemy.engine import Engine
 
 from controlplane.db.models import TelemetryRecord, TelemetryRollup
+from controlplane.record_shape import json_number
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +67,16 @@ class _Hour:
     def add(self, kind: str, payload: Mapping[str, Any]) -> None:
         self.records += 1
         if kind == "inference":
-            self.requests += _int(payload, "requests")
-            self.errors += _int(payload, "errors")
-            self.prompt_tokens += _int(payload, "promptTokens")
-            self.completion_tokens += _int(payload, "completionTokens")
-            self.decode_tokens += _int(payload, "decodeTokens")
-            self.decode_seconds += _float(payload, "decodeSeconds")
-            self.latency_ms_p95_max = max(self.latency_ms_p95_max, _float(payload, "latencyMsP95"))
+            self.requests += int(json_number(payload.get("requests")))
+            self.errors += int(json_number(payload.get("errors")))
+            self.prompt_tokens += int(json_number(payload.get("promptTokens")))
+            self.completion_tokens += int(json_number(payload.get("completionTokens")))
+            self.decode_tokens += int(json_number(payload.get("decodeTokens")))
+            self.decode_seconds += json_number(payload.get("decodeSeconds"))
+            self.latency_ms_p95_max = max(self.latency_ms_p95_max, json_number(payload.get("latencyMsP95")))
         elif kind == "heartbeat":
-            self.rss_bytes_max = max(self.rss_bytes_max, _int(payload, "rssBytes"))
-            self.cpu_percent_sum += _float(payload, "cpuPercent")
-
-
-def _int(payload: Mapping[str, Any], key: str) -> int:
-    """protobuf's JSON mapping writes 64-bit integers as strings."""
-    try:
-        return int(payload.get(key, 0) or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _float(payload: Mapping[str, Any], key: str) -> float:
-    try:
-        return float(payload.get(key, 0.0) or 0.0)
-    except (TypeError, ValueError):
-        return 0.0
+            self.rss_bytes_max = max(self.rss_bytes_max, int(json_number(payload.get("rssBytes"))))
+            self.cpu_percent_sum += json_number(payload.get("cpuPercent"))
 
 
 def hour_of(moment: datetime) -> datetime:

@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from controlplane.db.models import Device, TelemetryRecord
+from controlplane.record_shape import json_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,22 +161,14 @@ def _figures(record: IngestRecord) -> dict[str, Any]:
     payload = record.payload
     if record.kind == "inference":
         figures: dict[str, Any] = {}
-        if _number(payload.get("tokensPerSecond")) > 0:
-            figures["last_tokens_per_second"] = _number(payload["tokensPerSecond"])
-        if _number(payload.get("requests")) > _number(payload.get("errors")):
-            figures["last_latency_ms"] = _number(payload.get("latencyMsP95"))
+        if json_number(payload.get("tokensPerSecond")) > 0:
+            figures["last_tokens_per_second"] = json_number(payload["tokensPerSecond"])
+        if json_number(payload.get("requests")) > json_number(payload.get("errors")):
+            figures["last_latency_ms"] = json_number(payload.get("latencyMsP95"))
         return figures
     if record.kind == "heartbeat":
-        return {"requests_total": int(_number(payload.get("requestsTotal")))}
+        return {"requests_total": int(json_number(payload.get("requestsTotal")))}
     return {}
-
-
-def _number(value: Any) -> float:
-    """A number from protobuf JSON, where 64-bit integers are strings; 0.0 when absent."""
-    try:
-        return float(value) if value is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
 
 
 def _update_values(table: Table, change: _DeviceChange) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from controlplane.db.crud import as_utc
 from controlplane.db.models import RolloutDevice, TelemetryRecord
+from controlplane.record_shape import json_number
 from controlplane.rollouts.gates import Evidence, Figures, Interval
 
 ReleaseKey = tuple[str, int]  # (bundle name, version)
@@ -36,14 +37,6 @@ class Summary:
     time: datetime  # end of the interval
     window_start: datetime | None
     interval: Interval
-
-
-def _number(value: Any) -> float:
-    """A number from protobuf JSON, where 64-bit integers are strings; 0.0 when absent or bad."""
-    try:
-        return float(value) if value is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
 
 
 def _time(value: Any) -> datetime | None:
@@ -61,15 +54,15 @@ def summary(row: TelemetryRecord) -> Summary:
     bundle = bundle if isinstance(bundle, dict) else {}
     return Summary(
         device_id=row.device_id,
-        release=(str(bundle.get("name", "")), int(_number(bundle.get("version")))),
+        release=(str(bundle.get("name", "")), int(json_number(bundle.get("version")))),
         time=as_utc(row.time),
         window_start=_time(payload.get("windowStart")),
         interval=Interval(
-            requests=int(_number(payload.get("requests"))),
-            errors=int(_number(payload.get("errors"))),
-            latency_ms_p95=_number(payload.get("latencyMsP95")),
-            decode_tokens=int(_number(payload.get("decodeTokens"))),
-            decode_seconds=_number(payload.get("decodeSeconds")),
+            requests=int(json_number(payload.get("requests"))),
+            errors=int(json_number(payload.get("errors"))),
+            latency_ms_p95=json_number(payload.get("latencyMsP95")),
+            decode_tokens=int(json_number(payload.get("decodeTokens"))),
+            decode_seconds=json_number(payload.get("decodeSeconds")),
         ),
     )
 
