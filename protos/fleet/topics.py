@@ -42,7 +42,7 @@ expire them (MQTT v5 message expiry). Deployment events are neither dropped earl
 
 PRESENCE = "presence"
 STATUS = "status"
-SHARED_GROUP = "edgefleet-controlplane"
+SHARED_GROUP = "controlplane"
 """The shared-subscription group every control-plane replica joins, so each message reaches one."""
 
 

@@ -17,6 +17,7 @@ import queue
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -811,3 +812,38 @@ def test_publisher_and_ingestor_stop_promptly_when_the_broker_is_gone(tmp_path: 
 def test_embedded_broker_refuses_to_listen_beyond_loopback() -> None:
     with pytest.raises(ValueError, match="loopback"):
         EmbeddedBroker(host="0.0.0.0")
+
+
+def test_a_stalled_database_holds_the_backlog_in_the_broker_not_in_memory(
+    own_mosquitto: Mosquitto, tmp_path: Path, make_agent: Any
+) -> None:
+    """While writes cannot commit, the ingestor takes at most twice its batch from the broker
+    (its queue fills, its network thread stops reading, TCP holds back the rest) even though
+    Mosquitto 2.0.11 stops honouring Receive Maximum; once the database is back, everything
+    arrives exactly once."""
+    path = tmp_path / "stalled.sqlite3"
+    engine = make_engine(f"sqlite:///{path}")
+    agent = make_agent(own_mosquitto.url, max_batch_records=1)  # a message per record
+    enroll(engine, agent.device_id)
+    ingestor = TelemetryIngestor(
+        engine=engine, broker_url=own_mosquitto.url, client_id=f"cp-{uuid.uuid4().hex[:8]}", batch_size=5
+    )
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        ingestor.start()
+        assert ingestor.wait_subscribed(30)
+        blocker.execute("BEGIN EXCLUSIVE")  # the ingestor's writes now wait (and retry)
+        for i in range(300):
+            agent.outbox.put(TopicKind.INFERENCE, stamped(summary(i), agent.device_id))
+        agent.publisher.start()
+        assert wait_until(lambda: agent.publisher.acknowledged >= 200)  # the broker holds them
+        time.sleep(1.0)
+        # 10 queued, 5 in the writer's hands, 1 in the network thread waiting for room
+        assert ingestor.stats().received <= 16
+        blocker.execute("ROLLBACK")
+        assert_all_arrived_once(engine, agent, 300)
+        assert ingestor.stats().rows == 300
+    finally:
+        blocker.close()
+        ingestor.stop()
+        engine.dispose()

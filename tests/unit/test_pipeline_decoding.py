@@ -225,3 +225,52 @@ def test_each_replica_gets_its_own_client_id() -> None:
     for bad in ("", "with space", "x" * 201, "tab\there"):
         with pytest.raises(ValueError, match="replica id"):
             replica_client_id(bad)
+
+
+def inference(seq: int, **fields: Any) -> dict[str, Any]:
+    return {"schemaVersion": 1, "deviceId": DEVICE, "seq": str(seq), "time": "2025-06-01T11:00:00Z", **fields}
+
+
+@pytest.mark.parametrize(
+    ("topic", "record"),
+    [
+        (INFERENCE, inference(1, errorsByCode={"queue_full": "lots"})),  # a map's 64-bit values
+        (INFERENCE, inference(1, bundle={"name": "m", "version": "v2"})),  # a nested message's
+        (INFERENCE, inference(1, windowStart="2025-06-01 11:00")),
+        (INFERENCE, inference(1, latencyMsP95="fast")),
+        (INFERENCE, inference(1, requests=True)),
+        (INFERENCE, inference(1, requests="-")),
+        (INFERENCE, inference(1, requests="1" * 21)),
+        (
+            HEARTBEATS,
+            heartbeat(1, models=[{"bundle": {"name": "m", "version": "1"}}, {"bundle": {"version": "x"}}]),
+        ),
+        (HEARTBEATS, heartbeat(1, models={"bundle": {}})),
+    ],
+)
+def test_every_integer_and_time_is_checked_however_deep(topic: str, record: dict[str, Any]) -> None:
+    rejected(
+        RejectReason.MALFORMED, topic, array(inference(2), record) if topic == INFERENCE else array(record)
+    )
+
+
+def test_the_error_names_the_bad_value() -> None:
+    with pytest.raises(RejectedMessage, match="'lots'"):
+        decode_message(INFERENCE, array(inference(1, errorsByCode={"queue_full": "lots"})))
+    with pytest.raises(RejectedMessage, match=r"\$\[1\]\.requests"):
+        decode_message(INFERENCE, array(inference(1), inference(2, requests=[1])))
+
+
+def test_nested_unknown_fields_are_dropped_and_numbers_kept_as_sent() -> None:
+    [record] = decode_message(
+        INFERENCE,
+        array(
+            inference(1, bundle={"name": "m", "version": "7", "future": 1}, requests=3, tokensPerSecond="NaN")
+        ),
+    ).records
+    assert record.payload["bundle"] == {"name": "m", "version": "7"}
+    assert (record.payload["requests"], record.payload["tokensPerSecond"]) == (3, "NaN")
+    [beat] = decode_message(
+        HEARTBEATS, array(heartbeat(1, models=[{"bundle": {"name": "m", "version": "2"}, "loaded": True}]))
+    ).records
+    assert beat.payload["models"] == [{"bundle": {"name": "m", "version": "2"}, "loaded": True}]
