@@ -1,21 +1,30 @@
 """How fast telemetry flows from the broker into the database, against the database's own speed.
 
-    python -m bench.ingest [--quick]
+    python -m bench.ingest [--quick] [--databases sqlite,postgres]
 
 For SQLite and PostgreSQL in turn, a child process plays a fleet: it publishes telemetry
-messages (each a JSON array of inference records, as agents batch their outbox) to a
+messages (each a JSON array of 10 inference records, as agents batch their outbox) to a
 Mosquitto of our own at QoS 1, as fast as the broker takes them. The control plane's real
-ingestor (MQTT v5 shared subscription, batched SQLAlchemy Core inserts, dedup by
-(device, seq)) stores them; one replica, then two. Measured: sustained messages/s and rows/s
-from the first row stored to the last.
+ingestor (MQTT v5 shared subscription, decoding and checking every record, batched SQLAlchemy
+Core inserts, dedup by (device, seq), PUBACK after commit, the collector settings fleetctl
+serve uses) stores them. Measured: sustained messages/s and rows/s from the first row stored
+to the last, in two ways:
+
+- backlog: the fleet publishes while the ingestor is away and its persistent session holds
+  the messages in the broker, as after a control-plane outage; then the ingestor drains it.
+  The control plane's own rate: nothing else runs on the machine meanwhile.
+- live: the fleet publishes while the ingestor writes; the fleet's process and the broker
+  then share this machine's cores with the ingestor.
 
 Baseline, in the same run and database kind: the same rows written with the same insert
-function in batches as large as the ingestor's, with no broker in between. ``ratio`` is
-ingestion rows/s over that raw rate (target >= 0.5): what MQTT, decoding and
-acknowledgement cost. ``replica_speedup`` is two replicas over one; on this 2-core machine
-the broker, the publisher, the database and both replicas share the same cores, so it
-shows that replicas split the stream, not how they scale on separate hosts.
-Progress goes to stderr; the last stdout line is JSON.
+function in batches as large as the ingestor's, with no broker in between, measured before
+and after every ingestion run (the machine's speed drifts, so each run is judged against the
+raw rates around it). ``backlog_ratio`` and ``live_ratio`` are medians of ingestion rows/s over
+that raw rate, over 3 rounds (1 with --quick); the target (>= 0.5) is judged on the backlog
+ratio, the lowest over the databases. ``replica_speedup`` is two replicas (live) over one; on
+this 2-core machine the broker, the fleet, the database and both replicas (threads of one
+process) share the cores, so it shows that replicas split the stream, not how they scale on
+separate hosts. Progress goes to stderr; the last stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +48,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from bench.services import postgres_server, start_broker, throwaway_database
+from controlplane.collector import tune_for_serving
 from controlplane.db.engine import make_engine
 from controlplane.db.models import Device, TelemetryRecord
 from controlplane.db.telemetry import IngestRecord, insert_telemetry
@@ -123,6 +134,9 @@ def publish(broker_url: str, load: Load, run: int) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+    # Encoded before connecting: the fleet's JSON encoding happens on the devices, not on the
+    # control plane's cores, so it must not take CPU from the ingestor during the measurement.
+    encoded = list(messages(load, run))
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"bench-fleet-{run}", protocol=MQTTProtocolVersion.MQTTv5
     )
@@ -131,7 +145,7 @@ def publish(broker_url: str, load: Load, run: int) -> None:
     host, port = broker_url.removeprefix("mqtt://").split(":")
     client.connect(host, int(port))
     client.loop_start()
-    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages(load, run)]
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in encoded]
     for info in infos:
         info.wait_for_publish(timeout=120)
     client.disconnect()
@@ -155,24 +169,39 @@ def prepare(engine: Engine, load: Load) -> None:
         session.commit()
 
 
-def ingest_run(engine: Engine, broker_url: str, load: Load, *, replicas: int, run: int) -> Run:
+def ingest_run(engine: Engine, broker_url: str, load: Load, *, replicas: int, run: int, backlog: bool) -> Run:
+    """One measured run. Live: the fleet publishes while the ingestors write. Backlog: the fleet
+    publishes while the ingestors are away (their persistent sessions hold the messages in the
+    broker, as after a control-plane outage), then the ingestors come back and drain it; the
+    fleet's own CPU use then falls outside the measurement."""
     prepare(engine, load)
-    ingestors = [
-        TelemetryIngestor(
-            engine=engine,
-            broker_url=broker_url,
-            client_id=f"bench-cp-{run}-{r}",
-            batch_size=BATCH_MESSAGES,
-            session_expiry_s=SESSION_EXPIRY_S,
-        )
-        for r in range(replicas)
-    ]
-    for ingestor in ingestors:
-        ingestor.start()
-    try:
-        for ingestor in ingestors:
+    client_ids = [f"bench-cp-{run}-{'backlog' if backlog else 'live'}-{r}" for r in range(replicas)]
+    expiry = 600 if backlog else SESSION_EXPIRY_S
+
+    def ingestors() -> list[TelemetryIngestor]:
+        started = [
+            TelemetryIngestor(
+                engine=engine,
+                broker_url=broker_url,
+                client_id=client_id,
+                batch_size=BATCH_MESSAGES,
+                session_expiry_s=expiry,
+            )
+            for client_id in client_ids
+        ]
+        for ingestor in started:
+            ingestor.start()
+        for ingestor in started:
             if not ingestor.wait_subscribed(15):
                 raise RuntimeError("the ingestor did not subscribe within 15 s")
+        return started
+
+    running = ingestors()
+    try:
+        if backlog:
+            for ingestor in running:
+                ingestor.stop()
+            running = []
         fleet = subprocess.Popen(
             [
                 sys.executable,
@@ -186,23 +215,46 @@ def ingest_run(engine: Engine, broker_url: str, load: Load, *, replicas: int, ru
                 str(run),
             ]
         )
+        if backlog:
+            if fleet.wait(timeout=600) != 0:
+                raise RuntimeError("the publishing fleet failed")
+            running = ingestors()
+        # Progress from the ingestors' own counters (rows committed), not by querying the
+        # database: on SQLite a reader polling COUNT(*) would take the write lock it measures.
         first: float | None = None
         deadline = time.monotonic() + 600
-        while (count := stored_rows(engine)) < load.rows:
-            if count and first is None:
+        while (written := sum(i.stats().rows for i in running)) < load.rows:
+            if written and first is None:
                 first = time.monotonic()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {count} of {load.rows} rows arrived")
-            time.sleep(0.05)
+                raise RuntimeError(f"only {written} of {load.rows} rows arrived")
+            time.sleep(0.01)
         last = time.monotonic()
         if fleet.wait(timeout=60) != 0:
             raise RuntimeError("the publishing fleet failed")
+        if (count := stored_rows(engine)) != load.rows:
+            raise RuntimeError(f"the database holds {count} rows, not the {load.rows} published")
     finally:
-        for ingestor in ingestors:
+        for ingestor in running:
             ingestor.stop()
-        time.sleep(SESSION_EXPIRY_S + 1)  # an expired session no longer takes a share of the stream
+        for client_id in client_ids:
+            end_session(broker_url, client_id)
     seconds = max(last - (first or last), 1e-3)
     return Run(replicas, seconds, load.messages / seconds, load.rows / seconds)
+
+
+def end_session(broker_url: str, client_id: str) -> None:
+    """Ends a finished run's persistent session (clean start, expiry 0), so it takes no share of
+    the next run's stream."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    host, port = broker_url.removeprefix("mqtt://").split(":")
+    client.connect(host, int(port), clean_start=True)
+    client.disconnect()
 
 
 def raw_rate(engine: Engine, load: Load) -> float:
@@ -233,27 +285,46 @@ def database(kind: str, work: Path) -> Iterator[Engine]:
         engine.dispose()
 
 
-def measure(kind: str, broker_url: str, load: Load, work: Path) -> dict[str, Any]:
+def measure(kind: str, broker_url: str, load: Load, work: Path, repeats: int) -> dict[str, Any]:
+    """Alternates raw-insert runs with ingestion runs and judges each ingestion run against the
+    raw rates measured just before and after it: this machine's speed drifts by tens of percent
+    within a minute (other tenants), and both sides of a ratio must see the same machine.
+    Medians over ``repeats`` rounds of: one replica live, one replica draining a backlog."""
+    ratios: dict[str, list[float]] = {"live": [], "backlog": []}
+    rates: dict[str, list[Run]] = {"live": [], "backlog": []}
     with database(kind, work) as engine:
-        raw = raw_rate(engine, load)
-        progress(f"{kind}: raw batched insert {raw:,.0f} rows/s")
-        runs = {}
-        for replicas in (1, 2):
-            result = ingest_run(engine, broker_url, load, replicas=replicas, run=replicas)
-            progress(
-                f"{kind}: {replicas} replica(s): {result.messages_per_second:,.0f} messages/s, "
-                f"{result.rows_per_second:,.0f} rows/s"
-            )
-            runs[replicas] = result
-    one, two = runs[1], runs[2]
+        raws = [raw_rate(engine, load)]
+        progress(f"{kind}: raw batched insert {raws[-1]:,.0f} rows/s")
+        run = 0
+        for _ in range(repeats):
+            for mode in ("live", "backlog"):
+                run += 1
+                result = ingest_run(engine, broker_url, load, replicas=1, run=run, backlog=mode == "backlog")
+                raws.append(raw_rate(engine, load))
+                ratio = result.rows_per_second / ((raws[-2] + raws[-1]) / 2)
+                progress(
+                    f"{kind}: 1 replica, {mode}: {result.messages_per_second:,.0f} messages/s, "
+                    f"{result.rows_per_second:,.0f} rows/s, ratio {ratio:.3f}; raw now {raws[-1]:,.0f} rows/s"
+                )
+                ratios[mode].append(ratio)
+                rates[mode].append(result)
+        run += 1
+        two = ingest_run(engine, broker_url, load, replicas=2, run=run, backlog=False)
+        progress(f"{kind}: 2 replicas, live: {two.rows_per_second:,.0f} rows/s")
+    live_rows = statistics.median(r.rows_per_second for r in rates["live"])
+    backlog_messages = statistics.median(r.messages_per_second for r in rates["backlog"])
     return {
-        "raw_rows_per_second": round(raw),
-        "messages_per_second": round(one.messages_per_second),
-        "rows_per_second": round(one.rows_per_second),
-        "ratio": round(one.rows_per_second / raw, 3),
-        "two_replicas_messages_per_second": round(two.messages_per_second),
-        "two_replicas_rows_per_second": round(two.rows_per_second),
-        "replica_speedup": round(two.rows_per_second / one.rows_per_second, 3),
+        "raw_rows_per_second": round(statistics.median(raws)),
+        "raw_rows_per_second_each": [round(r) for r in raws],
+        "backlog_messages_per_second": round(backlog_messages),
+        "backlog_rows_per_second": round(statistics.median(r.rows_per_second for r in rates["backlog"])),
+        "backlog_ratio": round(statistics.median(ratios["backlog"]), 3),
+        "live_messages_per_second": round(statistics.median(r.messages_per_second for r in rates["live"])),
+        "live_rows_per_second": round(live_rows),
+        "live_ratio": round(statistics.median(ratios["live"]), 3),
+        "ratios_each": {mode: [round(r, 3) for r in values] for mode, values in ratios.items()},
+        "two_replicas_live_rows_per_second": round(two.rows_per_second),
+        "replica_speedup": round(two.rows_per_second / live_rows, 3),
     }
 
 
@@ -268,16 +339,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.publish:
         publish(args.publish, Load(**json.loads(args.load)), args.run)
         return
+    tune_for_serving()  # as fleetctl serve does once started
     load = Load(devices=50, messages=2_000, rows_per_message=10) if args.quick else Load(50, 20_000, 10)
+    repeats = 1 if args.quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         (work / "mosquitto").mkdir()
         broker = start_broker(work / "mosquitto")
         try:
-            results = {kind: measure(kind, broker.url, load, work) for kind in args.databases.split(",")}
+            kinds = args.databases.split(",")
+            results = {kind: measure(kind, broker.url, load, work, repeats) for kind in kinds}
         finally:
             broker.stop()
-    worst = min(r["ratio"] for r in results.values())
+    worst = min(r["backlog_ratio"] for r in results.values())
     print(
         json.dumps(
             {
@@ -286,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                 "figures": results,
                 "baseline": "raw batched insert of the same rows, same function, same database",
                 "ratio": worst,
+                "ratio_is": "backlog_ratio, the lowest over the databases; live_ratio beside it",
                 "target": TARGET_RATIO,
                 "met": worst >= TARGET_RATIO,
             }

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from controlplane.blobs import BlobStore
 from controlplane.broker import EmbeddedBroker
 from controlplane.ca import CertificateAuthority, CertificateError, load_ca
+from controlplane.collector import tune_for_serving
 from controlplane.db.database import Database
 from controlplane.db.engine import make_engine
 from controlplane.ingest import TelemetryIngestor, replica_client_id
@@ -248,6 +249,7 @@ async def serve_forever(
 ) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls."""
     running = await start_control_plane(settings, metrics_listen=metrics_listen, replica_id=replica_id)
+    tune_for_serving()
     host = settings.listen.rsplit(":", 1)[0]
     device_host = settings.device_listen.rsplit(":", 1)[0]
     log.info(
