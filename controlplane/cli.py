@@ -62,6 +62,11 @@ def parse_duration(text: str, option: str) -> timedelta:
 
 # -- serve ---------------------------------------------------------------------------------
 
+DatabaseOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under the data dir)")]
+DataDirOpt = Annotated[
+    Path | None, typer.Option(help="state directory (default: $EDGEFLEET_HOME/controlplane)")
+]
+
 
 def retention_policy(raw: str, rollups: str) -> RetentionPolicy:
     try:
@@ -76,12 +81,8 @@ def retention_policy(raw: str, rollups: str) -> RetentionPolicy:
 @app.command()
 def serve(
     listen: Annotated[str, typer.Option(help="gRPC listen address HOST:PORT")] = DEFAULT_LISTEN,
-    db: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under the data dir)")
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="state directory (default: $EDGEFLEET_HOME/controlplane)")
-    ] = None,
+    db: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
     mqtt: Annotated[
         str | None,
         typer.Option(
@@ -171,6 +172,44 @@ def serve(
         )
     except ServeError as exc:
         raise fail(str(exc)) from exc
+
+
+@app.command("retire-replica")
+def retire_replica_command(
+    replica_id: Annotated[str, typer.Argument(help="the --replica-id the retired control plane ran with")],
+    mqtt: Annotated[
+        str, typer.Option(envvar="EDGEFLEET_MQTT", help="broker URL, e.g. mqtt://user:pass@broker:1883")
+    ],
+    db: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+    quiet: Annotated[
+        float, typer.Option(help="seconds without a message that mean its session is drained")
+    ] = 5.0,
+) -> None:
+    """Take a control-plane replica out of service for good: store the telemetry its broker
+    session still holds and end the session, so the broker stops keeping a share for it.
+    Run it once the replica has stopped, against the same database and broker."""
+    from controlplane.db.engine import make_engine
+    from controlplane.ingest import replica_client_id
+    from controlplane.retire import RetireError, retire_replica
+
+    try:
+        replica_client_id(replica_id)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(data_dir=data_dir or default_home() / "controlplane", db_url=db)
+    engine = make_engine(settings.effective_db_url)
+    try:
+        retired = retire_replica(engine, mqtt, replica_id, quiet_s=quiet)
+    except (RetireError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"retired {retired.client_id}: stored {retired.stats.rows} records from "
+        f"{retired.stats.stored} messages; its session is gone"
+    )
 
 
 # -- tokens, deployments, devices ---------------------------------------------------------------

@@ -13,8 +13,9 @@ the broker hands each message to one member of the group, and each replica write
 Every replica needs its own client id (``replica_client_id``), or they would take over each
 other's session, and that id must stay the same across restarts: Mosquitto keeps routing a
 share of the messages to a replica that is down but whose session lives, and they wait there
-until it comes back under the same id. A replica retired for good must be started once more to
-drain its session, or its share is dropped when the session expires. Mosquitto 2.0.11 does not
+until it comes back under the same id. A replica taken out of service for good is retired with
+``fleetctl retire-replica`` (controlplane.retire), which stores what its session holds and ends
+it; otherwise its share waits there until the session expires and is then dropped. Mosquitto 2.0.11 does not
 restore shared subscriptions from its persistence file: after a broker restart nothing matches
 until the replicas subscribe again, and the agents, told so by the v5 PUBACK (no matching
 subscribers), keep those records in their outboxes meanwhile. On an MQTT 3.1.1 broker
@@ -350,9 +351,14 @@ class TelemetryIngestor:
         keepalive_s: int = 30,
         session_expiry_s: int = SESSION_EXPIRY_S,
         tls_context: ssl.SSLContext | None = None,
+        retiring: bool = False,
     ) -> None:
         """Raises BrokerUrlError for a bad URL; an unreachable broker is retried, not raised.
-        ``client_id`` must be this replica's own (``replica_client_id``)."""
+        ``client_id`` must be this replica's own (``replica_client_id``). ``retiring``: resume
+        the replica's session but leave the share group at once, so only what the session
+        already holds arrives (``retire_replica``); needs MQTT v5."""
+        if retiring and not parse_broker_url(broker_url).v5:
+            raise ValueError("retiring a replica needs an MQTT v5 broker (no shared subscriptions on 3.1.1)")
         if batch_size < 1 or flush_interval <= 0 or session_expiry_s < 1:
             raise ValueError("batch_size and session_expiry_s must be >= 1 and flush_interval > 0")
         self._engine = engine
@@ -372,6 +378,8 @@ class TelemetryIngestor:
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        self._retiring = retiring
+        self._unqueued = 0  # messages the network thread gave up queueing because we were stopping
         self._connection = 0
         self._client: mqtt.Client | None = None
         self._writer: threading.Thread | None = None
@@ -395,7 +403,8 @@ class TelemetryIngestor:
         return self.stats().rejected
 
     def wait_subscribed(self, timeout: float) -> bool:
-        """True once the broker has confirmed the subscriptions within ``timeout`` seconds."""
+        """True once the broker has confirmed the subscriptions (retiring: their removal) within
+        ``timeout`` seconds."""
         return self._subscribed.wait(timeout)
 
     # lifecycle -------------------------------------------------------------------------------
@@ -433,25 +442,38 @@ class TelemetryIngestor:
         client.loop_start()
         logger.info("telemetry ingestor %s started towards %s", self._client_id, self._address.url)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Writes what has arrived, acknowledges it, then disconnects (keeping the session).
+    def stop(self, timeout: float = 10.0, *, end_session: bool = False) -> bool:
+        """Writes what has arrived, acknowledges it, then disconnects, keeping the session.
+        Returns whether everything received was written.
 
         Anything not written by then stays unacknowledged and the broker redelivers it to this
-        client id on the next start.
+        client id on the next start. ``end_session`` (MQTT v5) ends the session instead, but
+        only when everything received was written; otherwise the session is kept.
         """
         self._stopping.set()
+        written = True
         if self._writer is not None:
             self._writer.join(timeout)
             if self._writer.is_alive():
                 logger.warning("telemetry writer did not finish within %.1f s", timeout)
+                written = False
             self._writer = None
+        written = written and self._queue.empty() and self._unqueued == 0
         client = self._client
         if client is not None:
-            client.disconnect()
+            if end_session and written and self._address.v5:
+                ending = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                ending.SessionExpiryInterval = 0
+                client.disconnect(properties=ending)
+            else:
+                if end_session:
+                    logger.warning("keeping session %s: not everything received was written", self._client_id)
+                client.disconnect()
             client.loop_stop()
             self._client = None
         self._connected.clear()
         self._subscribed.clear()
+        return written
 
     def _make_client(self) -> mqtt.Client:
         if self._address.v5:
@@ -474,6 +496,7 @@ class TelemetryIngestor:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._on_message
         return client
 
@@ -505,9 +528,14 @@ class TelemetryIngestor:
             return
         self._connection += 1
         self._connected.set()
-        # Subscribing on every connect covers a broker that lost our session (restart without
-        # persistence); with the session present it is a harmless repeat.
-        client.subscribe(self._subscriptions())
+        if self._retiring:
+            # Leaving the group stops the broker from routing new messages here; those the
+            # session already holds are still delivered.
+            client.unsubscribe([topic_filter for topic_filter, _ in self._subscriptions()])
+        else:
+            # Subscribing on every connect covers a broker that lost our session (restart without
+            # persistence); with the session present it is a harmless repeat.
+            client.subscribe(self._subscriptions())
         logger.info(
             "ingestor connected to %s (session present: %s)", self._address.url, flags.session_present
         )
@@ -524,6 +552,16 @@ class TelemetryIngestor:
             logger.error("broker refused the telemetry subscriptions: %s", reason_codes)
             return
         self._subscribed.set()
+
+    def _on_unsubscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._subscribed.set()  # "no subscription existed" (0x11) is as good: nothing routes here
 
     def _on_disconnect(
         self,
@@ -553,12 +591,14 @@ class TelemetryIngestor:
         )
         with self._counters.lock:
             self._counters.received += 1
-        while not self._stopping.is_set():  # when stopping, left unacknowledged: redelivered later
+        while not self._stopping.is_set():
             try:
                 self._queue.put(inbound, timeout=self._flush_interval)
                 return
             except queue.Full:
                 continue  # the writer is behind (or the database down): wait for room
+        with self._counters.lock:
+            self._unqueued += 1  # left unacknowledged: the broker redelivers it to this session
 
     def _decoded(self, inbound: _Inbound) -> Decoded | None:
         """The message decoded, or None (counted and logged) when it is rejected."""

@@ -40,7 +40,8 @@ from controlplane.broker import EmbeddedBroker
 from controlplane.db import crud
 from controlplane.db.engine import make_engine
 from controlplane.db.models import Device, TelemetryRecord
-from controlplane.ingest import TelemetryIngestor
+from controlplane.ingest import TelemetryIngestor, replica_client_id
+from controlplane.retire import retire_replica
 from protos.fleet.broker_url import BrokerAddress, parse_broker_url
 from protos.fleet.topics import TelemetryMessage, TopicKind, presence_topic, status_topic, telemetry_topic
 from protos.fleet.v1 import common_pb2, telemetry_pb2
@@ -721,6 +722,59 @@ def test_a_replica_stopped_while_records_flow_loses_nothing(
     make_ingestor(engine=engine, broker_url=own_mosquitto.url, client_id="cp-b")
     assert_all_arrived_once(engine, agent, total)
     print(f"\nreplica stopped mid-stream: {held} of {total} records waited in its session until it was back")
+
+
+def test_retiring_a_replica_stores_its_share_and_the_broker_stops_keeping_one(
+    own_mosquitto: Mosquitto, engine: Engine, make_agent: Any, make_ingestor: Any
+) -> None:
+    """fleetctl retire-replica: the share a stopped replica's session holds is stored, and once
+    its session is ended every later record goes to the replicas still running."""
+    a = make_ingestor(engine=engine, broker_url=own_mosquitto.url, client_id=replica_client_id("a"))
+    b = make_ingestor(engine=engine, broker_url=own_mosquitto.url, client_id=replica_client_id("b"))
+    assert a.wait_subscribed(30) and b.wait_subscribed(30)
+    b.stop()  # out of service for good, session kept
+    agent = make_agent(own_mosquitto.url, max_batch_records=1)
+    agent.publisher.start()
+    record_mix(agent, 60)
+    assert wait_until(lambda: len(agent.outbox) == 0)  # the broker has them all
+    held = 60 - len(stored(engine, agent.device_id))
+    assert held > 0  # b's share, waiting in its session
+
+    retired = retire_replica(engine, own_mosquitto.url, "b", quiet_s=1.0)
+    assert retired.client_id == "edgefleet-controlplane-b"
+    assert retired.stats.rows == held
+    assert_all_arrived_once(engine, agent, 60)
+
+    record_mix(agent, 40, offset=60)  # nothing is routed to b's session any more
+    assert_all_arrived_once(engine, agent, 100)
+    print(f"\nretired replica b: {held} of 60 records came from its session")
+
+
+def test_fleetctl_retire_replica_reports_what_it_stored(own_mosquitto: Mosquitto, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from controlplane.cli import app as fleetctl
+
+    args = [
+        "retire-replica",
+        "gone",
+        "--mqtt",
+        own_mosquitto.url,
+        "--data-dir",
+        str(tmp_path),
+        "--quiet",
+        "0.5",
+    ]
+    result = CliRunner().invoke(fleetctl, args)
+    assert result.exit_code == 0, result.output
+    assert "retired edgefleet-controlplane-gone: stored 0 records from 0 messages" in result.output
+    refused = CliRunner().invoke(fleetctl, ["retire-replica", "has space", "--mqtt", own_mosquitto.url])
+    assert refused.exit_code != 0 and "printable characters without spaces" in refused.output
+
+
+def test_retiring_needs_mqtt_v5(embedded_broker: str, engine: Engine) -> None:
+    with pytest.raises(ValueError, match="MQTT v5"):
+        retire_replica(engine, embedded_broker, "b")
 
 
 # what devices and strangers cannot do ---------------------------------------------------------------
