@@ -6,6 +6,7 @@ requests its inference summaries account for are the requests the clients made."
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -151,3 +152,54 @@ def test_every_record_arrives_exactly_once_after_broker_and_controlplane_outages
         assert [seq for seq, _, _ in rows] == list(range(1, produced + 1)), "a record is missing or repeated"
         reported = sum(int(str(payload["requests"])) for _, kind, payload in rows if kind == "inference")
         assert reported == traffic.served[url], f"{device_id}: summaries count {reported} requests"
+
+
+def test_an_agent_killed_mid_publish_loses_nothing_from_its_outbox(fleet: tuple[Fleet, Broker]) -> None:
+    """The broker is frozen (SIGSTOP), so the agent's messages go out but no PUBACK comes back;
+    the agent is SIGKILLed with them in flight, started again, and the broker resumed. The
+    records that were in flight may reach the database twice (the dead connection's packets
+    were in the broker's socket buffer, and the new agent sends them again): stored once."""
+    cluster, broker = fleet
+    url = cluster.agent_url(0)
+    device_id = next(d.device_id for d in cluster.devices() if d.api_url == url)
+    assert broker.proc is not None
+    with Traffic([url]):
+        time.sleep(2)
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(
+                "records in flight to the frozen broker",
+                lambda: telemetry_counters(url)["pending"] >= 5 or None,
+                timeout=30,
+            )
+        except BaseException:
+            broker.proc.send_signal(signal.SIGCONT)
+            raise
+    cluster.agents[0].kill()
+    cluster.agents[0] = cluster.start_agent(0, token=None)
+    broker.proc.send_signal(signal.SIGCONT)
+
+    counters = wait_for(
+        "the restarted agent's telemetry drained",
+        lambda: c if (c := _counters_or_none(url)) and c["pending"] == 0 else None,
+        timeout=120,
+    )
+    assert counters["dropped"] == 0 and counters["lost"] == 0
+    produced = counters["produced"]
+    rows = wait_for(
+        f"{device_id}'s {produced} records in the database",
+        lambda: (
+            r if len(r := [x for x in stored(cluster, device_id) if x[0] <= produced]) == produced else None
+        ),
+        timeout=120,
+    )
+    assert [seq for seq, _, _ in rows] == list(range(1, produced + 1)), "a record is missing or repeated"
+
+
+def _counters_or_none(url: str) -> dict[str, int] | None:
+    """The agent's telemetry counters, or None while it is not answering (or not counting) yet."""
+    try:
+        counters = httpx.get(f"{url}/healthz", timeout=10).json().get("telemetry")
+    except httpx.HTTPError:
+        return None
+    return dict(counters) if counters else None
