@@ -53,11 +53,12 @@ from controlplane.db.engine import make_engine
 from controlplane.db.models import Device, TelemetryRecord
 from controlplane.db.telemetry import IngestRecord, insert_telemetry
 from controlplane.ingest import TelemetryIngestor
+from protos.fleet.broker_url import parse_broker_url
 from protos.fleet.topics import TopicKind, telemetry_topic
 
 TARGET_RATIO = 0.5
 BATCH_MESSAGES = 500  # the ingestor's batch size (messages per write)
-SESSION_EXPIRY_S = 1  # a finished run's sessions must leave the share group before the next run
+SESSION_EXPIRY_S = 600  # holds a backlog run's messages; every run ends its sessions when done
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
@@ -142,8 +143,8 @@ def publish(broker_url: str, load: Load, run: int) -> None:
     )
     client.max_inflight_messages_set(200)
     client.max_queued_messages_set(0)
-    host, port = broker_url.removeprefix("mqtt://").split(":")
-    client.connect(host, int(port))
+    address = parse_broker_url(broker_url)
+    client.connect(address.host, address.port)
     client.loop_start()
     infos = [client.publish(topic, payload, qos=1) for topic, payload in encoded]
     for info in infos:
@@ -176,7 +177,6 @@ def ingest_run(engine: Engine, broker_url: str, load: Load, *, replicas: int, ru
     fleet's own CPU use then falls outside the measurement."""
     prepare(engine, load)
     client_ids = [f"bench-cp-{run}-{'backlog' if backlog else 'live'}-{r}" for r in range(replicas)]
-    expiry = 600 if backlog else SESSION_EXPIRY_S
 
     def ingestors() -> list[TelemetryIngestor]:
         started = [
@@ -185,7 +185,7 @@ def ingest_run(engine: Engine, broker_url: str, load: Load, *, replicas: int, ru
                 broker_url=broker_url,
                 client_id=client_id,
                 batch_size=BATCH_MESSAGES,
-                session_expiry_s=expiry,
+                session_expiry_s=SESSION_EXPIRY_S,
             )
             for client_id in client_ids
         ]
@@ -235,26 +235,10 @@ def ingest_run(engine: Engine, broker_url: str, load: Load, *, replicas: int, ru
         if (count := stored_rows(engine)) != load.rows:
             raise RuntimeError(f"the database holds {count} rows, not the {load.rows} published")
     finally:
-        for ingestor in running:
-            ingestor.stop()
-        for client_id in client_ids:
-            end_session(broker_url, client_id)
+        for ingestor in running:  # a finished run's sessions must take no share of the next run's stream
+            ingestor.stop(end_session=True)
     seconds = max(last - (first or last), 1e-3)
     return Run(replicas, seconds, load.messages / seconds, load.rows / seconds)
-
-
-def end_session(broker_url: str, client_id: str) -> None:
-    """Ends a finished run's persistent session (clean start, expiry 0), so it takes no share of
-    the next run's stream."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
-    )
-    host, port = broker_url.removeprefix("mqtt://").split(":")
-    client.connect(host, int(port), clean_start=True)
-    client.disconnect()
 
 
 def raw_rate(engine: Engine, load: Load) -> float:

@@ -15,8 +15,8 @@ other's session, and that id must stay the same across restarts: Mosquitto keeps
 share of the messages to a replica that is down but whose session lives, and they wait there
 until it comes back under the same id. A replica taken out of service for good is retired with
 ``fleetctl retire-replica`` (controlplane.retire), which stores what its session holds and ends
-it; otherwise its share waits there until the session expires and is then dropped. Mosquitto 2.0.11 does not
-restore shared subscriptions from its persistence file: after a broker restart nothing matches
+it; otherwise its share waits there until the session expires and is then dropped. Mosquitto
+2.0.11 does not restore shared subscriptions from its persistence file: after a broker restart nothing matches
 until the replicas subscribe again, and the agents, told so by the v5 PUBACK (no matching
 subscribers), keep those records in their outboxes meanwhile. On an MQTT 3.1.1 broker
 (``?protocol=3.1.1``, the embedded demo broker) there are no shared subscriptions: one replica.
@@ -357,12 +357,12 @@ class TelemetryIngestor:
         ``client_id`` must be this replica's own (``replica_client_id``). ``retiring``: resume
         the replica's session but leave the share group at once, so only what the session
         already holds arrives (``retire_replica``); needs MQTT v5."""
-        if retiring and not parse_broker_url(broker_url).v5:
-            raise ValueError("retiring a replica needs an MQTT v5 broker (no shared subscriptions on 3.1.1)")
         if batch_size < 1 or flush_interval <= 0 or session_expiry_s < 1:
             raise ValueError("batch_size and session_expiry_s must be >= 1 and flush_interval > 0")
         self._engine = engine
         self._address: BrokerAddress = parse_broker_url(broker_url)
+        if retiring and not self._address.v5:
+            raise ValueError("retiring a replica needs an MQTT v5 broker (no shared subscriptions on 3.1.1)")
         self._client_id = client_id
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -373,7 +373,8 @@ class TelemetryIngestor:
         # and pushes a whole backlog at us (17,000 unacknowledged messages seen). A full queue
         # blocks the network thread, which stops reading the socket, and TCP holds the rest in
         # the broker, where it is safe: memory stays bounded after any outage.
-        self._queue: queue.Queue[_Inbound] = queue.Queue(maxsize=2 * batch_size)
+        self._max_pending = 2 * batch_size  # one batch being written, the next one arriving
+        self._queue: queue.Queue[_Inbound] = queue.Queue(maxsize=self._max_pending)
         self._counters = _Counters()
         self._stopping = threading.Event()
         self._connected = threading.Event()
@@ -425,7 +426,7 @@ class TelemetryIngestor:
             # only after the commit, it is what one database write can hold (the default, 20 on
             # Mosquitto, would cap a write at 20 messages and the rate at 20 per commit) while the
             # next batch arrives.
-            session.ReceiveMaximum = min(2 * self._batch_size, 65535)
+            session.ReceiveMaximum = min(self._max_pending, 65535)
             client.connect_async(
                 self._address.host,
                 self._address.port,

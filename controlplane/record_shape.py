@@ -108,45 +108,36 @@ _TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)"
 _TIMESTAMPS = re.compile(f"{_TIMESTAMP}(?: {_TIMESTAMP})*", re.ASCII).fullmatch
 
 
-def _unset_dropped(values: Any) -> list[Any]:
-    return [v for v in values if v is not msgspec.UNSET]
+def _tuple_getter(names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
+    """attrgetter that always returns a tuple (attrgetter of one name returns the value)."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda struct: (getattr(struct, name),)
+    return attrgetter(*names)
 
 
 @cache
-def _collector(descriptor: Descriptor | Any) -> Collect:
+def _collector(descriptor: Descriptor | Any) -> Collect | None:
     """A function that appends a struct's integer values (digit strings among them) and its
-    timestamps, nested messages', maps' and lists' included, to the two lists it is given."""
+    timestamps, nested messages', maps' and lists' included, to the two lists it is given;
+    None for a message that holds neither at any depth."""
     integers = [f.json_name for f in descriptor.fields if f.type in _INT_TYPES and not f.is_repeated]
     stamps = [f.json_name for f in descriptor.fields if _is_timestamp(f) and not f.is_repeated]
     deep: list[Collect] = [c for f in descriptor.fields if (c := _deep_collector(f)) is not None]
-    get_integers = attrgetter(*integers) if len(integers) > 1 else None
-    get_stamps = attrgetter(*stamps) if len(stamps) > 1 else None
+    if not (integers or stamps or deep):
+        return None
+    get_integers = _tuple_getter(integers) if integers else None
+    get_stamps = _tuple_getter(stamps) if stamps else None
 
     def collect(struct: Any, ints: list[Any], times: list[Any]) -> None:
         if get_integers is not None:
             ints.extend(get_integers(struct))
-        elif integers:
-            ints.append(getattr(struct, integers[0]))
         if get_stamps is not None:
             times.extend(get_stamps(struct))
-        elif stamps:
-            times.append(getattr(struct, stamps[0]))
         for more in deep:
             more(struct, ints, times)
 
     return collect
-
-
-@cache
-def _holds_checked_strings(descriptor: Descriptor | Any) -> bool:
-    """Whether a message has integer or timestamp fields, at any depth."""
-    for field in descriptor.fields:
-        item = _map_value(field) if _is_map(field) else field
-        if item.type in _INT_TYPES or _is_timestamp(item):
-            return True
-        if item.type == FieldDescriptor.TYPE_MESSAGE and _holds_checked_strings(item.message_type):
-            return True
-    return False
 
 
 def _deep_collector(field: FieldDescriptor | Any) -> Collect | None:
@@ -166,9 +157,8 @@ def _deep_collector(field: FieldDescriptor | Any) -> Collect | None:
                 (ints, times)[target].extend(value.values() if isinstance(value, dict) else value)
 
         return scalars
-    if item.type != FieldDescriptor.TYPE_MESSAGE or not _holds_checked_strings(item.message_type):
+    if item.type != FieldDescriptor.TYPE_MESSAGE or (nested := _collector(item.message_type)) is None:
         return None
-    nested = _collector(item.message_type)
 
     def messages(struct: Any, ints: list[Any], times: list[Any]) -> None:
         value = getattr(struct, name)
@@ -192,13 +182,14 @@ def decode_records(descriptor: Descriptor | Any, payload: bytes | bytearray) -> 
     collect = _collector(descriptor)
     ints: list[Any] = []
     times: list[Any] = []
-    for struct in structs:
-        collect(struct, ints, times)
+    if collect is not None:
+        for struct in structs:
+            collect(struct, ints, times)
     digits = [v for v in ints if type(v) is str]
     if digits and _INTEGERS(" ".join(digits)) is None:
         bad = next(v for v in digits if _INTEGERS(v) is None)
         raise BadShape(f"an integer field holds {bad!r}, not a 64-bit integer")
-    stamps = _unset_dropped(times)
+    stamps = [v for v in times if v is not msgspec.UNSET]
     if stamps and _TIMESTAMPS(" ".join(stamps)) is None:
         bad = next(v for v in stamps if _TIMESTAMPS(v) is None)
         raise BadShape(f"a timestamp field holds {bad!r}, not an RFC 3339 time")
@@ -208,7 +199,7 @@ def decode_records(descriptor: Descriptor | Any, payload: bytes | bytearray) -> 
 
 def json_number(value: Any) -> float:
     """A number from a stored record (protobuf JSON writes 64-bit integers as strings); 0.0 when
-    absent or not a number. Stored records passed ``checked``, so this only guards old rows."""
+    absent or not a number. Stored records passed ``decode_records``, so this only guards old rows."""
     try:
         return float(value) if value is not None else 0.0
     except (TypeError, ValueError):
