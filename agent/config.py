@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from protos.fleet.v1 import common_pb2
+if TYPE_CHECKING:  # only named in annotations: the CLI starts without loading protobuf
+    from protos.fleet.v1 import common_pb2
 
 
 @dataclass(frozen=True, slots=True)

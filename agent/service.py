@@ -357,8 +357,7 @@ class AgentService:
             ),
             release_info=self._release_info,
         )
-        queue = app.state.admission_queue
-        self.admission = queue if isinstance(queue, AdmissionQueue) else None
+        self.admission = app.state.admission_queue
         if self.config.api_key:
             require_api_key(app, self.config.api_key)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")

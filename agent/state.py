@@ -16,6 +16,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from protos.fleet.device_config import config_from_json
 from protos.fleet.fsio import atomic_write_bytes
 from protos.fleet.v1 import common_pb2
 
@@ -66,7 +67,7 @@ class AgentState:
 
     def config_in_force(self) -> common_pb2.DeviceConfig | None:
         """The device config in force as a message; None when there is none."""
-        return _device_config(self.device_config) if self.device_config else None
+        return config_from_json(self.device_config) if self.device_config else None
 
     def with_config(self, config: common_pb2.DeviceConfig | None) -> AgentState:
         """``config`` is in force now (None or an empty config: none)."""
@@ -134,14 +135,6 @@ def _records(raw: Any) -> tuple[InstallRecord, ...]:
     return _by_name(InstallRecord(**item) for item in raw)
 
 
-def _device_config(raw: Any) -> common_pb2.DeviceConfig:
-    """Strict, like the director's field it came from: a state file naming a setting this build
-    does not know is malformed, not a config with that setting dropped."""
-    if not isinstance(raw, dict):
-        raise TypeError(f"device_config must be an object, not {type(raw).__name__}")
-    return json_format.ParseDict(raw, common_pb2.DeviceConfig())
-
-
 def _legacy(raw: dict[str, Any]) -> tuple[tuple[InstallRecord, ...], tuple[InstallRecord, ...]]:
     """State files of agents that held one model: "active" and "previous" records or null."""
     active = raw.get("active")
@@ -172,14 +165,15 @@ def load_state(path: Path) -> AgentState:
             extra=dict(raw.get("extra", {})),
             device_config=_checked_config(raw.get("device_config", {})),
         )
-    except (KeyError, TypeError, ValueError, AttributeError, json_format.ParseError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # InvalidConfig is a ValueError
         raise StateError(f"state file {path} is malformed: {exc}") from exc
 
 
 def _checked_config(raw: Any) -> dict[str, Any]:
     """The stored config as stored, once it is known to parse (state files predating device
-    configs have none)."""
-    _device_config(raw)
+    configs have none). Strict, like the director's field it came from: a state file naming a
+    setting this build does not know is malformed, not a config with that setting dropped."""
+    config_from_json(raw)
     return dict(raw)
 
 

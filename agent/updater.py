@@ -49,7 +49,7 @@ from agent.serving import ModelTable
 from agent.state import AgentState, InstallRecord, retained, save_state
 from agent.uptane_client import Assignment, UptaneVerifier
 from protos.fleet import release as rel
-from protos.fleet.device_config import InvalidConfig, describe_config, validate_config
+from protos.fleet.device_config import InvalidConfig, describe_config, is_empty, validate_config
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -663,7 +663,7 @@ def signed_config(assignment: Assignment) -> common_pb2.DeviceConfig | None:
     arriving here means a compromised director or a stricter agent. None: no config, the
     command line's settings."""
     config = assignment.config
-    if config is None or not config.ListFields():
+    if config is None or is_empty(config):
         return None
     try:
         validate_config(config)
