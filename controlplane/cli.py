@@ -17,7 +17,7 @@ from rich.console import Console
 from controlplane import fleet_table
 from controlplane.cli_admin import audit_app, operators_app
 from controlplane.cli_bundle import bundle_app
-from controlplane.cli_common import ControlPlaneOpt, connect, err, fail, rpc_error
+from controlplane.cli_common import DURATION_UNITS, ControlPlaneOpt, connect, err, fail, parse_ref, rpc_error
 from controlplane.cli_keys import keys_app, open_keys
 from controlplane.cli_rollout import devices_label, rollout_app
 from controlplane.retention import RetentionPolicy
@@ -38,16 +38,6 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(telemetry_app, name="telemetry")
 app.add_typer(rollout_app, name="rollout")
 devices_app.command("label")(devices_label)
-
-
-def parse_ref(ref: str) -> common_pb2.BundleRef:
-    name, sep, version = ref.rpartition("@")
-    if not sep or not name or not version.isdigit():
-        raise fail(f"expected NAME@VERSION, got {ref!r}")
-    return common_pb2.BundleRef(name=name, version=int(version))
-
-
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str, option: str) -> timedelta:

@@ -12,6 +12,7 @@ from rich.console import Console
 from controlplane.client import operator_stub
 from controlplane.settings import DEFAULT_LISTEN
 from controlplane.tls import TlsConfigError
+from protos.fleet.v1 import common_pb2
 from protos.fleet.v1.operator_pb2_grpc import OperatorServiceStub
 
 err = Console(stderr=True)
@@ -26,6 +27,17 @@ KeysDirOpt = Annotated[
     Path | None, typer.Option("--keys-dir", help="key directory (default: $EDGEFLEET_HOME/keys)")
 ]
 DEFAULT_CONTROLPLANE = DEFAULT_LISTEN
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ref(ref: str) -> common_pb2.BundleRef:
+    """NAME@VERSION as a BundleRef."""
+    name, sep, version = ref.rpartition("@")
+    if not sep or not name or not version.isdigit():
+        raise fail(f"expected NAME@VERSION, got {ref!r}")
+    return common_pb2.BundleRef(name=name, version=int(version))
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

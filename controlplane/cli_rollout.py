@@ -24,10 +24,10 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from controlplane.cli_common import ControlPlaneOpt, connect, err, fail, rpc_error
+from controlplane.cli_common import DURATION_UNITS, ControlPlaneOpt, connect, err, fail, parse_ref, rpc_error
 from controlplane.rollouts.states import device_state_name, rollout_state_name
 from controlplane.settings import DEFAULT_LISTEN
-from protos.fleet.device_config import InvalidConfig, config_from_json, describe_config
+from protos.fleet.device_config import config_from_json, describe_config
 from protos.fleet.v1 import common_pb2, operator_pb2
 from protos.fleet.v1.operator_pb2_grpc import OperatorServiceStub
 
@@ -37,7 +37,6 @@ rollout_app = typer.Typer(
     no_args_is_help=True,
 )
 T = TypeVar("T")
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 NameArg = Annotated[str, typer.Argument(help="rollout name")]
 
 
@@ -87,20 +86,11 @@ def parse_seconds(text: str, option: str) -> int:
     return int(number) * DURATION_UNITS[unit]
 
 
-def parse_ref(ref: str) -> common_pb2.BundleRef:
-    name, sep, version = ref.rpartition("@")
-    if not sep or not name or not version.isdigit():
-        raise fail(f"expected NAME@VERSION, got {ref!r}")
-    return common_pb2.BundleRef(name=name, version=int(version))
-
-
 def read_config(path: Path) -> common_pb2.DeviceConfig:
     """A DeviceConfig from a JSON file in the protobuf JSON mapping ({"nThreads": 4, ...})."""
     try:
         return config_from_json(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        raise fail(f"{path}: {exc}") from exc
-    except InvalidConfig as exc:
+    except (OSError, ValueError) as exc:  # InvalidConfig is a ValueError
         raise fail(f"{path}: {exc}") from exc
 
 

@@ -371,7 +371,7 @@ def effective_pin(pins: Sequence[VariantPinRule], device: Device) -> VariantPinR
     for pin in pins:
         if pin.device_id == device.id:
             return pin
-        if pin.device_id is None and all(device.labels.get(k) == v for k, v in pin.selector.items()):
+        if pin.device_id is None and selector_matches(device.labels, pin.selector):
             group.append(pin)
     if not group:
         return None
@@ -421,11 +421,7 @@ def set_pin(
     query = select(Device).with_for_update()
     if device_id:
         query = query.where(Device.id == device_id)
-    devices = [
-        d
-        for d in session.exec(query).all()
-        if device_id or all(d.labels.get(k) == v for k, v in selector.items())
-    ]
+    devices = [d for d in session.exec(query).all() if device_id or selector_matches(d.labels, selector)]
     if device_id and not devices:
         raise DeviceNotFound(f"unknown device {device_id}")
     pins = list(list_pins(session))
@@ -451,17 +447,7 @@ def set_pin(
         releases = device_releases(session, device.id)
         if not releases:
             continue
-        device.desired_generation += 1
-        session.add(device)
-        if device.desired_bundle_id is not None:
-            session.add(
-                Deployment(
-                    device_id=device.id,
-                    bundle_id=device.desired_bundle_id,
-                    generation=device.desired_generation,
-                )
-            )
-        repinned.append(Repinned(device.id, device.desired_generation, releases, pin))
+        repinned.append(Repinned(device.id, _next_generation(session, device), releases, pin))
     return PinChange(changed=True, repinned=repinned)
 
 

@@ -195,6 +195,6 @@ def describe_all(session: Session) -> operator_pb2.ListRolloutsResponse:
     bundles = _bundles(session, [r.bundle_id for r in rollouts])
     response = operator_pb2.ListRolloutsResponse()
     for rollout in rollouts:
-        mine = Counter({(w, s): n for (rid, w, s), n in counts.items() if rid == rollout.id})
+        mine = counts.get(rollout.id or 0, Counter())
         response.rollouts.append(convert.message(rollout, bundles=bundles, counts=mine))
     return response

@@ -50,6 +50,21 @@ def sign(
     )
 
 
+def sign_repinned(session: Session, repositories: Repositories, moved: crud.Repinned) -> None:
+    """Signs the director targets of a device whose pin in force changed: same releases, new
+    generation, the new pin."""
+    device = session.get(Device, moved.device_id)
+    assert device is not None
+    sign(
+        session,
+        repositories,
+        device=device,
+        generation=moved.generation,
+        releases=moved.releases,
+        pin=pin_message(moved.pin),
+    )
+
+
 def sign_changed(session: Session, repositories: Repositories, changed: Sequence[crud.DeployedTo]) -> None:
     """Signs each changed device's director targets: all of its models, with the pin in force
     for it and its config."""

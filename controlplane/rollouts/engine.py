@@ -130,9 +130,7 @@ class RolloutMachine:
     def step(self, session: Session, *, rollout_id: int, now: datetime) -> list[str]:
         """Advances one rollout as far as it can go now; returns the devices to nudge."""
         rollout = store.get_rollout(session, rollout_id=rollout_id, lock=True)
-        step = Step(
-            session, rollout, Change.of(session, rollout), store.rollout_devices(session, rollout_id), now
-        )
+        step = self.start(session, rollout, now)
         if rollout.state == states.ROLLED_BACK:
             self.roll_back(step)
         elif rollout.state in states.ACTIVE:

@@ -6,11 +6,11 @@ Functions take the caller's session and leave committing to it, as controlplane/
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from controlplane.db import crud
 from controlplane.db.models import Device, Rollout, RolloutDevice, TelemetryRecord, utcnow
@@ -78,19 +78,19 @@ def rollout_devices(session: Session, rollout_id: int) -> list[RolloutDevice]:
     )
 
 
-def device_counts(session: Session, rollout_ids: Iterable[int]) -> Counter[tuple[int, int, int]]:
-    """How many devices each (rollout, wave, device state) has, for listings."""
+def device_counts(session: Session, rollout_ids: Iterable[int]) -> dict[int, Counter[tuple[int, int]]]:
+    """Per rollout, how many devices each (wave, device state) has, counted by the database."""
     ids = list(rollout_ids)
-    counts: Counter[tuple[int, int, int]] = Counter()
+    counts: dict[int, Counter[tuple[int, int]]] = defaultdict(Counter)
     if not ids:
         return counts
     rows = session.exec(
-        select(RolloutDevice.rollout_id, RolloutDevice.wave, RolloutDevice.state).where(
-            col(RolloutDevice.rollout_id).in_(ids)
-        )
+        select(RolloutDevice.rollout_id, RolloutDevice.wave, RolloutDevice.state, func.count())
+        .where(col(RolloutDevice.rollout_id).in_(ids))
+        .group_by(col(RolloutDevice.rollout_id), col(RolloutDevice.wave), col(RolloutDevice.state))
     ).all()
-    for rollout_id, wave, state in rows:
-        counts[(rollout_id, wave, state)] += 1
+    for rollout_id, wave, state, n in rows:
+        counts[rollout_id][(wave, state)] = n
     return counts
 
 

@@ -367,18 +367,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 s, device_id=request.device_id or None, kind=request.kind or None, limit=limit
             )
         )
-        return operator_pb2.QueryTelemetryResponse(
-            rows=[
-                operator_pb2.TelemetryRow(
-                    device_id=r.device_id,
-                    kind=r.kind,
-                    seq=r.seq,
-                    time=timestamp(r.time),
-                    payload_json=json.dumps(r.payload, sort_keys=True),
-                )
-                for r in rows
-            ]
-        )
+        return operator_pb2.QueryTelemetryResponse(rows=[_telemetry_row(r) for r in rows])
 
     async def TailTelemetry(
         self, request: operator_pb2.TailTelemetryRequest, context: Context
@@ -631,16 +620,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 actor=who.actor,
             )
             for moved in change.repinned:
-                device = session.get(Device, moved.device_id)
-                assert device is not None
-                director.sign(
-                    session,
-                    self.repositories,
-                    device=device,
-                    generation=moved.generation,
-                    releases=moved.releases,
-                    pin=pin_message(moved.pin),
-                )
+                director.sign_repinned(session, self.repositories, moved)
             detail: dict[str, object] = {
                 "changed": change.changed,
                 "devices": {m.device_id: m.generation for m in change.repinned},
@@ -682,16 +662,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             )
             moved = change.repinned
             if moved is not None:
-                device = session.get(Device, moved.device_id)
-                assert device is not None
-                director.sign(
-                    session,
-                    self.repositories,
-                    device=device,
-                    generation=moved.generation,
-                    releases=moved.releases,
-                    pin=pin_message(moved.pin),
-                )
+                director.sign_repinned(session, self.repositories, moved)
             audit.record(
                 session,
                 actor=who.actor,
@@ -752,7 +723,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return await self.rollouts.control(request, context)
 
 
-# -- TailTelemetry's queries ---------------------------------------------------------------------
+# -- telemetry rows and TailTelemetry's queries -------------------------------------------------
 
 
 def _telemetry_row(r: TelemetryRecord) -> operator_pb2.TelemetryRow:
