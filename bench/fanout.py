@@ -145,7 +145,6 @@ def broker(work: Path) -> Iterator[str | None]:
         progress("mosquitto not installed: the control plane runs its embedded broker")
         yield None
         return
-    (work / "mosquitto").mkdir()
     own = start_broker(work / "mosquitto")
     try:
         yield own.url
@@ -309,10 +308,6 @@ async def roll_out(
         f"{run.rollout_reported_s:.2f}s, COMPLETED after {run.rollout_completed_s:.2f}s"
     )
     return []
-
-
-def per_device_ms(seconds: float | None, devices: int) -> float | None:
-    return None if seconds is None else seconds * 1000 / devices
 
 
 def summary(runs: list[Run], notes: list[str], settings: dict[str, Any]) -> dict[str, Any]:

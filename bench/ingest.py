@@ -328,7 +328,6 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 1 if args.quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
-        (work / "mosquitto").mkdir()
         broker = start_broker(work / "mosquitto")
         try:
             kinds = args.databases.split(",")

@@ -48,7 +48,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from securesystemslib.signer import Signer
 
-from agent.channel import CHANNEL_OPTIONS
+from agent.channel import CHANNEL_OPTIONS, open_enrollment_channel
 from agent.device_tls import csr_pem, key_pem, new_key
 from agent.identity import DeviceIdentity
 from agent.telemetry.outbox import encode_batch, encode_message
@@ -313,9 +313,7 @@ class SimFleet:
 
     async def _start(self) -> None:
         started = time.monotonic()
-        self._enroll_channel = grpc.aio.secure_channel(
-            self.target, grpc.ssl_channel_credentials(self.ca_pem), options=CHANNEL_OPTIONS
-        )
+        self._enroll_channel = open_enrollment_channel(self.target, self.ca_pem)
         stub = device_pb2_grpc.DeviceServiceStub(self._enroll_channel)
         slots = asyncio.Semaphore(self.enroll_concurrency)
         async with asyncio.TaskGroup() as group:

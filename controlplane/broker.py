@@ -31,6 +31,9 @@ from typing import Any
 from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+from paho.mqtt.enums import MQTTProtocolVersion
+
+from protos.fleet.broker_url import BrokerAddress
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +113,9 @@ class EmbeddedBroker:
         except Exception as exc:
             self._join(timeout)
             raise BrokerStartError(f"embedded MQTT broker did not start on {self._host}: {exc}") from exc
-        host = f"[{self._host}]" if ":" in self._host else self._host
         # The socket is listening once start_server has returned: connections queue in its backlog.
-        self._url = f"mqtt://{host}:{port}?protocol=3.1.1"  # amqtt speaks MQTT 3.1.1 only
+        # amqtt speaks MQTT 3.1.1 only, which the URL says (?protocol=3.1.1).
+        self._url = BrokerAddress(host=self._host, port=port, protocol=MQTTProtocolVersion.MQTTv311).url
         logger.info("embedded MQTT broker listening on %s", self._url)
         return self._url
 

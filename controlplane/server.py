@@ -72,13 +72,12 @@ class RunningControlPlane:
     broker: EmbeddedBroker | None
     ingestor: TelemetryIngestor
     upkeep: asyncio.Task[None]
+    rollouts: RolloutEngine
     metrics: MetricsServer | None = None  # the Prometheus endpoint, with --metrics-listen
-    rollouts: RolloutEngine | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         self.upkeep.cancel()
-        if self.rollouts is not None:
-            await self.rollouts.stop()
+        await self.rollouts.stop()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
         self.revocations.cancel()

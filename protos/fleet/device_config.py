@@ -120,7 +120,7 @@ def config_to_json(config: common_pb2.DeviceConfig) -> dict[str, Any]:
     return {key: repr(value) if isinstance(value, float) else value for key, value in raw.items()}
 
 
-def config_from_json(raw: Mapping[str, Any]) -> common_pb2.DeviceConfig:
+def config_from_json(raw: object) -> common_pb2.DeviceConfig:
     """Reads a config from its protobuf JSON mapping; InvalidConfig when it is not one.
 
     Unknown fields are refused, not skipped: a setting this build does not know must not be

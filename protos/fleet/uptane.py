@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf import json_format
 from tuf.api.metadata import TargetFile, Targets
 
+from protos.fleet.device_config import config_from_json
 from protos.fleet.release import ArtifactInfo, MalformedMetadata, check_target_path
 from protos.fleet.v1 import bundle_pb2, common_pb2
 
@@ -176,8 +177,4 @@ def _config(raw: object) -> common_pb2.DeviceConfig | None:
     agent's to check (agent/updater.py), so a malformed document and an unusable value are told
     apart in what the device reports.
     """
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise TypeError(f"config must be an object, not {type(raw).__name__}")
-    return json_format.ParseDict(raw, common_pb2.DeviceConfig())
+    return None if raw is None else config_from_json(raw)
