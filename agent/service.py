@@ -53,7 +53,7 @@ from agent.telemetry.aggregate import InferenceAggregator, ServedRelease
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.publisher import TelemetryPublisher
 from agent.telemetry.recorder import FlushSchedule, Telemetry
-from agent.telemetry.resources import ResourceSampler
+from agent.telemetry.resources import ResourceSampler, available_ram_bytes
 from agent.updater import Updater
 from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier
 from protos.fleet.uptane import TrustAnchors
@@ -172,15 +172,6 @@ def rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
     except Exception:  # psutil missing or /proc unreadable: report unknown
         return 0
-
-
-def available_ram_bytes() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        return None
 
 
 @dataclass

@@ -211,14 +211,13 @@ class InferenceAggregator:
         self._lock = threading.Lock()
         self._running: dict[_Key, _Running] = {}
         self._window_start = clock()
-        self._pending = 0
         self._recorded = 0
 
     @property
     def pending(self) -> int:
         """Requests folded into the open interval, not yet drained."""
         with self._lock:
-            return self._pending
+            return sum(entry.requests for entry in self._running.values())
 
     @property
     def recorded(self) -> int:
@@ -230,7 +229,6 @@ class InferenceAggregator:
         """Folds one request into the open interval; ``release`` is what served ``stats.model``."""
         with self._lock:
             self._entry((stats.model, release)).add(stats)
-            self._pending += 1
             self._recorded += 1
 
     def _entry(self, key: _Key) -> _Running:
@@ -259,7 +257,6 @@ class InferenceAggregator:
             end = self._clock()
             start, self._window_start = self._window_start, end
             running, self._running = self._running, {}
-            self._pending = 0
         summaries = sorted(
             (entry.summary(key) for key, entry in running.items()),
             key=lambda s: (s.model, s.release.version if s.release else -1),

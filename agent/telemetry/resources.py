@@ -41,7 +41,7 @@ class ResourceSampler:
     def sample(self) -> ResourceUsage:
         return ResourceUsage(
             cpu_percent=self._cpu_percent(),
-            memory_available_bytes=_memory_available(),
+            memory_available_bytes=available_ram_bytes() or 0,
             disk_free_bytes=_disk_free(self._disk_path),
         )
 
@@ -67,13 +67,14 @@ def _own_process() -> psutil.Process | None:
         return None
 
 
-def _memory_available() -> int:
+def available_ram_bytes() -> int | None:
+    """RAM the system can still hand out; None when psutil cannot tell."""
     try:
         import psutil
 
         return int(psutil.virtual_memory().available)
     except Exception:
-        return 0
+        return None
 
 
 def _disk_free(path: Path) -> int:
