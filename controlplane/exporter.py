@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +48,12 @@ INGEST_HELP = {
     "presence": "Presence updates the ingestor applied.",
     "status": "Status updates the ingestor applied.",
     "write_failures": "Failed database writes of telemetry batches (each retry counts).",
+    "writer_errors": "Unexpected errors the telemetry writer logged and survived.",
+    "clamped_times": "Records stamped too far in the future, stored at their arrival time.",
+    "dead_letter_failures": "Dead letters the database refused (the messages were acknowledged anyway).",
+    "sessions_lost": "Reconnects that found the broker no longer held the ingestor's session.",
+    "disconnects": "Broker connections the ingestor lost (client-id takeovers included).",
+    "stalled_seconds": "Seconds since the last telemetry write while messages wait; 0 when none wait.",
 }
 """Help of the ingestion counters known today; any other integer field of IngestStats (a new
 counter) is exported as ``edgefleet_ingest_<field>_total`` with a generic help."""
@@ -233,11 +239,25 @@ def ingest_metrics(stats: object) -> Iterator[Metric]:
     it gains later are exported too and a field it loses is simply absent."""
     if not dataclasses.is_dataclass(stats):
         return
+    fields = {f.name: getattr(stats, f.name, None) for f in dataclasses.fields(stats)}
     values = {
-        f.name: value
-        for f in dataclasses.fields(stats)
-        if isinstance(value := getattr(stats, f.name, None), int) and not isinstance(value, bool)
+        name: value
+        for name, value in fields.items()
+        if isinstance(value, int) and not isinstance(value, bool)
     }
+    for name, value in fields.items():
+        if isinstance(value, float):
+            help_text = INGEST_HELP.get(name, f"Telemetry ingestor gauge {name!r} (IngestStats.{name}).")
+            yield _with_value(_gauge(f"ingest_{name}", help_text), value)
+        elif name.endswith("_by_reason") and isinstance(value, Mapping):
+            family = CounterMetricFamily(
+                f"{PREFIX}_ingest_{name.removesuffix('_by_reason')}",
+                "Telemetry messages kept in the dead-letter table, by reason.",
+                labels=["reason"],
+            )
+            for reason, count in sorted(value.items()):
+                family.add_metric([str(reason)], count)
+            yield family
     reasons = [r.value for r in RejectReason if r.value in values]
     if reasons:
         rejected = CounterMetricFamily(

@@ -12,15 +12,26 @@ objects, repeated fields as lists, nested messages checked the same way.
 Digit strings and timestamps are checked after the C pass, only where such a string occurs: a
 msgspec pattern constraint calls back into Python's regex engine for each value, which cost
 more than the whole parse.
+
+Every value is also held to what the database can store, since one value it refuses would fail
+the whole batch it came in: integers to their protobuf type's range and never beyond a signed
+64-bit integer (SQL BIGINT; a uint64 above that is refused), numbers finite (JSON has no
+infinity: a literal like ``1e999`` is refused, the JSON mapping's "NaN"/"Infinity" strings stay
+strings), strings to ``MAX_STRING_CHARS``, maps and lists to ``MAX_ENTRIES``. A payload is first
+split into its elements without building them (``msgspec.Raw``), so the record count and each
+record's size are judged before a single record object exists.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 import re
+import sys
 from collections.abc import Callable
 from functools import cache
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -39,11 +50,53 @@ _INT_TYPES = frozenset(
         FieldDescriptor.TYPE_SFIXED64,
     }
 )
-_DOUBLE = float | Literal["NaN", "Infinity", "-Infinity"]
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+_INT32 = (-(2**31), 2**31 - 1)
+_UINT32 = (0, 2**32 - 1)
+_INT64 = (INT64_MIN, INT64_MAX)
+_UINT64 = (0, INT64_MAX)  # a uint64 beyond BIGINT cannot be stored or compared in SQL
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: _INT32,
+    FieldDescriptor.TYPE_SINT32: _INT32,
+    FieldDescriptor.TYPE_SFIXED32: _INT32,
+    FieldDescriptor.TYPE_UINT32: _UINT32,
+    FieldDescriptor.TYPE_FIXED32: _UINT32,
+    FieldDescriptor.TYPE_INT64: _INT64,
+    FieldDescriptor.TYPE_SINT64: _INT64,
+    FieldDescriptor.TYPE_SFIXED64: _INT64,
+    FieldDescriptor.TYPE_UINT64: _UINT64,
+    FieldDescriptor.TYPE_FIXED64: _UINT64,
+}
+MAX_STRING_CHARS = 4096
+"""Longest string value of a record (the agent's longest, an error text, is far shorter)."""
+MAX_ENTRIES = 256
+"""Most entries of one map or list field (errors by code, installed models)."""
+MAX_RECORDS_PER_MESSAGE = 500
+"""Most records in one message: the agent sends at most 100 (agent/telemetry/publisher.py)."""
+MAX_RECORD_BYTES = 64 * 1024
+"""Largest encoded record: the agent keeps a whole message below 128 KiB."""
+
+_FINITE = msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)
+_DOUBLE = Annotated[float, _FINITE] | Literal["NaN", "Infinity", "-Infinity"]
+_STRING = Annotated[str, msgspec.Meta(max_length=MAX_STRING_CHARS)]
+
+
+class ShapeProblem(enum.Enum):
+    """What is wrong with a payload, as far as its shape tells."""
+
+    MALFORMED = "malformed"  # not JSON, a wrong type, or a value out of its type's range
+    TOO_MANY_RECORDS = "too_many_records"
+    RECORD_TOO_LARGE = "record_too_large"
 
 
 class BadShape(ValueError):
-    """A payload that is not a JSON array of records of its message; the text says where."""
+    """A payload that is not a JSON array of records of its message; the text says where,
+    ``problem`` what kind of fault it is."""
+
+    def __init__(self, detail: str, problem: ShapeProblem = ShapeProblem.MALFORMED) -> None:
+        super().__init__(detail)
+        self.problem = problem
 
 
 def _is_timestamp(field: FieldDescriptor | Any) -> bool:
@@ -64,24 +117,26 @@ def _map_value(field: Any) -> Any:
 
 def _scalar_type(field: FieldDescriptor | Any) -> Any:
     if field.type in _INT_TYPES:
-        return int | str
+        low, high = _INT_RANGES[field.type]
+        return Annotated[int, msgspec.Meta(ge=low, le=high)] | _STRING
     if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         return _DOUBLE
     if field.type == FieldDescriptor.TYPE_BOOL:
         return bool
     if field.type == FieldDescriptor.TYPE_ENUM:
-        return int | str
+        return Annotated[int, msgspec.Meta(ge=_INT32[0], le=_INT32[1])] | _STRING
     if field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES) or _is_timestamp(field):
-        return str
+        return _STRING
     assert field.message_type is not None, f"{field.full_name}: a field of an unknown type"
     return struct_of(field.message_type)
 
 
 def _field_type(field: FieldDescriptor | Any) -> Any:
+    entries = msgspec.Meta(max_length=MAX_ENTRIES)
     if _is_map(field):
-        return dict[str, _scalar_type(_map_value(field))]  # type: ignore[misc]
+        return Annotated[dict[_STRING, _scalar_type(_map_value(field))], entries]  # type: ignore[misc]
     scalar = _scalar_type(field)
-    return list[scalar] if field.is_repeated else scalar  # type: ignore[valid-type]
+    return Annotated[list[scalar], entries] if field.is_repeated else scalar  # type: ignore[valid-type]
 
 
 @cache
@@ -94,7 +149,10 @@ def struct_of(descriptor: Descriptor | Any) -> type[msgspec.Struct]:
 
 @cache
 def _decoder(descriptor: Descriptor | Any) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(list[struct_of(descriptor)])  # type: ignore[misc]
+    return msgspec.json.Decoder(struct_of(descriptor))
+
+
+_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 # the Python pass: strings the C pass cannot judge ---------------------------------------------
@@ -170,15 +228,37 @@ def _deep_collector(field: FieldDescriptor | Any) -> Collect | None:
     return messages
 
 
-def decode_records(descriptor: Descriptor | Any, payload: bytes | bytearray) -> list[dict[str, Any]]:
+def decode_records(
+    descriptor: Descriptor | Any,
+    payload: bytes | bytearray,
+    *,
+    max_records: int = MAX_RECORDS_PER_MESSAGE,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+) -> list[dict[str, Any]]:
     """The records of a record-stream payload (a JSON array of ``descriptor`` messages) as
     dicts of their known fields; BadShape says what is wrong (and where, for the C pass)."""
     try:
-        structs = _decoder(descriptor).decode(payload)
+        elements = _ELEMENTS.decode(payload)
     except msgspec.ValidationError as exc:
         raise BadShape(str(exc)) from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise BadShape(f"not JSON: {exc}") from exc
+    if len(elements) > max_records:
+        raise BadShape(f"{len(elements)} records, more than {max_records}", ShapeProblem.TOO_MANY_RECORDS)
+    decoder = _decoder(descriptor)
+    structs = []
+    for index, element in enumerate(elements):
+        if len(element) > max_record_bytes:
+            raise BadShape(
+                f"record {index} takes {len(element)} bytes, more than {max_record_bytes}",
+                ShapeProblem.RECORD_TOO_LARGE,
+            )
+        try:
+            structs.append(decoder.decode(element))
+        except msgspec.ValidationError as exc:
+            raise BadShape(f"record {index}: {exc}") from exc
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise BadShape(f"record {index}: not JSON: {exc}") from exc
     collect = _collector(descriptor)
     ints: list[Any] = []
     times: list[Any] = []
@@ -189,6 +269,9 @@ def decode_records(descriptor: Descriptor | Any, payload: bytes | bytearray) -> 
     if digits and _INTEGERS(" ".join(digits)) is None:
         bad = next(v for v in digits if _INTEGERS(v) is None)
         raise BadShape(f"an integer field holds {bad!r}, not a 64-bit integer")
+    # Up to 18 digits always fit BIGINT; only longer strings need converting.
+    if digits and (big := [v for v in digits if len(v) > 18 and not INT64_MIN <= int(v) <= INT64_MAX]):
+        raise BadShape(f"an integer field holds {big[0]!r}, beyond a signed 64-bit integer")
     stamps = [v for v in times if v is not msgspec.UNSET]
     if stamps and _TIMESTAMPS(" ".join(stamps)) is None:
         bad = next(v for v in stamps if _TIMESTAMPS(v) is None)
@@ -199,8 +282,10 @@ def decode_records(descriptor: Descriptor | Any, payload: bytes | bytearray) -> 
 
 def json_number(value: Any) -> float:
     """A number from a stored record (protobuf JSON writes 64-bit integers as strings); 0.0 when
-    absent or not a number. Stored records passed ``decode_records``, so this only guards old rows."""
+    absent, not a number or not finite (the JSON mapping's "NaN" and "Infinity" strings): a
+    database column cannot hold those (SQLite stores NaN as NULL)."""
     try:
-        return float(value) if value is not None else 0.0
+        number = float(value) if value is not None else 0.0
     except (TypeError, ValueError):
         return 0.0
+    return number if math.isfinite(number) else 0.0

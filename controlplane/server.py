@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("fleet.v1.DeviceService", "fleet.v1.OperatorService")
+INGESTION_HEALTH = "edgefleet.TelemetryIngestion"
+"""The health service name that says whether telemetry ingestion works: NOT_SERVING while a
+message has waited longer than ``INGESTION_STALL_S`` for the writer, the broker has been out
+of reach that long, or the writer is gone. The overall status ("") and the RPC services stay
+SERVING meanwhile: devices can still enroll, update and report status over gRPC."""
+INGESTION_STALL_S = 60.0
+INGESTION_CHECK_S = 5.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -74,9 +81,12 @@ class RunningControlPlane:
     upkeep: asyncio.Task[None]
     rollouts: RolloutEngine
     metrics: MetricsServer | None = None  # the Prometheus endpoint, with --metrics-listen
+    ingestion_watch: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         self.upkeep.cancel()
+        if self.ingestion_watch is not None:
+            self.ingestion_watch.cancel()
         await self.rollouts.stop()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
@@ -107,6 +117,38 @@ async def _upkeep(
             await asyncio.to_thread(apply_retention, db.engine, retention)
         except Exception:
             log.exception("upkeep failed; retrying in %.0fs", every)
+        await asyncio.sleep(every)
+
+
+async def watch_ingestion(
+    ingestor: TelemetryIngestor,
+    health_servicer: health.aio.HealthServicer,
+    *,
+    stall_after_s: float = INGESTION_STALL_S,
+    every: float = INGESTION_CHECK_S,
+) -> None:
+    """Keeps INGESTION_HEALTH in step with the ingestor and logs each change."""
+    serving: bool | None = None
+    while True:
+        healthy = ingestor.healthy(stall_after_s)
+        if healthy != serving:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if healthy
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await health_servicer.set(INGESTION_HEALTH, status)
+            if healthy and serving is not None:
+                log.info("telemetry ingestion works again")
+            elif not healthy:
+                log.error(
+                    "telemetry ingestion stalled: writer alive %s, %.0f s since the last write with messages "
+                    "waiting, %.0f s without the broker",
+                    ingestor.writer_alive(),
+                    ingestor.stalled_seconds(),
+                    ingestor.disconnected_seconds(),
+                )
+            serving = healthy
         await asyncio.sleep(every)
 
 
@@ -208,6 +250,7 @@ async def start_control_plane(
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    ingestion_watch = asyncio.create_task(watch_ingestion(ingestor, health_servicer))
     upkeep = asyncio.create_task(
         _upkeep(db, repositories, revocations, settings.retention, settings.metadata_refresh_seconds)
     )
@@ -227,6 +270,7 @@ async def start_control_plane(
         upkeep=upkeep,
         metrics=metrics,
         rollouts=rollouts,
+        ingestion_watch=ingestion_watch,
     )
 
 

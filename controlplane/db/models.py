@@ -40,7 +40,7 @@ class Device(SQLModel, table=True):
     applied_generation: int = 0
     last_tokens_per_second: float = 0.0
     last_latency_ms: float = 0.0
-    requests_total: int = 0
+    requests_total: int = Field(default=0, sa_type=BigInteger)  # a heartbeat's uint64 counter
     revoked_at: datetime | None = None
     selection_reason: str = ""  # the agent's last explanation of its variant choice
     # Every model the device last reported installed: [{"name", "version", "variant", "loaded"}].
@@ -149,10 +149,28 @@ class TelemetryRecord(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True, max_length=64)
     kind: str = Field(index=True, max_length=32)
-    seq: int
+    seq: int = Field(sa_type=BigInteger)  # uint64 on the wire; ingestion refuses beyond BIGINT
     time: datetime
     received_at: datetime = Field(default_factory=utcnow)
     payload: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class TelemetryDeadLetter(SQLModel, table=True):
+    """A telemetry message ingestion acknowledged without storing it: refused by its checks
+    (controlplane/ingest.py) or by the database. ``reason`` is a RejectReason value, ``detail``
+    what exactly; the payload is kept only as its first bytes (``excerpt``), with its full size
+    and sha256, so a flood of large messages cannot fill the database. Retention deletes rows
+    older than the raw telemetry's retention."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: datetime = Field(index=True)
+    topic: str = Field(max_length=256)
+    device_id: str = Field(default="", index=True, max_length=64)
+    reason: str = Field(index=True, max_length=32)
+    detail: str = Field(default="", max_length=1024)
+    payload_bytes: int = Field(default=0, sa_type=BigInteger)
+    payload_sha256: str = Field(default="", max_length=64)
+    excerpt: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
 
 
 class TufMetadata(SQLModel, table=True):

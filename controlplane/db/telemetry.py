@@ -21,8 +21,8 @@ from sqlalchemy import Boolean, ColumnElement, Table, case, insert, literal, or_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from controlplane.db.models import Device, TelemetryRecord
-from controlplane.record_shape import json_number
+from controlplane.db.models import Device, TelemetryDeadLetter, TelemetryRecord
+from controlplane.record_shape import INT64_MAX, json_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,49 @@ class StatusUpdate:
 
     device_id: str
     time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message acknowledged without being stored, for the dead-letter table. Text fields may
+    hold anything a device sent; ``store_dead_letters`` makes them storable."""
+
+    received_at: datetime
+    topic: str
+    device_id: str
+    reason: str
+    detail: str
+    payload_bytes: int
+    payload_sha256: str
+    excerpt: bytes
+
+
+def _storable_text(text: str, limit: int) -> str:
+    """``text`` as any database stores it: lone surrogates escaped, NUL (which PostgreSQL text
+    refuses) written out, cut to ``limit`` characters."""
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return safe[:limit]
+
+
+def store_dead_letters(engine: Engine, letters: Sequence[DeadLetter]) -> None:
+    """Keeps dead letters, every text cut to its column."""
+    if not letters:
+        return
+    rows = [
+        {
+            "received_at": letter.received_at,
+            "topic": _storable_text(letter.topic, 256),
+            "device_id": _storable_text(letter.device_id, 64),
+            "reason": letter.reason[:32],
+            "detail": _storable_text(letter.detail, 1024),
+            "payload_bytes": max(0, letter.payload_bytes),
+            "payload_sha256": letter.payload_sha256[:64],
+            "excerpt": bytes(letter.excerpt[:4096]),
+        }
+        for letter in letters
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(TelemetryDeadLetter.__table__), rows)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -167,8 +210,18 @@ def _figures(record: IngestRecord) -> dict[str, Any]:
             figures["last_latency_ms"] = json_number(payload.get("latencyMsP95"))
         return figures
     if record.kind == "heartbeat":
-        return {"requests_total": int(json_number(payload.get("requestsTotal")))}
+        return {"requests_total": _counter(payload.get("requestsTotal"))}
     return {}
+
+
+def _counter(value: Any) -> int:
+    """A uint64 counter from a record (a number or a digit string) as a BIGINT: exact, not
+    through a float, and never beyond the column."""
+    try:
+        number = int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+    return min(max(number, 0), INT64_MAX)
 
 
 def _update_values(table: Table, change: _DeviceChange) -> dict[str, Any]:

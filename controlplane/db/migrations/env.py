@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
+from sqlalchemy import BigInteger, Integer
 from sqlalchemy.engine import Connection
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import SQLModel
 
 from controlplane.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -28,6 +29,21 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     return False
 
 
+def compare_type(
+    ctx: Any, inspected: Any, metadata: Any, inspected_type: TypeEngine[Any], metadata_type: TypeEngine[Any]
+) -> bool | None:
+    """INTEGER and BIGINT are one type on SQLite (64-bit integers either way), so a column
+    widened to BIGINT in models.py is no difference there (revision 0006 widens it on
+    PostgreSQL only, instead of copying SQLite's telemetry table); None: Alembic's own compare."""
+    if (
+        ctx.dialect.name == "sqlite"
+        and isinstance(inspected_type, Integer)
+        and isinstance(metadata_type, BigInteger | Integer)
+    ):
+        return False
+    return None
+
+
 def run_migrations() -> None:
     connection = context.config.attributes.get("connection")
     if context.is_offline_mode() or not isinstance(connection, Connection):
@@ -40,6 +56,7 @@ def run_migrations() -> None:
         render_as_batch=True,
         render_item=render_item,
         compare_server_default=True,  # "no differences" must cover defaults too
+        compare_type=compare_type,
     )
     with context.begin_transaction():
         context.run_migrations()
