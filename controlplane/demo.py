@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -29,6 +26,7 @@ from rich.table import Table
 
 from controlplane import client, fleet_table
 from controlplane.bundles import build_bundle
+from controlplane.child_process import Processes, Stopped, stop_signals_raise
 from controlplane.keys import init_keys
 from controlplane.rbac import ADMIN_TOKEN_FILE
 from controlplane.tls import channel_credentials
@@ -71,34 +69,11 @@ def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float, interv
     raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-@dataclass
-class Processes:
-    """Child processes, stopped in reverse order with SIGTERM, then SIGKILL."""
-
-    children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = field(default_factory=list)
-
-    def start(self, name: str, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-        log = log_path.open("wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.children.append((name, proc, log))
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc, log in self.children:
-            if proc.poll() is not None:
-                raise DemoError(f"{name} exited with code {proc.returncode}; see {log.name}")
-
-    def stop(self) -> None:
-        for _, proc, _ in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc, log in reversed(self.children):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+def check_alive(procs: Processes) -> None:
+    exited = procs.exited()
+    if exited is not None:
+        name, code, log = exited
+        raise DemoError(f"{name} exited with code {code}; see {log}")
 
 
 def agent_command(
@@ -169,10 +144,14 @@ def run_demo(*, agents: int, keep_running: bool, workdir: Path | None) -> bool:
     started = time.monotonic()
     model = find_model()
     procs = Processes()
-    with demo_dir(workdir) as work:
+    # However the demo ends (done, Ctrl-C, SIGTERM/SIGHUP from a service manager, an error),
+    # every process it started ends with it; see controlplane.child_process for SIGKILL.
+    with stop_signals_raise(), demo_dir(workdir) as work:
         (work / "logs").mkdir(exist_ok=True)
         try:
             ok = _run(console, work, model, procs, agents, keep_running, started)
+        except Stopped as exc:
+            raise DemoError(f"stopped by {exc} before the demo finished") from exc
         finally:
             procs.stop()
     return ok
@@ -206,7 +185,7 @@ def _run(
     )
 
     def control_plane_up() -> bool | None:
-        procs.check_alive()
+        check_alive(procs)
         return health_serving(target, ca_pem)
 
     wait_for("the control plane", control_plane_up, timeout=60)
@@ -243,7 +222,7 @@ def _run(
             )
 
         def enrolled() -> list[common_pb2.DeviceSummary] | None:
-            procs.check_alive()
+            check_alive(procs)
             devices = list(stub.ListDevices(operator_pb2.ListDevicesRequest()).devices)
             return devices if len(devices) >= agents else None
 
@@ -276,10 +255,10 @@ def _run(
         console.print(fleet_table.devices_table(final))
         console.print(f"demo wall time: {time.monotonic() - started:.1f}s")
         if keep_running:
-            console.print(f"fleet is up: control plane {target}; Ctrl-C to stop")
-            with contextlib.suppress(KeyboardInterrupt):
+            console.print(f"fleet is up: control plane {target}; Ctrl-C or SIGTERM to stop")
+            with contextlib.suppress(Stopped):
                 while True:
-                    procs.check_alive()
+                    check_alive(procs)
                     time.sleep(1)
     return all_ok
 
@@ -291,7 +270,7 @@ def _show_rollout(
     deadline = time.monotonic() + 300
     with Live(console=console, refresh_per_second=4, transient=True) as live:
         while True:
-            procs.check_alive()
+            check_alive(procs)
             devices = list(stub.ListDevices(operator_pb2.ListDevicesRequest()).devices)
             live.update(fleet_table.devices_table(devices))
             failed = [d for d in devices if d.state == common_pb2.DEVICE_STATE_FAILED]
