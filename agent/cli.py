@@ -77,6 +77,26 @@ def run(
     ] = None,
     max_running: Annotated[int, typer.Option(min=1, help="API requests generating at once")] = 1,
     max_waiting: Annotated[int, typer.Option(min=0, help="API requests queued; beyond: HTTP 429")] = 16,
+    max_request_kb: Annotated[
+        int, typer.Option(min=1, help="API request body size; larger is refused (HTTP 413) before it is read")
+    ] = 4096,
+    max_prompt_chars: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="characters of text one API request may send (messages, prompt or embedding inputs "
+            "together); more is refused (HTTP 400) before tokenizing",
+        ),
+    ] = 256 * 1024,
+    max_messages: Annotated[
+        int, typer.Option(min=1, help="messages per chat request; more: HTTP 400")
+    ] = 1024,
+    max_embedding_inputs: Annotated[
+        int, typer.Option(min=1, max=2048, help="texts per embeddings request; more: HTTP 400")
+    ] = 2048,
+    request_body_timeout: Annotated[
+        float, typer.Option(min=0.1, help="seconds to receive an API request body; slower: HTTP 408")
+    ] = 60.0,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
@@ -121,6 +141,11 @@ def run(
         memory_budget_bytes=memory_budget(memory_budget_mb),
         max_running_requests=max_running,
         max_waiting_requests=max_waiting,
+        max_request_bytes=max_request_kb * 2**10,
+        max_prompt_chars=max_prompt_chars,
+        max_messages=max_messages,
+        max_embedding_inputs=max_embedding_inputs,
+        request_body_timeout_seconds=request_body_timeout,
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
         hardware_profile_path=hardware_profile,
     )

@@ -32,6 +32,12 @@ class AgentConfig:
     memory_budget_bytes: int | None = None  # models loaded at once hold at most this; None: no limit
     max_running_requests: int = 1  # generations at once; the rest queue
     max_waiting_requests: int = 16  # queued beyond this get HTTP 429
+    # What one API request may send (agent.api.limits.RequestLimits has the same defaults).
+    max_request_bytes: int = 4 * 2**20  # body size; larger gets HTTP 413 before it is read
+    max_prompt_chars: int = 256 * 2**10  # messages / prompt / embedding inputs together
+    max_messages: int = 1024  # chat messages per request
+    max_embedding_inputs: int = 2048  # texts per embeddings request (OpenAI's limit is the ceiling)
+    request_body_timeout_seconds: float = 60.0  # to receive a body; slower gets HTTP 408
     api_key: str | None = None  # required on /v1/* when set (always set off loopback)
     artifact_budget_bytes: int | None = None  # None: keep the previous model for rollback regardless
     hardware_profile_path: Path | None = None  # JSON profile replacing hardware detection (variant choice)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.types import ASGIApp
 
 from agent.api import (
     routes_chat,
@@ -22,6 +23,8 @@ from agent.api import (
 )
 from agent.api.admission import AdmissionQueue, QueueLimits
 from agent.api.errors import APIError, install_error_handlers
+from agent.api.framing import FramingGuard
+from agent.api.limits import RequestLimits
 from agent.api.metrics import ApiMetrics, ReleaseInfo, ResponseCounter
 from agent.api.openapi import install_openapi
 from agent.api.serving_base import ServingEndpoint
@@ -41,12 +44,30 @@ ROUTERS = (
 )
 
 
+class DeviceAPI(FastAPI):
+    """FastAPI with the FramingGuard outside its whole middleware stack.
+
+    Middleware added later (the API key check, by `require_api_key`) still lands inside it,
+    so no response, a 401 included, can leave a smuggled request on an open connection.
+    """
+
+    def __init__(self, *, request_limits: RequestLimits, **kwargs: Any) -> None:
+        super().__init__(max_body_size=request_limits.max_body_bytes, **kwargs)
+        self.request_limits = request_limits
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return FramingGuard(
+            super().build_middleware_stack(), max_body_bytes=self.request_limits.max_body_bytes
+        )
+
+
 def create_app(
     *,
     models: ModelTable,
     observer: Callable[[InferenceStats], None],
     health: Callable[[], dict[str, object]] | None = None,
     limits: QueueLimits | None = None,
+    request_limits: RequestLimits | None = None,
     release_info: ReleaseInfo | None = None,
 ) -> FastAPI:
     """Build the API around `models` (the agent adds, replaces and removes models in it).
@@ -54,10 +75,18 @@ def create_app(
     `observer` receives one InferenceStats per model request, successful or not; it runs
     on the event loop, so it must be quick (queue the record, don't publish it).
     `health` adds agent figures to GET /healthz. `limits` bounds the requests running and
-    waiting (default: one running, 16 waiting). `release_info` returns a model's installed
-    bundle, version and variant for the edgefleet_active_model_info metric.
+    waiting (default: one running, 16 waiting); `request_limits` what one request may send
+    (body bytes, seconds and nesting, prompt characters, item counts). `release_info`
+    returns a model's installed bundle, version and variant for the
+    edgefleet_active_model_info metric.
     """
-    app = FastAPI(title="edgefleet device API", summary="OpenAI-compatible local inference", version="1.0.0")
+    request_limits = request_limits or RequestLimits()
+    app = DeviceAPI(
+        request_limits=request_limits,
+        title="edgefleet device API",
+        summary="OpenAI-compatible local inference",
+        version="1.0.0",
+    )
     queue = AdmissionQueue(limits)
     metrics = ApiMetrics(
         models=models,
@@ -74,10 +103,11 @@ def create_app(
         metrics.observe(stats)
         observer(stats)
 
-    chat = ServingChat(models=models, queue=queue, observer=observe)
-    completion = ServingCompletion(models=models, queue=queue, observer=observe)
-    embedding = ServingEmbedding(models=models, queue=queue, observer=observe)
+    chat = ServingChat(models=models, queue=queue, observer=observe, limits=request_limits)
+    completion = ServingCompletion(models=models, queue=queue, observer=observe, limits=request_limits)
+    embedding = ServingEmbedding(models=models, queue=queue, observer=observe, limits=request_limits)
     app.state.models = models
+    app.state.request_limits = request_limits
     app.state.health_probe = health
     app.state.admission_queue = queue
     app.state.metrics = metrics
@@ -97,7 +127,7 @@ def create_app(
         if serving is not None:
             serving.rejected(error)
 
-    install_error_handlers(app, on_rejected=on_rejected)
+    install_error_handlers(app, on_rejected=on_rejected, max_body_bytes=request_limits.max_body_bytes)
     for router in ROUTERS:
         app.include_router(router)
     for route in app.routes:

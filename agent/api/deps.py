@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from agent.api.limits import RequestLimits
 from agent.api.metrics import ApiMetrics
 from agent.api.serving_chat import ServingChat
 from agent.api.serving_completion import ServingCompletion
@@ -42,6 +43,10 @@ def embedding_serving(request: Request) -> ServingEmbedding:
 
 def api_metrics(request: Request) -> ApiMetrics:
     return _state(request, "metrics", ApiMetrics)
+
+
+def request_limits(request: Request) -> RequestLimits:
+    return _state(request, "request_limits", RequestLimits)
 
 
 def model_table(request: Request) -> ModelTable:

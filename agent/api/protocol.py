@@ -10,15 +10,29 @@ from these classes and clients and fuzzers rely on it.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 from typing_extensions import TypedDict
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 512  # per stop sequence: checked against the text at every token
+MAX_NAME_CHARS = 256  # model names, message names, end-user ids
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's per-request limit, so clients' batching already fits
+MAX_TOKENS = 2**31 - 1  # runtimes count tokens in C ints; no context comes near it
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _integral(value: Any) -> Any:
@@ -29,11 +43,27 @@ def _integral(value: Any) -> Any:
 
 
 Integer = Annotated[int, BeforeValidator(_integral)]
-PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+PositiveInteger = Annotated[int, Field(ge=1, le=MAX_TOKENS), BeforeValidator(_integral)]
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class OpenAIRequestModel(OpenAIBaseModel):
+    """Every request model and every model nested in one derives from this (a test checks)."""
+
+    @field_validator("*")
+    @classmethod
+    def _unicode_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: it cannot be
+        encoded, tokenized or echoed back, so it is refused here, in whichever string field it is."""
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for index, text in enumerate(texts):
+            if isinstance(text, str) and not text.isascii() and _LONE_SURROGATE.search(text):
+                where = "" if isinstance(value, str) else f" (item {index})"
+                raise ValueError(f"contains a lone UTF-16 surrogate{where}, which is not valid Unicode text")
+        return value
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -53,15 +83,15 @@ class ErrorResponse(OpenAIBaseModel):
 # --- requests ----------------------------------------------------------------------------
 
 
-class TextContentPart(OpenAIBaseModel):
+class TextContentPart(OpenAIRequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessageParam(OpenAIBaseModel):
+class ChatMessageParam(OpenAIRequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
     def text(self) -> str:
         """The content as one string (text parts are concatenated, as OpenAI does)."""
@@ -76,14 +106,14 @@ class ChatMessageParam(OpenAIBaseModel):
         return "system" if self.role == "developer" else self.role
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(OpenAIRequestModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(OpenAIRequestModel):
     """Fields shared by chat and text completions."""
 
-    model: str
+    model: str = Field(max_length=MAX_NAME_CHARS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: Integer | None = None  # any integer: runtimes use its low 32 bits
@@ -91,8 +121,12 @@ class SamplingRequest(OpenAIBaseModel):
         default=None,
         json_schema_extra={
             "anyOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_SEQUENCES},
+                {"type": "string", "maxLength": MAX_STOP_CHARS},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": MAX_STOP_CHARS},
+                    "maxItems": MAX_STOP_SEQUENCES,
+                },
                 {"type": "null"},
             ]
         },
@@ -102,7 +136,7 @@ class SamplingRequest(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
     @field_validator("n")
     @classmethod
@@ -116,6 +150,9 @@ class SamplingRequest(OpenAIBaseModel):
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        stops = [value] if isinstance(value, str) else value or []
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters long")
         return value
 
     def stop_sequences(self) -> tuple[str, ...]:
@@ -183,7 +220,7 @@ class CompletionRequest(SamplingRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class EmbeddingRequest(OpenAIBaseModel):
+class EmbeddingRequest(OpenAIRequestModel):
     """POST /v1/embeddings. Token-array inputs are refused: the runtime embeds text."""
 
     model: str

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from agent.api.bounded_body import BoundedBodyRoute
 from agent.api.deps import completion_serving
 from agent.api.openapi import MODEL_ERRORS, json_or_stream
 from agent.api.protocol import CompletionRequest, CompletionResponse
 from agent.api.serving_completion import ServingCompletion
 
-router = APIRouter()
+router = APIRouter(route_class=BoundedBodyRoute)
 
 
 @router.post(

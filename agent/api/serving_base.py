@@ -25,6 +25,7 @@ from agent.api import sse
 from agent.api.admission import AdmissionQueue, QueueFull, Slot
 from agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
 from agent.api.errors import INVALID_REQUEST, RATE_LIMITED, APIError, api_error_for
+from agent.api.limits import RequestLimitExceeded, RequestLimits
 from agent.api.offload import TokenPump, collect
 from agent.api.protocol import ErrorResponse, SamplingRequest, UsageInfo
 from agent.api.timing import RequestTimer
@@ -74,11 +75,17 @@ class ServingEndpoint:
     capability_name: ClassVar[str]  # the capability as error messages name it
 
     def __init__(
-        self, *, models: ModelTable, queue: AdmissionQueue, observer: Callable[[InferenceStats], None]
+        self,
+        *,
+        models: ModelTable,
+        queue: AdmissionQueue,
+        observer: Callable[[InferenceStats], None],
+        limits: RequestLimits,
     ) -> None:
         self._models = models
         self._queue = queue
         self._observer = observer
+        self._limits = limits
 
     def timer(self, *, model: str, stream: bool) -> RequestTimer:
         return RequestTimer(observer=self._observer, endpoint=self.endpoint, model=model, stream=stream)
@@ -86,6 +93,15 @@ class ServingEndpoint:
     def rejected(self, error: APIError, *, model: str = "") -> None:
         """Report a request refused before it reached this class (malformed body)."""
         self.timer(model=model, stream=False).report(error=error_code(error))
+
+    def enforce(self, timer: RequestTimer, check: Callable[[RequestLimits], None]) -> None:
+        """Run a size check before the request takes a lease, a slot or a tokenizer; refusals are reported."""
+        try:
+            check(self._limits)
+        except RequestLimitExceeded as exc:
+            error = api_error_for(exc)
+            timer.report(error=error_code(error))
+            raise error from exc
 
     async def admit(self, requested: str, raw: Request, timer: RequestTimer) -> Admission:
         """Lease the model, check its capability and wait for a slot; failures are reported."""
@@ -142,6 +158,10 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
     prompt_param: ClassVar[str]  # the request field prompt errors point at
 
     @abstractmethod
+    def check_size(self, limits: RequestLimits, request: RequestT) -> None:
+        """Refuse a prompt beyond `limits` (raises RequestLimitExceeded); nothing is tokenized yet."""
+
+    @abstractmethod
     def open_generation(self, runtime: Runtime, request: RequestT) -> Generation:
         """Validate the prompt and return a generation not yet started (runs in a worker thread)."""
 
@@ -161,6 +181,7 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
 
     async def handle(self, request: RequestT, raw: Request) -> Response:
         timer = self.timer(model=request.model, stream=request.stream)
+        self.enforce(timer, lambda limits: self.check_size(limits, request))
         admission = await self.admit(request.model, raw, timer)
         try:
             generation = await run_in_threadpool(self.open_generation, admission.runtime, request)

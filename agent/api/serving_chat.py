@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from agent.api.limits import RequestLimits
 from agent.api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -24,6 +25,12 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
     capability_name = "chat completions"
     id_prefix = "chatcmpl"
     prompt_param = "messages"
+
+    def check_size(self, limits: RequestLimits, request: ChatCompletionRequest) -> None:
+        limits.check_count(
+            "messages", len(request.messages), limit=limits.max_messages, setting="max_messages"
+        )
+        limits.check_chars("messages", (message.text() for message in request.messages))
 
     def open_generation(self, runtime: Runtime, request: ChatCompletionRequest) -> Generation:
         messages = [ChatMessage(role=m.template_role(), content=m.text()) for m in request.messages]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from agent.api.limits import RequestLimits
 from agent.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 from agent.api.serving_base import OpenAIServing
 from agent.runtimes.base import Capability, Completion, Delta, Generation, Runtime
@@ -15,6 +16,9 @@ class ServingCompletion(OpenAIServing[CompletionRequest]):
     capability_name = "text completions"
     id_prefix = "cmpl"
     prompt_param = "prompt"
+
+    def check_size(self, limits: RequestLimits, request: CompletionRequest) -> None:
+        limits.check_chars("prompt", [request.prompt_text()])
 
     def open_generation(self, runtime: Runtime, request: CompletionRequest) -> Generation:
         params = self.sampling_params(request, max_tokens=request.max_tokens)

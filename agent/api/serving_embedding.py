@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from agent.api.errors import APIError, api_error_for
+from agent.api.limits import RequestLimits
 from agent.api.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from agent.api.serving_base import Admission, ServingEndpoint, error_code
 from agent.runtimes.base import Capability, Embeddings
@@ -30,8 +31,9 @@ class ServingEmbedding(ServingEndpoint):
 
     async def handle(self, request: EmbeddingRequest, raw: Request) -> Response:
         timer = self.timer(model=request.model, stream=False)
-        admission = await self.admit(request.model, raw, timer)
         texts = request.texts()
+        self.enforce(timer, lambda limits: check_size(limits, texts))
+        admission = await self.admit(request.model, raw, timer)
         try:
             embeddings = await run_in_threadpool(_embed_then_release, admission, texts)
         except Exception as exc:
@@ -66,6 +68,11 @@ class ServingEmbedding(ServingEndpoint):
             ),
         )
         return JSONResponse(body.model_dump(mode="json"))
+
+
+def check_size(limits: RequestLimits, texts: Sequence[str]) -> None:
+    limits.check_count("input", len(texts), limit=limits.max_embedding_inputs, setting="max_embedding_inputs")
+    limits.check_chars("input", texts)
 
 
 def _embed_then_release(admission: Admission, texts: Sequence[str]) -> Embeddings:
