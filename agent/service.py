@@ -339,6 +339,8 @@ class AgentService:
         return bind_api_socket(self.config.listen_host, self.config.listen_port)
 
     def _api_server(self) -> uvicorn.Server:
+        from agent.api.limits import RequestLimits  # (belongs with the imports above)
+
         app = create_app(
             models=self.models,
             observer=self._observe,
@@ -346,12 +348,21 @@ class AgentService:
             limits=QueueLimits(
                 max_running=self.config.max_running_requests, max_waiting=self.config.max_waiting_requests
             ),
+            request_limits=RequestLimits(
+                max_body_bytes=self.config.max_request_bytes,
+                max_prompt_chars=self.config.max_prompt_chars,
+                max_messages=self.config.max_messages,
+                max_embedding_inputs=self.config.max_embedding_inputs,
+                body_timeout_seconds=self.config.request_body_timeout_seconds,
+            ),
             release_info=self._release_info,
         )
         self.admission = app.state.admission_queue
         if self.config.api_key:
             require_api_key(app, self.config.api_key)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        # h11 named, not left to "auto": the framing guard and limits are tested against it, and
+        # installing httptools must not change how the device parses requests.
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http="h11")
         server = uvicorn.Server(config)
         return server
 
