@@ -24,7 +24,13 @@ from tenacity import (
 
 from agent.errors import ArtifactUnavailable, ControlPlaneUnavailable, InsufficientDisk
 from protos.fleet.fsio import fsync_dir
-from protos.fleet.release import ArtifactHashMismatch, ArtifactInfo, ArtifactVerifier
+from protos.fleet.release import (
+    ArtifactError,
+    ArtifactHashMismatch,
+    ArtifactInfo,
+    ArtifactLengthMismatch,
+    ArtifactVerifier,
+)
 from protos.fleet.v1 import device_pb2, device_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,8 +52,37 @@ TRANSIENT_CODES = frozenset(
 Progress = Callable[[int, int], None]
 
 
+class EmptyArtifact(ArtifactError):
+    """The signed target is 0 bytes long: no model fits in nothing, so it is refused before
+    any download (a hash of no bytes would "verify" and leave nothing to load)."""
+
+
+class SourceLengthMismatch(ArtifactLengthMismatch):
+    """The control plane serves the artifact with a length other than the signed one: every
+    byte it could send would fail verification, so the download is refused, not retried."""
+
+
+class InstalledArtifactMissing(ArtifactError):
+    """An install record names an artifact that is no longer in the store (deleted by hand,
+    or a disk that lost it)."""
+
+
+class InstalledArtifactDamaged(ArtifactLengthMismatch):
+    """An installed artifact's size differs from its record: the disk changed it after it was
+    verified, so it is not the verified model any more."""
+
+
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ControlPlaneUnavailable)
+
+
+def check_signed_length(info: ArtifactInfo) -> None:
+    """Refuses a target whose signed length no download can satisfy (EmptyArtifact)."""
+    if info.length <= 0:
+        raise EmptyArtifact(
+            f"artifact {info.path!r} ({info.sha256[:12]}) is signed with length {info.length}: "
+            "an empty model file cannot be installed"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +96,23 @@ class ArtifactStore:
 
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
+
+    def installed(self, sha256: str, length: int, *, what: str) -> Path:
+        """The stored artifact ``sha256`` of ``what`` (a model id, for messages), after checking
+        it is still there with its recorded ``length``; its hash was checked when it entered the
+        store, its size is re-checked here so a large model starts fast."""
+        path = self.path(sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise InstalledArtifactMissing(
+                f"the artifact of {what} ({sha256[:12]}) is missing from {path.parent}"
+            ) from None
+        if size != length:
+            raise InstalledArtifactDamaged(
+                f"the stored artifact of {what} ({sha256[:12]}) has {size} bytes, {length} were verified"
+            )
+        return path
 
     def part_path(self, sha256: str) -> Path:
         return self.download_dir / f"{sha256}.part"
@@ -126,9 +178,17 @@ class ArtifactStore:
         progress: Progress | None = None,
         attempts: int = 6,
     ) -> Path:
-        """Downloads and verifies an artifact, resuming after dropped connections; returns its path."""
+        """Downloads and verifies an artifact, resuming after dropped connections; returns its path.
+
+        Refused with a typed ArtifactError (never retried): a signed length of 0, a source
+        serving another length, bytes beyond the signed length, a hash mismatch."""
+        check_signed_length(info)
         if self.has(info.sha256):
-            return self.path(info.sha256)
+            stored = self.path(info.sha256)
+            if stored.stat().st_size == info.length:
+                return stored
+            log.warning("stored artifact %s has the wrong size; downloading it again", info.sha256[:12])
+            stored.unlink()
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         async for attempt in AsyncRetrying(
@@ -177,6 +237,11 @@ class ArtifactStore:
             fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "ab") as out:
                 async for chunk in stub.FetchArtifact(request):
+                    if chunk.total_length and chunk.total_length != info.length:
+                        raise SourceLengthMismatch(
+                            f"the control plane serves artifact {info.path!r} ({info.sha256[:12]}) with "
+                            f"{chunk.total_length} bytes, its signed length is {info.length}"
+                        )
                     if chunk.offset != verifier.received:
                         raise ControlPlaneUnavailable(
                             f"artifact chunk at offset {chunk.offset}, expected {verifier.received}"
@@ -188,6 +253,12 @@ class ArtifactStore:
                 out.flush()
                 os.fsync(out.fileno())
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                # Our partial copy (never longer than the signed length) is longer than theirs.
+                raise SourceLengthMismatch(
+                    f"the control plane's copy of artifact {info.path!r} ({info.sha256[:12]}) is shorter "
+                    f"than the {verifier.received} bytes already verified; its signed length is {info.length}"
+                ) from exc
             if exc.code() in TRANSIENT_CODES:
                 raise ControlPlaneUnavailable(f"artifact download interrupted: {exc.details()}") from exc
             raise ArtifactUnavailable(f"artifact {info.sha256}: {exc.code().name}: {exc.details()}") from exc

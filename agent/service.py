@@ -15,10 +15,13 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import cast
 
 import grpc
@@ -47,20 +50,35 @@ from agent.latest import Latest
 from agent.runtimes.keep_alive import KeepAliveRuntime
 from agent.runtimes.memory_budget import MemoryBudget
 from agent.serving import ModelTable
-from agent.state import AgentState, load_state, remove_interrupted_writes
+from agent.state import (
+    AgentState,
+    StateError,
+    StateNotSaved,
+    load_state,
+    remove_interrupted_writes,
+    save_state,
+)
 from agent.stats import InferenceStats
 from agent.telemetry.aggregate import InferenceAggregator, ServedRelease
-from agent.telemetry.outbox import Outbox
+from agent.telemetry.outbox import Outbox, OutboxError
+from agent.telemetry.outbox_open import OpenedOutbox, open_outbox
 from agent.telemetry.publisher import TelemetryPublisher
 from agent.telemetry.recorder import FlushSchedule, Telemetry
 from agent.telemetry.resources import ResourceSampler, available_ram_bytes
 from agent.updater import Updater
-from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier
+from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier, rebuilt_state, recover_installed
 from protos.fleet.uptane import TrustAnchors
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
+
+API_GRACE_SECONDS = 3.0
+"""How long a stopping agent lets the local API finish its responses before cancelling them."""
+
+SHUTDOWN_DEADLINE_SECONDS = 10.0
+"""From the first SIGTERM/SIGINT, how long a stop may take before the process exits anyway,
+abandoning work stuck in native code (a long tokenization, a generation, an unload)."""
 
 STREAM_ESTABLISHED_SECONDS = 10.0
 """A desired-state stream that lived this long counts as a recovered connection."""
@@ -107,6 +125,15 @@ def bind_api_socket(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+def reported_generation(state: AgentState) -> int:
+    """The generation a status report names: the applied one while the device serves what it
+    applied (the control plane takes an ACTIVE or IDLE report as that generation applied), the
+    desired one while it works on it or refused it."""
+    if state.phase in (common_pb2.DEVICE_STATE_ACTIVE, common_pb2.DEVICE_STATE_IDLE):
+        return state.applied_generation
+    return state.desired_generation
 
 
 def hostname_of(config: AgentConfig) -> str:
@@ -207,6 +234,13 @@ class AgentService:
         # Live settings a signed device config may change (the updater calls _apply_settings).
         self.flush_schedule = FlushSchedule(config.telemetry_interval_seconds)
         self.admission: AdmissionQueue | None = None
+        self.outbox: Outbox | None = None
+        self.recovery_notes: list[str] = []
+        """What a damaged state file's rebuild could not recover (empty: nothing was rebuilt)."""
+        self.telemetry_loss = ""
+        """Set when a corrupt outbox was replaced: what was lost."""
+        self.state_writes_failed = 0
+        """State writes the disk refused since start (each logged; serving went on)."""
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -220,7 +254,7 @@ class AgentService:
         ca_pem = anchors.tls_ca
         for leftover in remove_interrupted_writes(config.state_dir):
             log.info("removed %s, left by an interrupted write", leftover)
-        state = load_state(config.state_path)
+        state = await asyncio.to_thread(self._boot_state, anchors)
         sock = self._bind()
         self.api_url = f"http://{config.listen_host}:{sock.getsockname()[1]}"
 
@@ -235,10 +269,11 @@ class AgentService:
             available_ram=available_ram_bytes,
             budget=self.budget,
             on_settings=self._apply_settings,
+            on_state_not_saved=self._count_state_not_saved,
         )
         server = self._api_server()
         api_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
-        await self.updater.restore()
+        await self.updater.restore(collect_garbage=not self.recovery_notes)
         log.info("local API at %s", self.api_url)
 
         if identity is None:
@@ -252,25 +287,20 @@ class AgentService:
             await self._serve_offline(server, api_task)
             return
         link = DeviceLink(identity.device_target, ca_pem, self.certificate)
-        outbox = Outbox(config.outbox_path)
         broker_url = config.mqtt_url or identity.mqtt_url
         broker_ca = config.mqtt_ca_path.read_bytes() if config.mqtt_ca_path else ca_pem
         self.broker_tls = broker_tls_context(broker_ca, self.certificate)
-        publisher = TelemetryPublisher(
-            device_id=identity.device_id, broker_url=broker_url, outbox=outbox, tls_context=self.broker_tls
-        )
         self.device_id = identity.device_id
-        telemetry = Telemetry(
-            device_id=identity.device_id,
-            outbox=outbox,
-            nudge=publisher.nudge,
-            release_of=self._served_release,
-            aggregator=self.inference,
-        )
-        self.telemetry = telemetry
-        publisher.start()
-        self.publisher = publisher  # the start transition below publishes the first status
-        self._on_transition(self.updater.state, self.updater.state.desired_generation, "agent started")
+        try:
+            opened: OpenedOutbox | None = await asyncio.to_thread(open_outbox, config.outbox_path)
+        except OutboxError as exc:
+            log.error("%s; serving without telemetry, the outbox is tried again later", exc)
+            opened = None
+        if opened is not None:
+            self._start_telemetry(opened, broker_url)
+        # What the device applied, never the generation it was working towards: the control
+        # plane counts an ACTIVE report as that generation applied.
+        self._on_transition(self.updater.state, reported_generation(self.updater.state), self._start_detail())
 
         verifier = UptaneVerifier(
             tuf_dir=config.tuf_dir,
@@ -284,14 +314,16 @@ class AgentService:
             asyncio.create_task(self._apply_loop(verifier, link), name="updater"),
             asyncio.create_task(self._report_loop(link), name="reporter"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._inference_loop(telemetry), name="inference-telemetry"),
+            asyncio.create_task(self._inference_loop(), name="inference-telemetry"),
             asyncio.create_task(self._renew_loop(link), name="renewal"),
         ]
+        if opened is None:
+            tasks.append(asyncio.create_task(self._telemetry_later(broker_url), name="telemetry-start"))
         stopper = asyncio.create_task(self.stop_event.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is stopper:
+                if task is stopper or task.get_name() == "telemetry-start":
                     continue
                 if task.cancelled():
                     raise RuntimeError(f"the agent's {task.get_name()} task was cancelled")
@@ -302,15 +334,97 @@ class AgentService:
             for task in tasks[1:]:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(api_task, timeout=5)
+                await asyncio.wait_for(api_task, timeout=API_GRACE_SECONDS)
             await asyncio.gather(*tasks[1:], return_exceptions=True)
             stopper.cancel()
-            await self._flush_inference(telemetry)  # the API is down: a clean stop loses no figures
-            await asyncio.to_thread(publisher.stop)
-            outbox.close()
+            telemetry, publisher = self.telemetry, self.publisher
+            if telemetry is not None:
+                await self._flush_inference(telemetry)  # the API is down: a clean stop loses no figures
+            if publisher is not None:
+                await asyncio.to_thread(publisher.stop)
+            if self.outbox is not None:
+                self.outbox.close()
             await self._unload_models()
             await link.close()
             self._warn_unreported()
+
+    def _boot_state(self, anchors: TrustAnchors) -> AgentState:
+        """The persisted state, or, when the file is damaged, one rebuilt from what the disk
+        proves installed (trusted metadata, re-hashed artifacts); ``recovery_notes`` then say
+        what could not be recovered. A load still marked in progress counts as a crash of it.
+        Saving is best effort: a full disk must not stop the agent from serving."""
+        path = self.config.state_path
+        try:
+            loaded = load_state(path)
+        except StateError as exc:
+            log.error("%s; rebuilding it from the verified metadata and artifacts on disk", exc)
+            aside = path.with_name(path.name + ".damaged")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            recovery = recover_installed(
+                tuf_dir=self.config.tuf_dir, anchors=anchors, artifact_dir=self.config.artifact_dir
+            )
+            loaded = rebuilt_state(recovery)
+            served = ", ".join(r.model_id for r in loaded.models) or "nothing"
+            self.recovery_notes = [f"state file damaged (kept as {aside.name}); rebuilt: serving {served}"]
+            self.recovery_notes += recovery.problems
+            for note in self.recovery_notes:
+                log.warning("state rebuild: %s", note)
+        state = loaded.after_restart()
+        if state.loading is not None:
+            log.warning(
+                "the agent died while loading %s (generation %d): %d crash(es) of that load",
+                state.loading.model_id,
+                state.loading.generation,
+                state.loading.crashes,
+            )
+        if state != loaded or self.recovery_notes:
+            try:
+                save_state(path, state)
+            except StateNotSaved as exc:
+                self.state_writes_failed += 1
+                log.error("%s; serving with the state in memory", exc)
+        return state
+
+    def _count_state_not_saved(self, exc: StateNotSaved) -> None:
+        self.state_writes_failed += 1
+
+    def _start_detail(self) -> str:
+        notes = list(self.recovery_notes)
+        if self.telemetry_loss:
+            notes.append(self.telemetry_loss)
+        return "agent started" + "".join(f"; {note}" for note in notes)
+
+    def _start_telemetry(self, opened: OpenedOutbox, broker_url: str) -> None:
+        """The outbox is open: the publisher starts sending and recording goes to the outbox."""
+        self.outbox = opened.outbox
+        publisher = TelemetryPublisher(
+            device_id=self.device_id, broker_url=broker_url, outbox=opened.outbox, tls_context=self.broker_tls
+        )
+        telemetry = Telemetry(
+            device_id=self.device_id,
+            outbox=opened.outbox,
+            nudge=publisher.nudge,
+            release_of=self._served_release,
+            aggregator=self.inference,
+        )
+        if opened.set_aside is not None:
+            telemetry.note_outbox_reset(opened.lost_records)
+            self.telemetry_loss = opened.describe_loss()
+        self.telemetry = telemetry
+        publisher.start()
+        self.publisher = publisher
+
+    async def _telemetry_later(self, broker_url: str) -> None:
+        """Retries opening the outbox (a full disk, a read-only mount) with backoff, serving
+        meanwhile; once open, telemetry starts and the current status goes out."""
+        async for attempt in retrying(max_wait_seconds=60, transient=(OutboxError,), log_retries=True):
+            with attempt:
+                opened = await asyncio.to_thread(open_outbox, self.config.outbox_path)
+        self._start_telemetry(opened, broker_url)
+        state = self.updater.state
+        detail = "; ".join(["telemetry started", *([self.telemetry_loss] if self.telemetry_loss else [])])
+        self._on_transition(state, reported_generation(state), detail)
 
     async def _serve_offline(self, server: uvicorn.Server, api_task: asyncio.Task[None]) -> None:
         stopper = asyncio.create_task(self.stop_event.wait(), name="stop")
@@ -437,6 +551,12 @@ class AgentService:
             # The signed device config in force (protobuf JSON; None: none) and what it results in.
             "device_config": state.device_config or None,
             "settings": self.updater.settings.to_dict(),
+            # What could not be recovered from a damaged state file, releases refused because
+            # the runtime crashed loading them, state writes the disk refused.
+            "recovery": self.recovery_notes or None,
+            "crash_refused": [f"{c.model_id} (generation {c.generation})" for c in state.crashed] or None,
+            "state_writes_failed": self.state_writes_failed,
+            "telemetry_loss": self.telemetry_loss or None,
         }
 
     def installed_models(self, state: AgentState) -> list[common_pb2.InstalledModel]:
@@ -570,7 +690,8 @@ class AgentService:
             desired = await self.desired.get()
             try:
                 await self.updater.apply(desired, verifier, link.stub)
-            except ControlPlaneUnavailable as exc:
+            except (ControlPlaneUnavailable, StateNotSaved) as exc:
+                # StateNotSaved: a full disk; the models serve as they were, the update waits.
                 log.warning("generation %d will be retried: %s", desired.generation, exc)
                 await asyncio.sleep(5)
                 self.desired.put_if_empty(desired)
@@ -611,13 +732,16 @@ class AgentService:
             models=self.installed_models(state),
         )
 
-    async def _inference_loop(self, telemetry: Telemetry) -> None:
+    async def _inference_loop(self, fixed: Telemetry | None = None) -> None:
         """Closes an inference interval every telemetry interval (one summary per model); the
-        interval is read from the schedule each time round, so a device config changes it live."""
+        interval is read from the schedule each time round, so a device config changes it live.
+        Flushes go to ``fixed``, else to the agent's telemetry once it started (until then, an
+        outbox the disk refused, requests wait in the aggregator)."""
         schedule = self.flush_schedule
         while True:
             await asyncio.sleep(max(0.0, min(schedule.due_in(), FLUSH_CHECK_SECONDS)))
-            if schedule.due_in() <= 0:
+            telemetry = fixed or self.telemetry
+            if schedule.due_in() <= 0 and telemetry is not None:
                 schedule.flushed()  # first: a failing flush must not make this loop spin
                 await self._flush_inference(telemetry)
 
@@ -632,14 +756,77 @@ class AgentService:
             log.exception("could not flush inference telemetry")
 
 
+class StopSignals:
+    """SIGTERM and SIGINT, heard on a thread of their own whatever the rest is doing.
+
+    The signals are blocked in every thread (set before any other thread starts, inherited by
+    all) and taken with ``sigwait`` here: a Python-level handler would wait for the main thread
+    to run bytecode, which it does not while native code (a tokenization, a load) holds it. The
+    first signal asks for a graceful stop and arms the deadline; a second signal, or the
+    deadline, flushes the logs and exits at once.
+    """
+
+    SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+    def __init__(self, request_stop: Callable[[], None], *, deadline_seconds: float) -> None:
+        self._request_stop = request_stop
+        self._deadline_seconds = deadline_seconds
+        self._thread = threading.Thread(target=self._listen, name="stop-signals", daemon=True)
+
+    def start(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        first = signal.sigwait(self.SIGNALS)
+        log.info("%s: stopping (at most %.0f s)", signal.Signals(first).name, self._deadline_seconds)
+        deadline = threading.Timer(self._deadline_seconds, exit_now, args=("the stop deadline passed",))
+        deadline.daemon = True
+        deadline.start()
+        self._request_stop()
+        second = signal.sigwait(self.SIGNALS)
+        exit_now(f"a second signal ({signal.Signals(second).name})")
+
+
+def exit_now(why: str) -> None:
+    """Ends the process without waiting for threads stuck in native code. Nothing durable is
+    lost: state and outbox writes are committed and fsynced as they happen; logs are flushed."""
+    log.warning("exiting now: %s; in-flight work is abandoned", why)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def run_agent(config: AgentConfig) -> None:
-    """Runs the agent until SIGINT or SIGTERM."""
+    """Runs the agent until SIGINT or SIGTERM; exits within SHUTDOWN_DEADLINE_SECONDS of it."""
 
     async def main() -> None:
         service = AgentService(config)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, service.stop_event.set)
+        signals.bind(partial(loop.call_soon_threadsafe, service.stop_event.set))
         await service.run()
 
+    signals = _LateBound()
+    StopSignals(signals, deadline_seconds=SHUTDOWN_DEADLINE_SECONDS).start()
     asyncio.run(main())
+
+
+class _LateBound:
+    """The stop request, bound once the event loop exists; a signal before that exits at once
+    (nothing is being served yet)."""
+
+    def __init__(self) -> None:
+        self._target: Callable[[], object] | None = None
+
+    def bind(self, target: Callable[[], object]) -> None:
+        self._target = target
+
+    def __call__(self) -> None:
+        if self._target is None:
+            exit_now("stopped before start-up finished")
+        else:
+            self._target()

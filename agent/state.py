@@ -4,6 +4,11 @@ Written atomically after every transition. ``models`` is what serves, one instal
 per bundle name; ``previous`` keeps, per name, the release it replaced (for rollback and
 garbage collection); the lifecycle phase mirrors the proto's DeviceState; ``device_config`` is
 the signed device config in force, so it applies at boot before any model loads.
+
+``loading`` is the crash-loop guard: it names the release a load is in progress for, persisted
+before the load starts and cleared once it ended either way. Found at boot, it means the process
+died inside that load (a runtime segfault, the OOM killer): its ``crashes`` count goes up, and a
+release the runtime crashed on twice moves to ``crashed``, refused until a newer generation.
 """
 
 from __future__ import annotations
@@ -22,7 +27,48 @@ from protos.fleet.v1 import common_pb2
 
 
 class StateError(Exception):
-    """The state file is unreadable."""
+    """The state file is unreadable or malformed (truncated by a full disk, damaged)."""
+
+
+class StateNotSaved(Exception):
+    """The state file could not be written (a full disk, a read-only file system); the state in
+    memory is still right, the file on disk is the previous one. Not an OSError: it must not be
+    taken for a refusal of the release being installed."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+CRASHES_BEFORE_REFUSAL = 2
+"""A release whose load this many agent processes died in is refused: one death may be a kill
+or a power cut that happened to land there, two in the same load is the runtime."""
+
+MAX_CRASHED = 8
+"""How many crash-refused releases the state remembers (the most recent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadAttempt:
+    """One release's load on this device, and how many agent processes died during it."""
+
+    bundle: str
+    version: int
+    artifact_sha256: str
+    generation: int
+    crashes: int = 0
+
+    def same_load(self, other: LoadAttempt) -> bool:
+        return (self.bundle, self.version, self.artifact_sha256, self.generation) == (
+            other.bundle,
+            other.version,
+            other.artifact_sha256,
+            other.generation,
+        )
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.bundle}@{self.version}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +110,35 @@ class AgentState:
     extra: dict[str, Any] = field(default_factory=dict)
     # The signed DeviceConfig in force, in its protobuf JSON mapping ({}: none, the command line rules).
     device_config: dict[str, Any] = field(default_factory=dict)
+    loading: LoadAttempt | None = None  # a load in progress (see the module docstring)
+    crashed: tuple[LoadAttempt, ...] = ()  # loads the agent died in, with how often (refused at 2)
+
+    def load_started(self, attempt: LoadAttempt) -> AgentState:
+        """``attempt`` starts now, carrying the deaths an earlier try of the same load counted."""
+        died = next((c for c in self.crashed if c.same_load(attempt)), None)
+        return replace(self, loading=attempt if died is None else replace(attempt, crashes=died.crashes))
+
+    def load_ended(self, *, loaded: bool) -> AgentState:
+        """The load in progress ended; one that ``loaded`` forgets its earlier deaths."""
+        if self.loading is None or not loaded:
+            return replace(self, loading=None)
+        done = self.loading
+        return replace(self, loading=None, crashed=tuple(c for c in self.crashed if not c.same_load(done)))
+
+    def crash_refused(self, attempt: LoadAttempt) -> LoadAttempt | None:
+        """The crash record refusing ``attempt`` (the same load died too often), or None."""
+        return next(
+            (c for c in self.crashed if c.same_load(attempt) and c.crashes >= CRASHES_BEFORE_REFUSAL), None
+        )
+
+    def after_restart(self) -> AgentState:
+        """The state a new process starts from: a load still marked in progress died with the
+        previous process, which counts as one crash of that load."""
+        if self.loading is None:
+            return self
+        died = replace(self.loading, crashes=self.loading.crashes + 1)
+        kept = [c for c in self.crashed if not c.same_load(died)][-(MAX_CRASHED - 1) :]
+        return replace(self, loading=None, crashed=(*kept, died))
 
     def config_in_force(self) -> common_pb2.DeviceConfig | None:
         """The device config in force as a message; None when there is none."""
@@ -135,6 +210,10 @@ def _records(raw: Any) -> tuple[InstallRecord, ...]:
     return _by_name(InstallRecord(**item) for item in raw)
 
 
+def _attempt(raw: Any) -> LoadAttempt | None:
+    return LoadAttempt(**raw) if raw else None
+
+
 def _legacy(raw: dict[str, Any]) -> tuple[tuple[InstallRecord, ...], tuple[InstallRecord, ...]]:
     """State files of agents that held one model: "active" and "previous" records or null."""
     active = raw.get("active")
@@ -164,6 +243,8 @@ def load_state(path: Path) -> AgentState:
             last_error_kind=str(raw.get("last_error_kind", "")),
             extra=dict(raw.get("extra", {})),
             device_config=_checked_config(raw.get("device_config", {})),
+            loading=_attempt(raw.get("loading")),
+            crashed=tuple(LoadAttempt(**item) for item in raw.get("crashed", [])),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # InvalidConfig is a ValueError
         raise StateError(f"state file {path} is malformed: {exc}") from exc
@@ -178,7 +259,13 @@ def _checked_config(raw: Any) -> dict[str, Any]:
 
 
 def save_state(path: Path, state: AgentState) -> None:
-    atomic_write_bytes(path, json.dumps(asdict(state), indent=2, sort_keys=True).encode(), mode=0o600)
+    """Atomic and durable; StateNotSaved when the disk refuses (the old file stays whole)."""
+    try:
+        atomic_write_bytes(path, json.dumps(asdict(state), indent=2, sort_keys=True).encode(), mode=0o600)
+    except OSError as exc:
+        raise StateNotSaved(
+            f"could not write the agent state {path}: {exc.strerror or exc}", exc.errno
+        ) from exc
 
 
 def retained(state: AgentState, *, budget_bytes: int | None) -> tuple[InstallRecord, ...]:

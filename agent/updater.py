@@ -46,7 +46,7 @@ from agent.runtimes.memory_budget import MemoryBudget, ModelMemoryExhausted
 from agent.runtimes.registry import load_runtime, supported_formats
 from agent.selection import Pin, PinNotHonoured, Selection, memory_needed, select_variant
 from agent.serving import ModelTable
-from agent.state import AgentState, InstallRecord, retained, save_state
+from agent.state import AgentState, InstallRecord, LoadAttempt, StateNotSaved, retained, save_state
 from agent.uptane_client import Assignment, UptaneVerifier
 from protos.fleet import release as rel
 from protos.fleet.device_config import InvalidConfig, describe_config, is_empty, validate_config
@@ -65,6 +65,11 @@ PhaseListener = Callable[[AgentState, int, str], None]
 """Called after every persisted transition with (state, generation, detail)."""
 SettingsListener = Callable[[EffectiveSettings], None]
 """Called with the settings in force at boot and whenever a device config changes them."""
+
+
+class RuntimeCrashedWhileLoading(AgentError):
+    """The agent process died inside this release's load or smoke test in two processes in a
+    row (a runtime segfault, the OOM killer): refused on this device until a newer generation."""
 
 
 class UnusableConfig(AgentError):
@@ -105,6 +110,7 @@ class Updater:
         budget: MemoryBudget | None = None,
         on_settings: SettingsListener | None = None,
         loader: RuntimeLoader = load_runtime,
+        on_state_not_saved: Callable[[StateNotSaved], None] | None = None,
     ) -> None:
         """``hardware`` replaces detection (tests); otherwise ``restore`` detects it once, or reads
         ``config.hardware_profile_path``. ``available_ram`` refreshes the detected free RAM at
@@ -129,11 +135,37 @@ class Updater:
         """The settings in force; ``restore`` lays the persisted device config over them."""
         self._loaded_with: dict[str, LoadSettings] = {}
         """Per model name, what the runtime serving it was loaded with."""
+        self.state_writes_failed = 0
+        """State writes the disk refused (a full disk): the update waiting on them is retried."""
+        self.on_state_not_saved = on_state_not_saved
 
     # -- persistence -------------------------------------------------------------------
 
     def _transition(self, state: AgentState, *, generation: int, detail: str = "") -> None:
-        save_state(self.config.state_path, state)
+        """Persists ``state``, then makes it current and reports it; StateNotSaved leaves the
+        current state as it was (the step it would record does not happen)."""
+        self._save(state)
+        self.state = state
+        self.on_transition(state, generation, detail)
+
+    def _save(self, state: AgentState) -> None:
+        try:
+            save_state(self.config.state_path, state)
+        except StateNotSaved as exc:
+            self.state_writes_failed += 1
+            if self.on_state_not_saved is not None:
+                self.on_state_not_saved(exc)
+            raise
+
+    def _save_best_effort(self, state: AgentState, *, why: str) -> None:
+        """For records whose loss costs nothing but a repeat (boot steps): log, count, go on."""
+        try:
+            self._save(state)
+        except StateNotSaved as exc:
+            log.error("%s: %s; serving with the state in memory", why, exc)
+
+    def _boot_transition(self, state: AgentState, *, generation: int, detail: str) -> None:
+        self._save_best_effort(state, why=detail)
         self.state = state
         self.on_transition(state, generation, detail)
 
@@ -162,14 +194,16 @@ class Updater:
             profile = replace(profile, ram_available_bytes=limit if ram is None else min(ram, limit))
         return profile
 
-    async def restore(self) -> None:
+    async def restore(self, *, collect_garbage: bool = True) -> None:
         """Puts the persisted device config in force, then loads the installed models with it,
-        offline: the control plane need not be up."""
+        offline: the control plane need not be up. ``collect_garbage=False`` keeps every
+        artifact (a state rebuilt from the disk may not name all that a later apply can use)."""
         await self.hardware()
         self._settings_at_boot()
         await self._load_at_boot()
-        # A crash between activation and garbage collection leaves an unused artifact behind.
-        self._collect_garbage(keep_partial=True)
+        if collect_garbage:
+            # A crash between activation and garbage collection leaves an unused artifact behind.
+            self._collect_garbage(keep_partial=True)
 
     def _settings_at_boot(self) -> None:
         """The persisted config was checked when it was signed in; it is checked again because
@@ -182,7 +216,7 @@ class Updater:
         except InvalidConfig as exc:
             log.error("persisted device config unusable (%s); using the command line's settings", exc)
             self.state = self.state.with_config(None)
-            save_state(self.config.state_path, self.state)
+            self._save_best_effort(self.state, why="dropping the unusable device config")
             config = None
         self._apply_settings(effective_settings(self.config, config))
         if config is not None:
@@ -213,37 +247,50 @@ class Updater:
                 self._loaded_with[record.bundle] = self.settings.load
                 served.append(record.bundle)
         if not served:
+            self._save_best_effort(self.state, why="boot loads ended")
             return
         # What was applied, not the newest model's generation: a kill after a model was swapped
         # in but before its generation was applied must not report that generation as applied
         # (the nudge applies it again, finding the model already installed).
         generation = self.state.applied_generation
         if rolled_back:
-            self._transition(
+            self._boot_transition(
                 self.state.with_phase(S.DEVICE_STATE_ROLLED_BACK),
                 generation=generation,
                 detail=f"installed release unloadable at boot; serving {', '.join(rolled_back)}",
             )
         else:
-            self._transition(
+            self._boot_transition(
                 self.state.with_phase(S.DEVICE_STATE_ACTIVE),
                 generation=generation,
                 detail=f"serving {', '.join(r.model_id for r in self.state.models)} after restart",
             )
 
     async def _try_load_installed(self, record: InstallRecord) -> Runtime | None:
+        """Loads an installed release under the crash guard; None (logged) if it cannot be."""
+        attempt = _attempt_of(record, record.generation)
+        crashed = self.state.crash_refused(attempt)
+        if crashed is not None:
+            log.error("installed release %s is not loaded: %s", record.model_id, _crash_reason(crashed))
+            return None
+        self._save_best_effort(self.state.load_started(attempt), why=f"loading {record.model_id}")
+        self.state = self.state.load_started(attempt)
         try:
-            return await self._load_installed(record)
+            runtime = await self._load_installed(record)
         except REFUSALS as exc:
+            self.state = self.state.load_ended(loaded=False)
             log.error("installed release %s cannot be loaded: %s", record.model_id, exc)
             return None
+        except BaseException:
+            self.state = self.state.load_ended(loaded=False)
+            raise
+        self.state = self.state.load_ended(loaded=True)
+        return runtime
 
     async def _load_installed(self, record: InstallRecord) -> Runtime:
         # The artifact was hashed against signed metadata before it entered the read-only
         # store; at boot its size is re-checked, not its hash, so a large model starts fast.
-        path = self.store.path(record.artifact_sha256)
-        if path.stat().st_size != record.length:
-            raise rel.ArtifactLengthMismatch(f"installed artifact of {record.model_id} has the wrong size")
+        path = self.store.installed(record.artifact_sha256, record.length, what=record.model_id)
         return await self._load_and_test(record, path, self.settings)
 
     async def _load_and_test(self, record: InstallRecord, path: Path, settings: EffectiveSettings) -> Runtime:
@@ -315,10 +362,17 @@ class Updater:
                         f"director generation {assignment.generation} is below the applied "
                         f"{self.state.applied_generation}"
                     )
-                self._settle(hint)
+                self._settle()
+                if hint > assignment.generation:
+                    # The signed metadata is not at the announced generation yet: nothing was
+                    # applied, so say so, and look again (the caller retries transient errors).
+                    raise ControlPlaneUnavailable(
+                        f"the director's metadata is at generation {assignment.generation}, "
+                        f"the nudge announced {hint}"
+                    )
                 return
             await self._apply_assignment(assignment, stub)
-        except ControlPlaneUnavailable:
+        except (ControlPlaneUnavailable, StateNotSaved):
             raise  # transient: the phase stays where it is and the caller retries
         except REFUSALS as exc:
             self._refuse(hint, exc)
@@ -332,10 +386,15 @@ class Updater:
             detail=f"{what}{type(exc).__name__}: {exc}",
         )
 
-    def _settle(self, generation: int) -> None:
-        """Nothing new to install: report the phase that matches what serves."""
+    def _settle(self) -> None:
+        """Nothing new to install: report the phase that matches what serves, with the generation
+        applied (an ACTIVE report of any other would tell the control plane it was applied)."""
         phase = S.DEVICE_STATE_ACTIVE if self.state.models else S.DEVICE_STATE_IDLE
-        self._transition(self.state.with_phase(phase), generation=generation, detail="nothing new to install")
+        self._transition(
+            self.state.with_phase(phase),
+            generation=self.state.applied_generation,
+            detail="nothing new to install",
+        )
 
     async def _apply_assignment(
         self, assignment: Assignment, stub: device_pb2_grpc.DeviceServiceStub
@@ -359,7 +418,7 @@ class Updater:
         for release, selection in plan.install:
             try:
                 await self._install(release, selection, generation, stub, settings)
-            except ControlPlaneUnavailable:
+            except (ControlPlaneUnavailable, StateNotSaved):
                 raise
             except REFUSALS as exc:
                 log.error("refused %s@%d: %s: %s", release.name, release.version, type(exc).__name__, exc)
@@ -539,6 +598,12 @@ class Updater:
         self.selection = selection  # the FETCHING transition reports this release's choice
         variant = selection.variant
         info = verified.artifacts[variant.artifact]
+        attempt = LoadAttempt(
+            bundle=verified.name, version=verified.version, artifact_sha256=info.sha256, generation=generation
+        )
+        crashed = self.state.crash_refused(attempt)
+        if crashed is not None:
+            raise RuntimeCrashedWhileLoading(_crash_reason(crashed))
         self._transition(
             replace(self.state.with_phase(S.DEVICE_STATE_FETCHING), desired_generation=generation),
             generation=generation,
@@ -559,19 +624,32 @@ class Updater:
             memory_bytes=memory_needed(variant, settings.n_ctx),
         )
 
-        self._transition(self.state.with_phase(S.DEVICE_STATE_TESTING), generation=generation)
-        runtime = await self._load_and_test(record, path, settings)
+        # Persisted before the load: a process that dies inside it leaves this marker behind,
+        # and the next one counts the crash (AgentState.after_restart).
+        self._transition(
+            self.state.with_phase(S.DEVICE_STATE_TESTING).load_started(attempt),
+            generation=generation,
+            detail=f"loading {record.model_id} ({variant.id})",
+        )
+        try:
+            runtime = await self._load_and_test(record, path, settings)
+        except BaseException:
+            self.state = self.state.load_ended(loaded=False)  # persisted with the refusal
+            raise
+        self.state = self.state.load_ended(loaded=True)  # persisted with the next transition
 
         old = self.models.put(runtime)
         self._loaded_with[record.bundle] = settings.load
-        self._transition(
-            self.state.installing(record).with_phase(S.DEVICE_STATE_TESTING),
-            generation=generation,
-            detail=f"serving {record.model_id} ({variant.id})",
-        )
-        if old is not None and old is not runtime:
-            # In-flight requests on the old release finish before it is unloaded.
-            await asyncio.to_thread(self.models.retire, old, timeout=120)
+        try:
+            self._transition(
+                self.state.installing(record).with_phase(S.DEVICE_STATE_TESTING),
+                generation=generation,
+                detail=f"serving {record.model_id} ({variant.id})",
+            )
+        finally:
+            if old is not None and old is not runtime:
+                # In-flight requests on the old release finish before it is unloaded.
+                await asyncio.to_thread(self.models.retire, old, timeout=120)
 
     async def _remove(self, name: str, generation: int) -> None:
         """The model is no longer assigned: stop serving it (after its requests finish) and
@@ -591,11 +669,34 @@ class Updater:
         are forgotten first."""
         kept = retained(self.state, budget_bytes=self.config.artifact_budget_bytes)
         if len(kept) < len(self.state.models) + len(self.state.previous):
-            self.state = self.state.without_previous(kept)
-            save_state(self.config.state_path, self.state)
+            forgotten = self.state.without_previous(kept)
+            try:
+                self._save(forgotten)
+            except StateNotSaved as exc:
+                # The file still names the rollback copies: their artifacts must stay.
+                log.error("%s; no artifact is collected until the state can be written", exc)
+                return
+            self.state = forgotten
         removed = self.store.collect_garbage({r.artifact_sha256 for r in kept}, keep_partial=keep_partial)
         if removed:
             log.info("removed unused artifacts: %s", ", ".join(removed))
+
+
+def _attempt_of(record: InstallRecord, generation: int) -> LoadAttempt:
+    return LoadAttempt(
+        bundle=record.bundle,
+        version=record.version,
+        artifact_sha256=record.artifact_sha256,
+        generation=generation,
+    )
+
+
+def _crash_reason(crashed: LoadAttempt) -> str:
+    return (
+        f"the runtime crashed while loading {crashed.model_id} (generation {crashed.generation}): "
+        f"the agent died inside that load {crashed.crashes} times; refused on this device until a "
+        "newer generation"
+    )
 
 
 def release_pins(assignment: Assignment) -> dict[str, Pin | None]:

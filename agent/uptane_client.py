@@ -11,20 +11,25 @@ fetcher of ours. ngclient is synchronous: call ``refresh`` from a worker thread.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Targets
+from tuf.api.metadata import Metadata, Root, Targets
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.errors import ControlPlaneUnavailable
+from agent.state import AgentState, InstallRecord
 from protos.fleet import release as rel
 from protos.fleet import uptane
 from protos.fleet.v1 import bundle_pb2, common_pb2, device_pb2, device_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 SCHEME = "edgefleet"
 REPOSITORY_IDS = {uptane.IMAGE: device_pb2.REPOSITORY_IMAGE, uptane.DIRECTOR: device_pb2.REPOSITORY_DIRECTOR}
@@ -188,3 +193,164 @@ class UptaneVerifier:
             pin=assignment.pin,
             config=assignment.config,
         )
+
+
+# -- what is verifiably installed, from the disk alone ---------------------------------------------
+
+MAX_ROOT_ROTATIONS = 1024
+"""Bound on the root versions walked from the provisioned root to the one on disk."""
+
+HASH_CHUNK = 1 << 20
+
+
+class NotRecoverable(Exception):
+    """The trusted metadata on disk cannot vouch for anything (missing, unsigned, malformed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredInstall:
+    """An artifact on disk whose bytes hash to a target the image repository signed."""
+
+    target: uptane.ImageTarget
+
+
+@dataclass
+class Recovery:
+    """What the disk proves is installed, and what it could not prove (for the log and status)."""
+
+    installs: list[RecoveredInstall] = field(default_factory=list)
+    assigned: dict[str, int] | None = None  # the director's last verified assignment, if readable
+    problems: list[str] = field(default_factory=list)
+
+
+def _signed_root(anchor: bytes, repo_dir: Path) -> Root:
+    """The newest root on disk that chains to the provisioned ``anchor``, each step signed by
+    the previous root and by itself, as ngclient checks a rotation; expiry is not checked (the
+    metadata vouched for these bytes when they were installed; freshness guards new installs)."""
+    root = Metadata[Root].from_bytes(anchor).signed
+    newest = Metadata[Root].from_bytes((repo_dir / "root.json").read_bytes())
+    for _ in range(MAX_ROOT_ROTATIONS):
+        if newest.signed.version <= root.version:
+            return root
+        version = root.version + 1
+        candidate = repo_dir / "root_history" / f"{version}.root.json"
+        step = Metadata[Root].from_bytes(candidate.read_bytes()) if candidate.is_file() else newest
+        if step.signed.version != version:
+            raise NotRecoverable(
+                f"{repo_dir.name}: no root version {version} on disk to reach version {newest.signed.version}"
+            )
+        root.verify_delegate(Root.type, step.signed_bytes, step.signatures)
+        step.signed.verify_delegate(Root.type, step.signed_bytes, step.signatures)
+        root = step.signed
+    raise NotRecoverable(f"{repo_dir.name}: more than {MAX_ROOT_ROTATIONS} root rotations")
+
+
+def _signed_targets(anchor: bytes, repo_dir: Path) -> Targets:
+    """The repository's targets metadata on disk, if the trusted root's targets keys signed it."""
+    try:
+        root = _signed_root(anchor, repo_dir)
+        md = Metadata[Targets].from_bytes((repo_dir / "targets.json").read_bytes())
+        root.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+    except NotRecoverable:
+        raise
+    except (OSError, ValueError, tuf_errors.RepositoryError) as exc:
+        raise NotRecoverable(f"{repo_dir.name} metadata on disk: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # python-tuf raises several types for malformed input
+        raise NotRecoverable(f"{repo_dir.name} metadata on disk is malformed: {exc}") from exc
+    return md.signed
+
+
+def _hash_file(path: Path, limit: int) -> str | None:
+    """The file's sha256, or None when it is longer than ``limit`` (it cannot be the target)."""
+    digest = hashlib.sha256()
+    read = 0
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            read += len(chunk)
+            if read > limit:
+                return None
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def recover_installed(*, tuf_dir: Path, anchors: uptane.TrustAnchors, artifact_dir: Path) -> Recovery:
+    """Which releases are verifiably installed, from the disk alone: every stored artifact whose
+    bytes hash (re-checked now) to a target of the image repository's signed targets on disk,
+    and the releases the director last assigned. Used when the state file is lost; nothing is
+    fetched, so a device without its control plane can still rebuild what it serves."""
+    recovery = Recovery()
+    try:
+        image = _signed_targets(anchors.image_root, tuf_dir / uptane.IMAGE)
+    except NotRecoverable as exc:
+        recovery.problems.append(str(exc))
+        return recovery
+    try:
+        director = uptane.parse_director_targets(
+            _signed_targets(anchors.director_root, tuf_dir / uptane.DIRECTOR)
+        )
+        recovery.assigned = dict(director.releases)
+    except (NotRecoverable, rel.ReleaseError) as exc:
+        recovery.problems.append(f"the director's assignment is unknown: {exc}")
+    by_sha: dict[str, uptane.ImageTarget] = {}
+    for path, target in image.targets.items():
+        try:
+            parsed = uptane.parse_image_target(path, target)
+        except rel.ReleaseError as exc:
+            recovery.problems.append(str(exc))
+            continue
+        by_sha[parsed.info.sha256] = parsed
+    if not artifact_dir.is_dir():
+        recovery.problems.append(f"no artifact store at {artifact_dir}")
+        return recovery
+    for entry in sorted(artifact_dir.iterdir()):
+        signed = by_sha.get(entry.name)
+        if signed is None or not entry.is_file() or entry.is_symlink():
+            recovery.problems.append(f"{entry.name[:12]} in {artifact_dir} is no signed target")
+            continue
+        if entry.stat().st_size != signed.info.length or _hash_file(entry, signed.info.length) != entry.name:
+            recovery.problems.append(
+                f"{entry.name[:12]} ({signed.bundle}@{signed.version}) does not match its signed hash"
+            )
+            continue
+        recovery.installs.append(RecoveredInstall(signed))
+    return recovery
+
+
+def rebuilt_state(recovery: Recovery) -> AgentState:
+    """A state serving, per bundle name, the release the director assigned when its verified
+    artifact is on disk, else the newest verified release of that name on disk (the one it
+    replaced); names the director no longer assigns are left out. Generations are 0: nothing is
+    claimed applied, so the control plane's next nudge applies its generation again, finding
+    these models already serving. ``recovery.problems`` gains what could not be served."""
+    by_name: dict[str, list[uptane.ImageTarget]] = {}
+    for install in recovery.installs:
+        by_name.setdefault(install.target.bundle, []).append(install.target)
+    assigned = recovery.assigned
+    records = []
+    for name, targets in sorted(by_name.items()):
+        if assigned is not None and name not in assigned:
+            continue
+        wanted = [t for t in targets if assigned is not None and t.version == assigned[name]]
+        chosen = max(wanted or targets, key=lambda t: (t.version, t.variant.id))
+        if assigned is not None and not wanted:
+            recovery.problems.append(
+                f"{name}@{assigned[name]} is assigned but not on disk; serving {name}@{chosen.version}"
+            )
+        records.append(
+            InstallRecord(
+                bundle=name,
+                version=chosen.version,
+                generation=0,
+                variant=chosen.variant.id,
+                model_format=chosen.variant.format,
+                artifact_sha256=chosen.info.sha256,
+                length=chosen.info.length,
+            )
+        )
+    for name, version in sorted((assigned or {}).items()):
+        if name not in by_name:
+            recovery.problems.append(
+                f"{name}@{version} is assigned but no verified artifact of it is on disk"
+            )
+    phase = common_pb2.DEVICE_STATE_ACTIVE if records else common_pb2.DEVICE_STATE_IDLE
+    return AgentState(phase=phase, models=tuple(records))

@@ -24,9 +24,15 @@ from pathlib import Path
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from protos.fleet.fsio import atomic_write_bytes
 from protos.fleet.topics import MESSAGE_TYPES, TelemetryMessage, TopicKind
 
 _SCHEMA_VERSION = 1
+
+SEQ_BLOCK = 10_000
+"""Sequence numbers are reserved in blocks in a file beside the database (``<name>.seq``): an
+outbox that must be replaced (corrupt) continues above every seq the old one could have used,
+since the control plane keeps one record per (device, seq) and would drop a reused one."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -99,13 +105,21 @@ class Outbox:
     puts, and a single lock around a single connection keeps that simple and correct.
     """
 
-    def __init__(self, path: Path, *, max_records: int = 100_000) -> None:
+    def __init__(self, path: Path, *, max_records: int = 100_000, seq_floor: int = 1) -> None:
+        """``seq_floor``: the lowest seq the next ``put`` may assign (a replacement outbox
+        starts above its predecessor's seqs)."""
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
         self._path = Path(path)
         self._max_records = max_records
         self._lock = threading.Lock()
+        self._reserved = read_seq_mark(self._path)
         self._conn = self._open()
+        try:
+            self._raise_floor(seq_floor)
+        except OutboxError:
+            self._conn.close()
+            raise
         try:
             self._count = self._scalar("SELECT COUNT(*) FROM outbox")
         except OutboxError:
@@ -147,6 +161,24 @@ class Outbox:
             conn.close()
             raise
         return conn
+
+    def _raise_floor(self, floor: int) -> None:
+        with self._lock, self._transaction() as conn:
+            conn.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'next_seq'", (floor,))
+
+    def _reserve(self, seq: int) -> None:
+        """Caller holds the lock: records in the mark file that seqs below the new mark may be
+        in use, before ``seq`` is used. One small durable write per SEQ_BLOCK records."""
+        if seq < self._reserved:
+            return
+        mark = seq + SEQ_BLOCK
+        try:
+            atomic_write_bytes(seq_mark_path(self._path), str(mark).encode(), mode=0o600)
+        except OSError as exc:
+            raise OutboxError(
+                f"telemetry outbox {self._path}: cannot reserve sequence numbers: {exc}"
+            ) from exc
+        self._reserved = mark
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -191,6 +223,7 @@ class Outbox:
         """Caller holds the lock; returns (seq, new record count) once committed."""
         with self._transaction() as conn:
             seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+            self._reserve(seq)
             message.seq = seq
             payload = encode_message(message)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
@@ -286,6 +319,19 @@ class Outbox:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def seq_mark_path(path: Path) -> Path:
+    """The file beside the outbox that bounds the seqs it may have used."""
+    return path.with_name(path.name + ".seq")
+
+
+def read_seq_mark(path: Path) -> int:
+    """The reserved seq bound of the outbox at ``path``; 0 when unknown (missing or unreadable)."""
+    try:
+        return max(0, int(seq_mark_path(path).read_text().strip()))
+    except (OSError, ValueError):
+        return 0
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> OutboxError:

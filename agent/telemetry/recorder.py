@@ -109,12 +109,20 @@ class Telemetry:
         self._counts_lock = threading.Lock()
         self._lost = 0
         self._requests_lost = 0
+        self._outbox_resets = 0
+        self._records_lost_in_resets = 0
 
     @property
     def lost(self) -> int:
         """Records that could not be queued because the outbox failed."""
         with self._counts_lock:
             return self._lost
+
+    def note_outbox_reset(self, lost_records: int | None) -> None:
+        """A corrupt outbox was replaced; ``lost_records`` it held (None: unknown) are gone."""
+        with self._counts_lock:
+            self._outbox_resets += 1
+            self._records_lost_in_resets += lost_records or 0
 
     @property
     def requests_lost(self) -> int:
@@ -209,6 +217,8 @@ class Telemetry:
             "lost": self.lost,
             "requests_lost": self.requests_lost,
             "inference_pending": self.inference_pending,
+            "outbox_resets": self._outbox_resets,
+            "records_lost_in_outbox_resets": self._records_lost_in_resets,
         }
 
     def _add_pipeline_counters(self, message: telemetry_pb2.Heartbeat) -> None:

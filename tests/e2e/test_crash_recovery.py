@@ -54,7 +54,7 @@ TUF_FILE = re.compile(r"^(root|timestamp|snapshot|targets|[a-z0-9%._-]+)\.json$"
 TUF_ROOT = re.compile(r"^\d+\.root\.json$")
 # Temporary files of an atomic write: protos/fleet/fsio.atomic_write_bytes (mkstemp with
 # prefix ".NAME." and suffix ".tmp") and ngclient's Updater._persist_file (NamedTemporaryFile).
-ATOMIC_TEMP = re.compile(r"^\.(state|identity)\.json\.\w{8}\.tmp$")
+ATOMIC_TEMP = re.compile(r"^\.((state|identity)\.json|outbox\.sqlite\.seq)\.\w{8}\.tmp$")
 TUF_TEMP = re.compile(r"^tmp\w{8}$")
 STATE_FILES = {
     "identity.json",
@@ -63,6 +63,7 @@ STATE_FILES = {
     "outbox.sqlite",
     "outbox.sqlite-wal",
     "outbox.sqlite-shm",
+    "outbox.sqlite.seq",  # the outbox's reserved sequence numbers (agent/telemetry/outbox.py)
 }
 STATE_DIRS = {"artifacts", "downloads", "models", "tuf"}
 NOT_SEEN = "NOT_SEEN"  # the agent had not persisted anything about the new deployment
@@ -215,8 +216,10 @@ class CrashRig:
             return state if state["phase"] == ACTIVE and applied else None
 
         # Once seen in 35 timed kills: the control plane listed the device converged ~0.1 s
-        # before the agent's state file said so (it still held VERIFYING, one generation back).
-        # The file must settle on the release promptly; it is then checked in full.
+        # before the agent's state file said so (it still held VERIFYING, one generation back):
+        # the start-up report named the generation being worked on, with the ACTIVE phase, which
+        # the control plane takes as applied. It now names the applied one; polling two places
+        # is still not atomic, so the file gets a moment to settle and is then checked in full.
         state = wait_for("the agent's state file to settle", settled, 30.0, 0.05)
         release = self.releases[self.version]
         assert state["phase"] == ACTIVE, state
