@@ -22,6 +22,13 @@ from controlplane.db.crud import as_utc
 from controlplane.db.models import AuditEntry, utcnow
 
 GENESIS = "0" * 64
+# Column bounds of AuditEntry (PostgreSQL refuses longer strings) and of one entry's detail:
+# what a caller sent is recorded, cut to these, never refused for its size here.
+MAX_ACTOR = 128
+MAX_ACTION = 64
+MAX_TARGET = 256
+MAX_DETAIL_BYTES = 64 * 1024
+DETAIL_HEAD_CHARS = 4096
 
 
 class Outcome:
@@ -61,6 +68,19 @@ def entry_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    """``detail`` itself when its JSON is at most MAX_DETAIL_BYTES, else the start of that JSON
+    text and its size: an entry records what happened, not every byte a caller sent."""
+    encoded = json.dumps(detail, sort_keys=True, default=str)
+    if len(encoded.encode()) <= MAX_DETAIL_BYTES:
+        return detail
+    return {"truncated": True, "bytes": len(encoded.encode()), "head": encoded[:DETAIL_HEAD_CHARS]}
+
+
 def record(
     session: Session,
     *,
@@ -70,7 +90,9 @@ def record(
     outcome: str = Outcome.OK,
     detail: dict[str, Any] | None = None,
 ) -> AuditEntry:
-    """Appends one entry to the chain inside the caller's transaction."""
+    """Appends one entry to the chain inside the caller's transaction; strings longer than
+    their columns are cut, a detail over MAX_DETAIL_BYTES is kept as its start (``bounded_detail``)."""
+    actor, action, target = _short(actor, MAX_ACTOR), _short(action, MAX_ACTION), _short(target, MAX_TARGET)
     if session.get_bind().dialect.name == "postgresql":
         # Serialize appenders across replicas: the chain has exactly one head.
         session.execute(text("SELECT pg_advisory_xact_lock(7245001)"))
@@ -78,7 +100,7 @@ def record(
     seq = (last.seq + 1) if last else 1
     prev = last.hash if last else GENESIS
     now = utcnow()
-    fields = detail or {}
+    fields = bounded_detail(detail or {})
     entry = AuditEntry(
         seq=seq,
         time=now,
@@ -112,8 +134,12 @@ def list_entries(
     target: str | None = None,
     since: datetime | None = None,
     limit: int = 100,
+    before: int | None = None,
 ) -> Sequence[AuditEntry]:
+    """Matching entries, newest first; with ``before``, only those older than that seq."""
     query = select(AuditEntry)
+    if before is not None:
+        query = query.where(col(AuditEntry.seq) < before)
     if actor:
         query = query.where(AuditEntry.actor == actor)
     if action:

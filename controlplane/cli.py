@@ -20,11 +20,13 @@ from controlplane.cli_bundle import bundle_app
 from controlplane.cli_common import DURATION_UNITS, ControlPlaneOpt, connect, err, fail, parse_ref, rpc_error
 from controlplane.cli_keys import keys_app, open_keys
 from controlplane.cli_rollout import devices_label, rollout_app
+from controlplane.client import all_pages
 from controlplane.retention import RetentionPolicy
 from controlplane.settings import DEFAULT_DEVICE_LISTEN, DEFAULT_LISTEN, Settings, default_home
 from protos.fleet.v1 import common_pb2, operator_pb2
 from protos.fleet.v1.operator_pb2_grpc import OperatorServiceStub
 
+MAX_IDS_PER_CALL = 10_000  # the control plane's bound on a repeated field (controlplane/services/limits.py)
 app = typer.Typer(help="Operate an edgefleet: keys, bundles, devices, deployments.", no_args_is_help=True)
 token_app = typer.Typer(help="Bootstrap tokens devices enroll with.", no_args_is_help=True)
 devices_app = typer.Typer(help="The fleet's devices.", no_args_is_help=True)
@@ -290,13 +292,22 @@ def undeploy(
             ids = selected_devices(stub, labels) if labels else list(device or [])
             if labels and not ids:
                 raise fail(f"no device has the labels {format_selector(labels)}")
-            response = stub.Undeploy(
-                operator_pb2.UndeployRequest(name=name, all_devices=all_devices, device_ids=ids)
+            removed: list[str] = []
+            # A call takes at most MAX_IDS_PER_CALL ids; a selector may match more devices.
+            batches = (
+                [[]]
+                if all_devices
+                else [ids[i : i + MAX_IDS_PER_CALL] for i in range(0, len(ids), MAX_IDS_PER_CALL)]
             )
+            for batch in batches:
+                response = stub.Undeploy(
+                    operator_pb2.UndeployRequest(name=name, all_devices=all_devices, device_ids=batch)
+                )
+                removed.extend(response.device_ids)
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
-    err.print(f"{name} removed from {len(response.device_ids)} device(s)")
-    for device_id in response.device_ids:
+    err.print(f"{name} removed from {len(removed)} device(s)")
+    for device_id in removed:
         typer.echo(device_id)
 
 
@@ -306,7 +317,7 @@ def selected_devices(stub: OperatorServiceStub, labels: dict[str, str]) -> list[
     The control plane takes device ids, so the selector is resolved here, from the listing: a
     device enrolled between the listing and the call is not included.
     """
-    devices = stub.ListDevices(operator_pb2.ListDevicesRequest()).devices
+    devices = all_pages(stub.ListDevices, operator_pb2.ListDevicesRequest(), "devices")
     return [d.device_id for d in devices if all(d.labels.get(k) == v for k, v in labels.items())]
 
 
@@ -322,7 +333,7 @@ def devices_list(
     channel, stub = connect(controlplane)
     with channel:
         try:
-            devices = stub.ListDevices(operator_pb2.ListDevicesRequest()).devices
+            devices = list(all_pages(stub.ListDevices, operator_pb2.ListDevicesRequest(), "devices"))
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
     if as_json:
@@ -433,22 +444,25 @@ def telemetry_query(
     channel, stub = connect(controlplane)
     with channel:
         try:
-            rows = stub.QueryTelemetry(
-                operator_pb2.QueryTelemetryRequest(device_id=device, kind=kind, limit=limit)
-            ).rows
+            request = operator_pb2.QueryTelemetryRequest(device_id=device, kind=kind)
+            for row in all_pages(stub.QueryTelemetry, request, "rows", limit=max(limit, 0)):
+                typer.echo(json.dumps(row_json(row)))
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
-    for row in rows:
-        typer.echo(
-            json.dumps(
-                {
-                    "device": row.device_id,
-                    "kind": row.kind,
-                    "seq": row.seq,
-                    "payload": json.loads(row.payload_json),
-                }
-            )
-        )
+
+
+def row_json(row: operator_pb2.TelemetryRow) -> dict[str, object]:
+    """A telemetry row as fleetctl prints it; a record too large to list says so and its size."""
+    shown: dict[str, object] = {
+        "device": row.device_id,
+        "kind": row.kind,
+        "seq": row.seq,
+        "payload": None if row.payload_truncated else json.loads(row.payload_json),
+    }
+    if row.payload_truncated:
+        shown["payload_truncated"] = True
+        shown["payload_bytes"] = row.payload_bytes
+    return shown
 
 
 @telemetry_app.command("tail")
@@ -468,16 +482,7 @@ def telemetry_tail(
         )
         try:
             for row in rows:
-                typer.echo(
-                    json.dumps(
-                        {
-                            "device": row.device_id,
-                            "kind": row.kind,
-                            "seq": row.seq,
-                            "payload": json.loads(row.payload_json),
-                        }
-                    )
-                )
+                typer.echo(json.dumps(row_json(row)))
         except KeyboardInterrupt:
             rows.cancel()
         except grpc.RpcError as exc:

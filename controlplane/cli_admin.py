@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controlplane.cli_common import ControlPlaneOpt, connect, err, rpc_error
+from controlplane.client import all_pages
 from controlplane.settings import DEFAULT_LISTEN
 from protos.fleet.v1 import operator_pb2
 
@@ -42,7 +43,7 @@ def operators_list(controlplane: ControlPlaneOpt = DEFAULT_LISTEN) -> None:
     channel, stub = connect(controlplane)
     with channel:
         try:
-            rows = stub.ListOperators(operator_pb2.ListOperatorsRequest()).operators
+            rows = list(all_pages(stub.ListOperators, operator_pb2.ListOperatorsRequest(), "operators"))
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
     table = Table("name", "role", "created", "revoked")
@@ -78,7 +79,7 @@ def audit_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List audit entries, newest first."""
-    request = operator_pb2.ListAuditRequest(actor=actor, action=action, target=target, limit=limit)
+    request = operator_pb2.ListAuditRequest(actor=actor, action=action, target=target)
     if since:
         try:
             moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
@@ -90,7 +91,7 @@ def audit_list(
     channel, stub = connect(controlplane)
     with channel:
         try:
-            entries = stub.ListAudit(request).entries
+            entries = list(all_pages(stub.ListAudit, request, "entries", limit=max(limit, 0)))
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
     if as_json:
@@ -104,7 +105,7 @@ def audit_list(
                         "action": e.action,
                         "target": e.target,
                         "outcome": e.outcome,
-                        "detail": json.loads(e.detail_json),
+                        "detail": e.detail_json if e.detail_truncated else json.loads(e.detail_json),
                         "hash": e.hash,
                     }
                 )

@@ -213,7 +213,7 @@ def bundle_list(
     channel, stub = connect(controlplane)
     with channel:
         try:
-            bundles = stub.ListBundles(operator_pb2.ListBundlesRequest()).bundles
+            bundles = list(client.all_pages(stub.ListBundles, operator_pb2.ListBundlesRequest(), "bundles"))
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
     if as_json:

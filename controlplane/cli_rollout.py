@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controlplane.cli_common import DURATION_UNITS, ControlPlaneOpt, connect, err, fail, parse_ref, rpc_error
+from controlplane.client import all_pages
 from controlplane.rollouts.states import device_state_name, rollout_state_name
 from controlplane.settings import DEFAULT_LISTEN
 from protos.fleet.device_config import config_from_json, describe_config
@@ -290,8 +291,9 @@ def rollout_list(
 ) -> None:
     """List every rollout, oldest first."""
     rollouts = _call(
-        controlplane, lambda stub: stub.ListRollouts(operator_pb2.ListRolloutsRequest())
-    ).rollouts
+        controlplane,
+        lambda stub: list(all_pages(stub.ListRollouts, operator_pb2.ListRolloutsRequest(), "rollouts")),
+    )
     if json_out:
         typer.echo(json.dumps([as_json(r) for r in rollouts], indent=2))
         return

@@ -7,9 +7,10 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
@@ -39,6 +40,45 @@ SERVICE_CONFIG = {
         }
     ]
 }
+
+
+class PagedRequest(Protocol):
+    page_size: int
+    page_token: str
+
+
+class PagedResponse(Protocol):
+    next_page_token: str
+
+
+Req = TypeVar("Req", bound=PagedRequest)
+
+
+def all_pages(
+    call: Callable[[Req], PagedResponse], request: Req, field: str, *, limit: int | None = None
+) -> Iterator[Any]:
+    """Every entry of a paged list RPC (``field`` of each reply), following next_page_token:
+    the control plane answers a page at a time so no reply passes the message limit. With
+    ``limit``, stops after that many entries and asks for no more than it still needs."""
+    wanted = limit
+    while True:
+        if wanted is not None:
+            request.page_size = min(wanted, 1000)
+        response = call(request)
+        entries = getattr(response, field)
+        yield from (entries if wanted is None else entries[:wanted])
+        if wanted is not None:
+            wanted -= min(wanted, len(entries))
+        if not response.next_page_token or wanted == 0:
+            return
+        request.page_token = response.next_page_token
+
+
+def message_copy(message: Message) -> Any:
+    """A copy to page with, leaving the caller's request as it was."""
+    copied = type(message)()
+    copied.CopyFrom(message)
+    return copied
 
 
 TOKEN_ENV = "EDGEFLEET_OPERATOR_TOKEN"

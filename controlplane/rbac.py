@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 from controlplane.db.database import Database
 from controlplane.db.models import OperatorToken, utcnow
 from controlplane.services.auth import Context, bearer_from_metadata, new_secret, secret_sha256
+from controlplane.services.refusals import CALLER, Caller, Refused
 from protos.fleet.fsio import atomic_write_bytes
 
 ADMIN_TOKEN_FILE = "admin.token"
@@ -47,14 +48,20 @@ class OperatorIdentity:
         return f"operator:{self.name}"
 
 
+class InvalidOperatorName(ValueError):
+    """An operator name outside NAME_PATTERN."""
+
+
 class OperatorExists(Exception):
     """An operator with that name already exists."""
 
 
 def create_operator(session: Session, *, name: str, role: Role) -> str:
     """Creates an operator and returns its token (shown once, stored only as a hash)."""
-    if not NAME_PATTERN.match(name):
-        raise ValueError(f"operator name {name!r} must be 1-64 letters, digits, '.', '_', '@' or '-'")
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidOperatorName(
+            f"operator name {name!r} must be 1-64 letters, digits, '.', '_', '@' or '-'"
+        )
     if session.get(OperatorToken, name) is not None:
         raise OperatorExists(f"operator {name!r} already exists")
     token = new_secret()
@@ -72,8 +79,15 @@ def revoke_operator(session: Session, *, name: str) -> bool:
     return True
 
 
-def list_operators(session: Session) -> list[OperatorToken]:
-    return list(session.exec(select(OperatorToken).order_by(col(OperatorToken.name))).all())
+def list_operators(
+    session: Session, *, after: str | None = None, limit: int | None = None
+) -> list[OperatorToken]:
+    """Operators by name, from the one after ``after`` on."""
+    query = select(OperatorToken)
+    if after is not None:
+        query = query.where(col(OperatorToken.name) > after)
+    query = query.order_by(col(OperatorToken.name))
+    return list(session.exec(query if limit is None else query.limit(limit)).all())
 
 
 def bootstrap_admin(session: Session, *, data_dir: Path) -> Path | None:
@@ -95,19 +109,32 @@ def identify(session: Session, *, token: str) -> OperatorIdentity | None:
     return OperatorIdentity(name=row.name, role=Role.parse(row.role))
 
 
+MAX_TOKEN_CHARS = 256
+
+
 async def authorize(db: Database, context: Context, needed: Role) -> OperatorIdentity:
-    """The calling operator if its token grants ``needed``; otherwise the call is aborted."""
+    """The calling operator if its token grants ``needed`` (the call is then the operator's:
+    its refusals are audited under its name); otherwise raises Refused, UNAUTHENTICATED for a
+    missing or unknown token (a stranger's refusal), PERMISSION_DENIED for too small a role."""
     token = bearer_from_metadata(context)
     if not token:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, "operator token missing (EDGEFLEET_OPERATOR_TOKEN)"
+        raise Refused(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "operator token missing (EDGEFLEET_OPERATOR_TOKEN)",
+            action="operator.authenticate",
         )
-    identity = await db.run(lambda s: identify(s, token=token))
+    identity = await db.run(lambda s: identify(s, token=token)) if len(token) <= MAX_TOKEN_CHARS else None
     if identity is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked operator token")
+        raise Refused(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "unknown or revoked operator token",
+            action="operator.authenticate",
+        )
+    CALLER.set(Caller(actor=identity.actor, is_operator=True))
     if identity.role < needed:
-        await context.abort(
+        raise Refused(
             grpc.StatusCode.PERMISSION_DENIED,
             f"{identity.name} is a {identity.role.name.lower()}; this needs {needed.name.lower()}",
+            action="operator.authorize",
         )
     return identity

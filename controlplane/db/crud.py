@@ -7,12 +7,13 @@ Each function does one unit of work and leaves committing to the caller's sessio
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import and_, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -28,6 +29,7 @@ from controlplane.db.models import (
     VariantPinRule,
     utcnow,
 )
+from controlplane.services.limits import MAX_NAME_CHARS, clip, first_few
 from protos.fleet.device_config import config_from_json
 from protos.fleet.release import VerifiedRelease, manifest_to_json
 from protos.fleet.v1 import common_pb2
@@ -185,8 +187,18 @@ def get_bundle(session: Session, *, name: str, version: int, missing_ok: bool = 
     return bundle
 
 
-def list_bundles(session: Session) -> Sequence[Bundle]:
-    return session.exec(select(Bundle).order_by(col(Bundle.name), col(Bundle.version))).all()
+def list_bundles(
+    session: Session, *, after: tuple[str, int] | None = None, limit: int | None = None
+) -> Sequence[Bundle]:
+    """Bundles by name and version, from the one after (name, version) ``after`` on."""
+    query = select(Bundle)
+    if after is not None:
+        name, version = after
+        query = query.where(
+            or_(col(Bundle.name) > name, and_(col(Bundle.name) == name, col(Bundle.version) > version))
+        )
+    query = query.order_by(col(Bundle.name), col(Bundle.version))
+    return session.exec(query if limit is None else query.limit(limit)).all()
 
 
 Release = tuple[str, int]  # (bundle name, version)
@@ -215,13 +227,15 @@ def device_releases(session: Session, device_id: str) -> list[Release]:
     return [(name, version) for name, version in rows]
 
 
-def assigned_models(session: Session) -> dict[str, list[Release]]:
-    """Every device's assigned releases (sorted by name), in one query, for fleet listings."""
-    rows = session.exec(
-        select(DeviceModel.device_id, Bundle.name, Bundle.version)
-        .join(Bundle, col(DeviceModel.bundle_id) == col(Bundle.id))
-        .order_by(col(DeviceModel.device_id), col(Bundle.name))
-    ).all()
+def assigned_models(session: Session, *, device_ids: Sequence[str] | None = None) -> dict[str, list[Release]]:
+    """Every device's (or those of ``device_ids``) assigned releases, sorted by name, in one
+    query, for fleet listings."""
+    query = select(DeviceModel.device_id, Bundle.name, Bundle.version).join(
+        Bundle, col(DeviceModel.bundle_id) == col(Bundle.id)
+    )
+    if device_ids is not None:
+        query = query.where(col(DeviceModel.device_id).in_(list(device_ids)))
+    rows = session.exec(query.order_by(col(DeviceModel.device_id), col(Bundle.name))).all()
     result: dict[str, list[Release]] = {}
     for device_id, name, version in rows:
         result.setdefault(device_id, []).append((name, version))
@@ -244,7 +258,7 @@ def _locked_devices(
     if device_ids is not None:
         missing = set(device_ids) - {d.id for d in devices}
         if missing:
-            raise DeviceNotFound(f"unknown device(s): {', '.join(sorted(missing))}")
+            raise DeviceNotFound(first_few(missing, what="unknown device id(s)"))
     return devices
 
 
@@ -320,27 +334,45 @@ def artifact_deployed_to(session: Session, *, device_id: str, sha256: str) -> bo
     return session.exec(query).first() is not None
 
 
-def list_devices(session: Session) -> Sequence[Device]:
-    return session.exec(select(Device).order_by(col(Device.enrolled_at))).all()
+def list_devices(session: Session, *, after: str | None = None, limit: int | None = None) -> Sequence[Device]:
+    """Devices in enrollment order (ties by id), from the one after device ``after`` on.
+
+    The page position is a device id, not its enrollment time, so no timestamp travels in a
+    page token and none is compared across time zones or database dialects.
+    """
+    query = select(Device)
+    if after is not None:
+        last = select(Device.enrolled_at).where(Device.id == after).scalar_subquery()
+        query = query.where(
+            or_(
+                col(Device.enrolled_at) > last,
+                and_(col(Device.enrolled_at) == last, col(Device.id) > after),
+            )
+        )
+    query = query.order_by(col(Device.enrolled_at), col(Device.id))
+    return session.exec(query if limit is None else query.limit(limit)).all()
 
 
 def query_telemetry(
-    session: Session, *, device_id: str | None, kind: str | None, limit: int
+    session: Session, *, device_id: str | None, kind: str | None, limit: int, before: int | None = None
 ) -> Sequence[TelemetryRecord]:
+    """The newest matching records first, older than record id ``before`` when given."""
     query = select(TelemetryRecord)
     if device_id:
         query = query.where(TelemetryRecord.device_id == device_id)
     if kind:
         query = query.where(TelemetryRecord.kind == kind)
+    if before is not None:
+        query = query.where(col(TelemetryRecord.id) < before)
     return session.exec(query.order_by(col(TelemetryRecord.id).desc()).limit(limit)).all()
 
 
 # -- variant pins ----------------------------------------------------------------------------
 
+MAX_SCOPE_CHARS = 512  # VariantPinRule.scope
 PINNABLE_FORMATS = frozenset(
     {common_pb2.MODEL_FORMAT_GGUF, common_pb2.MODEL_FORMAT_ONNX, common_pb2.MODEL_FORMAT_MLX}
 )
-_SELECTOR_FORBIDDEN = frozenset(",=")
 
 
 def selector_text(selector: Mapping[str, str]) -> str:
@@ -354,10 +386,14 @@ def pin_scope(*, device_id: str | None, selector: Mapping[str, str]) -> str:
         raise InvalidPin("give exactly one of a device id and a label selector")
     if device_id:
         return f"device:{device_id}"
-    for key, value in selector.items():
-        if not key or _SELECTOR_FORBIDDEN & set(key) or "," in value:
-            raise InvalidPin(f"selector {key}={value} is not KEY=VALUE without ',' (or '=' in the key)")
-    return f"labels:{selector_text(selector)}"
+    try:
+        check_selector(selector)
+    except InvalidLabels as exc:
+        raise InvalidPin(str(exc)) from exc
+    scope = f"labels:{selector_text(selector)}"
+    if len(scope) > MAX_SCOPE_CHARS:
+        raise InvalidPin(f"a pin's selector is at most {MAX_SCOPE_CHARS - 7} characters as KEY=VALUE,...")
+    return scope
 
 
 def list_pins(session: Session) -> Sequence[VariantPinRule]:
@@ -418,6 +454,8 @@ def set_pin(
         raise InvalidPin("pin exactly one of a variant id and a runtime (format)")
     if fmt and fmt not in PINNABLE_FORMATS:
         raise InvalidPin(f"format {fmt} cannot be pinned")
+    if len(variant_id) > MAX_NAME_CHARS:
+        raise InvalidPin(f"a variant id has at most {MAX_NAME_CHARS} characters")
     query = select(Device).with_for_update()
     if device_id:
         query = query.where(Device.id == device_id)
@@ -454,21 +492,40 @@ def set_pin(
 # -- labels and configs ----------------------------------------------------------------------
 
 MAX_LABELS = 32
-MAX_LABEL_LENGTH = 128
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 128
+LABEL_KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._/-]{{0,{MAX_LABEL_KEY - 1}}}")
+LABEL_VALUE = re.compile(rf"[A-Za-z0-9._:/@+-]{{0,{MAX_LABEL_VALUE}}}")
 
 
 class InvalidLabels(StoreError):
     """Labels or a selector that are not KEY=VALUE as selectors write them, or too many."""
 
 
+def check_labels(labels: Mapping[str, str], *, what: str = "label") -> None:
+    """Raises InvalidLabels unless there are at most MAX_LABELS items and each can be written
+    as KEY=VALUE in a selector ("hw=jetson,site=a") and a shell word: a key of 1-63 letters,
+    digits, '.', '_', '/' or '-' starting with a letter or digit; a value of at most 128 of
+    those or ':', '@', '+'. Labels are listed with every device and compared by every
+    selector, so they are small by construction."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidLabels(f"at most {MAX_LABELS} {what}s, got {len(labels)}")
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise InvalidLabels(
+                f"{what} {clip(key, 40)!r} is not KEY=VALUE as selectors write it: a key is "
+                f"1-{MAX_LABEL_KEY} letters, digits, '.', '_', '/' or '-' starting with a letter or digit"
+            )
+        if not LABEL_VALUE.fullmatch(value):
+            raise InvalidLabels(
+                f"{what} {key}={clip(value, 40)!r} is not KEY=VALUE as selectors write it: a value is "
+                f"at most {MAX_LABEL_VALUE} letters, digits, '.', '_', '/', '-', ':', '@' or '+'"
+            )
+
+
 def check_selector(selector: Mapping[str, str], *, what: str = "selector") -> None:
-    """Raises InvalidLabels unless every item can be written as KEY=VALUE in a selector
-    ("hw=jetson,site=a"): a key without ',' or '=', a value without ',', both bounded."""
-    for key, value in selector.items():
-        if not key or _SELECTOR_FORBIDDEN & set(key) or "," in value:
-            raise InvalidLabels(f"{what} {key}={value} is not KEY=VALUE without ',' (or '=' in the key)")
-        if len(key) > MAX_LABEL_LENGTH or len(value) > MAX_LABEL_LENGTH:
-            raise InvalidLabels(f"{what} {key[:40]}=… is longer than {MAX_LABEL_LENGTH} characters")
+    """A label selector has the form and bounds of labels (``check_labels``)."""
+    check_labels(selector, what=what)
 
 
 def selector_matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
@@ -490,7 +547,9 @@ def set_labels(
     Group pins select by label, so a change that moves the device into or out of one re-assigns
     it with the pin now in force, at a new generation (as ``set_pin`` does for its devices).
     """
-    check_selector(set_, what="label")
+    check_labels(set_)
+    if len(remove) > MAX_LABELS:
+        raise InvalidLabels(f"at most {MAX_LABELS} labels to remove, got {len(remove)}")
     devices = _locked_devices(session, [device_id])
     device = devices[0]
     removed = set(remove)

@@ -5,20 +5,25 @@ delegates here, so controlplane/services/operator_service.py stays about everyth
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 import grpc
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from controlplane.db import crud
 from controlplane.db.database import Database
+from controlplane.db.models import Bundle, Rollout
 from controlplane.notifier import DesiredStateNotifier
 from controlplane.rbac import OperatorIdentity, Role, authorize
 from controlplane.repositories import RepositoryRefusal
 from controlplane.rollouts import commands, convert, store
 from controlplane.rollouts.engine import RolloutMachine
+from controlplane.services import pages
 from controlplane.services.auth import Context
+from controlplane.services.limits import MAX_NAME_CHARS
+from controlplane.services.refusals import Refused
 from protos.fleet.v1 import operator_pb2
 
 T = TypeVar("T")
@@ -35,6 +40,8 @@ ERROR_CODES: dict[type[Exception], grpc.StatusCode] = {
     RepositoryRefusal: grpc.StatusCode.FAILED_PRECONDITION,
 }
 REFUSALS = tuple(ERROR_CODES)
+ROLLOUTS = pages.PageSpec("ListRollouts", default_size=100, max_size=1000)
+MAX_LISTED_DEVICES = 10_000  # GetRollout's per-device detail; Rollout.devices_omitted counts the rest
 
 
 def status_code(exc: Exception) -> grpc.StatusCode:
@@ -67,12 +74,21 @@ class RolloutRpcs:
         try:
             return await self.db.run(work)
         except REFUSALS as exc:
-            await context.abort(status_code(exc), str(exc))
+            raise Refused(status_code(exc), str(exc), action="rollout.read") from exc
 
     async def create(
         self, request: operator_pb2.CreateRolloutRequest, context: Context
     ) -> operator_pb2.Rollout:
         who = await authorize(self.db, context, Role.OPERATOR)
+        if len(request.name) > MAX_NAME_CHARS:
+            await self.refuse(
+                context,
+                who,
+                "rollout.create",
+                request.name,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a rollout name has at most {MAX_NAME_CHARS} characters",
+            )
         try:
             spec = convert.spec(request)
         except convert.InvalidRollout as exc:
@@ -89,13 +105,18 @@ class RolloutRpcs:
 
     async def get(self, request: operator_pb2.GetRolloutRequest, context: Context) -> operator_pb2.Rollout:
         await authorize(self.db, context, Role.VIEWER)
-        return await self._read(context, lambda s: commands.describe(s, commands.lookup(s, request)))
+        described = await self._read(context, lambda s: commands.describe(s, commands.lookup(s, request)))
+        return bounded_devices(described)
 
     async def list(
         self, request: operator_pb2.ListRolloutsRequest, context: Context
     ) -> operator_pb2.ListRolloutsResponse:
+        """A page of rollouts, oldest first, with per-wave counts but no per-device detail."""
         await authorize(self.db, context, Role.VIEWER)
-        return await self._read(context, commands.describe_all)
+        size = ROLLOUTS.size(request.page_size)
+        after = pages.int_key(pages.decode_token(ROLLOUTS, request.page_token, {}))
+        page = await self._read(context, lambda s: _rollouts_page(s, after=after, size=size))
+        return operator_pb2.ListRolloutsResponse(rollouts=page.items, next_page_token=page.next_page_token)
 
     async def control(
         self, request: operator_pb2.ControlRolloutRequest, context: Context
@@ -112,4 +133,30 @@ class RolloutRpcs:
 
         described, nudge = await self._change(context, who, action, _target(request.rollout), control)
         self.notifier.notify(nudge)
-        return described
+        return bounded_devices(described)
+
+
+def bounded_devices(rollout: operator_pb2.Rollout) -> operator_pb2.Rollout:
+    """The rollout with at most MAX_LISTED_DEVICES devices listed, so a rollout over a large
+    fleet still fits in a reply; ``devices_omitted`` says how many more there are."""
+    extra = len(rollout.devices) - MAX_LISTED_DEVICES
+    if extra > 0:
+        del rollout.devices[MAX_LISTED_DEVICES:]
+        rollout.devices_omitted = extra
+    return rollout
+
+
+def _rollouts_page(session: Session, *, after: int | None, size: int) -> pages.Page[operator_pb2.Rollout]:
+    query = select(Rollout)
+    if after is not None:
+        query = query.where(col(Rollout.id) > after)
+    rollouts = session.exec(query.order_by(col(Rollout.id)).limit(size + 1)).all()
+    counts = store.device_counts(session, [r.id for r in rollouts if r.id is not None])
+    wanted = sorted({r.bundle_id for r in rollouts if r.bundle_id is not None})
+    found = session.exec(select(Bundle).where(col(Bundle.id).in_(wanted))).all() if wanted else []
+    bundles = {b.id: b for b in found if b.id is not None}
+
+    def describe(rollout: Rollout) -> operator_pb2.Rollout:
+        return convert.message(rollout, bundles=bundles, counts=counts.get(rollout.id or 0, Counter()))
+
+    return pages.cut(ROLLOUTS, rollouts, size=size, encode=describe, key=lambda r: r.id or 0, filters={})

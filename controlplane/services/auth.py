@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from controlplane.db import crud
 from controlplane.db.database import Database
 from controlplane.db.models import Device
+from controlplane.services.refusals import CALLER, Caller, Refused
 
 AUTH_HEADER = "authorization"
 BEARER = "Bearer "
@@ -52,7 +53,10 @@ def peer_certificate(context: Context) -> x509.Certificate | None:
     pem = context.auth_context().get(PEER_CERTIFICATE)
     if not pem:
         return None
-    return x509.load_pem_x509_certificate(next(iter(pem)))
+    try:
+        return x509.load_pem_x509_certificate(next(iter(pem)))
+    except ValueError:
+        return None  # gRPC verified it against the fleet CA; unreadable here means not ours
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -61,20 +65,31 @@ def common_name(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else value.decode()
 
 
+def unauthenticated(message: str, **kwargs: Any) -> Refused:
+    return Refused(grpc.StatusCode.UNAUTHENTICATED, message, **kwargs)
+
+
 async def authenticate_device(db: Database, context: Context) -> Device:
-    """Returns the calling device, or aborts the call with UNAUTHENTICATED."""
+    """Returns the calling device (and marks the call as its own), or raises Refused with
+    UNAUTHENTICATED. A caller without a client certificate is a stranger; one whose
+    certificate the fleet CA issued but that is revoked is not (it spends no rate-limit token)."""
     cert = peer_certificate(context)
     if cert is None:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
+        raise unauthenticated(
             "device calls need the device's client certificate, on the device (mutual TLS) endpoint",
+            action="device.authenticate",
         )
     held = await db.run(lambda s: crud.certificate_holder(s, serial=cert.serial_number))
-    if held is None or held[1].id != common_name(cert):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this certificate was not issued to a device")
+    name = common_name(cert)[:64]
+    if held is None or held[1].id != name:
+        raise unauthenticated(
+            "this certificate was not issued to a device", action="device.authenticate", target=name
+        )
     record, device = held
+    who = {"action": "device.authenticate", "target": device.id, "actor": f"device:{device.id}"}
     if device.revoked_at is not None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
+        raise unauthenticated(f"device {device.id} was revoked", charges=False, **who)
     if record.revoked_at is not None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this certificate was revoked")
+        raise unauthenticated("this certificate was revoked", charges=False, **who)
+    CALLER.set(Caller(actor=f"device:{device.id}", is_operator=False))
     return device

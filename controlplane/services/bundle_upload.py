@@ -12,7 +12,8 @@ import asyncio
 import grpc
 from tuf.api.metadata import Root
 
-from controlplane.blobs import BlobStore, BlobWriter
+from controlplane.blobs import BlobError, BlobStore, BlobWriter
+from controlplane.services.limits import first_few
 from protos.fleet import release
 from protos.fleet.v1 import operator_pb2
 
@@ -59,7 +60,10 @@ class BundleUpload:
             if part.path in self._done:
                 raise invalid(f"artifact {part.path!r} sent twice")
             self._current = part.path
-            self._writer = self.blobs.writer(info)
+            try:
+                self._writer = self.blobs.writer(info)
+            except BlobError as exc:  # e.g. a signed sha256 that is not 64 hex digits
+                raise invalid(f"artifact {part.path!r}: {type(exc).__name__}: {exc}") from exc
         assert self._writer is not None
         try:
             await asyncio.to_thread(self._writer.write, part.data)
@@ -83,9 +87,12 @@ class BundleUpload:
         await self._commit_current()
         if self.release is None:
             raise invalid("no release metadata received")
-        missing = [p for p, info in self.release.artifacts.items() if not self.blobs.exists(info.sha256)]
+        try:
+            missing = [p for p, info in self.release.artifacts.items() if not self.blobs.exists(info.sha256)]
+        except BlobError as exc:
+            raise invalid(f"{type(exc).__name__}: {exc}") from exc
         if missing:
-            raise invalid(f"artifacts missing: {', '.join(missing)}")
+            raise invalid(first_few(missing, what="artifact(s) missing"))
         return self.release
 
     def abort(self) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import grpc
+from cryptography.exceptions import UnsupportedAlgorithm
 from sqlmodel import Session
 
 from controlplane import audit
@@ -23,12 +25,20 @@ from controlplane.notifier import DesiredStateNotifier, wait_event
 from controlplane.repositories import Repositories
 from controlplane.rollouts import store as rollout_store
 from controlplane.services.auth import Context, authenticate_device, new_device_id, secret_sha256
+from controlplane.services.guard import CallGuard, guarded
+from controlplane.services.ratelimit import RateLimit
+from controlplane.services.refusals import Refused, invalid
 from protos.fleet import topics
 from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
-MAX_LABELS = 32
 log = logging.getLogger(__name__)
+MAX_HOSTNAME = 255
+MAX_REPORTED_TEXT = 2000
+# A name python-tuf asks for; anything else cannot exist (and a version past int64 would not
+# fit the column it is looked up in).
+METADATA_FILE_NAME = re.compile(r"(?:[1-9][0-9]{0,17}\.)?[a-z]{1,16}\.json")
+CSR_ERRORS = (CertificateError, UnsupportedAlgorithm)
 
 
 class Revoked(Exception):
@@ -103,9 +113,17 @@ def lifecycle_event(before: Device, report: device_pb2.StatusReport) -> str | No
     return None
 
 
+def enroll_refused(
+    message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT, *, target: str = ""
+) -> Refused:
+    """An enrollment refusal, a stranger's: audited as device.enroll by device:unenrolled."""
+    return Refused(code, message, action="device.enroll", actor="device:unenrolled", target=target)
+
+
 REPOSITORY_NAMES = {device_pb2.REPOSITORY_IMAGE: IMAGE, device_pb2.REPOSITORY_DIRECTOR: DIRECTOR}
 
 
+@guarded(device_pb2.DESCRIPTOR.services_by_name["DeviceService"])
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def __init__(
         self,
@@ -120,7 +138,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         ca: CertificateAuthority,
         device_cert_validity: timedelta,
         device_endpoint: str,
+        rate_limit: RateLimit | None = None,
     ) -> None:
+        self.guard = CallGuard(db=db, rate_limit=rate_limit)
         self.mqtt_url = mqtt_url
         self.ca = ca
         self.device_cert_validity = device_cert_validity
@@ -133,17 +153,21 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self.recheck_seconds = recheck_seconds
 
     async def Enroll(self, request: device_pb2.EnrollRequest, context: Context) -> device_pb2.EnrollResponse:
-        if not request.bootstrap_token:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bootstrap_token is required")
-        if len(request.labels) > MAX_LABELS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LABELS} labels")
-        if not request.csr:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr is required")
+        """Every refusal here is a stranger's: audited once per peer and reason a window (the
+        guard's RefusalLog), and it spends a token of the peer's rate-limit bucket."""
         token_digest = secret_sha256(request.bootstrap_token)
+        if not request.bootstrap_token:
+            raise enroll_refused("bootstrap_token is required")
+        if not request.csr:
+            raise enroll_refused("csr is required")
         try:
+            crud.check_labels(request.labels)
             binding = secret_sha256(f"{token_digest}:{csr_key_sha256(request.csr)}")
-        except CertificateError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
+        except crud.InvalidLabels as exc:
+            raise enroll_refused(str(exc)) from exc
+        except CSR_ERRORS as exc:
+            raise enroll_refused(f"csr refused: {exc}") from exc
+        hostname = request.hostname[:MAX_HOSTNAME]
 
         def enroll(session: Session) -> tuple[str, IssuedCertificate]:
             # One transaction: a refused CSR leaves the token unspent and no device behind.
@@ -163,10 +187,11 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             device_id = new_device_id()
             token = crud.consume_token(session, token_sha256=token_digest)
             labels = {**dict(request.labels), **token.labels}
+            crud.check_labels(labels, what="label (the device's and its token's together)")
             crud.create_device(
                 session,
                 device_id=device_id,
-                hostname=request.hostname[:255],
+                hostname=hostname,
                 labels=labels,
                 enrollment_sha256=binding,
             )
@@ -177,7 +202,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 action="device.enroll",
                 target=device_id,
                 detail={
-                    "hostname": request.hostname[:255],
+                    "hostname": hostname,
                     "labels": labels,
                     "token": token_digest[:12],
                     "certificate": format(issued.serial, "x"),
@@ -187,21 +212,14 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
         try:
             device_id, issued = await self.db.run(enroll)
-        except CertificateError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
+        except CSR_ERRORS as exc:
+            raise enroll_refused(f"csr refused: {exc}") from exc
+        except crud.InvalidLabels as exc:
+            raise enroll_refused(str(exc)) from exc
         except crud.TokenRejected as exc:
-            reason = str(exc)
-            await self.db.run(
-                lambda s: audit.record(
-                    s,
-                    actor="device:unenrolled",
-                    action="device.enroll",
-                    target=f"token:{token_digest[:12]}",
-                    outcome=Outcome.REFUSED,
-                    detail={"reason": reason, "hostname": request.hostname[:255]},
-                )
-            )
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            raise enroll_refused(
+                str(exc), grpc.StatusCode.PERMISSION_DENIED, target=f"token:{token_digest[:12]}"
+            ) from exc
         return device_pb2.EnrollResponse(
             device_id=device_id,
             mqtt_topic_prefix=topics.device_prefix(device_id),
@@ -240,10 +258,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
         try:
             issued = await self.db.run(renew)
-        except CertificateError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr refused: {exc}")
-        except Revoked:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
+        except CSR_ERRORS as exc:
+            raise invalid(f"csr refused: {exc}", action="device.renew", target=device.id) from exc
+        except Revoked as exc:
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked", action="device.renew"
+            ) from exc
         return device_pb2.RenewCertificateResponse(certificate=issued.certificate_pem)
 
     async def WatchDesiredState(
@@ -256,8 +276,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 changed.clear()
                 try:
                     state = await self.db.run(lambda s: desired_state_of(s, device.id))
-                except Revoked:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked")
+                except Revoked as exc:
+                    raise Refused(
+                        grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked", charges=False
+                    ) from exc
                 if state is not None and state.generation > sent:
                     sent = state.generation
                     yield state
@@ -265,6 +287,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     async def ReportStatus(self, request: device_pb2.StatusReport, context: Context) -> device_pb2.StatusAck:
         device = await authenticate_device(self.db, context)
+        error = request.error[:MAX_REPORTED_TEXT]
 
         def apply(session: Session) -> None:
             row = session.get(Device, device.id)
@@ -281,8 +304,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     outcome=Outcome.FAILED if event == "deployment.refused" else Outcome.OK,
                     detail={
                         "generation": request.generation,
-                        "error": request.error,
-                        "kind": request.error_kind,
+                        "error": error,
+                        "kind": request.error_kind[:128],
                     },
                 )
             row.state = request.state
@@ -291,7 +314,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             row.variant = request.variant[:128]
             if request.HasField("selection"):
                 row.selection_reason = request.selection.reason[:2000]
-            row.last_error = request.error[:2000]
+            row.last_error = error
             # The agent names its latest installed model in every report; none: it holds none.
             row.active_bundle = request.active_bundle.name if request.HasField("active_bundle") else ""
             row.active_version = request.active_bundle.version if request.HasField("active_bundle") else 0
@@ -304,7 +327,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 device_id=device.id,
                 generation=request.generation,
                 state=request.state,
-                error=request.error,
+                error=error,
             )
 
         await self.db.run(apply)
@@ -319,16 +342,20 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             lambda s: crud.artifact_deployed_to(s, device_id=device.id, sha256=digest)
         )
         if not allowed:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"artifact {digest} is not deployed to this device"
+            raise Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"artifact {digest[:64]} is not deployed to this device",
+                action="artifact.fetch",
             )
         try:
             total = self.blobs.size(digest)
         except (BlobNotFound, InvalidDigest) as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise Refused(grpc.StatusCode.NOT_FOUND, str(exc), action="artifact.fetch") from exc
         if request.offset > total:
-            await context.abort(
-                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the artifact's {total} bytes"
+            raise Refused(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"offset {request.offset} is past the artifact's {total} bytes",
+                action="artifact.fetch",
             )
         chunks = self.blobs.read(digest, offset=request.offset, chunk_size=self.chunk_size)
         offset = request.offset
@@ -345,10 +372,16 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         device = await authenticate_device(self.db, context)
         repo = REPOSITORY_NAMES.get(request.repository)
         if repo is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "repository must be IMAGE or DIRECTOR")
-        data = await self.db.run(
-            lambda s: self.repositories.lookup(s, repo=repo, device_id=device.id, name=request.name)
+            raise invalid("repository must be IMAGE or DIRECTOR", action="metadata.fetch")
+        name = request.name
+        data = (
+            await self.db.run(
+                lambda s: self.repositories.lookup(s, repo=repo, device_id=device.id, name=name)
+            )
+            if METADATA_FILE_NAME.fullmatch(name)
+            else None
         )
         if data is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no {repo} metadata {request.name!r}")
+            # TUF clients probe for the next root version on every refresh: an answer, not a refusal.
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no {repo} metadata {name[:64]!r}", audited=False)
         return device_pb2.MetadataFile(data=data)

@@ -16,11 +16,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlmodel import Session, col, func, select
 
 from controlplane import audit
-from controlplane.audit import Outcome
+from controlplane.audit import MAX_DETAIL_BYTES, Outcome
 from controlplane.blobs import BlobStore
 from controlplane.db import crud
 from controlplane.db.database import Database
-from controlplane.db.models import Bundle, Device, EnrollmentToken, TelemetryRecord, utcnow
+from controlplane.db.models import (
+    AuditEntry,
+    Bundle,
+    Device,
+    EnrollmentToken,
+    OperatorToken,
+    TelemetryRecord,
+    utcnow,
+)
 from controlplane.keys import KeyStoreError
 from controlplane.notifier import DesiredStateNotifier
 from controlplane.rbac import (
@@ -37,17 +45,30 @@ from controlplane.rollouts import director
 from controlplane.rollouts.director import pin_message
 from controlplane.rollouts.engine import EngineConfig, RolloutMachine
 from controlplane.rollouts.rpc import RolloutRpcs
+from controlplane.services import pages
 from controlplane.services.auth import Context, new_secret, secret_sha256
 from controlplane.services.bundle_upload import BundleUpload, PushRefused
+from controlplane.services.guard import CallGuard, guarded
+from controlplane.services.limits import MAX_NAME_CHARS
+from controlplane.services.ratelimit import RateLimit
+from controlplane.services.refusals import Refused, invalid
 from protos.fleet.topics import TopicKind
 from protos.fleet.uptane import DIRECTOR, IMAGE
 from protos.fleet.v1 import bundle_pb2, common_pb2, operator_pb2, operator_pb2_grpc
 
 DEFAULT_TOKEN_TTL = timedelta(hours=24)
 MAX_TOKEN_USES = 100_000
-MAX_TELEMETRY_ROWS = 10_000
+MAX_TELEMETRY_ROWS = 10_000  # TailTelemetry's backlog
 TAIL_POLL_SECONDS = 0.5
 TAIL_BATCH_ROWS = 500
+MAX_PAYLOAD_CHARS = 256 * 1024  # one telemetry row's JSON as a reply carries it
+MAX_SUMMARY_LABEL_KEY, MAX_SUMMARY_LABEL_VALUE = crud.MAX_LABEL_KEY, crud.MAX_LABEL_VALUE
+
+DEVICES = pages.PageSpec("ListDevices", default_size=500, max_size=1000)
+TELEMETRY = pages.PageSpec("QueryTelemetry", default_size=100, max_size=1000)
+AUDIT = pages.PageSpec("ListAudit", default_size=100, max_size=1000)
+BUNDLES = pages.PageSpec("ListBundles", default_size=100, max_size=1000)
+OPERATORS = pages.PageSpec("ListOperators", default_size=100, max_size=1000)
 
 
 def timestamp(value: object) -> Timestamp:
@@ -69,6 +90,13 @@ def installed_models(device: Device) -> list[common_pb2.InstalledModel]:
     ]
 
 
+def listed_labels(labels: dict[str, str]) -> dict[str, str]:
+    """A device's labels as listed: within the bounds labels have now, whatever was stored
+    before they had them (one device's oversized labels once broke every fleet listing)."""
+    kept = list(labels.items())[: crud.MAX_LABELS]
+    return {k[:MAX_SUMMARY_LABEL_KEY]: v[:MAX_SUMMARY_LABEL_VALUE] for k, v in kept}
+
+
 def device_summary(
     device: Device,
     desired: Bundle | None,
@@ -85,7 +113,7 @@ def device_summary(
         requests_total=device.requests_total,
         desired_generation=device.desired_generation,
         applied_generation=device.applied_generation,
-        labels=device.labels,
+        labels=listed_labels(device.labels),
         variant=device.variant,
         revoked=device.revoked_at is not None,
         selection_reason=device.selection_reason,
@@ -108,6 +136,7 @@ def device_summary(
     return summary
 
 
+@guarded(operator_pb2.DESCRIPTOR.services_by_name["OperatorService"])
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     def __init__(
         self,
@@ -118,7 +147,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         repositories: Repositories,
         on_device_revoked: Callable[[str], Awaitable[None]] | None = None,
         rollout_config: EngineConfig | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
+        self.guard = CallGuard(db=db, rate_limit=rate_limit)
         self.db = db
         self.blobs = blobs
         self.notifier = notifier
@@ -140,18 +171,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         code: grpc.StatusCode,
         message: str,
     ) -> NoReturn:
-        """Records the refusal in the audit trail, then fails the call with ``code``."""
-        await self.db.run(
-            lambda s: audit.record(
-                s,
-                actor=who.actor,
-                action=action,
-                target=target,
-                outcome=Outcome.REFUSED,
-                detail={"reason": message},
-            )
-        )
-        await context.abort(code, message)
+        """Fails the call with ``code``; the guard records the refusal under ``who`` as ``action``."""
+        raise Refused(code, message, action=action, target=target)
 
     def _assign(self, session: Session, changed: Sequence[crud.DeployedTo]) -> None:
         """Signs each changed device's director targets: all of its models, its pin, its config."""
@@ -215,21 +236,24 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListBundles(
         self, request: operator_pb2.ListBundlesRequest, context: Context
     ) -> operator_pb2.ListBundlesResponse:
+        """A page of bundles by name and version."""
         await authorize(self.db, context, Role.VIEWER)
-        bundles = await self.db.run(crud.list_bundles)
-        return operator_pb2.ListBundlesResponse(
-            bundles=[
-                operator_pb2.BundleInfo(
-                    manifest=json_format.ParseDict(
-                        json.loads(b.manifest_json), bundle_pb2.BundleManifest(), ignore_unknown_fields=True
-                    ),
-                    created=timestamp(b.created_at),
-                    expires=timestamp(b.expires_at),
-                    total_bytes=b.total_bytes,
-                )
-                for b in bundles
-            ]
-        )
+        size = BUNDLES.size(request.page_size)
+        key = pages.decode_token(BUNDLES, request.page_token, {})
+        if key is not None and not (
+            isinstance(key, list) and len(key) == 2 and isinstance(key[0], str) and isinstance(key[1], int)
+        ):
+            raise pages.InvalidPageToken("page_token is not one this method issued")
+        after = (key[0], key[1]) if isinstance(key, list) else None
+
+        def query(session: Session) -> pages.Page[operator_pb2.BundleInfo]:
+            rows = crud.list_bundles(session, after=after, limit=size + 1)  # type: ignore[arg-type]
+            return pages.cut(
+                BUNDLES, rows, size=size, encode=_bundle_info, key=lambda b: [b.name, b.version], filters={}
+            )
+
+        page = await self.db.run(query)
+        return operator_pb2.ListBundlesResponse(bundles=page.items, next_page_token=page.next_page_token)
 
     async def CreateToken(
         self, request: operator_pb2.CreateTokenRequest, context: Context
@@ -237,7 +261,11 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         who = await authorize(self.db, context, Role.ADMIN)
         uses = request.uses or 1
         if uses > MAX_TOKEN_USES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"uses must be at most {MAX_TOKEN_USES}")
+            raise invalid(f"uses must be at most {MAX_TOKEN_USES}")
+        try:
+            crud.check_labels(request.labels)
+        except crud.InvalidLabels as exc:
+            raise invalid(str(exc)) from exc
         ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else DEFAULT_TOKEN_TTL
         token = new_secret()
         digest = secret_sha256(token)
@@ -270,7 +298,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         who = await authorize(self.db, context, Role.OPERATOR)
         ref = f"{request.bundle.name}@{request.bundle.version}"
         if request.all_devices == bool(request.device_ids):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either all_devices or device_ids")
+            raise invalid("give either all_devices or device_ids")
 
         def deploy(session: Session) -> list[crud.DeployedTo]:
             bundle = crud.get_bundle(session, name=request.bundle.name, version=request.bundle.version)
@@ -283,7 +311,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 actor=who.actor,
                 action="deploy",
                 target=ref,
-                detail={"devices": {d.device_id: d.generation for d in deployed}},
+                detail={"count": len(deployed), "devices": {d.device_id: d.generation for d in deployed}},
             )
             return deployed
 
@@ -305,10 +333,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         """Removes a model from devices: each device that held it gets director targets listing
         its remaining models (none at all is a valid assignment) and a nudge to apply them."""
         who = await authorize(self.db, context, Role.OPERATOR)
-        if not request.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        if not request.name or len(request.name) > MAX_NAME_CHARS:
+            raise invalid(f"name is required, at most {MAX_NAME_CHARS} characters")
         if request.all_devices == bool(request.device_ids):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either all_devices or device_ids")
+            raise invalid("give either all_devices or device_ids")
 
         def undeploy(session: Session) -> list[crud.DeployedTo]:
             ids = None if request.all_devices else list(request.device_ids)
@@ -340,34 +368,50 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListDevices(
         self, request: operator_pb2.ListDevicesRequest, context: Context
     ) -> operator_pb2.ListDevicesResponse:
+        """A page of devices in enrollment order (``pages``)."""
         await authorize(self.db, context, Role.VIEWER)
+        size = DEVICES.size(request.page_size)
+        after = pages.str_key(pages.decode_token(DEVICES, request.page_token, {}))
 
-        def summaries(session: Session) -> list[common_pb2.DeviceSummary]:
+        def summaries(session: Session) -> pages.Page[common_pb2.DeviceSummary]:
+            devices = crud.list_devices(session, after=after, limit=size + 1)
             pins = crud.list_pins(session)
-            assigned = crud.assigned_models(session)
-            return [
-                device_summary(
-                    d,
-                    session.get(Bundle, d.desired_bundle_id) if d.desired_bundle_id else None,
-                    pin_message(crud.effective_pin(pins, d)),
-                    assigned.get(d.id, ()),
-                )
-                for d in crud.list_devices(session)
-            ]
+            assigned = crud.assigned_models(session, device_ids=[d.id for d in devices])
 
-        return operator_pb2.ListDevicesResponse(devices=await self.db.run(summaries))
+            def summary(d: Device) -> common_pb2.DeviceSummary:
+                desired = session.get(Bundle, d.desired_bundle_id) if d.desired_bundle_id else None
+                return device_summary(
+                    d, desired, pin_message(crud.effective_pin(pins, d)), assigned.get(d.id, ())
+                )
+
+            return pages.cut(DEVICES, devices, size=size, encode=summary, key=lambda d: d.id, filters={})
+
+        page = await self.db.run(summaries)
+        return operator_pb2.ListDevicesResponse(devices=page.items, next_page_token=page.next_page_token)
 
     async def QueryTelemetry(
         self, request: operator_pb2.QueryTelemetryRequest, context: Context
     ) -> operator_pb2.QueryTelemetryResponse:
+        """A page of stored rows, newest first; ``limit`` is the page size of older callers."""
         await authorize(self.db, context, Role.VIEWER)
-        limit = min(request.limit or 100, MAX_TELEMETRY_ROWS)
-        rows = await self.db.run(
-            lambda s: crud.query_telemetry(
-                s, device_id=request.device_id or None, kind=request.kind or None, limit=limit
+        size = TELEMETRY.size(request.page_size or request.limit)
+        filters = {"device_id": request.device_id, "kind": request.kind}
+        before = pages.int_key(pages.decode_token(TELEMETRY, request.page_token, filters))
+
+        def query(session: Session) -> pages.Page[operator_pb2.TelemetryRow]:
+            rows = crud.query_telemetry(
+                session,
+                device_id=request.device_id or None,
+                kind=request.kind or None,
+                limit=size + 1,
+                before=before,
             )
-        )
-        return operator_pb2.QueryTelemetryResponse(rows=[_telemetry_row(r) for r in rows])
+            return pages.cut(
+                TELEMETRY, rows, size=size, encode=_telemetry_row, key=lambda r: r.id or 0, filters=filters
+            )
+
+        page = await self.db.run(query)
+        return operator_pb2.QueryTelemetryResponse(rows=page.items, next_page_token=page.next_page_token)
 
     async def TailTelemetry(
         self, request: operator_pb2.TailTelemetryRequest, context: Context
@@ -386,9 +430,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         await authorize(self.db, context, Role.VIEWER)
         kinds = {k.value for k in TopicKind}
         if request.kind and request.kind not in kinds:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"kind must be one of {', '.join(sorted(kinds))}"
-            )
+            raise invalid(f"kind must be one of {', '.join(sorted(kinds))}")
         device_id, kind = request.device_id or None, request.kind or None
         backlog = min(request.backlog, MAX_TELEMETRY_ROWS)
         last_id, rows = await self.db.run(
@@ -417,7 +459,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.PushRootResponse:
         who = await authorize(self.db, context, Role.ADMIN)
         if request.repository not in (IMAGE, DIRECTOR):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "repository must be 'image' or 'director'")
+            raise invalid("repository must be 'image' or 'director'")
         try:
 
             def push(session: Session) -> int:
@@ -437,33 +479,37 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListAudit(
         self, request: operator_pb2.ListAuditRequest, context: Context
     ) -> operator_pb2.ListAuditResponse:
+        """A page of matching entries, newest first; ``limit`` is the page size of older callers."""
         await authorize(self.db, context, Role.VIEWER)
-        since = request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None
-        rows = await self.db.run(
-            lambda s: audit.list_entries(
-                s,
+        try:
+            since = request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None
+        except (ValueError, OverflowError) as exc:
+            raise invalid(f"since is not a time: {exc}") from exc
+        size = AUDIT.size(request.page_size or request.limit)
+        filters = {
+            "actor": request.actor,
+            "action": request.action,
+            "target": request.target,
+            "since": since.isoformat() if since else "",
+        }
+        before = pages.int_key(pages.decode_token(AUDIT, request.page_token, filters))
+
+        def query(session: Session) -> pages.Page[operator_pb2.AuditRecord]:
+            rows = audit.list_entries(
+                session,
                 actor=request.actor or None,
                 action=request.action or None,
                 target=request.target or None,
                 since=since,
-                limit=min(request.limit or 100, MAX_TELEMETRY_ROWS),
+                limit=size + 1,
+                before=before,
             )
-        )
-        return operator_pb2.ListAuditResponse(
-            entries=[
-                operator_pb2.AuditRecord(
-                    seq=r.seq,
-                    time=timestamp(r.time),
-                    actor=r.actor,
-                    action=r.action,
-                    target=r.target,
-                    outcome=r.outcome,
-                    detail_json=json.dumps(r.detail, sort_keys=True),
-                    hash=r.hash,
-                )
-                for r in rows
-            ]
-        )
+            return pages.cut(
+                AUDIT, rows, size=size, encode=_audit_record, key=lambda r: r.seq, filters=filters
+            )
+
+        page = await self.db.run(query)
+        return operator_pb2.ListAuditResponse(entries=page.items, next_page_token=page.next_page_token)
 
     async def VerifyAudit(
         self, request: operator_pb2.VerifyAuditRequest, context: Context
@@ -483,9 +529,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.CreateOperatorResponse:
         who = await authorize(self.db, context, Role.ADMIN)
         try:
-            role = Role.parse(request.role)
+            role = Role.parse(request.role[:32])
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise invalid(str(exc)) from exc
 
         def create(session: Session) -> str:
             token = create_operator(session, name=request.name, role=role)
@@ -513,19 +559,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListOperators(
         self, request: operator_pb2.ListOperatorsRequest, context: Context
     ) -> operator_pb2.ListOperatorsResponse:
+        """A page of operators by name."""
         await authorize(self.db, context, Role.ADMIN)
-        rows = await self.db.run(list_operators)
-        return operator_pb2.ListOperatorsResponse(
-            operators=[
-                operator_pb2.OperatorInfo(
-                    name=r.name,
-                    role=r.role,
-                    created=timestamp(r.created_at),
-                    revoked=r.revoked_at is not None,
-                )
-                for r in rows
-            ]
-        )
+        size = OPERATORS.size(request.page_size)
+        after = pages.str_key(pages.decode_token(OPERATORS, request.page_token, {}))
+
+        def query(session: Session) -> pages.Page[operator_pb2.OperatorInfo]:
+            rows = list_operators(session, after=after, limit=size + 1)
+            return pages.cut(
+                OPERATORS, rows, size=size, encode=_operator_info, key=lambda r: r.name, filters={}
+            )
+
+        page = await self.db.run(query)
+        return operator_pb2.ListOperatorsResponse(operators=page.items, next_page_token=page.next_page_token)
 
     async def RevokeOperator(
         self, request: operator_pb2.RevokeOperatorRequest, context: Context
@@ -654,7 +700,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         or out of a group pin re-signs its director targets with the pin now in force."""
         who = await authorize(self.db, context, Role.OPERATOR)
         if not request.device_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id is required")
+            raise invalid("device_id is required")
 
         def label(session: Session) -> crud.LabelChange:
             change = crud.set_labels(
@@ -727,12 +773,50 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
 
 def _telemetry_row(r: TelemetryRecord) -> operator_pb2.TelemetryRow:
-    return operator_pb2.TelemetryRow(
-        device_id=r.device_id,
-        kind=r.kind,
+    """One stored record as a row; a payload over MAX_PAYLOAD_CHARS of JSON is left out and
+    flagged, so whatever was stored, every row fits in a reply."""
+    payload = json.dumps(r.payload, sort_keys=True)
+    row = operator_pb2.TelemetryRow(
+        device_id=r.device_id, kind=r.kind, seq=r.seq, time=timestamp(r.time), payload_json=payload
+    )
+    if len(payload) > MAX_PAYLOAD_CHARS:
+        row.payload_json, row.payload_truncated, row.payload_bytes = "{}", True, len(payload.encode())
+    return row
+
+
+def _audit_record(r: AuditEntry) -> operator_pb2.AuditRecord:
+    """One entry as listed; a detail over MAX_DETAIL_BYTES of JSON (written before entries were
+    bounded) is cut to that and flagged."""
+    detail = json.dumps(r.detail, sort_keys=True)
+    record = operator_pb2.AuditRecord(
         seq=r.seq,
         time=timestamp(r.time),
-        payload_json=json.dumps(r.payload, sort_keys=True),
+        actor=r.actor,
+        action=r.action,
+        target=r.target,
+        outcome=r.outcome,
+        detail_json=detail,
+        hash=r.hash,
+    )
+    if len(detail) > MAX_DETAIL_BYTES:
+        record.detail_json, record.detail_truncated = detail[:MAX_DETAIL_BYTES], True
+    return record
+
+
+def _bundle_info(b: Bundle) -> operator_pb2.BundleInfo:
+    return operator_pb2.BundleInfo(
+        manifest=json_format.ParseDict(
+            json.loads(b.manifest_json), bundle_pb2.BundleManifest(), ignore_unknown_fields=True
+        ),
+        created=timestamp(b.created_at),
+        expires=timestamp(b.expires_at),
+        total_bytes=b.total_bytes,
+    )
+
+
+def _operator_info(r: OperatorToken) -> operator_pb2.OperatorInfo:
+    return operator_pb2.OperatorInfo(
+        name=r.name, role=r.role, created=timestamp(r.created_at), revoked=r.revoked_at is not None
     )
 
 

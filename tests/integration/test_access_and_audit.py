@@ -75,6 +75,10 @@ async def test_operator_cannot_manage_keys_tokens_or_operators(
     assert await code_of(undeploy) == grpc.StatusCode.NOT_FOUND
     refused = (await op.ListAudit(operator_pb2.ListAuditRequest(actor="operator:a-operator"))).entries
     assert [(e.action, e.target, e.outcome) for e in reversed(refused)] == [
+        # Refused for its role: audited too, naming the call.
+        ("operator.authorize", "PushRoot", "refused"),
+        ("operator.authorize", "CreateToken", "refused"),
+        ("operator.authorize", "CreateOperator", "refused"),
         ("deploy", "m@1", "refused"),
         ("undeploy", "m", "refused"),
     ]

@@ -171,7 +171,7 @@ class WaveStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., devices: _Optional[int] = ..., updated: _Optional[int] = ..., healthy: _Optional[int] = ..., failed: _Optional[int] = ..., soak_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_result: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("id", "name", "state", "bundle", "config", "selector", "waves", "soak_seconds", "max_concurrent", "gates", "current_wave", "wave_status", "devices", "reason", "created", "updated", "created_by")
+    __slots__ = ("id", "name", "state", "bundle", "config", "selector", "waves", "soak_seconds", "max_concurrent", "gates", "current_wave", "wave_status", "devices", "reason", "created", "updated", "created_by", "devices_omitted")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class Rollout(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_OMITTED_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     state: RolloutState
@@ -213,7 +214,8 @@ class Rollout(_message.Message):
     created: _timestamp_pb2.Timestamp
     updated: _timestamp_pb2.Timestamp
     created_by: str
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., config: _Optional[_Union[_common_pb2.DeviceConfig, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[_Union[WaveSpec, _Mapping]]] = ..., soak_seconds: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., gates: _Optional[_Union[HealthGates, _Mapping]] = ..., current_wave: _Optional[int] = ..., wave_status: _Optional[_Iterable[_Union[WaveStatus, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ..., reason: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+    devices_omitted: int
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., config: _Optional[_Union[_common_pb2.DeviceConfig, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[_Union[WaveSpec, _Mapping]]] = ..., soak_seconds: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., gates: _Optional[_Union[HealthGates, _Mapping]] = ..., current_wave: _Optional[int] = ..., wave_status: _Optional[_Iterable[_Union[WaveStatus, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ..., reason: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., devices_omitted: _Optional[int] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("id", "name")
@@ -224,14 +226,20 @@ class GetRolloutRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ListRolloutsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
-    __slots__ = ("rollouts",)
+    __slots__ = ("rollouts", "next_page_token")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ControlRolloutRequest(_message.Message):
     __slots__ = ("rollout", "action")
@@ -287,8 +295,12 @@ class CreateOperatorResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class ListOperatorsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class OperatorInfo(_message.Message):
     __slots__ = ("name", "role", "created", "revoked")
@@ -303,10 +315,12 @@ class OperatorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ...) -> None: ...
 
 class ListOperatorsResponse(_message.Message):
-    __slots__ = ("operators",)
+    __slots__ = ("operators", "next_page_token")
     OPERATORS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operators: _containers.RepeatedCompositeFieldContainer[OperatorInfo]
-    def __init__(self, operators: _Optional[_Iterable[_Union[OperatorInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, operators: _Optional[_Iterable[_Union[OperatorInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RevokeOperatorRequest(_message.Message):
     __slots__ = ("name",)
@@ -321,21 +335,25 @@ class RevokeOperatorResponse(_message.Message):
     def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
 
 class ListAuditRequest(_message.Message):
-    __slots__ = ("actor", "action", "target", "since", "limit")
+    __slots__ = ("actor", "action", "target", "since", "limit", "page_size", "page_token")
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     actor: str
     action: str
     target: str
     since: _timestamp_pb2.Timestamp
     limit: int
-    def __init__(self, actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("seq", "time", "actor", "action", "target", "outcome", "detail_json", "hash")
+    __slots__ = ("seq", "time", "actor", "action", "target", "outcome", "detail_json", "hash", "detail_truncated")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +362,7 @@ class AuditRecord(_message.Message):
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time: _timestamp_pb2.Timestamp
     actor: str
@@ -352,13 +371,16 @@ class AuditRecord(_message.Message):
     outcome: str
     detail_json: str
     hash: str
-    def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ..., detail_json: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+    detail_truncated: bool
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ..., detail_json: _Optional[str] = ..., hash: _Optional[str] = ..., detail_truncated: _Optional[bool] = ...) -> None: ...
 
 class ListAuditResponse(_message.Message):
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "next_page_token")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditRecord]
-    def __init__(self, entries: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class VerifyAuditRequest(_message.Message):
     __slots__ = ()
@@ -435,8 +457,12 @@ class PushBundleResponse(_message.Message):
     def __init__(self, bundle: _Optional[_Union[_common_pb2.BundleRef, _Mapping]] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class ListBundlesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class BundleInfo(_message.Message):
     __slots__ = ("manifest", "created", "expires", "total_bytes")
@@ -451,10 +477,12 @@ class BundleInfo(_message.Message):
     def __init__(self, manifest: _Optional[_Union[_bundle_pb2.BundleManifest, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class ListBundlesResponse(_message.Message):
-    __slots__ = ("bundles",)
+    __slots__ = ("bundles", "next_page_token")
     BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bundles: _containers.RepeatedCompositeFieldContainer[BundleInfo]
-    def __init__(self, bundles: _Optional[_Iterable[_Union[BundleInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, bundles: _Optional[_Iterable[_Union[BundleInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("uses", "ttl_seconds", "labels")
@@ -520,44 +548,60 @@ class UndeployResponse(_message.Message):
     def __init__(self, device_ids: _Optional[_Iterable[str]] = ..., max_generation: _Optional[int] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
-    __slots__ = ("devices",)
+    __slots__ = ("devices", "next_page_token")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[_common_pb2.DeviceSummary]
-    def __init__(self, devices: _Optional[_Iterable[_Union[_common_pb2.DeviceSummary, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, devices: _Optional[_Iterable[_Union[_common_pb2.DeviceSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class QueryTelemetryRequest(_message.Message):
-    __slots__ = ("device_id", "kind", "limit")
+    __slots__ = ("device_id", "kind", "limit", "page_size", "page_token")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     kind: str
     limit: int
-    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., limit: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class TelemetryRow(_message.Message):
-    __slots__ = ("device_id", "kind", "seq", "time", "payload_json")
+    __slots__ = ("device_id", "kind", "seq", "time", "payload_json", "payload_truncated", "payload_bytes")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     kind: str
     seq: int
     time: _timestamp_pb2.Timestamp
     payload_json: str
-    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payload_json: _Optional[str] = ...) -> None: ...
+    payload_truncated: bool
+    payload_bytes: int
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payload_json: _Optional[str] = ..., payload_truncated: _Optional[bool] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class QueryTelemetryResponse(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "next_page_token")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[TelemetryRow]
-    def __init__(self, rows: _Optional[_Iterable[_Union[TelemetryRow, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[TelemetryRow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class TailTelemetryRequest(_message.Message):
     __slots__ = ("device_id", "kind", "backlog")
