@@ -56,8 +56,9 @@ import psutil
 
 from bench.services import start_broker
 from bench.sim_fleet import SimFleet, build_sim_bundle
+from controlplane.child_process import Processes
 from controlplane.client import operator_stub, publish_bundle
-from controlplane.demo import Processes, free_port, health_serving, serve_command, wait_for
+from controlplane.demo import check_alive, free_port, health_serving, serve_command, wait_for
 from controlplane.keys import KeyDir, init_keys
 from controlplane.rbac import ADMIN_TOKEN_FILE
 from controlplane.tls import channel_credentials
@@ -185,7 +186,7 @@ def start_control_plane(procs: Processes, size: int, setup: Setup) -> ControlPla
     )
 
     def up() -> bool | None:
-        procs.check_alive()
+        check_alive(procs)
         return health_serving(target, ca_pem)
 
     wait_for("the control plane", up, timeout=60)
@@ -209,7 +210,7 @@ async def measure(size: int, setup: Setup) -> tuple[Run, list[str]]:
         await asyncio.sleep(setup.settle_s)
         run = Run(devices=size, cp_rss_idle_mib=rss_mib(cp.pid))
         notes = await fan_out(run, setup, cp)
-        procs.check_alive()
+        check_alive(procs)
         return run, notes
     finally:
         await asyncio.to_thread(procs.stop)

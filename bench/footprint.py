@@ -23,9 +23,9 @@ from pathlib import Path
 import grpc
 
 from controlplane.bundles import build_bundle
+from controlplane.child_process import Processes
 from controlplane.client import operator_stub, publish_bundle
 from controlplane.demo import (
-    Processes,
     agent_command,
     find_model,
     free_port,
