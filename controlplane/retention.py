@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, select
 from sqlalchemy.engine import Engine
 
-from controlplane.db.models import TelemetryRecord, TelemetryRollup
+from controlplane.db.models import TelemetryDeadLetter, TelemetryRecord, TelemetryRollup
 from controlplane.record_shape import json_number
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,9 @@ def apply_retention(
     with engine.begin() as conn:
         too_old = rollups.c.hour < hour_of(now - policy.rollups_for)
         expired = conn.execute(delete(rollups).where(too_old)).rowcount
+        # Dead letters are kept as long as raw rows: long enough to look into, never forever.
+        letters = TelemetryDeadLetter.__table__  # type: ignore[attr-defined]
+        conn.execute(delete(letters).where(letters.c.received_at < cutoff))
     if folded or expired:
         log.info(
             "telemetry retention: folded %d raw rows into hourly rollups, deleted %d rollups", folded, expired

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
 from controlplane.blobs import BlobStore
-from controlplane.broker import EmbeddedBroker
+from controlplane.broker import DeviceTls, EmbeddedBroker
 from controlplane.ca import CertificateAuthority, CertificateError, load_ca
 from controlplane.collector import tune_for_serving
 from controlplane.db.database import Database
@@ -194,9 +194,16 @@ async def start_control_plane(
 
     broker: EmbeddedBroker | None = None
     mqtt_url = settings.mqtt_url
+    device_mqtt_url = parse_broker_url(mqtt_url).url if mqtt_url is not None else None  # never our password
     if mqtt_url is None:
-        broker = EmbeddedBroker()
+        # Devices connect over TLS with the certificate the fleet CA gave them, as to Mosquitto;
+        # the control plane's own clients with the password in mqtt_url.
+        key_pem, cert_pem = ca.issue_server(server_hostnames(["127.0.0.1:0"]))
+        broker = EmbeddedBroker(
+            device_tls=DeviceTls(ca_pem=ca.certificate_pem, cert_pem=cert_pem, key_pem=key_pem)
+        )
         mqtt_url = await asyncio.to_thread(broker.start)
+        device_mqtt_url = broker.device_url
     # One persistent broker session per replica (default: this host's name); replicas share the
     # telemetry stream through a shared subscription.
     try:
@@ -225,7 +232,7 @@ async def start_control_plane(
             notifier=notifier,
             chunk_size=settings.chunk_size_bytes,
             recheck_seconds=settings.desired_state_recheck_seconds,
-            mqtt_url=settings.mqtt_advertise_url or parse_broker_url(mqtt_url).url,  # never our password
+            mqtt_url=settings.mqtt_advertise_url or device_mqtt_url or "",
             repositories=repositories,
             ca=ca,
             device_cert_validity=settings.device_cert_validity,
@@ -301,7 +308,7 @@ async def serve_forever(
         running.port,
         device_host,
         running.device_port,
-        running.mqtt_url,
+        parse_broker_url(running.mqtt_url).url,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

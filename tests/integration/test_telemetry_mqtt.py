@@ -42,7 +42,7 @@ from controlplane.db.engine import make_engine
 from controlplane.db.models import Device, TelemetryRecord
 from controlplane.ingest import TelemetryIngestor, replica_client_id
 from controlplane.retire import retire_replica
-from protos.fleet.broker_url import BrokerAddress, parse_broker_url
+from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
 from protos.fleet.topics import TelemetryMessage, TopicKind, presence_topic, status_topic, telemetry_topic
 from protos.fleet.v1 import common_pb2, telemetry_pb2
 
@@ -315,6 +315,7 @@ class Watcher:
         self.subscribed = threading.Event()
         self.client.on_message = lambda _c, _u, message: self.messages.put(message)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
+        configure_client(self.client, address)  # the embedded broker's URL carries its password
         self.client.connect(address.host, address.port)
         self.client.loop_start()
 
@@ -401,8 +402,9 @@ def test_publisher_to_mosquitto_to_sqlite_exactly_once(
 def test_publisher_to_embedded_broker_to_sqlite_exactly_once(
     embedded_broker: str, engine: Engine, make_agent: Any, make_ingestor: Any
 ) -> None:
-    assert embedded_broker.startswith("mqtt://127.0.0.1:")
+    assert embedded_broker.startswith("mqtt://edgefleet-controlplane:")
     assert embedded_broker.endswith("?protocol=3.1.1")
+    assert parse_broker_url(embedded_broker).host == "127.0.0.1"
     _end_to_end(embedded_broker, engine, make_agent, make_ingestor)
 
 

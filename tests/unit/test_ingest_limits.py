@@ -1,0 +1,107 @@
+"""Every value of a telemetry message is held to what the database can store, and every message
+to the sizes the control plane will hold, before anything is written (no broker, no database)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from controlplane.db.telemetry import IngestRecord, _figures
+from controlplane.ingest import (
+    MAX_CLOCK_SKEW,
+    MAX_MESSAGE_BYTES,
+    RejectedMessage,
+    RejectReason,
+    decode,
+    decode_message,
+)
+from controlplane.record_shape import MAX_RECORDS_PER_MESSAGE, json_number
+from protos.fleet.topics import TopicKind, presence_topic, telemetry_topic
+
+DEVICE = "dev-1"
+ARRIVED = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+HEARTBEATS = telemetry_topic(DEVICE, TopicKind.HEARTBEAT)
+INFERENCE = telemetry_topic(DEVICE, TopicKind.INFERENCE)
+
+
+def record(seq: Any = 1, **fields: Any) -> dict[str, Any]:
+    return {"schemaVersion": 1, "deviceId": DEVICE, "seq": seq, "time": "2025-06-01T11:00:00Z", **fields}
+
+
+def payload(*records: Any) -> bytes:
+    return json.dumps(list(records)).encode()
+
+
+def reason_of(topic: str, body: bytes) -> RejectReason:
+    with pytest.raises(RejectedMessage) as caught:
+        decode(topic, body, arrived=ARRIVED)
+    return caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        record(2**63),  # beyond BIGINT, as a number
+        record(str(2**63)),  # and as a digit string
+        record(1, requestsTotal=2**64),  # beyond uint64 too
+        record(1, rssBytes="99999999999999999999"),
+        record(1, cpuPercent=1e999),  # JSON has no infinity: it must not reach the database
+        record(1, variant="x" * 5000),
+    ],
+)
+def test_values_the_database_cannot_store_are_refused(bad: dict[str, Any]) -> None:
+    assert reason_of(HEARTBEATS, payload(bad)) is RejectReason.MALFORMED
+
+
+def test_the_largest_storable_values_are_kept() -> None:
+    batch = decode_message(
+        HEARTBEATS, payload(record(2**63 - 1, requestsTotal=str(2**63 - 1))), arrived=ARRIVED
+    )
+    assert batch.records[0].seq == 2**63 - 1
+
+
+def test_maps_and_lists_are_bounded() -> None:
+    many = {f"code{i}": 1 for i in range(300)}
+    assert reason_of(INFERENCE, payload(record(1, errorsByCode=many))) is RejectReason.MALFORMED
+
+
+def test_too_many_records_are_refused_before_any_is_built() -> None:
+    body = payload(*[record(i + 1) for i in range(MAX_RECORDS_PER_MESSAGE + 1)])
+    assert len(body) < MAX_MESSAGE_BYTES
+    assert reason_of(HEARTBEATS, body) is RejectReason.TOO_MANY_RECORDS
+
+
+def test_a_record_too_large_is_refused() -> None:
+    models = [{"name": "n" * 4000, "variant": "v" * 4000} for _ in range(10)]
+    assert reason_of(HEARTBEATS, payload(record(1, models=models))) is RejectReason.RECORD_TOO_LARGE
+
+
+def test_an_oversized_payload_is_refused_by_its_length() -> None:
+    body = b"[" + b" " * MAX_MESSAGE_BYTES + b"]"
+    assert reason_of(HEARTBEATS, body) is RejectReason.OVERSIZED
+    assert reason_of(presence_topic(DEVICE), body) is RejectReason.OVERSIZED
+
+
+def test_a_device_id_longer_than_its_column_is_refused() -> None:
+    long_id = "d" * 65
+    topic = telemetry_topic(long_id, TopicKind.HEARTBEAT)
+    assert reason_of(topic, payload({**record(1), "deviceId": long_id})) is RejectReason.BAD_TOPIC
+
+
+def test_a_record_from_the_future_is_stored_at_its_arrival() -> None:
+    ahead = (ARRIVED + MAX_CLOCK_SKEW + timedelta(seconds=1)).isoformat()
+    near = (ARRIVED + MAX_CLOCK_SKEW - timedelta(seconds=1)).isoformat()
+    batch = decode_message(HEARTBEATS, payload(record(1, time=ahead), record(2, time=near)), arrived=ARRIVED)
+    assert [r.time for r in batch.records] == [ARRIVED, ARRIVED + MAX_CLOCK_SKEW - timedelta(seconds=1)]
+    assert batch.clamped == 1
+
+
+def test_device_figures_fit_their_columns() -> None:
+    assert json_number("NaN") == 0.0 and json_number("Infinity") == 0.0
+    heartbeat = IngestRecord(DEVICE, "heartbeat", 1, ARRIVED, {"requestsTotal": str(2**63 - 1)})
+    assert _figures(heartbeat) == {"requests_total": 2**63 - 1}  # exact, not through a float
+    summary = IngestRecord(DEVICE, "inference", 1, ARRIVED, {"requests": 2, "latencyMsP95": "NaN"})
+    assert _figures(summary) == {"last_latency_ms": 0.0}
