@@ -69,6 +69,23 @@ class ContextLengthExceeded(RuntimeFailure):
         )
 
 
+class PromptTooLarge(ContextLengthExceeded):
+    """The prompt's text is longer than any prompt that fits the window, so it was refused
+    before tokenizing: tokenizing it would only cost time on the model's one thread.
+    ``prompt_tokens`` is a lower bound (no token covers more than ``max_token_bytes`` bytes)."""
+
+    def __init__(self, *, prompt_bytes: int, max_bytes: int, n_ctx: int, max_token_bytes: int) -> None:
+        self.prompt_bytes = prompt_bytes
+        self.max_bytes = max_bytes
+        self.prompt_tokens = -(-prompt_bytes // max(1, max_token_bytes))
+        self.n_ctx = n_ctx
+        RuntimeFailure.__init__(
+            self,
+            f"this model's context window is {n_ctx} tokens, but the prompt has {prompt_bytes} bytes "
+            f"of text, more than {max_bytes} bytes could ever fit (at least {self.prompt_tokens} tokens)",
+        )
+
+
 class InvalidPromptError(RuntimeFailure):
     """The request cannot be turned into a prompt (empty, or refused by the chat template)."""
 

@@ -68,6 +68,15 @@ from agent.runtimes.base import (
     collect,
     smoke_generate,
 )
+from agent.runtimes.prompt import (
+    Piece,
+    PromptLimit,
+    SpecialToken,
+    SpecialTokens,
+    assemble,
+    chat_segments,
+    seed32,
+)
 from agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
@@ -169,6 +178,9 @@ def load(
         return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
 
     chat_template = _chat_template(llama, llama_cpp, vocab)
+    specials, max_token_bytes = _vocabulary(llama_cpp, vocab)
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+    add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
     pooling = _embedding_pooling(llama.metadata)
     capabilities = {Capability.COMPLETIONS}
     if chat_template is not None:
@@ -186,14 +198,89 @@ def load(
         capabilities=frozenset(capabilities),
         device=_device(gpu_offload),
     )
+    tokenizer = _Tokenizer(
+        llama_cpp,
+        vocab,
+        specials=specials,
+        bos=llama.token_bos() if add_bos else None,
+        eos=llama.token_eos() if add_eos else None,
+    )
     return LlamaCppRuntime(
         llama,
         thread=thread,
         description=description,
         chat_template=chat_template,
         is_end_of_generation=is_end_of_generation,
+        tokenizer=tokenizer,
+        max_token_bytes=max_token_bytes,
         embedding_pooling=pooling,
     )
+
+
+def _vocabulary(llama_cpp: Any, vocab: Any) -> tuple[SpecialTokens, int]:
+    """The tokens llama.cpp matches whole before tokenizing (control, unknown and user-defined
+    ones, as its own special-token cache has them), and the longest token text in bytes."""
+    whole = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    matched = whole | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    specials: list[SpecialToken] = []
+    longest = 1
+    for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
+        text = bytes(llama_cpp.llama_vocab_get_text(vocab, token) or b"")
+        longest = max(longest, len(text))
+        attr = int(llama_cpp.llama_vocab_get_attr(vocab, token))
+        if attr & matched and text:
+            specials.append(
+                SpecialToken(
+                    id=token,
+                    text=text.decode("utf-8", errors="replace"),
+                    control=bool(attr & whole),
+                    lstrip=bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                    rstrip=bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP),
+                )
+            )
+    return SpecialTokens(specials), longest
+
+
+class _Tokenizer:
+    """llama.cpp tokenizing by pieces: markers found in Python (see `agent.runtimes.prompt`),
+    the text between them through `llama_tokenize` with special parsing off. Called on the
+    llama thread only."""
+
+    def __init__(
+        self, llama_cpp: Any, vocab: Any, *, specials: SpecialTokens, bos: int | None, eos: int | None
+    ):
+        self._lib = llama_cpp
+        self._vocab = vocab
+        self.specials = specials
+        self._bos = bos if bos is not None and bos >= 0 else None
+        self._eos = eos if eos is not None and eos >= 0 else None
+
+    def text(self, text: str) -> list[int]:
+        """Plain text, no BOS, no marker parsed (user-defined tokens aside, as llama.cpp does)."""
+        data = text.encode("utf-8", errors="replace")
+        if not data:
+            return []
+        capacity = len(data) + 8  # a token covers at least one byte; SPM may add a space
+        while True:
+            buffer = (self._lib.llama_token * capacity)()
+            count = int(
+                self._lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity, False, False)
+            )
+            if count >= 0:
+                return list(buffer[:count])
+            capacity = -count
+
+    def pieces(self, pieces: list[Piece], *, add_special: bool) -> list[int]:
+        """Token ids for pieces; with ``add_special`` the BOS/EOS the model adds itself."""
+        tokens: list[int] = [self._bos] if add_special and self._bos is not None else []
+        for piece in pieces:
+            if isinstance(piece, int):
+                tokens.append(piece)
+            else:
+                tokens.extend(self.text(piece))
+        if add_special and self._eos is not None:
+            tokens.append(self._eos)
+        return tokens
 
 
 def _embedding_pooling(metadata: dict[str, str]) -> int | None:
@@ -275,9 +362,12 @@ class LlamaCppRuntime:
         description: RuntimeDescription,
         chat_template: Callable[[list[dict[str, str]]], str] | None,
         is_end_of_generation: Callable[[int], bool],
+        tokenizer: _Tokenizer,
+        max_token_bytes: int,
         embedding_pooling: int | None = None,
     ) -> None:
         self._llama: Llama | None = llama  # touched on the llama thread only
+        self._tokenizer = tokenizer
         self._thread = thread
         self._description = description
         self._chat_template = chat_template
@@ -286,6 +376,8 @@ class LlamaCppRuntime:
         self._pooling = embedding_pooling
         self._embedder: _Embedder | None = None  # created on first use, on the llama thread
         self._embedding_window = min(_EMBEDDING_WINDOW, description.n_ctx)
+        self._limit = PromptLimit(description.n_ctx, max_token_bytes)
+        self._embedding_limit = PromptLimit(self._embedding_window, max_token_bytes)
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -297,25 +389,32 @@ class LlamaCppRuntime:
         return collect(self.complete_stream(prompt, params))
 
     def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> SlotGeneration:
+        """Only the template's own markers are control tokens; message text never is (see
+        `agent.runtimes.prompt`). Too much text is refused before rendering or tokenizing."""
         if self._chat_template is None:
             raise ChatNotSupported(f"{self._description.model_id} has no chat template; use /v1/completions")
-        try:
-            prompt = self._chat_template([{"role": m.role, "content": m.content} for m in messages])
-        except Exception as exc:  # the template is model-supplied Jinja: any failure is a bad prompt
-            raise InvalidPromptError(f"the model's chat template rejected the messages: {exc}") from exc
+        self._limit.check(m.content for m in messages)
+        segments = chat_segments(self._chat_template, messages)
+        self._limit.check(text for text, _ in segments)
+        pieces = assemble(segments, self._tokenizer.specials)
 
         def tokenize() -> list[int]:
-            # Templates write their own special tokens (BOS included), as llama-cpp-python does.
-            return self._loaded().tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+            self._loaded()
+            # Templates write their own special tokens (BOS included), as llama-cpp-python assumes.
+            return self._tokenizer.pieces(pieces, add_special=False)
 
         return self._start(self._thread.call(tokenize), params)
 
     def complete_stream(self, prompt: str, params: SamplingParams) -> SlotGeneration:
+        """A raw prompt is the client's whole prompt: markers written in it are honoured and
+        BOS added if the model wants one, as Llama.create_completion does; tokenizing stays
+        linear and bounded (see `agent.runtimes.prompt`)."""
+        self._limit.check((prompt,))
+        pieces = assemble(((prompt, True),), self._tokenizer.specials)
+
         def tokenize() -> list[int]:
-            # Same tokenization as Llama.create_completion: BOS if the model wants one,
-            # special tokens written in the prompt are honoured.
             llama = self._loaded()
-            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            tokens = self._tokenizer.pieces(pieces, add_special=True)
             if not tokens and llama.token_bos() >= 0:
                 tokens = [llama.token_bos()]
             return tokens
@@ -332,11 +431,14 @@ class LlamaCppRuntime:
         if self._pooling is None:
             raise CapabilityNotSupported(self._description.model_id, Capability.EMBEDDINGS)
         window = self._embedding_window
+        for text in texts:
+            self._embedding_limit.check((text,))
+        inputs_as_pieces = [assemble(((text, False),), self._tokenizer.specials) for text in texts]
 
         def tokenize() -> list[list[int]]:
             # As Llama.embed does: BOS/EOS if the model wants them, special tokens as text.
-            llama = self._loaded()
-            return [llama.tokenize(text.encode("utf-8"), add_bos=True, special=False) for text in texts]
+            self._loaded()
+            return [self._tokenizer.pieces(pieces, add_special=True) for pieces in inputs_as_pieces]
 
         inputs = self._thread.call(tokenize)
         for index, tokens in enumerate(inputs):
@@ -392,7 +494,16 @@ class LlamaCppRuntime:
         budget = self._description.n_ctx - len(prompt)
         if params.max_tokens is not None:
             budget = min(budget, params.max_tokens)
-        llama.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
+        if params.seed is not None:
+            # A seeded request evaluates its whole prompt from an empty cache, in the same
+            # batches every time. Reusing a cached prefix would evaluate only the new tail
+            # (often just the last prompt token, as a 1-token batch), and llama.cpp's logits
+            # are not bit-identical across batch sizes on every CPU backend: the same seed
+            # then samples different text depending on what ran before.
+            llama.reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
+            llama.set_seed(seed32(params.seed))
+        else:
+            llama.set_seed(secrets.randbits(31))
         text = StopTextBuffer(params.stop)
         finish: FinishReason = "length"
         tokens = llama.generate(

@@ -50,7 +50,6 @@ from agent.runtimes.base import (
     Embeddings,
     FinishReason,
     GenerationError,
-    InvalidPromptError,
     RuntimeDescription,
     RuntimeLoadError,
     RuntimeUnloaded,
@@ -58,6 +57,8 @@ from agent.runtimes.base import (
     collect,
     smoke_generate,
 )
+from agent.runtimes.hf_tokens import TokenizersPieces
+from agent.runtimes.prompt import PromptLimit, assemble, chat_segments, seed32
 from agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
@@ -135,6 +136,7 @@ class _Loaded:
 
     model: Module
     tokenizer: TokenizerWrapper
+    pieces: TokenizersPieces  # the fast tokenizer behind it, for prompts built from pieces
 
 
 def load(*, model_path: Path, model_id: str, n_ctx: int = 2048, n_threads: int | None = None) -> MlxRuntime:
@@ -162,7 +164,10 @@ def load(*, model_path: Path, model_id: str, n_ctx: int = 2048, n_threads: int |
 
     def construct() -> tuple[_Loaded, str]:
         model, tokenizer = mlx_lm.load(str(model_path))[:2]
-        return _Loaded(model, tokenizer), _device_name(mx)
+        backend = getattr(tokenizer._tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError("the folder has no fast tokenizer (tokenizer.json)")
+        return _Loaded(model, tokenizer, TokenizersPieces(backend)), _device_name(mx)
 
     try:
         loaded, device = thread.call(construct)
@@ -218,6 +223,7 @@ class MlxRuntime:
         self._description = description
         self._has_chat_template = bool(loaded.tokenizer.has_chat_template)
         self._slot = threading.Lock()  # held by the generation in progress
+        self._limit = PromptLimit(description.n_ctx, loaded.pieces.max_token_bytes)
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -231,21 +237,29 @@ class MlxRuntime:
     def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> SlotGeneration:
         if not self._has_chat_template:
             raise ChatNotSupported(f"{self._description.model_id} has no chat template; use /v1/completions")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        self._limit.check(m.content for m in messages)
 
         def tokenize() -> list[int]:
-            # mlx-lm leaves this wrapper method unannotated; with tokenize=True it returns token ids.
-            render = cast(Callable[..., list[int]], self._model().tokenizer.apply_chat_template)
-            try:
-                # The template writes its own special tokens (BOS included).
-                tokens = render(conversation, add_generation_prompt=True, tokenize=True)
-            except Exception as exc:  # the template is model-supplied Jinja: any failure is a bad prompt
-                raise InvalidPromptError(f"the model's chat template rejected the messages: {exc}") from exc
-            return [int(token) for token in tokens]
+            loaded = self._model()
+            # mlx-lm leaves this wrapper method unannotated; with tokenize=False it returns text.
+            apply = cast(Callable[..., str], loaded.tokenizer.apply_chat_template)
+
+            def render(conversation: list[dict[str, str]]) -> str:
+                return apply(conversation, add_generation_prompt=True, tokenize=False)
+
+            # The template writes its own special tokens (BOS included); only those become
+            # special tokens, message text never does (see agent.runtimes.prompt).
+            segments = chat_segments(render, messages)
+            self._limit.check(text for text, _ in segments)
+            return loaded.pieces.ids(assemble(segments, loaded.pieces.specials))
 
         return self._start(self._thread.call(tokenize), params)
 
     def complete_stream(self, prompt: str, params: SamplingParams) -> SlotGeneration:
+        """A raw prompt is the client's whole prompt: special tokens written in it are honoured;
+        too much text is refused before the tokenizer runs."""
+        self._limit.check((prompt,))
+
         def tokenize() -> list[int]:
             # Same tokenization as mlx_lm.stream_generate: BOS unless the prompt writes it.
             tokenizer = self._model().tokenizer
@@ -306,7 +320,7 @@ class MlxRuntime:
         if budget <= 0:
             yield Delta(text.flush(), "length")
             return
-        mx.random.seed(params.seed if params.seed is not None else secrets.randbits(32))
+        mx.random.seed(seed32(params.seed) if params.seed is not None else secrets.randbits(32))
         sampler = make_sampler(temp=params.temperature, top_p=params.top_p, top_k=params.top_k)
         processors = make_logits_processors(
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty

@@ -78,6 +78,8 @@ from agent.runtimes.base import (
     collect,
     smoke_generate,
 )
+from agent.runtimes.hf_tokens import TokenizersPieces
+from agent.runtimes.prompt import PromptLimit, assemble, chat_segments, seed32
 from agent.runtimes.slot_generation import InlineCalls, SlotGeneration, start_generation
 from agent.runtimes.text import StopTextBuffer
 from protos.fleet.v1 import common_pb2
@@ -499,7 +501,9 @@ class Sampler:
 
         self._params = params
         self._vocab_size = vocab_size  # logits beyond the tokenizer's vocabulary are padding
-        self._rng = np.random.default_rng(params.seed if params.seed is not None else secrets.randbits(64))
+        self._rng = np.random.default_rng(
+            seed32(params.seed) if params.seed is not None else secrets.randbits(64)
+        )
         self._penalise = params.frequency_penalty != 0 or params.presence_penalty != 0
         self._counts: dict[int, int] = {}
 
@@ -693,6 +697,8 @@ class OnnxRuntime:
         self._encoder = encoder
         self._chat_template = chat_template
         self._vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        self._pieces = TokenizersPieces(tokenizer)
+        self._limit = PromptLimit(description.n_ctx, self._pieces.max_token_bytes)
         self._slot = threading.Lock()  # held by the generation or embedding batch in progress
         self._unloaded = False
 
@@ -711,15 +717,18 @@ class OnnxRuntime:
         self._require(Capability.COMPLETIONS, Capability.CHAT)
         if self._chat_template is None:
             raise ChatNotSupported(f"{self._description.model_id} has no chat template; use /v1/completions")
-        try:
-            prompt = self._chat_template([{"role": m.role, "content": m.content} for m in messages])
-        except Exception as exc:  # the template is model-supplied Jinja: any failure is a bad prompt
-            raise InvalidPromptError(f"the model's chat template rejected the messages: {exc}") from exc
-        # The template writes the special tokens itself (BOS included), as transformers assumes.
-        return self._start(list(self._tokenizer.encode(prompt, add_special_tokens=False).ids), params)
+        self._limit.check(m.content for m in messages)
+        segments = chat_segments(self._chat_template, messages)
+        self._limit.check(text for text, _ in segments)
+        # The template writes the special tokens itself (BOS included), as transformers assumes;
+        # only its own markers become special tokens (see agent.runtimes.prompt).
+        return self._start(self._pieces.ids(assemble(segments, self._pieces.specials)), params)
 
     def complete_stream(self, prompt: str, params: SamplingParams) -> SlotGeneration:
+        """A raw prompt is the client's whole prompt: special tokens written in it are honoured
+        (the tokenizers library matches them in linear time); too much text is refused first."""
         self._require(Capability.COMPLETIONS, Capability.COMPLETIONS)
+        self._limit.check((prompt,))
         tokens = list(self._tokenizer.encode(prompt, add_special_tokens=True).ids)
         if not tokens and self._folder.bos_id is not None:
             tokens = [self._folder.bos_id]
@@ -781,6 +790,8 @@ class OnnxRuntime:
             raise CapabilityNotSupported(self._description.model_id, Capability.EMBEDDINGS)
         if not texts:
             raise InvalidPromptError("no input to embed")
+        for text in texts:
+            self._limit.check((text,))
         encoded = [list(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
         n_ctx = self._description.n_ctx
         for index, ids in enumerate(encoded):
