@@ -118,6 +118,9 @@ MAX_MESSAGE_BYTES = 256 * 1024
 """Longest payload stored: deploy/mosquitto's ``max_packet_size`` (and the embedded broker's)."""
 MAX_QUEUED_BYTES = 32 * 1024 * 1024
 """Payload bytes waiting for the writer at most; beyond it the network thread waits."""
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+"""Payload bytes decoded and written in one transaction at most (the agent's 10-record
+messages, ~3 KiB, reach the 500-message batch size first)."""
 EXCERPT_BYTES = 512
 """What the dead-letter table keeps of a refused payload."""
 MAX_CLOCK_SKEW = timedelta(minutes=5)
@@ -878,11 +881,15 @@ class TelemetryIngestor:
         except queue.Empty:
             return []
         batch = [first]
-        while len(batch) < size:
+        taken = len(first.payload)
+        # Bytes bound a batch too: decoded, a payload takes several times its size in objects.
+        while len(batch) < size and taken < MAX_BATCH_BYTES:
             try:
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            batch.append(item)
+            taken += len(item.payload)
         return batch
 
     def _write_supervised(self, batch: list[_Inbound], *, retry: bool) -> bool:
