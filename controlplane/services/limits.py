@@ -34,10 +34,11 @@ class RequestTooLarge(Exception):
 
 
 def clip(text: str, limit: int = 200) -> str:
-    """``text`` cut to ``limit`` characters, saying how long it was."""
+    """``text`` cut to at most ``limit`` characters, saying how long it was."""
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}… ({len(text)} characters)"
+    suffix = f"… ({len(text)} characters)"
+    return text[: max(0, limit - len(suffix))] + suffix
 
 
 def first_few(items: Iterable[str], *, what: str) -> str:

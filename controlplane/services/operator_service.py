@@ -49,7 +49,7 @@ from controlplane.services import pages
 from controlplane.services.auth import Context, new_secret, secret_sha256
 from controlplane.services.bundle_upload import BundleUpload, PushRefused
 from controlplane.services.guard import CallGuard, guarded
-from controlplane.services.limits import MAX_NAME_CHARS
+from controlplane.services.limits import MAX_NAME_CHARS, clip
 from controlplane.services.ratelimit import RateLimit
 from controlplane.services.refusals import Refused, invalid
 from protos.fleet.topics import TopicKind
@@ -617,7 +617,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         def revoke(session: Session) -> bool:
             device = session.get(Device, request.device_id)
             if device is None:
-                raise crud.DeviceNotFound(f"unknown device {request.device_id}")
+                raise crud.DeviceNotFound(f"unknown device {clip(request.device_id, 64)}")
             if device.revoked_at is not None:
                 return False
             device.revoked_at = utcnow()

@@ -119,7 +119,8 @@ def retry_metadata(code: int, message: str, delay: float) -> tuple[tuple[str, st
     seconds = max(1, int(delay + 0.999))
     retry = retry_type()
     retry.retry_delay.FromSeconds(seconds)
-    detail = AnyMessage()
-    detail.Pack(retry, type_url_prefix="type.googleapis.com/")
-    status = status_type(code=code, message=message, details=[detail])
+    status = status_type(code=code, message=message)
+    detail = status.details.add()
+    detail.type_url = "type.googleapis.com/google.rpc.RetryInfo"
+    detail.value = retry.SerializeToString()
     return ((STATUS_DETAILS_KEY, status.SerializeToString()), (RETRY_AFTER_KEY, str(seconds)))
