@@ -16,8 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protos.fleet.fsio import atomic_write_bytes
@@ -36,6 +38,26 @@ as the broker user ``edgefleet-controlplane``, are never issued to a CSR."""
 
 class CertificateError(Exception):
     """A CSR or certificate the authority refuses; the message says why."""
+
+
+_CSR_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion)
+"""What cryptography raises for a CSR it cannot parse or whose key or signature algorithm it
+does not know (an unknown curve, say): a caller's bytes, so a refusal, never an internal error."""
+
+
+def _parse_csr(csr_pem: bytes) -> tuple[x509.CertificateSigningRequest, CertificateIssuerPublicKeyTypes]:
+    """The CSR and its public key, or CertificateError. cryptography parses lazily: the key
+    and the signature algorithm are only decoded when asked for, so both are asked for here,
+    inside the same refusal, and a signature that does not verify is refused too."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        public_key = csr.public_key()
+        signed = csr.is_signature_valid
+    except _CSR_ERRORS as exc:
+        raise CertificateError(f"not a usable certificate signing request: {exc}") from exc
+    if not signed:
+        raise CertificateError("the CSR's signature does not match its public key")
+    return csr, public_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +140,7 @@ class CertificateAuthority:
         """
         if not DEVICE_ID.fullmatch(device_id):
             raise CertificateError(f"{device_id!r} is not a device id")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise CertificateError(f"not a PEM certificate signing request: {exc}") from exc
-        if not csr.is_signature_valid:
-            raise CertificateError("the CSR's signature does not match its public key")
-        public_key = csr.public_key()
+        _, public_key = _parse_csr(csr_pem)
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise CertificateError("device keys must be elliptic-curve (P-256) keys")
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
@@ -136,14 +152,11 @@ class CertificateAuthority:
 
 
 def csr_key_sha256(csr_pem: bytes) -> str:
-    """The sha256 of the CSR's public key (SubjectPublicKeyInfo DER): which key is enrolling."""
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
-        raise CertificateError(f"not a PEM certificate signing request: {exc}") from exc
-    der = csr.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    """The sha256 of the CSR's public key (SubjectPublicKeyInfo DER): which key is enrolling.
+    CertificateError for a CSR that does not parse, names a key type or curve cryptography does
+    not support, or whose signature does not verify."""
+    _, public_key = _parse_csr(csr_pem)
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
 
