@@ -54,7 +54,7 @@ def _parse_csr(csr_pem: bytes) -> tuple[x509.CertificateSigningRequest, Certific
         public_key = csr.public_key()
         signed = csr.is_signature_valid
     except _CSR_ERRORS as exc:
-        raise CertificateError(f"not a usable certificate signing request: {exc}") from exc
+        raise CertificateError(f"not a PEM certificate signing request it can use: {exc}") from exc
     if not signed:
         raise CertificateError("the CSR's signature does not match its public key")
     return csr, public_key
