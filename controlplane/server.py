@@ -80,6 +80,8 @@ class RunningControlPlane:
     ingestor: TelemetryIngestor
     upkeep: asyncio.Task[None]
     rollouts: RolloutEngine
+    device_service: DeviceService
+    operator_service: OperatorService
     metrics: MetricsServer | None = None  # the Prometheus endpoint, with --metrics-listen
     ingestion_watch: asyncio.Task[None] | None = None
 
@@ -92,9 +94,20 @@ class RunningControlPlane:
             await asyncio.to_thread(self.metrics.stop)
         self.revocations.cancel()
         await self.server.stop(grace)
+        await self._flush_refusals()
         await asyncio.to_thread(self.ingestor.stop)
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
+
+    async def _flush_refusals(self) -> None:
+        """Writes the refusal counts still waiting for their window to close (the summaries of
+        each service's RefusalLog) to the audit trail, so a stop loses none. Runs once the server
+        has stopped: no call can add a refusal after it. A failure is logged and the stop goes on."""
+        for servicer in (self.device_service, self.operator_service):
+            try:
+                await servicer.guard.refusals.aclose()
+            except Exception:
+                log.exception("could not write %s's pending refusal summaries", type(servicer).__name__)
 
 
 async def _upkeep(
@@ -225,33 +238,29 @@ async def start_control_plane(
     )
     if device_port == 0:
         raise ServeError(f"cannot listen on {settings.device_listen}")
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(
-        DeviceService(
-            db=db,
-            blobs=blobs,
-            notifier=notifier,
-            chunk_size=settings.chunk_size_bytes,
-            recheck_seconds=settings.desired_state_recheck_seconds,
-            mqtt_url=settings.mqtt_advertise_url or device_mqtt_url or "",
-            repositories=repositories,
-            ca=ca,
-            device_cert_validity=settings.device_cert_validity,
-            device_endpoint=_advertised_device_endpoint(settings, device_port),
-        ),
-        server,
+    device_service = DeviceService(
+        db=db,
+        blobs=blobs,
+        notifier=notifier,
+        chunk_size=settings.chunk_size_bytes,
+        recheck_seconds=settings.desired_state_recheck_seconds,
+        mqtt_url=settings.mqtt_advertise_url or device_mqtt_url or "",
+        repositories=repositories,
+        ca=ca,
+        device_cert_validity=settings.device_cert_validity,
+        device_endpoint=_advertised_device_endpoint(settings, device_port),
     )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(device_service, server)
     rollout_config = EngineConfig(tick_seconds=settings.rollout_tick_seconds)
-    operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-        OperatorService(
-            db=db,
-            blobs=blobs,
-            notifier=notifier,
-            repositories=repositories,
-            on_device_revoked=revocations.device_revoked,
-            rollout_config=rollout_config,
-        ),
-        server,
+    operator_service = OperatorService(
+        db=db,
+        blobs=blobs,
+        notifier=notifier,
+        repositories=repositories,
+        on_device_revoked=revocations.device_revoked,
+        rollout_config=rollout_config,
     )
+    operator_pb2_grpc.add_OperatorServiceServicer_to_server(operator_service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
@@ -277,6 +286,8 @@ async def start_control_plane(
         upkeep=upkeep,
         metrics=metrics,
         rollouts=rollouts,
+        device_service=device_service,
+        operator_service=operator_service,
         ingestion_watch=ingestion_watch,
     )
 
