@@ -24,7 +24,7 @@ import grpc
 
 from controlplane.bundles import build_bundle
 from controlplane.child_process import Processes
-from controlplane.client import operator_stub, publish_bundle
+from controlplane.client import all_pages, operator_stub, publish_bundle
 from controlplane.demo import (
     agent_command,
     find_model,
@@ -118,7 +118,8 @@ def agent_rss(model: Path, work: Path, settle: float) -> int:
 
             def devices() -> list[common_pb2.DeviceSummary] | None:
                 try:
-                    found = list(stub.ListDevices(operator_pb2.ListDevicesRequest()).devices)
+                    # Every page: one reply holds at most a page (500 devices by default).
+                    found = list(all_pages(stub.ListDevices, operator_pb2.ListDevicesRequest(), "devices"))
                 except grpc.RpcError:
                     return None
                 return found or None
