@@ -29,6 +29,8 @@ _RETRY_AFTER = {
 MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request, or the model cannot do this"},
     404: {"model": ErrorResponse, "description": "The requested model is not served here"},
+    408: {"model": ErrorResponse, "description": "The body did not arrive in time; the connection is closed"},
+    413: {"model": ErrorResponse, "description": "The body is over the size limit; the connection is closed"},
     429: {"model": ErrorResponse, "description": "The request queue is full", "headers": _RETRY_AFTER},
     500: {"model": ErrorResponse, "description": "The model failed"},
     503: {"model": ErrorResponse, "description": "No model is loaded (or it was just replaced)"},

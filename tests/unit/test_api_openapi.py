@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent.api import create_app
+from agent.api.protocol import MAX_NAME_CHARS, MAX_STOP_CHARS, MAX_TOKENS
 from agent.serving import ModelTable
 from tests.unit.test_api import FakeRuntime
 
@@ -31,8 +32,8 @@ def test_every_route_is_documented(spec: dict[str, Any]) -> None:
 @pytest.mark.parametrize("path", MODEL_ROUTES)
 def test_model_routes_document_openai_errors_not_422(spec: dict[str, Any], path: str) -> None:
     responses = spec["paths"][path]["post"]["responses"]
-    assert set(responses) == {"200", "400", "404", "429", "500", "503"}
-    for status in ("400", "404", "429", "500", "503"):
+    assert set(responses) == {"200", "400", "404", "408", "413", "429", "500", "503"}
+    for status in ("400", "404", "408", "413", "429", "500", "503"):
         schema = responses[status]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "Retry-After" in responses["429"]["headers"]
@@ -59,6 +60,10 @@ def test_request_schemas_say_what_is_refused(spec: dict[str, Any]) -> None:
     embedding = schemas["EmbeddingRequest"]
     assert embedding["required"] == ["model", "input"]
     assert embedding["properties"]["encoding_format"]["enum"] == ["float", "base64"]
+    assert chat["model"]["maxLength"] == MAX_NAME_CHARS
+    stop_string, stop_list, _ = chat["stop"]["anyOf"]
+    assert stop_string["maxLength"] == stop_list["items"]["maxLength"] == MAX_STOP_CHARS
+    assert chat["max_tokens"]["anyOf"][0]["maximum"] == MAX_TOKENS
 
 
 def test_metrics_are_documented_as_text(spec: dict[str, Any]) -> None:
