@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protos.fleet.fsio import atomic_write_bytes
@@ -45,7 +45,7 @@ _CSR_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion)
 does not know (an unknown curve, say): a caller's bytes, so a refusal, never an internal error."""
 
 
-def _parse_csr(csr_pem: bytes) -> tuple[x509.CertificateSigningRequest, CertificateIssuerPublicKeyTypes]:
+def _parse_csr(csr_pem: bytes) -> tuple[x509.CertificateSigningRequest, CertificatePublicKeyTypes]:
     """The CSR and its public key, or CertificateError. cryptography parses lazily: the key
     and the signature algorithm are only decoded when asked for, so both are asked for here,
     inside the same refusal, and a signature that does not verify is refused too."""
