@@ -289,3 +289,19 @@ def json_number(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return number if math.isfinite(number) else 0.0
+
+
+def json_counter(value: Any) -> int:
+    """A uint64 counter from a stored record (a number or a digit string) as an exact integer
+    within BIGINT: 0 when absent or not a number, at most INT64_MAX. Exact, not through a float:
+    float(2**63 - 1) rounds up to 2**63, which no BIGINT column holds."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        number = value
+    else:
+        try:
+            number = int(value) if isinstance(value, str) else int(json_number(value))
+        except ValueError:  # "1.5", "NaN": not protobuf's JSON of an integer, read as a number
+            number = int(json_number(value))
+    return min(max(number, 0), INT64_MAX)

@@ -119,17 +119,33 @@ async def _upkeep(
 ) -> None:
     """Re-signs timestamps and director metadata before they expire, so online devices never
     see a freeze that is only the control plane's own neglect; re-issues the CRL likewise;
-    folds telemetry past its retention into hourly rollups."""
+    folds telemetry past its retention into hourly rollups. Each job is tried on its own: one
+    that fails (logged) never keeps the others from running, and is retried ``every`` seconds."""
+
+    async def refresh() -> None:
+        refreshed = await db.run(repositories.refresh_expiring)
+        if refreshed:
+            log.info("re-signed %d repositories' expiring metadata", refreshed)
+
+    async def crl() -> None:
+        if revocations.crl_is_stale():
+            await revocations.publish_crl()
+
+    async def retain() -> None:
+        result = await asyncio.to_thread(apply_retention, db.engine, retention)
+        if result.failed:  # apply_retention logged each; its other steps ran
+            log.warning("telemetry retention: %s failed this pass", ", ".join(result.failed))
+
     while True:
-        try:
-            refreshed = await db.run(repositories.refresh_expiring)
-            if refreshed:
-                log.info("re-signed %d repositories' expiring metadata", refreshed)
-            if revocations.crl_is_stale():
-                await revocations.publish_crl()
-            await asyncio.to_thread(apply_retention, db.engine, retention)
-        except Exception:
-            log.exception("upkeep failed; retrying in %.0fs", every)
+        for name, job in (
+            ("metadata refresh", refresh),
+            ("CRL re-issue", crl),
+            ("telemetry retention", retain),
+        ):
+            try:
+                await job()
+            except Exception:
+                log.exception("upkeep: %s failed; retrying in %.0fs", name, every)
         await asyncio.sleep(every)
 
 

@@ -217,12 +217,16 @@ class TelemetryRollup(SQLModel, table=True):
     device_id: str = Field(primary_key=True, max_length=64)
     kind: str = Field(primary_key=True, max_length=32)
     hour: datetime = Field(primary_key=True)
-    records: int = 0
-    requests: int = 0  # inference: requests served
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    decode_tokens: int = 0  # tokens after the first of successful generations
+    # Counters are BIGINT: they sum uint64 figures ingestion admits up to 2^63-1, and
+    # retention saturates a sum at that instead of overflowing (controlplane/retention.py).
+    records: int = Field(default=0, sa_type=BigInteger)
+    requests: int = Field(default=0, sa_type=BigInteger)  # inference: requests served
+    errors: int = Field(default=0, sa_type=BigInteger)
+    prompt_tokens: int = Field(default=0, sa_type=BigInteger)
+    completion_tokens: int = Field(default=0, sa_type=BigInteger)
+    decode_tokens: int = Field(
+        default=0, sa_type=BigInteger
+    )  # tokens after the first of successful generations
     decode_seconds: float = 0.0  # decode_tokens / decode_seconds = the hour's decode tokens/s
     latency_ms_p95_max: float = 0.0
     rss_bytes_max: int = Field(default=0, sa_type=BigInteger)  # heartbeat

@@ -1,11 +1,12 @@
-"""Telemetry dead letters, and 64-bit telemetry sequence numbers and request counters.
+"""Telemetry dead letters, and 64-bit telemetry sequence numbers and counters.
 
 ``telemetrydeadletter`` keeps the messages ingestion acknowledged without storing them (refused
 by its checks or by the database), with the reason and an excerpt of the payload.
-``telemetryrecord.seq`` and ``device.requests_total`` carry protobuf uint64 values: INTEGER is
-32-bit on PostgreSQL, so both become BIGINT (ingestion refuses values beyond it). SQLite's
-INTEGER already holds 64 bits, and changing the declared type there would copy the whole
-telemetry table, so SQLite keeps its columns as they are.
+``telemetryrecord.seq``, ``device.requests_total`` and the hourly rollups' counters carry (sums
+of) protobuf uint64 values: INTEGER is 32-bit on PostgreSQL, so all become BIGINT (ingestion
+refuses values beyond it, retention saturates its sums at it); one absurd record would otherwise
+fail every retention pass that folds it. SQLite's INTEGER already holds 64 bits, and changing
+the declared type there would copy whole tables, so SQLite keeps its columns as they are.
 
 Revision ID: 0006
 Revises: 0005
@@ -24,7 +25,12 @@ down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_WIDENED = (("telemetryrecord", "seq"), ("device", "requests_total"))
+_ROLLUP_COUNTERS = ("records", "requests", "errors", "prompt_tokens", "completion_tokens", "decode_tokens")
+_WIDENED = (
+    ("telemetryrecord", "seq"),
+    ("device", "requests_total"),
+    *(("telemetryrollup", column) for column in _ROLLUP_COUNTERS),
+)
 
 
 def upgrade() -> None:
