@@ -31,6 +31,7 @@ from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, w
 from agent.api.admission import AdmissionQueue, QueueLimits
 from agent.api.app import create_app
 from agent.api.auth import require_api_key
+from agent.api.limits import RequestLimits
 from agent.artifacts import ArtifactStore
 from agent.channel import DeviceLink, open_enrollment_channel
 from agent.config import AgentConfig, EffectiveSettings
@@ -453,8 +454,6 @@ class AgentService:
         return bind_api_socket(self.config.listen_host, self.config.listen_port)
 
     def _api_server(self) -> uvicorn.Server:
-        from agent.api.limits import RequestLimits  # (belongs with the imports above)
-
         app = create_app(
             models=self.models,
             observer=self._observe,
