@@ -144,13 +144,14 @@ class RejectReason(enum.Enum):
     OVERSIZED = "oversized"  # payload longer than MAX_MESSAGE_BYTES: refused before decoding
     TOO_MANY_RECORDS = "too_many_records"
     RECORD_TOO_LARGE = "record_too_large"
-    OUT_OF_RANGE = "out_of_range"  # a seq the database cannot store
+    OUT_OF_RANGE = "out_of_range"  # a well-formed number beyond its field's range: detail names it
     STORE_FAILED = "store_failed"  # the database refused it, alone
     INTERNAL_ERROR = "internal_error"  # the writer failed unexpectedly on its batch
 
 
 _SHAPE_REASONS = {
     ShapeProblem.MALFORMED: RejectReason.MALFORMED,
+    ShapeProblem.OUT_OF_RANGE: RejectReason.OUT_OF_RANGE,
     ShapeProblem.TOO_MANY_RECORDS: RejectReason.TOO_MANY_RECORDS,
     ShapeProblem.RECORD_TOO_LARGE: RejectReason.RECORD_TOO_LARGE,
 }

@@ -20,14 +20,21 @@ infinity: a literal like ``1e999`` is refused, the JSON mapping's "NaN"/"Infinit
 strings), strings to ``MAX_STRING_CHARS``, maps and lists to ``MAX_ENTRIES``. A payload is first
 split into its elements without building them (``msgspec.Raw``), so the record count and each
 record's size are judged before a single record object exists.
+
+A number that is well-formed but outside its field's range is ``ShapeProblem.OUT_OF_RANGE``,
+named by its path (``$.seq``, ``$.errorsByCode["x"]``); any other fault is MALFORMED. msgspec
+says only "this failed", in text, so a refused record is looked at again, and only then
+(``range_fault``): the happy path pays nothing for the distinction.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 import sys
+from collections import defaultdict
 from collections.abc import Callable
 from functools import cache
 from operator import attrgetter
@@ -56,7 +63,8 @@ _INT32 = (-(2**31), 2**31 - 1)
 _UINT32 = (0, 2**32 - 1)
 _INT64 = (INT64_MIN, INT64_MAX)
 _UINT64 = (0, INT64_MAX)  # a uint64 beyond BIGINT cannot be stored or compared in SQL
-_INT_RANGES = {
+Range = tuple[int, int]
+_INT_RANGES: dict[int, Range] = {
     FieldDescriptor.TYPE_INT32: _INT32,
     FieldDescriptor.TYPE_SINT32: _INT32,
     FieldDescriptor.TYPE_SFIXED32: _INT32,
@@ -77,7 +85,8 @@ MAX_RECORDS_PER_MESSAGE = 500
 MAX_RECORD_BYTES = 64 * 1024
 """Largest encoded record: the agent keeps a whole message below 128 KiB."""
 
-_FINITE = msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)
+DOUBLE_MAX = sys.float_info.max
+_FINITE = msgspec.Meta(ge=-DOUBLE_MAX, le=DOUBLE_MAX)
 _DOUBLE = Annotated[float, _FINITE] | Literal["NaN", "Infinity", "-Infinity"]
 _STRING = Annotated[str, msgspec.Meta(max_length=MAX_STRING_CHARS)]
 
@@ -85,7 +94,8 @@ _STRING = Annotated[str, msgspec.Meta(max_length=MAX_STRING_CHARS)]
 class ShapeProblem(enum.Enum):
     """What is wrong with a payload, as far as its shape tells."""
 
-    MALFORMED = "malformed"  # not JSON, a wrong type, or a value out of its type's range
+    MALFORMED = "malformed"  # not JSON, a wrong type, a string or a map or list too long
+    OUT_OF_RANGE = "out_of_range"  # a well-formed number beyond its field's range (or not finite)
     TOO_MANY_RECORDS = "too_many_records"
     RECORD_TOO_LARGE = "record_too_large"
 
@@ -157,11 +167,23 @@ _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
 # the Python pass: strings the C pass cannot judge ---------------------------------------------
 
-Collect = Callable[[Any, list[Any], list[Any]], None]  # (struct, integers, timestamps)
+Integers = defaultdict[Range, list[Any]]  # integer values by the range their field allows
+Collect = Callable[[Any, Integers, list[Any]], None]  # (struct, integers, timestamps)
 
 # One regular expression over all of a payload's digit strings (or timestamps) joined by spaces:
 # one C call per payload instead of one per value.
 _INTEGERS = re.compile(r"-?\d{1,20}(?: -?\d{1,20})*", re.ASCII).fullmatch
+# Digit strings that fit every integer field, signed or not: the common case, judged in one call.
+_SHORT_UNSIGNED = re.compile(r"\d{1,9}(?: \d{1,9})*", re.ASCII).fullmatch
+
+
+def _fitting(bounds: Range) -> Callable[[str], re.Match[str] | None]:
+    sign = "-?" if bounds[0] < 0 else ""
+    digits = 9 if bounds[1] < 2**32 else 18
+    return re.compile(rf"{sign}\d{{1,{digits}}}(?: {sign}\d{{1,{digits}}})*", re.ASCII).fullmatch
+
+
+_FITS = {bounds: _fitting(bounds) for bounds in set(_INT_RANGES.values())}
 _TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)"
 _TIMESTAMPS = re.compile(f"{_TIMESTAMP}(?: {_TIMESTAMP})*", re.ASCII).fullmatch
 
@@ -176,20 +198,23 @@ def _tuple_getter(names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
 
 @cache
 def _collector(descriptor: Descriptor | Any) -> Collect | None:
-    """A function that appends a struct's integer values (digit strings among them) and its
-    timestamps, nested messages', maps' and lists' included, to the two lists it is given;
-    None for a message that holds neither at any depth."""
-    integers = [f.json_name for f in descriptor.fields if f.type in _INT_TYPES and not f.is_repeated]
+    """A function that appends a struct's integer values (digit strings among them), by their
+    field's range, and its timestamps, nested messages', maps' and lists' included, to what it
+    is given; None for a message that holds neither at any depth."""
+    by_range: dict[Range, list[str]] = {}
+    for f in descriptor.fields:
+        if f.type in _INT_TYPES and not f.is_repeated:
+            by_range.setdefault(_INT_RANGES[f.type], []).append(f.json_name)
     stamps = [f.json_name for f in descriptor.fields if _is_timestamp(f) and not f.is_repeated]
     deep: list[Collect] = [c for f in descriptor.fields if (c := _deep_collector(f)) is not None]
-    if not (integers or stamps or deep):
+    if not (by_range or stamps or deep):
         return None
-    get_integers = _tuple_getter(integers) if integers else None
+    get_integers = [(bounds, _tuple_getter(names)) for bounds, names in by_range.items()]
     get_stamps = _tuple_getter(stamps) if stamps else None
 
-    def collect(struct: Any, ints: list[Any], times: list[Any]) -> None:
-        if get_integers is not None:
-            ints.extend(get_integers(struct))
+    def collect(struct: Any, ints: Integers, times: list[Any]) -> None:
+        for bounds, get in get_integers:
+            ints[bounds].extend(get(struct))
         if get_stamps is not None:
             times.extend(get_stamps(struct))
         for more in deep:
@@ -207,18 +232,20 @@ def _deep_collector(field: FieldDescriptor | Any) -> Collect | None:
     if item.type in _INT_TYPES or _is_timestamp(item):
         if not many:
             return None  # a scalar: collected by attribute with the others
-        target = 0 if item.type in _INT_TYPES else 1
+        bounds = _INT_RANGES.get(item.type)
 
-        def scalars(struct: Any, ints: list[Any], times: list[Any]) -> None:
+        def scalars(struct: Any, ints: Integers, times: list[Any]) -> None:
             value = getattr(struct, name)
             if value is not msgspec.UNSET:
-                (ints, times)[target].extend(value.values() if isinstance(value, dict) else value)
+                (times if bounds is None else ints[bounds]).extend(
+                    value.values() if isinstance(value, dict) else value
+                )
 
         return scalars
     if item.type != FieldDescriptor.TYPE_MESSAGE or (nested := _collector(item.message_type)) is None:
         return None
 
-    def messages(struct: Any, ints: list[Any], times: list[Any]) -> None:
+    def messages(struct: Any, ints: Integers, times: list[Any]) -> None:
         value = getattr(struct, name)
         if value is msgspec.UNSET:
             return
@@ -256,28 +283,115 @@ def decode_records(
         try:
             structs.append(decoder.decode(element))
         except msgspec.ValidationError as exc:
+            if (fault := range_fault(descriptor, element)) is not None:
+                raise BadShape(f"record {index}: {fault}", ShapeProblem.OUT_OF_RANGE) from exc
             raise BadShape(f"record {index}: {exc}") from exc
         except (msgspec.DecodeError, RecursionError) as exc:
             raise BadShape(f"record {index}: not JSON: {exc}") from exc
     collect = _collector(descriptor)
-    ints: list[Any] = []
+    ints: Integers = defaultdict(list)
     times: list[Any] = []
     if collect is not None:
         for struct in structs:
             collect(struct, ints, times)
-    digits = [v for v in ints if type(v) is str]
-    if digits and _INTEGERS(" ".join(digits)) is None:
+    digits = [v for values in ints.values() for v in values if type(v) is str]
+    joined = " ".join(digits)
+    if digits and _INTEGERS(joined) is None:
         bad = next(v for v in digits if _INTEGERS(v) is None)
         raise BadShape(f"an integer field holds {bad!r}, not a 64-bit integer")
-    # Up to 18 digits always fit BIGINT; only longer strings need converting.
-    if digits and (big := [v for v in digits if len(v) > 18 and not INT64_MIN <= int(v) <= INT64_MAX]):
-        raise BadShape(f"an integer field holds {big[0]!r}, beyond a signed 64-bit integer")
+    if (
+        digits
+        and _SHORT_UNSIGNED(joined) is None
+        and any(_digits_beyond(bounds, values) for bounds, values in ints.items())
+    ):
+        raise BadShape(_first_range_fault(descriptor, elements), ShapeProblem.OUT_OF_RANGE)
     stamps = [v for v in times if v is not msgspec.UNSET]
     if stamps and _TIMESTAMPS(" ".join(stamps)) is None:
         bad = next(v for v in stamps if _TIMESTAMPS(v) is None)
         raise BadShape(f"a timestamp field holds {bad!r}, not an RFC 3339 time")
     records: list[dict[str, Any]] = msgspec.to_builtins(structs)
     return records
+
+
+def _digits_beyond(bounds: Range, values: list[Any]) -> bool:
+    """Whether a digit string among ``values`` (all already well-formed) lies outside ``bounds``.
+    One regular expression clears the strings short enough to fit (9 digits any 32-bit range, 18
+    any 64-bit one, a minus sign only a signed one); only the rest are converted."""
+    strings = [v for v in values if type(v) is str]
+    if not strings or _FITS[bounds](" ".join(strings)) is not None:
+        return False
+    low, high = bounds
+    return any(not low <= int(v) <= high for v in strings)
+
+
+def _first_range_fault(descriptor: Descriptor | Any, elements: list[msgspec.Raw]) -> str:
+    """Where the first out-of-range value of a payload is, which the fast check found somewhere."""
+    for index, element in enumerate(elements):
+        if (fault := range_fault(descriptor, element)) is not None:
+            return f"record {index}: {fault}"
+    return "an integer field holds a value beyond its range"  # pragma: no cover (found above)
+
+
+def range_fault(descriptor: Descriptor | Any, element: bytes | msgspec.Raw) -> str | None:
+    """The first value of one encoded record that is a well-formed number outside its field's
+    range, as "<path> = <value>, outside <range>"; None when there is none (or the record is not
+    JSON). Read with Python's json module, which, unlike msgspec, turns ``1e999`` into infinity
+    instead of refusing it unnamed (its NaN and Infinity literals, not JSON, stay refused). Only
+    for records already refused: it is slow."""
+    try:
+        record = json.loads(bytes(element), parse_constant=_not_json)
+        return _message_fault(descriptor, record, "$")
+    except (ValueError, RecursionError):  # not JSON, or beyond Python's digit limit for ints
+        return None
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON")
+
+
+def _message_fault(descriptor: Descriptor | Any, message: Any, path: str) -> str | None:
+    if not isinstance(message, dict):
+        return None  # a wrong type: malformed
+    for field in descriptor.fields:
+        if field.json_name not in message:
+            continue
+        value = message[field.json_name]
+        where = f"{path}.{field.json_name}"
+        if _is_map(field) and isinstance(value, dict):
+            items = [(_map_value(field), v, f"{where}[{_clip(json.dumps(k))}]") for k, v in value.items()]
+        elif field.is_repeated and isinstance(value, list):
+            items = [(field, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        else:
+            items = [(field, value, where)]
+        for item_field, item, item_path in items:
+            if (fault := _value_fault(item_field, item, item_path)) is not None:
+                return fault
+    return None
+
+
+def _value_fault(field: FieldDescriptor | Any, value: Any, path: str) -> str | None:
+    """What is out of range about one value of ``field`` (a nested message's values included);
+    None when it is in range or not a number at all (then it is malformed, if anything)."""
+    if field.type == FieldDescriptor.TYPE_MESSAGE and not _is_timestamp(field):
+        return _message_fault(field.message_type, value, path)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    if field.type in _INT_TYPES or field.type == FieldDescriptor.TYPE_ENUM:
+        if isinstance(value, float) or (isinstance(value, str) and _INTEGERS(value) is None):
+            return None  # a fraction or an enum's name: not a range question
+        low, high = _INT_RANGES.get(field.type, _INT32)
+        if low <= int(value) <= high:
+            return None
+        return f"{path} = {_clip(repr(value))}, outside [{low}, {high}]"
+    doubles = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+    if field.type in doubles and not isinstance(value, str) and not -DOUBLE_MAX <= value <= DOUBLE_MAX:
+        return f"{path} = {_clip(repr(value))}, not a finite double"
+    return None
+
+
+def _clip(text: str) -> str:
+    """A value or map key short enough for a message: a device chooses them."""
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def json_number(value: Any) -> float:

@@ -42,18 +42,46 @@ def reason_of(topic: str, body: bytes) -> RejectReason:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("topic", "bad", "path"),
     [
-        record(2**63),  # beyond BIGINT, as a number
-        record(str(2**63)),  # and as a digit string
-        record(1, requestsTotal=2**64),  # beyond uint64 too
-        record(1, rssBytes="99999999999999999999"),
-        record(1, cpuPercent=1e999),  # JSON has no infinity: it must not reach the database
-        record(1, variant="x" * 5000),
+        (HEARTBEATS, record(2**63), "$.seq"),  # beyond BIGINT, as a number
+        (HEARTBEATS, record(str(2**63)), "$.seq"),  # and as a digit string
+        (HEARTBEATS, record(1, requestsTotal=2**64), "$.requestsTotal"),  # beyond uint64 too
+        (HEARTBEATS, record(1, rssBytes="99999999999999999999"), "$.rssBytes"),
+        (HEARTBEATS, record(1, requestsTotal="-1"), "$.requestsTotal"),  # a uint64 has no sign
+        (HEARTBEATS, record(1, schemaVersion="4294967296"), "$.schemaVersion"),  # uint32, as digits
+        (HEARTBEATS, record(1, cpuPercent=float("inf")), "$.cpuPercent"),  # written as 1e999 below
+        (INFERENCE, record(1, errorsByCode={"queue_full": 2**63}), '$.errorsByCode["queue_full"]'),
     ],
 )
-def test_values_the_database_cannot_store_are_refused(bad: dict[str, Any]) -> None:
+def test_numbers_beyond_their_field_are_out_of_range_and_named(
+    topic: str, bad: dict[str, Any], path: str
+) -> None:
+    """Well-formed JSON, a number its column cannot hold: out_of_range, with where it is."""
+    body = payload(record(7), bad).replace(b"Infinity", b"1e999")  # JSON has no infinity literal
+    with pytest.raises(RejectedMessage) as caught:
+        decode(topic, body, arrived=ARRIVED)
+    assert caught.value.reason is RejectReason.OUT_OF_RANGE
+    assert f"record 1: {path} = " in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        record(1, variant="x" * 5000),  # longer than any string kept
+        record(1, requestsTotal=1.5),  # a fraction where an integer belongs
+        record(1, requestsTotal="12a"),
+        record(1, cpuPercent="fast"),
+    ],
+)
+def test_values_of_the_wrong_shape_are_malformed(bad: dict[str, Any]) -> None:
     assert reason_of(HEARTBEATS, payload(bad)) is RejectReason.MALFORMED
+
+
+def test_a_literal_nan_is_malformed_not_out_of_range() -> None:
+    """Python's json reads NaN; it is not JSON, and stays malformed."""
+    body = b'[{"schemaVersion": 1, "deviceId": "dev-1", "seq": 1, "cpuPercent": NaN}]'
+    assert reason_of(HEARTBEATS, body) is RejectReason.MALFORMED
 
 
 def test_the_largest_storable_values_are_kept() -> None:
