@@ -901,6 +901,8 @@ class TelemetryIngestor:
             return self._write(batch, retry=retry)
         except Exception as exc:
             self._count_writer_error()
+            with self._counters.lock:
+                self._counters.rejected[RejectReason.INTERNAL_ERROR] += len(batch)
             logger.exception("telemetry writer failed on %d messages; dead-lettering them", len(batch))
             letters = [dead_letter(item, RejectReason.INTERNAL_ERROR, repr(exc)) for item in batch]
             try:
@@ -961,13 +963,15 @@ class TelemetryIngestor:
 
     def _store_or_split(self, storable: list[_Storable]) -> list[tuple[_Inbound, Exception]]:
         """Stores ``storable`` in one transaction, or if the database refuses it, each half
-        in turn, down to the single messages at fault, which are returned."""
+        in turn, down to the single messages at fault, which are returned. Only the database's
+        refusals (SQLAlchemyError) are isolated: any other exception is a bug, raised to
+        ``_write_supervised``, which dead-letters the whole batch as INTERNAL_ERROR."""
         if not storable:
             return []
         split = _Split.of([decoded for _, decoded in storable])
         try:
             self._store(split)
-        except Exception as exc:
+        except SQLAlchemyError as exc:
             if _unreachable(exc):
                 raise
             if len(storable) == 1:
