@@ -14,7 +14,11 @@ It admits clients the way deploy/mosquitto does, on two loopback listeners:
   certificate the fleet CA issued, as the agent already does for Mosquitto's listener 8883. The
   certificate's CN is the device id; the client id must be that id and the session clean (the
   agent's are), and the device may publish, subscribe and receive only under its own
-  ``fleet/v1/devices/<id>/`` (``DeviceTopicPlugin``).
+  ``fleet/v1/devices/<id>/`` (``DeviceTopicPlugin``). With ``DeviceTls.crl_path`` the
+  certificate must also be absent from the CRL the control plane issues there
+  (controlplane/crl.py, revocation.py), read again whenever the file changes: a revoked device
+  whose session revocation ended cannot come back with its still-unexpired certificate. With
+  no usable CRL (missing, not the CA's, expired) no device is admitted, as with Mosquitto.
 Everyone else (anonymous, a wrong password, another device's client id) is refused with a
 CONNACK before amqtt sees the connection: amqtt ends an existing session with the same client
 id while handling CONNECT, before asking its auth plugins, so a refused client could otherwise
@@ -57,6 +61,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from controlplane.crl import CrlFile, CrlUnusable
 from protos.fleet.broker_url import BrokerAddress
 from protos.fleet.topics import device_prefix
 
@@ -75,24 +80,36 @@ class BrokerStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class DeviceTls:
-    """The device listener's TLS: the fleet CA (client certificates must chain to it) and the
-    broker's own certificate and key, PEM."""
+    """The device listener's TLS: the fleet CA (client certificates must chain to it), the
+    broker's own certificate and key, PEM, and the CRL file revoked certificates are listed in
+    (None: no revocation check, for tests of the broker alone)."""
 
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
+    crl_path: Path | None = None
+
+
+def _peer_certificate(ssl_object: Any) -> x509.Certificate | None:
+    """The verified client certificate, None without one."""
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def _device_id(certificate: x509.Certificate | None) -> str | None:
+    """A client certificate's CN (the device id), None without one."""
+    if certificate is None:
+        return None
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else None
+    return value if isinstance(value, str) and value else None
 
 
 def _peer_device_id(ssl_object: Any) -> str | None:
     """The CN of a verified client certificate, None without one."""
-    if ssl_object is None:
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    if not der:
-        return None
-    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else None
-    return value if isinstance(value, str) and value else None
+    return _device_id(_peer_certificate(ssl_object))
 
 
 class AdmittedAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints
@@ -216,6 +233,10 @@ class EmbeddedBroker:
         self._port = port
         self._device_tls = device_tls
         self._device_port = device_port
+        self._crl: CrlFile | None = None  # read on the broker thread only
+        if device_tls is not None and device_tls.crl_path is not None:
+            issuer = x509.load_pem_x509_certificate(device_tls.ca_pem)
+            self._crl = CrlFile(device_tls.crl_path, issuer)
         self._password = secrets.token_urlsafe(24)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -389,14 +410,35 @@ class EmbeddedBroker:
             if connect.username == CONTROL_USER and hmac.compare_digest(given, self._password.encode()):
                 return None
             return int(BAD_USERNAME_PASSWORD)
-        device_id = _peer_device_id(ssl_object)
-        if device_id is None or device_id.startswith(CONTROL_USER):
+        certificate = _peer_certificate(ssl_object)
+        device_id = _device_id(certificate)
+        if certificate is None or device_id is None or device_id.startswith(CONTROL_USER):
+            return int(NOT_AUTHORIZED)
+        if self._revoked(certificate, device_id):
             return int(NOT_AUTHORIZED)
         if connect.client_id != device_id or not connect.clean_session_flag:
             return int(IDENTIFIER_REJECTED)  # the client id is the certificate's, as on Mosquitto
         if connect.will_flag and not str(connect.will_topic).startswith(device_prefix(device_id) + "/"):
             return int(NOT_AUTHORIZED)
         return None
+
+    def _revoked(self, certificate: x509.Certificate, device_id: str) -> bool:
+        """Whether the CRL lists the certificate, or cannot be trusted (then every device is
+        refused, and the control plane's upkeep re-issues it)."""
+        if self._crl is None:
+            return False
+        try:
+            revoked = self._crl.is_revoked(certificate.serial_number)
+        except CrlUnusable as exc:
+            logger.error("embedded broker: refusing device %s: %s", device_id, exc)
+            return True
+        if revoked:
+            logger.warning(
+                "embedded broker: device %s presented revoked certificate %x",
+                device_id,
+                certificate.serial_number,
+            )
+        return revoked
 
     async def _shutdown(self) -> None:
         for server in self._servers:

@@ -13,6 +13,9 @@ Two properties of that check shape this module:
   empty list is fine) and be re-issued well before it expires.
 * The broker may read the file at any moment (start, reload), so it is replaced atomically:
   a reader never sees a torn list, which would lock out every device.
+
+The embedded broker (controlplane/broker.py) checks device certificates against the same file
+through ``CrlFile``, with the same rules: no usable CRL, no device.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 from controlplane.ca import CertificateAuthority
@@ -97,3 +101,61 @@ def write_crl(
     pem = build_crl(ca, revoked, last_update=last_update)
     atomic_write_bytes(path, pem, mode=0o644)
     return pem
+
+
+MAX_CRL_BYTES = 64 * 1024 * 1024
+"""Largest CRL file read (a serial and a date take ~40 bytes: over a million revocations)."""
+
+
+class CrlUnusable(Exception):
+    """The CRL file cannot be trusted right now: missing, too large, not a CRL, not signed by
+    the fleet CA, or past its next update. A broker then refuses every device, as OpenSSL does
+    with Mosquitto's ``crlfile``."""
+
+
+class CrlFile:
+    """The CRL at ``path`` as a revocation check for a broker running in this process.
+
+    The file is read again whenever it changes, so a CRL re-issued while the broker runs (a
+    revocation, the daily re-issue) counts from the next connection on. ``write_crl`` replaces
+    the file atomically, which gives it a new inode: (inode, mtime, size) tells a change from
+    a re-read of the same file, and a check costs one ``stat`` otherwise. The list is trusted
+    only with a valid signature of ``issuer``'s key and until its ``next_update``.
+    """
+
+    def __init__(self, path: Path, issuer: x509.Certificate) -> None:
+        self.path = path
+        self._issuer = issuer
+        self._stamp: tuple[int, int, int] | None = None
+        self._crl: x509.CertificateRevocationList | None = None
+
+    def is_revoked(self, serial: int, *, now: datetime | None = None) -> bool:
+        """Whether the certificate with ``serial`` is listed; CrlUnusable when the list cannot
+        be trusted (then nobody should be admitted)."""
+        crl = self._current()
+        next_update = crl.next_update_utc
+        if next_update is None or (now or datetime.now(UTC)) >= next_update:
+            raise CrlUnusable(f"the CRL in {self.path} expired at {next_update}")
+        return crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+    def _current(self) -> x509.CertificateRevocationList:
+        try:
+            status = self.path.stat()
+        except OSError as exc:
+            raise CrlUnusable(f"no CRL at {self.path}: {exc}") from exc
+        stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
+        if self._crl is not None and stamp == self._stamp:
+            return self._crl
+        self._crl, self._stamp = None, None
+        if status.st_size > MAX_CRL_BYTES:
+            raise CrlUnusable(f"{self.path} holds {status.st_size} bytes, more than {MAX_CRL_BYTES}")
+        try:
+            with self.path.open("rb") as file:
+                crl = x509.load_pem_x509_crl(file.read(MAX_CRL_BYTES + 1))
+            signed = crl.is_signature_valid(self._issuer.public_key())  # type: ignore[arg-type]
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise CrlUnusable(f"cannot read the CRL in {self.path}: {exc}") from exc
+        if not signed or crl.issuer != self._issuer.subject:
+            raise CrlUnusable(f"the CRL in {self.path} is not the fleet CA's")
+        self._crl, self._stamp = crl, stamp
+        return crl

@@ -2,8 +2,11 @@
 
 * The CRL file (Mosquitto's ``crlfile``) is re-issued at once, so the broker refuses the
   device's certificate on its next TLS handshake once it re-reads the file (SIGHUP; the
-  systemd path unit in ``deploy/`` sends it when the file changes). It is also re-issued daily,
-  long before it expires: an expired CRL makes Mosquitto refuse every device.
+  systemd path unit in ``deploy/`` sends it when the file changes). The embedded broker reads
+  the same file again on the next device connection after it changed (``crl.CrlFile``). It is
+  also re-issued daily, long before it expires: an expired CRL makes either broker refuse
+  every device. It is written before the session is ended, so the reconnect that follows
+  already meets the new list.
 * The device's open MQTT connection is ended by session takeover: the control plane connects
   with the device's client id (on Mosquitto's device listener ``use_username_as_clientid``
   makes that the certificate's device id) and leaves; the broker closes the older connection.

@@ -225,12 +225,14 @@ async def start_control_plane(
     mqtt_url = settings.mqtt_url
     device_mqtt_url = parse_broker_url(mqtt_url).url if mqtt_url is not None else None  # never our password
     if mqtt_url is None:
-        # Devices connect over TLS with the certificate the fleet CA gave them, as to Mosquitto;
-        # the control plane's own clients with the password in mqtt_url.
+        # Devices connect over TLS with the certificate the fleet CA gave them, as to Mosquitto,
+        # checked against the CRL Revocations issues (below: until it exists, no device gets
+        # in); the control plane's own clients with the password in mqtt_url.
         key_pem, cert_pem = ca.issue_server(server_hostnames(["127.0.0.1:0"]))
-        broker = EmbeddedBroker(
-            device_tls=DeviceTls(ca_pem=ca.certificate_pem, cert_pem=cert_pem, key_pem=key_pem)
+        device_tls = DeviceTls(
+            ca_pem=ca.certificate_pem, cert_pem=cert_pem, key_pem=key_pem, crl_path=settings.crl_path
         )
+        broker = EmbeddedBroker(device_tls=device_tls)
         mqtt_url = await asyncio.to_thread(broker.start)
         device_mqtt_url = broker.device_url
     # One persistent broker session per replica (default: this host's name); replicas share the
