@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-from cryptography.exceptions import UnsupportedAlgorithm
 from sqlmodel import Session
 
 from controlplane import audit
@@ -38,7 +37,6 @@ MAX_REPORTED_TEXT = 2000
 # A name python-tuf asks for; anything else cannot exist (and a version past int64 would not
 # fit the column it is looked up in).
 METADATA_FILE_NAME = re.compile(r"(?:[1-9][0-9]{0,17}\.)?[a-z]{1,16}\.json")
-CSR_ERRORS = (CertificateError, UnsupportedAlgorithm)
 
 
 class Revoked(Exception):
@@ -165,7 +163,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             binding = secret_sha256(f"{token_digest}:{csr_key_sha256(request.csr)}")
         except crud.InvalidLabels as exc:
             raise enroll_refused(str(exc)) from exc
-        except CSR_ERRORS as exc:
+        except CertificateError as exc:
             raise enroll_refused(f"csr refused: {exc}") from exc
         hostname = request.hostname[:MAX_HOSTNAME]
 
@@ -212,7 +210,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
         try:
             device_id, issued = await self.db.run(enroll)
-        except CSR_ERRORS as exc:
+        except CertificateError as exc:
             raise enroll_refused(f"csr refused: {exc}") from exc
         except crud.InvalidLabels as exc:
             raise enroll_refused(str(exc)) from exc
@@ -258,7 +256,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
         try:
             issued = await self.db.run(renew)
-        except CSR_ERRORS as exc:
+        except CertificateError as exc:
             raise invalid(f"csr refused: {exc}", action="device.renew", target=device.id) from exc
         except Revoked as exc:
             raise Refused(
