@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from agent.config import AgentConfig
+from edgefleet.agent.config import AgentConfig
 
 app = typer.Typer(help="The edgefleet device agent.", no_args_is_help=True)
 
@@ -100,13 +100,13 @@ def run(
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
-    from agent.api.auth import is_loopback, load_or_create_api_key
-    from agent.errors import AgentError
-    from agent.hardware import HardwareProfileError, load_profile_override
-    from agent.identity import IdentityError
-    from agent.service import DeviceRevoked, run_agent
-    from agent.state import StateError
-    from protos.fleet.release import ReleaseError
+    from edgefleet.agent.api.auth import is_loopback, load_or_create_api_key
+    from edgefleet.agent.device.hardware import HardwareProfileError, load_profile_override
+    from edgefleet.agent.device.identity import IdentityError
+    from edgefleet.agent.service import DeviceRevoked, run_agent
+    from edgefleet.agent.update.errors import AgentError
+    from edgefleet.agent.update.state import StateError
+    from edgefleet.protos.fleet.release import ReleaseError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = split_listen(listen)
@@ -173,7 +173,7 @@ def hardware(
     disk_path: Annotated[Path, typer.Option(help="where free disk is measured")] = Path("."),
 ) -> None:
     """Print what this device's hardware detection found."""
-    from agent.hardware import detect_hardware
+    from edgefleet.agent.device.hardware import detect_hardware
 
     profile = detect_hardware(disk_path=disk_path).to_dict()
     if as_json:

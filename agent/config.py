@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only named in annotations: the CLI starts without loading protobuf
-    from protos.fleet.v1 import common_pb2
+    from edgefleet.protos.fleet.v1 import common_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,7 @@ class AgentConfig:
     memory_budget_bytes: int | None = None  # models loaded at once hold at most this; None: no limit
     max_running_requests: int = 1  # generations at once; the rest queue
     max_waiting_requests: int = 16  # queued beyond this get HTTP 429
-    # What one API request may send (agent.api.limits.RequestLimits has the same defaults).
+    # What one API request may send (edgefleet.agent.api.limits.RequestLimits has the same defaults).
     max_request_bytes: int = 4 * 2**20  # body size; larger gets HTTP 413 before it is read
     max_prompt_chars: int = 256 * 2**10  # messages / prompt / embedding inputs together
     max_messages: int = 1024  # chat messages per request
@@ -122,7 +122,7 @@ def effective_settings(config: AgentConfig, device: common_pb2.DeviceConfig | No
     """Each field ``device`` sets wins over the command line's; an unset field keeps it.
 
     ``keep_alive_seconds`` 0 in a device config means "never unload", as leaving
-    ``--keep-alive`` off does. ``device`` must have passed validation (protos.fleet.device_config).
+    ``--keep-alive`` off does. ``device`` must have passed validation (edgefleet.protos.fleet.device_config).
     """
     base = EffectiveSettings(
         n_ctx=config.n_ctx,

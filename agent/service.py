@@ -28,14 +28,14 @@ import grpc
 import uvicorn
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_random_exponential
 
-from agent.api.admission import AdmissionQueue, QueueLimits
-from agent.api.app import create_app
-from agent.api.auth import require_api_key
-from agent.api.limits import RequestLimits
-from agent.artifacts import ArtifactStore
-from agent.channel import DeviceLink, open_enrollment_channel
-from agent.config import AgentConfig, EffectiveSettings
-from agent.device_tls import (
+from edgefleet.agent.api.admission import AdmissionQueue, QueueLimits
+from edgefleet.agent.api.app import create_app
+from edgefleet.agent.api.auth import require_api_key
+from edgefleet.agent.api.limits import RequestLimits
+from edgefleet.agent.config import AgentConfig, EffectiveSettings
+from edgefleet.agent.device.channel import DeviceLink, open_enrollment_channel
+from edgefleet.agent.device.identity import DeviceIdentity, load_identity, save_identity
+from edgefleet.agent.device.tls import (
     CertificateProblem,
     DeviceCertificate,
     broker_tls_context,
@@ -45,13 +45,20 @@ from agent.device_tls import (
     new_key,
     store_certificate,
 )
-from agent.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
-from agent.identity import DeviceIdentity, load_identity, save_identity
-from agent.latest import Latest
-from agent.runtimes.keep_alive import KeepAliveRuntime
-from agent.runtimes.memory_budget import MemoryBudget
-from agent.serving import ModelTable
-from agent.state import (
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
+from edgefleet.agent.runtimes.memory_budget import MemoryBudget
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.stats import InferenceStats
+from edgefleet.agent.telemetry.aggregate import InferenceAggregator, ServedRelease
+from edgefleet.agent.telemetry.outbox import Outbox, OutboxError
+from edgefleet.agent.telemetry.outbox_open import OpenedOutbox, open_outbox
+from edgefleet.agent.telemetry.publisher import TelemetryPublisher
+from edgefleet.agent.telemetry.recorder import FlushSchedule, Telemetry
+from edgefleet.agent.telemetry.resources import ResourceSampler, available_ram_bytes
+from edgefleet.agent.update.artifacts import ArtifactStore
+from edgefleet.agent.update.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
+from edgefleet.agent.update.latest import Latest
+from edgefleet.agent.update.state import (
     AgentState,
     StateError,
     StateNotSaved,
@@ -59,17 +66,15 @@ from agent.state import (
     remove_interrupted_writes,
     save_state,
 )
-from agent.stats import InferenceStats
-from agent.telemetry.aggregate import InferenceAggregator, ServedRelease
-from agent.telemetry.outbox import Outbox, OutboxError
-from agent.telemetry.outbox_open import OpenedOutbox, open_outbox
-from agent.telemetry.publisher import TelemetryPublisher
-from agent.telemetry.recorder import FlushSchedule, Telemetry
-from agent.telemetry.resources import ResourceSampler, available_ram_bytes
-from agent.updater import Updater
-from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier, rebuilt_state, recover_installed
-from protos.fleet.uptane import TrustAnchors
-from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
+from edgefleet.agent.update.updater import Updater
+from edgefleet.agent.update.uptane_client import (
+    GrpcMetadataFetcher,
+    UptaneVerifier,
+    rebuilt_state,
+    recover_installed,
+)
+from edgefleet.protos.fleet.uptane import TrustAnchors
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
 
 log = logging.getLogger(__name__)
 

@@ -56,13 +56,13 @@ import psutil
 
 from bench.services import start_broker
 from bench.sim_fleet import SimFleet, build_sim_bundle
-from controlplane.child_process import Processes
-from controlplane.client import operator_stub, publish_bundle
-from controlplane.demo import check_alive, free_port, health_serving, serve_command, wait_for
-from controlplane.keys import KeyDir, init_keys
-from controlplane.rbac import ADMIN_TOKEN_FILE
-from controlplane.tls import channel_credentials
-from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from edgefleet.controlplane.cli.child_process import Processes
+from edgefleet.controlplane.cli.client import operator_stub, publish_bundle
+from edgefleet.controlplane.cli.demo import check_alive, free_port, health_serving, serve_command, wait_for
+from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.controlplane.trust.tls import channel_credentials
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 BASELINE_SIZE = 100
 SIZES = (BASELINE_SIZE, 1000, 2000)

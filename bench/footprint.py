@@ -22,10 +22,10 @@ from pathlib import Path
 
 import grpc
 
-from controlplane.bundles import build_bundle
-from controlplane.child_process import Processes
-from controlplane.client import all_pages, operator_stub, publish_bundle
-from controlplane.demo import (
+from edgefleet.controlplane.build.bundles import build_bundle
+from edgefleet.controlplane.cli.child_process import Processes
+from edgefleet.controlplane.cli.client import all_pages, operator_stub, publish_bundle
+from edgefleet.controlplane.cli.demo import (
     agent_command,
     find_model,
     free_port,
@@ -33,9 +33,9 @@ from controlplane.demo import (
     serve_command,
     wait_for,
 )
-from controlplane.keys import init_keys
-from controlplane.rbac import ADMIN_TOKEN_FILE
-from protos.fleet.v1 import common_pb2, operator_pb2
+from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE
+from edgefleet.controlplane.trust.keys import init_keys
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2
 
 N_CTX = 2048
 THREADS = 1

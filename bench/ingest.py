@@ -48,13 +48,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from bench.services import postgres_server, start_broker, throwaway_database
-from controlplane.collector import tune_for_serving
-from controlplane.db.engine import make_engine
-from controlplane.db.models import Device, TelemetryRecord
-from controlplane.db.telemetry import IngestRecord, insert_telemetry
-from controlplane.ingest import TelemetryIngestor
-from protos.fleet.broker_url import parse_broker_url
-from protos.fleet.topics import TopicKind, telemetry_topic
+from edgefleet.controlplane.app.collector import tune_for_serving
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import Device, TelemetryRecord
+from edgefleet.controlplane.store.telemetry import IngestRecord, insert_telemetry
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor
+from edgefleet.protos.fleet.broker_url import parse_broker_url
+from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 
 TARGET_RATIO = 0.5
 BATCH_MESSAGES = 500  # the ingestor's batch size (messages per write)

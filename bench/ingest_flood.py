@@ -27,10 +27,10 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bench.services import start_broker
-from controlplane.db.engine import make_engine
-from controlplane.ingest import MAX_MESSAGE_BYTES, TelemetryIngestor
-from controlplane.record_shape import MAX_RECORDS_PER_MESSAGE
-from protos.fleet.topics import TopicKind, telemetry_topic
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.telemetry.ingest import MAX_MESSAGE_BYTES, TelemetryIngestor
+from edgefleet.controlplane.telemetry.record_shape import MAX_RECORDS_PER_MESSAGE
+from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 
 CLIENT_ID = "edgefleet-controlplane-flood"
 

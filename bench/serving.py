@@ -179,11 +179,11 @@ def serve(path: Path, *, n_ctx: int, n_threads: int) -> None:
     """Child mode: load the agent's runtime, print the port, serve its API until terminated."""
     import uvicorn
 
-    from agent.api import create_app
-    from agent.runtimes import load_runtime
-    from agent.service import bind_api_socket
-    from agent.serving import ModelTable
-    from protos.fleet.v1 import common_pb2
+    from edgefleet.agent.api import create_app
+    from edgefleet.agent.runtimes import load_runtime
+    from edgefleet.agent.runtimes.model_table import ModelTable
+    from edgefleet.agent.service import bind_api_socket
+    from edgefleet.protos.fleet.v1 import common_pb2
 
     runtime = load_runtime(
         fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=path, model_id=MODEL_ID, n_ctx=n_ctx, n_threads=n_threads

@@ -2,7 +2,7 @@
 gRPC protocol to a real control plane.
 
 Each simulated device does what the agent does on the wire (agent/service.py): it makes one
-P-256 key, enrolls over TLS with the bootstrap token and a CSR (agent.device_tls), opens its
+P-256 key, enrolls over TLS with the bootstrap token and a CSR (edgefleet.agent.device.tls), opens its
 own mutual-TLS channel with the certificate it got, holds ``WatchDesiredState`` open (and
 reopens it with jittered backoff), and answers every nudge with ``ReportStatus``: VERIFYING,
 then, after its behaviour's delay, ACTIVE at that generation with the nudge's release among
@@ -48,14 +48,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from securesystemslib.signer import Signer
 
-from agent.channel import CHANNEL_OPTIONS, open_enrollment_channel
-from agent.device_tls import csr_pem, key_pem, new_key
-from agent.identity import DeviceIdentity
-from agent.telemetry.outbox import encode_batch, encode_message
-from controlplane.bundles import BundleOnDisk, build_bundle
-from protos.fleet.broker_url import configure_client, parse_broker_url
-from protos.fleet.topics import TopicKind, telemetry_topic
-from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
+from edgefleet.agent.device.channel import CHANNEL_OPTIONS, open_enrollment_channel
+from edgefleet.agent.device.identity import DeviceIdentity
+from edgefleet.agent.device.tls import csr_pem, key_pem, new_key
+from edgefleet.agent.telemetry.outbox import encode_batch, encode_message
+from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle
+from edgefleet.protos.fleet.broker_url import configure_client, parse_broker_url
+from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
 
 ANY_RELEASE = "*"
 """In ``Behaviour.fail``: every release fails."""

@@ -1,6 +1,6 @@
 """Regenerates the Python code of the wire contract from protos/fleet/v1/*.proto.
 
-Run from anywhere as ``python -m protos.generate``. The generated ``*_pb2.py``,
+Run from anywhere as ``python -m edgefleet.protos.generate``. The generated ``*_pb2.py``,
 ``*_pb2_grpc.py`` and ``*_pb2.pyi`` files are committed; ``tests/unit/test_protos_generated.py``
 regenerates them into a temporary directory and fails if they differ, so the committed code
 can never drift from the ``.proto`` sources.
@@ -16,7 +16,9 @@ from pathlib import Path
 from grpc_tools import protoc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = REPO_ROOT / "protos" / "fleet" / "v1"
+# Sources are named by their import path, edgefleet/protos/fleet/v1/*.proto, so generated modules
+# import each other as edgefleet.protos.fleet.v1.*.
+PROTO_DIR = REPO_ROOT / "edgefleet" / "protos" / "fleet" / "v1"
 
 
 class ProtocError(RuntimeError):
@@ -44,7 +46,7 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise ProtocError(f"protoc failed for {sources}")
-    return sorted((out_dir / "protos" / "fleet" / "v1").glob("*_pb2*.py*"))
+    return sorted((out_dir / "edgefleet" / "protos" / "fleet" / "v1").glob("*_pb2*.py*"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench.services import Broker, free_port, port_open, postgres_server, start_broker, throwaway_database
-from controlplane.bundles import BundleOnDisk, build_bundle
-from controlplane.keys import KeyDir, init_keys
+from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

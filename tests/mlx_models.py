@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from controlplane.ladder import default_eval_text
+from edgefleet.controlplane.build.ladder import default_eval_text
 
 HIDDEN, FFN, LAYERS, HEADS, VOCAB = 128, 256, 2, 4, 512
 MAX_POSITIONS = 1024
@@ -122,7 +122,7 @@ def build_llama(
 
 def mlx_variant(source: Path, dest: Path, quantization: str = "q4") -> Path:
     """Convert and quantize `source` the way the ladder does for a release; returns `dest`."""
-    from controlplane.ladder.mlx import quantize_mlx
+    from edgefleet.controlplane.build.ladder.mlx import quantize_mlx
 
     quantize_mlx(source, dest, quantization)
     return dest

@@ -5,7 +5,7 @@ only meaningful test is against a real broker running that config. ``start_tls_b
 deploy/mosquitto/mosquitto.conf itself, with only paths, ports and the run-as user changed,
 next to a copy of deploy/mosquitto/acl: a change to either file is tested as written. This is
 the one way tests run the production config. Certificates come from the fleet CA
-(``controlplane.ca``) and the CRL from ``controlplane.crl``, as in production.
+(``edgefleet.controlplane.trust.ca``) and the CRL from ``edgefleet.controlplane.trust.crl``, as in production.
 
 Everything waits on events or log lines with deadlines; nothing sleeps for a fixed time.
 """
@@ -39,10 +39,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from controlplane.ca import CertificateAuthority, init_ca, new_private_key, private_key_pem
-from controlplane.crl import RevokedCertificate, write_crl
-from controlplane.ingest import SESSION_EXPIRY_S
-from controlplane.revocation import end_broker_session
+from edgefleet.controlplane.telemetry.ingest import SESSION_EXPIRY_S
+from edgefleet.controlplane.trust.ca import CertificateAuthority, init_ca, new_private_key, private_key_pem
+from edgefleet.controlplane.trust.crl import RevokedCertificate, write_crl
+from edgefleet.controlplane.trust.revocation import end_broker_session
 from tests.conftest import port_open
 
 DEPLOY_MOSQUITTO = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
@@ -307,7 +307,8 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) 
 class Probe:
     """One MQTT v5 connection whose CONNACK, SUBACK and PUBACK reason codes the test can read.
 
-    ``persistent`` makes it the session ``controlplane.ingest`` keeps: clean start off and a
+    ``persistent`` makes it the session ``edgefleet.controlplane.telemetry.ingest`` keeps: clean
+    start off and a
     Session Expiry Interval, so the broker queues QoS 1 messages while it is away. ``will`` is a
     (topic, payload) Last Will, retained at QoS 1 as the agent registers its Presence.
 
@@ -507,7 +508,8 @@ def device_probe(broker: TlsBroker, device: DeviceIdentity, *, client_id: str | 
 
 def disconnect_device_by_client_id_takeover(broker: TlsBroker, device_id: str) -> None:
     """Drops ``device_id``'s live connection the way the control plane does after a revocation
-    (``controlplane.revocation.end_broker_session``): it connects on the loopback listener with
+    (``edgefleet.controlplane.trust.revocation.end_broker_session``): it connects on the loopback
+    listener with
     the device's client id (the device listener's ``use_username_as_clientid`` makes that id the
     certificate's CN), Mosquitto closes the device's connection for the newer one, and it leaves.
 

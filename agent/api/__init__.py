@@ -1,5 +1,5 @@
 """The device's local OpenAI-compatible API (see `app.create_app`)."""
 
-from agent.api.app import create_app
+from edgefleet.agent.api.app import create_app
 
 __all__ = ["create_app"]

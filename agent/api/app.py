@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp
 
-from agent.api import (
+from edgefleet.agent.api import (
     routes_chat,
     routes_completions,
     routes_embeddings,
@@ -21,18 +21,18 @@ from agent.api import (
     routes_metrics,
     routes_models,
 )
-from agent.api.admission import AdmissionQueue, QueueLimits
-from agent.api.errors import APIError, install_error_handlers
-from agent.api.framing import FramingGuard
-from agent.api.limits import RequestLimits
-from agent.api.metrics import ApiMetrics, ReleaseInfo, ResponseCounter
-from agent.api.openapi import install_openapi
-from agent.api.serving_base import ServingEndpoint
-from agent.api.serving_chat import ServingChat
-from agent.api.serving_completion import ServingCompletion
-from agent.api.serving_embedding import ServingEmbedding
-from agent.serving import ModelTable
-from agent.stats import InferenceStats
+from edgefleet.agent.api.admission import AdmissionQueue, QueueLimits
+from edgefleet.agent.api.errors import APIError, install_error_handlers
+from edgefleet.agent.api.framing import FramingGuard
+from edgefleet.agent.api.limits import RequestLimits
+from edgefleet.agent.api.metrics import ApiMetrics, ReleaseInfo, ResponseCounter
+from edgefleet.agent.api.openapi import install_openapi
+from edgefleet.agent.api.serving_base import ServingEndpoint
+from edgefleet.agent.api.serving_chat import ServingChat
+from edgefleet.agent.api.serving_completion import ServingCompletion
+from edgefleet.agent.api.serving_embedding import ServingEmbedding
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.stats import InferenceStats
 
 ROUTERS = (
     routes_models.router,

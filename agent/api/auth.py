@@ -17,8 +17,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agent.api.errors import APIError
-from protos.fleet.fsio import atomic_write_bytes
+from edgefleet.agent.api.errors import APIError
+from edgefleet.protos.fleet.fsio import atomic_write_bytes
 
 PROTECTED_PREFIX = "/v1/"
 PROTECTED_PATHS = frozenset({"/metrics"})

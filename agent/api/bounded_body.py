@@ -17,9 +17,9 @@ from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from agent.api.deps import request_limits
-from agent.api.disconnect import ClientDisconnected
-from agent.api.limits import BodyTimeout, check_json_depth
+from edgefleet.agent.api.deps import request_limits
+from edgefleet.agent.api.disconnect import ClientDisconnected
+from edgefleet.agent.api.limits import BodyTimeout, check_json_depth
 
 
 class BoundedBodyRoute(APIRoute):

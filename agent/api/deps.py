@@ -10,12 +10,12 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from agent.api.limits import RequestLimits
-from agent.api.metrics import ApiMetrics
-from agent.api.serving_chat import ServingChat
-from agent.api.serving_completion import ServingCompletion
-from agent.api.serving_embedding import ServingEmbedding
-from agent.serving import ModelTable
+from edgefleet.agent.api.limits import RequestLimits
+from edgefleet.agent.api.metrics import ApiMetrics
+from edgefleet.agent.api.serving_chat import ServingChat
+from edgefleet.agent.api.serving_completion import ServingCompletion
+from edgefleet.agent.api.serving_embedding import ServingEmbedding
+from edgefleet.agent.runtimes.model_table import ModelTable
 
 T = TypeVar("T")
 

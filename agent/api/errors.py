@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected
-from agent.api.limits import (
+from edgefleet.agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected
+from edgefleet.agent.api.limits import (
     BodyTimeout,
     BodyTooLarge,
     JSONTooDeep,
@@ -29,8 +29,8 @@ from agent.api.limits import (
     RequestLimitExceeded,
     TooManyItems,
 )
-from agent.api.protocol import ErrorInfo, ErrorResponse
-from agent.runtimes.base import (
+from edgefleet.agent.api.protocol import ErrorInfo, ErrorResponse
+from edgefleet.agent.runtimes.base import (
     CapabilityNotSupported,
     ChatNotSupported,
     ContextLengthExceeded,
@@ -38,8 +38,8 @@ from agent.runtimes.base import (
     RuntimeFailure,
     RuntimeUnloaded,
 )
-from agent.runtimes.memory_budget import ModelMemoryExhausted
-from agent.serving import ModelNotServed, NoActiveModel
+from edgefleet.agent.runtimes.memory_budget import ModelMemoryExhausted
+from edgefleet.agent.runtimes.model_table import ModelNotServed, NoActiveModel
 
 logger = logging.getLogger(__name__)
 

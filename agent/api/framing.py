@@ -19,8 +19,8 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent.api.errors import CLOSE, APIError, api_error_for
-from agent.api.limits import BodyTooLarge
+from edgefleet.agent.api.errors import CLOSE, APIError, api_error_for
+from edgefleet.agent.api.limits import BodyTooLarge
 
 _LENGTH = re.compile(rb"[0-9]+")
 _LENGTH_DIGITS = 18  # more digits than this is no body this API would take (nor int() parse cheaply)

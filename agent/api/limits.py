@@ -5,7 +5,7 @@ buffered whole, or after its prompt was tokenized, has already taken that slot (
 event loop) from everyone else. So the body is bounded in bytes (while it is read) and in
 time, its JSON in nesting depth, and the parsed request in characters and item counts, all
 before the request is queued for the model. Each refusal is a typed exception naming the
-setting it hit; agent.api.errors maps them to OpenAI error bodies.
+setting it hit; edgefleet.agent.api.errors maps them to OpenAI error bodies.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import accumulate
 
-from agent.api.protocol import MAX_EMBEDDING_INPUTS
+from edgefleet.agent.api.protocol import MAX_EMBEDDING_INPUTS
 
 
 @dataclass(frozen=True, slots=True)

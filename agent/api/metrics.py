@@ -19,11 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent.api.admission import AdmissionQueue
-from agent.runtimes.base import format_name
-from agent.runtimes.keep_alive import KeepAliveRuntime
-from agent.serving import ModelTable
-from agent.stats import InferenceStats
+from edgefleet.agent.api.admission import AdmissionQueue
+from edgefleet.agent.runtimes.base import format_name
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.stats import InferenceStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # what generate_latest writes: the Prometheus text format
 OTHER = "other"

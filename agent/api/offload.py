@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.runtimes.base import Completion, Delta, FinishReason, Generation, PushingGeneration
+from edgefleet.agent.runtimes.base import Completion, Delta, FinishReason, Generation, PushingGeneration
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from agent.api.protocol import ChatCompletionChunk, CompletionResponse, ErrorResponse
+from edgefleet.agent.api.protocol import ChatCompletionChunk, CompletionResponse, ErrorResponse
 
 _REF = "#/components/schemas/{model}"
 # Models that only appear inside event streams, so FastAPI would not add them to components.

@@ -7,7 +7,7 @@ inputs, other embedding sizes) are refused rather than silently ignored. The JSO
 say the same (n is exactly 1, echo only false, ...) because /openapi.json is generated
 from these classes and clients and fuzzers rely on it. Every string a request carries must
 be Unicode text (JSON can spell a lone surrogate; it is refused naming the field), names and
-stop sequences are bounded here, and the prompt as a whole by agent.api.limits.
+stop sequences are bounded here, and the prompt as a whole by edgefleet.agent.api.limits.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from agent.api.bounded_body import BoundedBodyRoute
-from agent.api.deps import chat_serving
-from agent.api.openapi import MODEL_ERRORS, json_or_stream
-from agent.api.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from agent.api.serving_chat import ServingChat
+from edgefleet.agent.api.bounded_body import BoundedBodyRoute
+from edgefleet.agent.api.deps import chat_serving
+from edgefleet.agent.api.openapi import MODEL_ERRORS, json_or_stream
+from edgefleet.agent.api.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
+from edgefleet.agent.api.serving_chat import ServingChat
 
 router = APIRouter(route_class=BoundedBodyRoute)
 

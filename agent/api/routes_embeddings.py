@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from agent.api.bounded_body import BoundedBodyRoute
-from agent.api.deps import embedding_serving
-from agent.api.openapi import MODEL_ERRORS
-from agent.api.protocol import EmbeddingRequest, EmbeddingResponse
-from agent.api.serving_embedding import ServingEmbedding
+from edgefleet.agent.api.bounded_body import BoundedBodyRoute
+from edgefleet.agent.api.deps import embedding_serving
+from edgefleet.agent.api.openapi import MODEL_ERRORS
+from edgefleet.agent.api.protocol import EmbeddingRequest, EmbeddingResponse
+from edgefleet.agent.api.serving_embedding import ServingEmbedding
 
 router = APIRouter(route_class=BoundedBodyRoute)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from agent.api.deps import HealthProbe, health_probe, model_table
-from agent.api.protocol import HealthResponse
-from agent.serving import ModelTable
+from edgefleet.agent.api.deps import HealthProbe, health_probe, model_table
+from edgefleet.agent.api.protocol import HealthResponse
+from edgefleet.agent.runtimes.model_table import ModelTable
 
 router = APIRouter()
 

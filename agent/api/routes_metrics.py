@@ -11,8 +11,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from agent.api.deps import api_metrics
-from agent.api.metrics import CONTENT_TYPE, ApiMetrics
+from edgefleet.agent.api.deps import api_metrics
+from edgefleet.agent.api.metrics import CONTENT_TYPE, ApiMetrics
 
 router = APIRouter()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from agent.api.deps import model_table
-from agent.api.protocol import ModelCard, ModelList
-from agent.serving import ModelTable
+from edgefleet.agent.api.deps import model_table
+from edgefleet.agent.api.protocol import ModelCard, ModelList
+from edgefleet.agent.runtimes.model_table import ModelTable
 
 router = APIRouter()
 

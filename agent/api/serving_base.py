@@ -21,15 +21,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from agent.api import sse
-from agent.api.admission import AdmissionQueue, QueueFull, Slot
-from agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
-from agent.api.errors import INVALID_REQUEST, RATE_LIMITED, APIError, api_error_for
-from agent.api.limits import RequestLimitExceeded, RequestLimits
-from agent.api.offload import TokenPump, collect
-from agent.api.protocol import ErrorResponse, SamplingRequest, UsageInfo
-from agent.api.timing import RequestTimer
-from agent.runtimes.base import (
+from edgefleet.agent.api import sse
+from edgefleet.agent.api.admission import AdmissionQueue, QueueFull, Slot
+from edgefleet.agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
+from edgefleet.agent.api.errors import INVALID_REQUEST, RATE_LIMITED, APIError, api_error_for
+from edgefleet.agent.api.limits import RequestLimitExceeded, RequestLimits
+from edgefleet.agent.api.offload import TokenPump, collect
+from edgefleet.agent.api.protocol import ErrorResponse, SamplingRequest, UsageInfo
+from edgefleet.agent.api.timing import RequestTimer
+from edgefleet.agent.runtimes.base import (
     Capability,
     Completion,
     ContextLengthExceeded,
@@ -38,8 +38,8 @@ from agent.runtimes.base import (
     Runtime,
     SamplingParams,
 )
-from agent.serving import Lease, ModelNotServed, ModelTable, NoActiveModel
-from agent.stats import InferenceStats
+from edgefleet.agent.runtimes.model_table import Lease, ModelNotServed, ModelTable, NoActiveModel
+from edgefleet.agent.stats import InferenceStats
 
 RequestT = TypeVar("RequestT", bound=SamplingRequest)
 

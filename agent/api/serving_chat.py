@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from agent.api.limits import RequestLimits
-from agent.api.protocol import (
+from edgefleet.agent.api.limits import RequestLimits
+from edgefleet.agent.api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
@@ -15,8 +15,8 @@ from agent.api.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from agent.api.serving_base import OpenAIServing
-from agent.runtimes.base import Capability, ChatMessage, Completion, Delta, Generation, Runtime
+from edgefleet.agent.api.serving_base import OpenAIServing
+from edgefleet.agent.runtimes.base import Capability, ChatMessage, Completion, Delta, Generation, Runtime
 
 
 class ServingChat(OpenAIServing[ChatCompletionRequest]):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from agent.api.limits import RequestLimits
-from agent.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
-from agent.api.serving_base import OpenAIServing
-from agent.runtimes.base import Capability, Completion, Delta, Generation, Runtime
+from edgefleet.agent.api.limits import RequestLimits
+from edgefleet.agent.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from edgefleet.agent.api.serving_base import OpenAIServing
+from edgefleet.agent.runtimes.base import Capability, Completion, Delta, Generation, Runtime
 
 
 class ServingCompletion(OpenAIServing[CompletionRequest]):

@@ -17,11 +17,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from agent.api.errors import APIError, api_error_for
-from agent.api.limits import RequestLimits
-from agent.api.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from agent.api.serving_base import Admission, ServingEndpoint, error_code
-from agent.runtimes.base import Capability, Embeddings
+from edgefleet.agent.api.errors import APIError, api_error_for
+from edgefleet.agent.api.limits import RequestLimits
+from edgefleet.agent.api.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from edgefleet.agent.api.serving_base import Admission, ServingEndpoint, error_code
+from edgefleet.agent.runtimes.base import Capability, Embeddings
 
 
 class ServingEmbedding(ServingEndpoint):

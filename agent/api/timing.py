@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent.stats import InferenceStats
+from edgefleet.agent.stats import InferenceStats
 
 logger = logging.getLogger(__name__)
 

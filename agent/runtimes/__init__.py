@@ -3,7 +3,7 @@
 Importing this package never imports a backend library (llama_cpp, onnxruntime, mlx).
 """
 
-from agent.runtimes.base import (
+from edgefleet.agent.runtimes.base import (
     ChatMessage,
     ChatNotSupported,
     Completion,
@@ -21,7 +21,7 @@ from agent.runtimes.base import (
     SamplingParams,
     UnsupportedFormatError,
 )
-from agent.runtimes.registry import load_runtime, supported_formats
+from edgefleet.agent.runtimes.registry import load_runtime, supported_formats
 
 __all__ = [
     "ChatMessage",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
-from protos.fleet.v1 import common_pb2
+from edgefleet.protos.fleet.v1 import common_pb2
 
 FinishReason = Literal["stop", "length"]
 

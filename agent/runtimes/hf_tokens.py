@@ -4,7 +4,7 @@ Used by the ONNX adapter (its folder's tokenizer.json) and the MLX adapter (the 
 tokenizer behind mlx-lm's wrapper). Text pieces are encoded by a copy of the tokenizer with
 ``encode_special_tokens`` on, so a special token's text written in a message stays text
 (transformers calls this ``split_special_tokens``); marker pieces are the template's own
-and arrive as ids. See `agent.runtimes.prompt` for why and how pieces are made.
+and arrive as ids. See `edgefleet.agent.runtimes.prompt` for why and how pieces are made.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from agent.runtimes.prompt import Piece, SpecialToken, SpecialTokens
+from edgefleet.agent.runtimes.prompt import Piece, SpecialToken, SpecialTokens
 
 
 class TokenizersPieces:

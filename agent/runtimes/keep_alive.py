@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from agent.runtimes.base import (
+from edgefleet.agent.runtimes.base import (
     ChatMessage,
     Completion,
     Delta,
@@ -28,7 +28,7 @@ from agent.runtimes.base import (
     SamplingParams,
     collect,
 )
-from agent.runtimes.memory_budget import MemoryBudget
+from edgefleet.agent.runtimes.memory_budget import MemoryBudget
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.runtimes.base import (
+from edgefleet.agent.runtimes.base import (
     Capability,
     CapabilityNotSupported,
     ChatMessage,
@@ -68,7 +68,7 @@ from agent.runtimes.base import (
     collect,
     smoke_generate,
 )
-from agent.runtimes.prompt import (
+from edgefleet.agent.runtimes.prompt import (
     Piece,
     PromptLimit,
     SpecialToken,
@@ -77,9 +77,9 @@ from agent.runtimes.prompt import (
     chat_segments,
     seed32,
 )
-from agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
-from agent.runtimes.text import StopTextBuffer
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
+from edgefleet.agent.runtimes.text import StopTextBuffer
+from edgefleet.protos.fleet.v1 import common_pb2
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -242,7 +242,7 @@ def _vocabulary(llama_cpp: Any, vocab: Any) -> tuple[SpecialTokens, int]:
 
 
 class _Tokenizer:
-    """llama.cpp tokenizing by pieces: markers found in Python (see `agent.runtimes.prompt`),
+    """llama.cpp tokenizing by pieces: markers found in Python (see `edgefleet.agent.runtimes.prompt`),
     the text between them through `llama_tokenize` with special parsing off. Called on the
     llama thread only."""
 
@@ -352,7 +352,7 @@ def _chat_template(llama: Llama, llama_cpp: Any, vocab: Any) -> Callable[[list[d
 
 
 class LlamaCppRuntime:
-    """A loaded GGUF model; implements `agent.runtimes.base.Runtime`."""
+    """A loaded GGUF model; implements `edgefleet.agent.runtimes.base.Runtime`."""
 
     def __init__(
         self,
@@ -390,7 +390,7 @@ class LlamaCppRuntime:
 
     def chat_stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> SlotGeneration:
         """Only the template's own markers are control tokens; message text never is (see
-        `agent.runtimes.prompt`). Too much text is refused before rendering or tokenizing."""
+        `edgefleet.agent.runtimes.prompt`). Too much text is refused before rendering or tokenizing."""
         if self._chat_template is None:
             raise ChatNotSupported(f"{self._description.model_id} has no chat template; use /v1/completions")
         self._limit.check(m.content for m in messages)
@@ -408,7 +408,7 @@ class LlamaCppRuntime:
     def complete_stream(self, prompt: str, params: SamplingParams) -> SlotGeneration:
         """A raw prompt is the client's whole prompt: markers written in it are honoured and
         BOS added if the model wants one, as Llama.create_completion does; tokenizing stays
-        linear and bounded (see `agent.runtimes.prompt`)."""
+        linear and bounded (see `edgefleet.agent.runtimes.prompt`)."""
         self._limit.check((prompt,))
         pieces = assemble(((prompt, True),), self._tokenizer.specials)
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from agent.runtimes.base import (
+from edgefleet.agent.runtimes.base import (
     GENERATIVE,
     Capability,
     CapabilityNotSupported,
@@ -57,11 +57,11 @@ from agent.runtimes.base import (
     collect,
     smoke_generate,
 )
-from agent.runtimes.hf_tokens import TokenizersPieces
-from agent.runtimes.prompt import PromptLimit, assemble, chat_segments, seed32
-from agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
-from agent.runtimes.text import StopTextBuffer
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.hf_tokens import TokenizersPieces
+from edgefleet.agent.runtimes.prompt import PromptLimit, assemble, chat_segments, seed32
+from edgefleet.agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
+from edgefleet.agent.runtimes.text import StopTextBuffer
+from edgefleet.protos.fleet.v1 import common_pb2
 
 if TYPE_CHECKING:
     from mlx.nn.layers.base import Module
@@ -215,7 +215,7 @@ def _device_name(mx: Any) -> str:
 
 
 class MlxRuntime:
-    """A loaded MLX model; implements `agent.runtimes.base.Runtime`."""
+    """A loaded MLX model; implements `edgefleet.agent.runtimes.base.Runtime`."""
 
     def __init__(self, loaded: _Loaded, *, thread: _MlxThread, description: RuntimeDescription) -> None:
         self._loaded: _Loaded | None = loaded  # touched on the mlx thread only
@@ -248,7 +248,7 @@ class MlxRuntime:
                 return apply(conversation, add_generation_prompt=True, tokenize=False)
 
             # The template writes its own special tokens (BOS included); only those become
-            # special tokens, message text never does (see agent.runtimes.prompt).
+            # special tokens, message text never does (see edgefleet.agent.runtimes.prompt).
             segments = chat_segments(render, messages)
             self._limit.check(text for text, _ in segments)
             return loaded.pieces.ids(assemble(segments, loaded.pieces.specials))

@@ -12,7 +12,7 @@ What the model is comes from the graph: a ``logits`` output makes a causal LM, a
 
 - LMs run a token loop owned here, as the llama.cpp adapter does, so prompt length is
   checked before any work, tokens are counted as produced, stop sequences and split UTF-8
-  characters are held back (:class:`agent.runtimes.text.StopTextBuffer`), and closing a
+  characters are held back (:class:`edgefleet.agent.runtimes.text.StopTextBuffer`), and closing a
   stream stops the model within one token. Graphs exported with a KV cache in Hugging Face
   Optimum's layout (``past_key_values.N.key/value`` inputs [batch, heads, past, head_dim],
   ``present.N.key/value`` outputs, optionally ``use_cache_branch``) get the prompt once and
@@ -56,7 +56,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from agent.runtimes.base import (
+from edgefleet.agent.runtimes.base import (
     GENERATIVE,
     Capability,
     CapabilityNotSupported,
@@ -78,11 +78,11 @@ from agent.runtimes.base import (
     collect,
     smoke_generate,
 )
-from agent.runtimes.hf_tokens import TokenizersPieces
-from agent.runtimes.prompt import PromptLimit, assemble, chat_segments, seed32
-from agent.runtimes.slot_generation import InlineCalls, SlotGeneration, start_generation
-from agent.runtimes.text import StopTextBuffer
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.hf_tokens import TokenizersPieces
+from edgefleet.agent.runtimes.prompt import PromptLimit, assemble, chat_segments, seed32
+from edgefleet.agent.runtimes.slot_generation import InlineCalls, SlotGeneration, start_generation
+from edgefleet.agent.runtimes.text import StopTextBuffer
+from edgefleet.protos.fleet.v1 import common_pb2
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,7 +107,7 @@ PROVIDER_PREFERENCE: Final[tuple[str, ...]] = (
     CPU_PROVIDER,
 )
 """Fastest first: discrete GPUs, then NPUs, then providers that pick a device themselves.
-The same order as ``agent.selection.ONNX_PROVIDERS``, so the runtime lands where variant
+The same order as ``edgefleet.agent.update.selection.ONNX_PROVIDERS``, so the runtime lands where variant
 selection planned it. Providers not listed (e.g. Azure's remote one) are never chosen."""
 
 MODEL_FILE = "model.onnx"
@@ -678,7 +678,7 @@ def _open_session(ort: Any, model_file: Path, threads: int) -> Any:
 
 
 class OnnxRuntime:
-    """A loaded ONNX model folder; implements `agent.runtimes.base.Runtime`."""
+    """A loaded ONNX model folder; implements `edgefleet.agent.runtimes.base.Runtime`."""
 
     def __init__(
         self,
@@ -721,7 +721,7 @@ class OnnxRuntime:
         segments = chat_segments(self._chat_template, messages)
         self._limit.check(text for text, _ in segments)
         # The template writes the special tokens itself (BOS included), as transformers assumes;
-        # only its own markers become special tokens (see agent.runtimes.prompt).
+        # only its own markers become special tokens (see edgefleet.agent.runtimes.prompt).
         return self._start(self._pieces.ids(assemble(segments, self._pieces.specials)), params)
 
     def complete_stream(self, prompt: str, params: SamplingParams) -> SlotGeneration:

@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from agent.runtimes.base import ChatMessage, InvalidPromptError, PromptTooLarge
+from edgefleet.agent.runtimes.base import ChatMessage, InvalidPromptError, PromptTooLarge
 
 Piece = int | str
 """A token id the prompt must contain as is, or text to tokenize with special parsing off."""

@@ -15,8 +15,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Protocol, cast
 
-from agent.runtimes.base import Runtime, UnsupportedFormatError
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.base import Runtime, UnsupportedFormatError
+from edgefleet.protos.fleet.v1 import common_pb2
 
 
 class AdapterFactory(Protocol):
@@ -41,9 +41,9 @@ class Adapter:
 
 ADAPTERS: Final[Mapping[int, Adapter]] = MappingProxyType(
     {
-        common_pb2.MODEL_FORMAT_GGUF: Adapter("agent.runtimes.llama_cpp", "llama_cpp"),
-        common_pb2.MODEL_FORMAT_ONNX: Adapter("agent.runtimes.onnx_runtime", "onnxruntime"),
-        common_pb2.MODEL_FORMAT_MLX: Adapter("agent.runtimes.mlx_runtime", "mlx_lm"),
+        common_pb2.MODEL_FORMAT_GGUF: Adapter("edgefleet.agent.runtimes.llama_cpp", "llama_cpp"),
+        common_pb2.MODEL_FORMAT_ONNX: Adapter("edgefleet.agent.runtimes.onnx_runtime", "onnxruntime"),
+        common_pb2.MODEL_FORMAT_MLX: Adapter("edgefleet.agent.runtimes.mlx_runtime", "mlx_lm"),
     }
 )
 

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import Protocol, TypeVar, runtime_checkable
 
-from agent.runtimes.base import ContextLengthExceeded, Delta, InvalidPromptError, RuntimeUnloaded
+from edgefleet.agent.runtimes.base import ContextLengthExceeded, Delta, InvalidPromptError, RuntimeUnloaded
 
 T = TypeVar("T")
 

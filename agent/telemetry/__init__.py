@@ -8,9 +8,9 @@ Typical wiring in the agent::
     publisher.start()
 """
 
-from agent.telemetry.outbox import Outbox, OutboxCorruptError, OutboxError, OutboxItem
-from agent.telemetry.publisher import TelemetryPublisher
-from agent.telemetry.recorder import Telemetry
+from edgefleet.agent.telemetry.outbox import Outbox, OutboxCorruptError, OutboxError, OutboxItem
+from edgefleet.agent.telemetry.publisher import TelemetryPublisher
+from edgefleet.agent.telemetry.recorder import Telemetry
 
 __all__ = [
     "Outbox",

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from agent.stats import InferenceStats
+from edgefleet.agent.stats import InferenceStats
 
 DEFAULT_MAX_SAMPLES = 1024
 DEFAULT_MAX_MODELS = 64

@@ -24,8 +24,8 @@ from pathlib import Path
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from protos.fleet.fsio import atomic_write_bytes
-from protos.fleet.topics import MESSAGE_TYPES, TelemetryMessage, TopicKind
+from edgefleet.protos.fleet.fsio import atomic_write_bytes
+from edgefleet.protos.fleet.topics import MESSAGE_TYPES, TelemetryMessage, TopicKind
 
 _SCHEMA_VERSION = 1
 

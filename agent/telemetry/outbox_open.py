@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.telemetry.outbox import Outbox, OutboxCorruptError, read_seq_mark
-from protos.fleet.fsio import fsync_dir
+from edgefleet.agent.telemetry.outbox import Outbox, OutboxCorruptError, read_seq_mark
+from edgefleet.protos.fleet.fsio import fsync_dir
 
 log = logging.getLogger(__name__)
 

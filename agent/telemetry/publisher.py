@@ -50,10 +50,23 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.telemetry.outbox import Outbox, OutboxError, OutboxItem, batch_size, encode_batch, encode_message
-from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
-from protos.fleet.topics import METRIC_KINDS, TopicKind, presence_topic, status_topic, telemetry_topic
-from protos.fleet.v1 import telemetry_pb2
+from edgefleet.agent.telemetry.outbox import (
+    Outbox,
+    OutboxError,
+    OutboxItem,
+    batch_size,
+    encode_batch,
+    encode_message,
+)
+from edgefleet.protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
+from edgefleet.protos.fleet.topics import (
+    METRIC_KINDS,
+    TopicKind,
+    presence_topic,
+    status_topic,
+    telemetry_topic,
+)
+from edgefleet.protos.fleet.v1 import telemetry_pb2
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,17 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import cast
 
-from agent.selection import Selection
-from agent.stats import InferenceStats
-from agent.telemetry.aggregate import InferenceAggregator, InferenceWindow, ModelSummary, ServedRelease
-from agent.telemetry.outbox import Outbox, OutboxError
-from protos.fleet.topics import TelemetryMessage, TopicKind
-from protos.fleet.v1 import common_pb2, telemetry_pb2
+from edgefleet.agent.stats import InferenceStats
+from edgefleet.agent.telemetry.aggregate import (
+    InferenceAggregator,
+    InferenceWindow,
+    ModelSummary,
+    ServedRelease,
+)
+from edgefleet.agent.telemetry.outbox import Outbox, OutboxError
+from edgefleet.agent.update.selection import Selection
+from edgefleet.protos.fleet.topics import TelemetryMessage, TopicKind
+from edgefleet.protos.fleet.v1 import common_pb2, telemetry_pb2
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,18 @@ from datetime import datetime
 
 from sqlmodel import Session
 
-from controlplane.db import crud
-from controlplane.db.models import Bundle, Device, DeviceModel, Rollout, RolloutDevice, VariantPinRule
-from controlplane.repositories import Repositories
-from controlplane.rollouts import director, states
-from controlplane.rollouts.store import REASON_LENGTH
+from edgefleet.controlplane.rollouts import director, states
+from edgefleet.controlplane.rollouts.store import REASON_LENGTH
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.models import (
+    Bundle,
+    Device,
+    DeviceModel,
+    Rollout,
+    RolloutDevice,
+    VariantPinRule,
+)
+from edgefleet.controlplane.trust.repositories import Repositories
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """What operators do to rollouts — create, pause, resume, abort, roll back — and how they read
 them, each inside the caller's transaction with its audit entry. The RPCs
-(controlplane/services/operator_service.py) only authorize and map the errors here to codes.
+(controlplane/api/operator_service.py) only authorize and map the errors here to codes.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
-from controlplane import audit
-from controlplane.db import crud
-from controlplane.db.models import Bundle, Rollout, utcnow
-from controlplane.rollouts import convert, states, store, waves
-from controlplane.rollouts.convert import RolloutSpec
-from controlplane.rollouts.engine import RolloutMachine
-from protos.fleet.v1 import operator_pb2
+from edgefleet.controlplane.fleet import audit
+from edgefleet.controlplane.rollouts import convert, states, store, waves
+from edgefleet.controlplane.rollouts.convert import RolloutSpec
+from edgefleet.controlplane.rollouts.engine import RolloutMachine
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.models import Bundle, Rollout, utcnow
+from edgefleet.protos.fleet.v1 import operator_pb2
 
 
 class RolloutExists(crud.StoreError):

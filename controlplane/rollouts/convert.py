@@ -12,14 +12,19 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.db import crud
-from controlplane.db.models import Bundle, Rollout, RolloutDevice
-from controlplane.rollouts import states
-from controlplane.rollouts.engine import progress_of, soak_until, wave_sizes
-from controlplane.rollouts.gates import InvalidGates, Thresholds
-from controlplane.rollouts.waves import InvalidWaves, WaveSize, check_waves
-from protos.fleet.device_config import InvalidConfig, config_from_json, config_to_json, validate_config
-from protos.fleet.v1 import common_pb2, operator_pb2
+from edgefleet.controlplane.rollouts import states
+from edgefleet.controlplane.rollouts.engine import progress_of, soak_until, wave_sizes
+from edgefleet.controlplane.rollouts.gates import InvalidGates, Thresholds
+from edgefleet.controlplane.rollouts.waves import InvalidWaves, WaveSize, check_waves
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.models import Bundle, Rollout, RolloutDevice
+from edgefleet.protos.fleet.device_config import (
+    InvalidConfig,
+    config_from_json,
+    config_to_json,
+    validate_config,
+)
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_SOAK_SECONDS = 30 * 86400

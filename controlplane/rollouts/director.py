@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from sqlmodel import Session
 
-from controlplane.db import crud
-from controlplane.db.models import Device, VariantPinRule
-from controlplane.repositories import Repositories
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.models import Device, VariantPinRule
+from edgefleet.controlplane.trust.repositories import Repositories
+from edgefleet.protos.fleet.v1 import common_pb2
 
 
 def pin_message(rule: VariantPinRule | None) -> common_pb2.VariantPin | None:

@@ -32,14 +32,14 @@ from datetime import datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from controlplane import audit
-from controlplane.audit import Outcome
-from controlplane.db import crud
-from controlplane.db.crud import as_utc
-from controlplane.db.models import Bundle, Device, Rollout, RolloutDevice, VariantPinRule
-from controlplane.repositories import Repositories, RepositoryRefusal
-from controlplane.rollouts import actions, evidence, gates, states, store, waves
-from controlplane.rollouts.actions import Change
+from edgefleet.controlplane.fleet import audit
+from edgefleet.controlplane.fleet.audit import Outcome
+from edgefleet.controlplane.rollouts import actions, evidence, gates, states, store, waves
+from edgefleet.controlplane.rollouts.actions import Change
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.crud import as_utc
+from edgefleet.controlplane.store.models import Bundle, Device, Rollout, RolloutDevice, VariantPinRule
+from edgefleet.controlplane.trust.repositories import Repositories, RepositoryRefusal
 
 log = logging.getLogger(__name__)
 ENGINE_ACTOR = "controlplane:rollouts"  # who the audit trail says assigned and rolled back devices

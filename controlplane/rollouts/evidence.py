@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from controlplane.db.crud import as_utc
-from controlplane.db.models import RolloutDevice, TelemetryRecord
-from controlplane.record_shape import json_number
-from controlplane.rollouts.gates import Evidence, Figures, Interval
+from edgefleet.controlplane.rollouts.gates import Evidence, Figures, Interval
+from edgefleet.controlplane.store.crud import as_utc
+from edgefleet.controlplane.store.models import RolloutDevice, TelemetryRecord
+from edgefleet.controlplane.telemetry.record_shape import json_number
 
 ReleaseKey = tuple[str, int]  # (bundle name, version)
 

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 log = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same in every control plane, and differ from the
-# migration lock's (controlplane/db/migrate.py).
+# migration lock's (controlplane/store/migrate.py).
 ROLLOUT_LOCK_KEY = 0x65646765726F6C6C  # "edgeroll"
 
 

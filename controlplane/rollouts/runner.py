@@ -13,13 +13,13 @@ import contextlib
 import logging
 from functools import partial
 
-from controlplane.db.database import Database
-from controlplane.db.models import utcnow
-from controlplane.notifier import DesiredStateNotifier
-from controlplane.repositories import Repositories
-from controlplane.rollouts import store
-from controlplane.rollouts.engine import EngineConfig, RolloutMachine
-from controlplane.rollouts.leader import Leadership, leadership_for
+from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier
+from edgefleet.controlplane.rollouts import store
+from edgefleet.controlplane.rollouts.engine import EngineConfig, RolloutMachine
+from edgefleet.controlplane.rollouts.leader import Leadership, leadership_for
+from edgefleet.controlplane.store.database import Database
+from edgefleet.controlplane.store.models import utcnow
+from edgefleet.controlplane.trust.repositories import Repositories
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ as their numbers), and the groups of them the engine's rules speak of."""
 
 from __future__ import annotations
 
-from protos.fleet.v1 import common_pb2, operator_pb2
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2
 
 RUNNING = operator_pb2.ROLLOUT_STATE_RUNNING
 PAUSED = operator_pb2.ROLLOUT_STATE_PAUSED

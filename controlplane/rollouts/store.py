@@ -1,7 +1,7 @@
 """Database access of the rollout engine and the rollout RPCs: rollouts, their devices, the
 devices a selector matches, and the inference summaries the gates read.
 
-Functions take the caller's session and leave committing to it, as controlplane/db/crud.py does.
+Functions take the caller's session and leave committing to it, as controlplane/store/crud.py does.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from datetime import datetime
 
 from sqlmodel import Session, col, func, select
 
-from controlplane.db import crud
-from controlplane.db.models import Device, Rollout, RolloutDevice, TelemetryRecord, utcnow
-from controlplane.rollouts import states
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.rollouts import states
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.models import Device, Rollout, RolloutDevice, TelemetryRecord, utcnow
+from edgefleet.protos.fleet.v1 import common_pb2
 
 REASON_LENGTH = 500
 FAILED_TO_LOAD = frozenset({common_pb2.DEVICE_STATE_FAILED, common_pb2.DEVICE_STATE_ROLLED_BACK})

@@ -4,7 +4,7 @@ storage form.
 The control plane signs a config into a device's director targets (field "config" of the
 "edgefleet" custom field), so a config that passed here is what the device receives. The rules
 are checked twice on purpose: here, so an operator's mistake is refused before it reaches any
-device, and on the device (agent/updater.py), so a compromised director holding the online key
+device, and on the device (agent/update/updater.py), so a compromised director holding the online key
 still cannot push a setting the agent would choke on. Both sides import this module, which
 depends on the wire contract only, so there is exactly one set of rules.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from protos.fleet.v1 import common_pb2
+from edgefleet.protos.fleet.v1 import common_pb2
 
 
 class InvalidConfig(ValueError):
@@ -90,7 +90,7 @@ def validate_config(config: common_pb2.DeviceConfig) -> None:
 
 
 def _validate_pin(pin: common_pb2.VariantPin) -> None:
-    """The same rule as a director pin (agent/selection.py Pin): one variant id or one format.
+    """The same rule as a director pin (agent/update/selection.py Pin): one variant id or one format.
     An empty pin message is refused rather than read as "no pin": leave ``pin`` unset for that."""
     if bool(pin.variant_id) == bool(pin.format):
         which = "both are set" if pin.variant_id else "neither is set; leave pin unset for no pin"

@@ -25,7 +25,7 @@ from google.protobuf import json_format
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Root, Targets
 
-from protos.fleet.v1 import bundle_pb2
+from edgefleet.protos.fleet.v1 import bundle_pb2
 
 MANIFEST_FIELD = "edgefleet"
 RELEASE_ROLE = "targets"

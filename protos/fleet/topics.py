@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from protos.fleet.v1 import telemetry_pb2
+from edgefleet.protos.fleet.v1 import telemetry_pb2
 
 ROOT = "fleet/v1/devices"
 

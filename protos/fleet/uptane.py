@@ -21,9 +21,9 @@ from typing import Any
 from google.protobuf import json_format
 from tuf.api.metadata import TargetFile, Targets
 
-from protos.fleet.device_config import config_from_json
-from protos.fleet.release import ArtifactInfo, MalformedMetadata, check_target_path
-from protos.fleet.v1 import bundle_pb2, common_pb2
+from edgefleet.protos.fleet.device_config import config_from_json
+from edgefleet.protos.fleet.release import ArtifactInfo, MalformedMetadata, check_target_path
+from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2
 
 IMAGE = "image"
 DIRECTOR = "director"
@@ -174,7 +174,7 @@ def _config(raw: object) -> common_pb2.DeviceConfig | None:
 
     Unlike the pin, unknown fields are refused: a setting this agent does not know cannot be
     honoured, and skipping it would report a config in force that is not. Ranges are the
-    agent's to check (agent/updater.py), so a malformed document and an unusable value are told
+    agent's to check (agent/update/updater.py), so a malformed document and an unusable value are told
     apart in what the device reports.
     """
     return None if raw is None else config_from_json(raw)

@@ -16,12 +16,12 @@ from typing import TypeVar
 import grpc
 import openai
 
-from controlplane.client import TOKEN_ENV, operator_stub
-from controlplane.demo import serve_command
-from controlplane.keys import KeyDir
-from controlplane.rbac import ADMIN_TOKEN_FILE
-from controlplane.tls import CA_ENV
-from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from edgefleet.controlplane.cli.client import TOKEN_ENV, operator_stub
+from edgefleet.controlplane.cli.demo import serve_command
+from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.controlplane.trust.tls import CA_ENV
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 from tests.conftest import free_port, port_open
 
 T = TypeVar("T")
@@ -84,7 +84,7 @@ def fleetctl(*args: str, token: str, ca: Path, timeout: float = 120) -> str:
     """Runs the operator CLI, as the operator ``token`` names, verifying the control plane
     against the fleet CA ``ca``; returns its stdout and fails the test on a non-zero exit."""
     done = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args],
+        [sys.executable, "-m", "edgefleet.controlplane.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -180,7 +180,7 @@ class Fleet:
     def start_agent(self, i: int, token: str | None) -> Proc:
         """Starts agent ``i``; without a token it relies on the identity it persisted."""
         args = [
-            "agent.cli",
+            "edgefleet.agent.cli",
             "run",
             "--controlplane",
             self.target,

@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.device_tls import csr_pem, new_key, store_certificate
-from agent.identity import DeviceIdentity, save_identity
-from controlplane.bundles import build_bundle
-from controlplane.ca import load_ca
-from controlplane.demo import agent_command
-from controlplane.keys import init_keys
-from protos.fleet.v1 import common_pb2, operator_pb2
+from edgefleet.agent.device.identity import DeviceIdentity, save_identity
+from edgefleet.agent.device.tls import csr_pem, new_key, store_certificate
+from edgefleet.controlplane.build.bundles import build_bundle
+from edgefleet.controlplane.cli.demo import agent_command
+from edgefleet.controlplane.trust.ca import load_ca
+from edgefleet.controlplane.trust.keys import init_keys
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2
 from tests.conftest import free_port
 from tests.e2e.fleet_harness import Fleet, client_for, spawn, wait_for
 from tests.mqtt_tls import TlsBroker, disconnect_device_by_client_id_takeover, start_tls_broker

@@ -33,9 +33,9 @@ import httpx
 import openai
 import pytest
 
-from controlplane.bundles import BundleOnDisk, build_bundle
-from controlplane.keys import KeyDir
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2
 from tests.conftest import free_port
 from tests.e2e.fleet_harness import Fleet, client_for, wait_for
 

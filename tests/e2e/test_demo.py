@@ -14,12 +14,21 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-DEMO = [sys.executable, "-m", "controlplane.cli", "demo"]
+DEMO = [sys.executable, "-m", "edgefleet.controlplane.cli", "demo"]
 
 
 def test_demo_runs_a_fleet_and_exits_zero(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "demo", "--agents", "3", "--workdir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.controlplane.cli",
+            "demo",
+            "--agents",
+            "3",
+            "--workdir",
+            str(tmp_path),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

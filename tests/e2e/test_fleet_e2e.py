@@ -17,12 +17,12 @@ from typing import Any
 import openai
 import pytest
 
-from controlplane.bundles import VariantFile, build_bundle, write_bundle
-from controlplane.keys import KeyDir, init_keys
-from controlplane.ladder.types import GateStatus, LadderRow
-from controlplane.ladder.types import ModelFormat as LadderFormat
-from controlplane.ladder_variants import onnx_variant
-from protos.fleet.v1 import common_pb2, operator_pb2
+from edgefleet.controlplane.build.bundles import VariantFile, build_bundle, write_bundle
+from edgefleet.controlplane.build.ladder.types import GateStatus, LadderRow
+from edgefleet.controlplane.build.ladder.types import ModelFormat as LadderFormat
+from edgefleet.controlplane.build.ladder.variants import onnx_variant
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2
 from tests.conftest import Broker, free_port, port_open, start_broker
 from tests.e2e.fleet_harness import REPO, Fleet, client_for, wait_for
 from tests.onnx_models import minilm_files
@@ -268,7 +268,7 @@ def test_agent_with_a_wrong_token_exits_with_a_clear_error(fleet: Fleet, tmp_pat
         [
             sys.executable,
             "-m",
-            "agent.cli",
+            "edgefleet.agent.cli",
             "run",
             "--controlplane",
             fleet.target,

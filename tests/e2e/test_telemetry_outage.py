@@ -17,9 +17,9 @@ import openai
 import pytest
 from sqlalchemy import create_engine, text
 
-from controlplane.bundles import build_bundle
-from controlplane.keys import KeyDir, init_keys
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.build.bundles import build_bundle
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.protos.fleet.v1 import common_pb2
 from tests.conftest import Broker, free_port, start_broker
 from tests.e2e.fleet_harness import Fleet, client_for, wait_for
 

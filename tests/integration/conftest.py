@@ -11,12 +11,12 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.device_tls import DeviceCertificate, csr_pem, new_key, store_certificate
-from controlplane.keys import KeyDir
-from controlplane.rbac import ADMIN_TOKEN_FILE
-from controlplane.server import RunningControlPlane, start_control_plane
-from controlplane.settings import Settings
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import DeviceCertificate, csr_pem, new_key, store_certificate
+from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 
 @pytest.fixture

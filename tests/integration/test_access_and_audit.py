@@ -6,9 +6,9 @@ import grpc
 import pytest
 from sqlalchemy import text
 
-from agent.device_tls import csr_pem, new_key
-from controlplane.server import RunningControlPlane
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import csr_pem, new_key
+from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import OperatorToken, public_channel
 
 pytestmark = pytest.mark.integration

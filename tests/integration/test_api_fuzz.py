@@ -20,12 +20,12 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from agent.api import create_app
-from agent.api.protocol import MAX_EMBEDDING_INPUTS, MAX_NAME_CHARS, MAX_TOKENS
-from agent.runtimes import load_runtime
-from agent.runtimes.base import Runtime
-from agent.serving import ModelTable
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.api import create_app
+from edgefleet.agent.api.protocol import MAX_EMBEDDING_INPUTS, MAX_NAME_CHARS, MAX_TOKENS
+from edgefleet.agent.runtimes import load_runtime
+from edgefleet.agent.runtimes.base import Runtime
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.protos.fleet.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
 

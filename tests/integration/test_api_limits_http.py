@@ -24,14 +24,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from agent.api import create_app
-from agent.api.admission import AdmissionQueue, QueueLimits
-from agent.api.auth import require_api_key
-from agent.api.limits import RequestLimits
-from agent.runtimes import load_runtime
-from agent.runtimes.base import Runtime
-from agent.serving import ModelTable
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.api import create_app
+from edgefleet.agent.api.admission import AdmissionQueue, QueueLimits
+from edgefleet.agent.api.auth import require_api_key
+from edgefleet.agent.api.limits import RequestLimits
+from edgefleet.agent.runtimes import load_runtime
+from edgefleet.agent.runtimes.base import Runtime
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.protos.fleet.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.keys import KeyDir
+from edgefleet.controlplane.trust.keys import KeyDir
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def fleetctl(keys: KeyDir, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args, "--keys-dir", str(keys.path)],
+        [sys.executable, "-m", "edgefleet.controlplane.cli", *args, "--keys-dir", str(keys.path)],
         cwd=REPO,
         capture_output=True,
         text=True,

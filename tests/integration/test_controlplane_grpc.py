@@ -13,16 +13,16 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from sqlmodel import Session
 
-from agent.artifacts import ArtifactStore
-from agent.device_tls import csr_pem, new_key
-from agent.uptane_client import GrpcMetadataFetcher, UptaneVerifier
-from controlplane.bundles import BundleOnDisk, build_bundle, open_bundle
-from controlplane.client import extend_image_targets, push_requests
-from controlplane.db import crud
-from controlplane.keys import KeyDir, init_keys
-from controlplane.server import RunningControlPlane
-from controlplane.services.auth import secret_sha256
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import csr_pem, new_key
+from edgefleet.agent.update.artifacts import ArtifactStore
+from edgefleet.agent.update.uptane_client import GrpcMetadataFetcher, UptaneVerifier
+from edgefleet.controlplane.api.auth import secret_sha256
+from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle, open_bundle
+from edgefleet.controlplane.cli.client import extend_image_targets, push_requests
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import EnrolledDevice, admin_token, enroll_device
 
 pytestmark = pytest.mark.integration

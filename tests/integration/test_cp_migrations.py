@@ -20,10 +20,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel
 
-from controlplane.db import crud
-from controlplane.db.engine import make_engine
-from controlplane.db.migrate import BASELINE, LAST_CREATE_ALL, MIGRATIONS, alembic_config
-from controlplane.db.models import Device
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.migrate import BASELINE, LAST_CREATE_ALL, MIGRATIONS, alembic_config
+from edgefleet.controlplane.store.models import Device
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,10 @@ def test_a_failed_migration_leaves_the_database_as_it_was(url: str, monkeypatch:
 
 def test_control_planes_starting_together_migrate_once(url: str) -> None:
     """Two processes, as two control planes are: one migrates, the other waits and finds it done."""
-    start = "import sys; from controlplane.db.engine import make_engine; make_engine(sys.argv[1]).dispose()"
+    start = (
+        "import sys; from edgefleet.controlplane.store.engine import make_engine; "
+        "make_engine(sys.argv[1]).dispose()"
+    )
     starting = [subprocess.Popen([sys.executable, "-c", start, url]) for _ in range(2)]
     assert [process.wait(timeout=120) for process in starting] == [0, 0]
     engine = make_engine(url)

@@ -17,16 +17,16 @@ from sqlmodel import Session, col, select
 from tuf.api.metadata import Metadata, Root, Targets
 from typer.testing import CliRunner
 
-from agent.uptane_client import Assignment, GrpcMetadataFetcher, UptaneVerifier
-from controlplane.bundles import BundleOnDisk, VariantFile, open_bundle, write_bundle
-from controlplane.cli import app as fleetctl
-from controlplane.client import extend_image_targets, push_requests
-from controlplane.db.models import TufMetadata
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane
-from protos.fleet import uptane
-from protos.fleet.uptane import DIRECTOR
-from protos.fleet.v1 import (
+from edgefleet.agent.update.uptane_client import Assignment, GrpcMetadataFetcher, UptaneVerifier
+from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.controlplane.build.bundles import BundleOnDisk, VariantFile, open_bundle, write_bundle
+from edgefleet.controlplane.cli.client import extend_image_targets, push_requests
+from edgefleet.controlplane.cli.main import app as fleetctl
+from edgefleet.controlplane.store.models import TufMetadata
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet import uptane
+from edgefleet.protos.fleet.uptane import DIRECTOR
+from edgefleet.protos.fleet.v1 import (
     bundle_pb2,
     common_pb2,
     device_pb2,

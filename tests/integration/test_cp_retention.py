@@ -13,10 +13,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from controlplane.db.engine import make_engine
-from controlplane.db.models import Device, TelemetryRecord, TelemetryRollup
-from controlplane.db.telemetry import IngestRecord, insert_telemetry
-from controlplane.retention import RetentionPolicy, apply_retention, hour_of
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import Device, TelemetryRecord, TelemetryRollup
+from edgefleet.controlplane.store.telemetry import IngestRecord, insert_telemetry
+from edgefleet.controlplane.telemetry.retention import RetentionPolicy, apply_retention, hour_of
 
 pytestmark = pytest.mark.integration
 

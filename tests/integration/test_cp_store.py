@@ -14,10 +14,10 @@ from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from controlplane.db import crud
-from controlplane.db.engine import make_engine
-from controlplane.db.migrate import BASELINE, alembic_config
-from controlplane.db.models import Bundle, Deployment, Device, DeviceModel, utcnow
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.migrate import BASELINE, alembic_config
+from edgefleet.controlplane.store.models import Bundle, Deployment, Device, DeviceModel, utcnow
 from tests.integration.test_cp_migrations import HEAD, assert_matches_models, revision
 
 pytestmark = pytest.mark.integration

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.ingest import replica_client_id
-from controlplane.settings import Settings
-from protos.fleet.topics import (
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.telemetry.ingest import replica_client_id
+from edgefleet.protos.fleet.topics import (
     TopicKind,
     device_prefix,
     presence_topic,
@@ -64,7 +64,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
 def test_mosquitto_conf_runs_and_persists_across_a_restart(tmp_path: Path) -> None:
     """Telemetry a device sends while the control plane is away waits in the control plane's
     persistent session (MQTT v5 clean start off with a Session Expiry Interval, and the shared
-    subscription, as controlplane.ingest makes them), and survives a broker restart: SIGTERM
+    subscription, as edgefleet.controlplane.telemetry.ingest makes them), and survives a broker
+    restart: SIGTERM
     saves the database (exit status 0) and the next start loads it."""
     broker = start_tls_broker(tmp_path)
     replica = replica_client_id("a")

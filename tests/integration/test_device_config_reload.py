@@ -17,19 +17,19 @@ from sqlmodel import Session
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface
 
-from agent.api import create_app
-from agent.artifacts import ArtifactStore
-from agent.config import AgentConfig
-from agent.serving import ModelTable
-from agent.state import load_state
-from agent.updater import Updater
-from agent.uptane_client import UptaneVerifier
-from controlplane.bundles import BundleOnDisk
-from controlplane.client import extend_image_targets
-from controlplane.db.engine import make_engine
-from controlplane.keys import KeyDir
-from controlplane.repositories import Repositories
-from protos.fleet.v1 import common_pb2, device_pb2
+from edgefleet.agent.api import create_app
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.update.artifacts import ArtifactStore
+from edgefleet.agent.update.state import load_state
+from edgefleet.agent.update.updater import Updater
+from edgefleet.agent.update.uptane_client import UptaneVerifier
+from edgefleet.controlplane.build.bundles import BundleOnDisk
+from edgefleet.controlplane.cli.client import extend_image_targets
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.controlplane.trust.repositories import Repositories
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -12,14 +12,14 @@ import pytest
 from cryptography import x509
 from sqlmodel import Session
 
-from agent.device_tls import csr_pem, new_key, store_certificate
-from controlplane.ca import init_ca, load_ca
-from controlplane.db import crud
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane, start_control_plane
-from controlplane.services.auth import secret_sha256
-from controlplane.settings import Settings
-from protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import csr_pem, new_key, store_certificate
+from edgefleet.controlplane.api.auth import secret_sha256
+from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.trust.ca import init_ca, load_ca
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import EnrolledDevice, device_channel, enroll_device, public_channel
 
 pytestmark = pytest.mark.integration

@@ -25,16 +25,21 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from controlplane import server as server_module
-from controlplane.cli import app as fleetctl
-from controlplane.db.engine import make_engine
-from controlplane.db.models import Bundle, Device, DeviceModel, utcnow
-from controlplane.exporter import FleetCollector, MetricsServer, parse_listen, start_metrics_server
-from controlplane.keys import KeyDir
-from controlplane.server import start_control_plane
-from controlplane.settings import Settings
-from protos.fleet.topics import TopicKind, telemetry_topic
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.app import server as server_module
+from edgefleet.controlplane.app.server import start_control_plane
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.cli.main import app as fleetctl
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import Bundle, Device, DeviceModel, utcnow
+from edgefleet.controlplane.telemetry.exporter import (
+    FleetCollector,
+    MetricsServer,
+    parse_listen,
+    start_metrics_server,
+)
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
+from edgefleet.protos.fleet.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
 

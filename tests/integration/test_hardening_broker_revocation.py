@@ -16,12 +16,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.device_tls import broker_tls_context
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane, start_control_plane
-from controlplane.settings import Settings
-from protos.fleet.broker_url import configure_client, parse_broker_url
-from protos.fleet.v1 import operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import broker_tls_context
+from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.broker_url import configure_client, parse_broker_url
+from edgefleet.protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import EnrolledDevice, enroll_device
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,12 @@ import grpc
 import pytest
 from sqlalchemy import select
 
-from agent.device_tls import csr_pem, new_key
-from controlplane.db.models import AuditEntry
-from controlplane.keys import KeyDir
-from controlplane.server import start_control_plane
-from controlplane.settings import Settings
-from protos.fleet.v1 import device_pb2, device_pb2_grpc
+from edgefleet.agent.device.tls import csr_pem, new_key
+from edgefleet.controlplane.app.server import start_control_plane
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.store.models import AuditEntry
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

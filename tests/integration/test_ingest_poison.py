@@ -20,10 +20,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
-from controlplane.db.engine import make_engine
-from controlplane.db.models import TelemetryDeadLetter
-from controlplane.ingest import EXCERPT_BYTES, MAX_MESSAGE_BYTES, TelemetryIngestor
-from protos.fleet.topics import TopicKind, telemetry_topic
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import TelemetryDeadLetter
+from edgefleet.controlplane.telemetry.ingest import EXCERPT_BYTES, MAX_MESSAGE_BYTES, TelemetryIngestor
+from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 from tests.integration.test_telemetry_mqtt import (
     Mosquitto,
     enroll,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from controlplane.ladder import (
+from edgefleet.controlplane.build.ladder import (
     EvalConfig,
     GateStatus,
     LadderResult,
@@ -31,7 +31,7 @@ from controlplane.ladder import (
     detect_format,
     result_table,
 )
-from controlplane.ladder.gguf import ftype_for, read_gguf_header
+from edgefleet.controlplane.build.ladder.gguf import ftype_for, read_gguf_header
 
 pytestmark = pytest.mark.integration
 

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.ladder import (
+from edgefleet.controlplane.build.ladder import (
     EvalConfig,
     GateStatus,
     LadderResult,
     ModelFormat,
     build_ladder,
 )
-from controlplane.ladder_variants import row_variant
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.build.ladder.variants import row_variant
+from edgefleet.protos.fleet.v1 import common_pb2
 from tests.mlx_models import build_llama
 
 pytestmark = [
@@ -67,7 +67,7 @@ def test_mlx_ladder_shrinks_and_measures(ladder: LadderResult) -> None:
 
 
 def test_mlx_rows_become_tar_variants(ladder: LadderResult, tmp_path: Path) -> None:
-    from agent.archive import extract_archive
+    from edgefleet.agent.update.archive import extract_archive
 
     q4 = ladder.variants[0]
     first = row_variant(q4, pack_dir=tmp_path / "a")

@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto
 from rich.console import Console
 
-from controlplane.ladder import (
+from edgefleet.controlplane.build.ladder import (
     EvalConfig,
     GateStatus,
     LadderResult,
@@ -34,8 +34,8 @@ from controlplane.ladder import (
     default_eval_text,
     result_table,
 )
-from controlplane.ladder_variants import ladder_variants, row_variant
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.build.ladder.variants import ladder_variants, row_variant
+from edgefleet.protos.fleet.v1 import common_pb2
 from tests.onnx_models import BIGRAM_FFN, BIGRAM_HIDDEN, build_bigram_lm, write_byte_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -145,8 +145,8 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_onnx_rows_become_servable_folder_archives(
     ladder: LadderResult, tokenizer_dir: Path, tmp_path: Path
 ) -> None:
-    from agent.archive import extract_archive
-    from agent.runtimes import SamplingParams, load_runtime
+    from edgefleet.agent.runtimes import SamplingParams, load_runtime
+    from edgefleet.agent.update.archive import extract_archive
 
     int8 = ladder.variants[0]
     tokenizer = tokenizer_dir / "tokenizer.json"
@@ -186,7 +186,7 @@ def test_onnx_rows_become_servable_folder_archives(
 
 
 def test_onnx_row_without_a_tokenizer_is_refused(ladder: LadderResult, tmp_path: Path) -> None:
-    from controlplane.bundles import BundleError
+    from edgefleet.controlplane.build.bundles import BundleError
 
     with pytest.raises(BundleError, match=r"tokenizer\.json"):
         row_variant(ladder.variants[0], pack_dir=tmp_path)

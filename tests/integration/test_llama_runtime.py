@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.runtimes import (
+from edgefleet.agent.runtimes import (
     ChatMessage,
     ContextLengthExceeded,
     InvalidPromptError,
@@ -22,10 +22,10 @@ from agent.runtimes import (
     SamplingParams,
     load_runtime,
 )
-from agent.runtimes.base import Capability, PromptTooLarge, Runtime
-from agent.runtimes.llama_cpp import LlamaCppRuntime, _embedding_pooling
-from agent.runtimes.slot_generation import SlotGeneration
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.base import Capability, PromptTooLarge, Runtime
+from edgefleet.agent.runtimes.llama_cpp import LlamaCppRuntime, _embedding_pooling
+from edgefleet.agent.runtimes.slot_generation import SlotGeneration
+from edgefleet.protos.fleet.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -534,7 +534,7 @@ def test_generating_from_fresh_threads_keeps_full_speed() -> None:
 
 
 def test_keep_alive_unloads_an_idle_model_and_reloads_it(smollm2_path: Path) -> None:
-    from agent.runtimes.keep_alive import KeepAliveRuntime
+    from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
 
     def load() -> Runtime:
         return load_runtime(

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from agent.runtimes import (
+from edgefleet.agent.runtimes import (
     ChatMessage,
     ChatNotSupported,
     ContextLengthExceeded,
@@ -38,9 +38,9 @@ from agent.runtimes import (
     load_runtime,
     supported_formats,
 )
-from agent.runtimes.base import Capability, CapabilityNotSupported, PromptTooLarge, Runtime, collect
-from agent.runtimes.slot_generation import SlotGeneration
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.base import Capability, CapabilityNotSupported, PromptTooLarge, Runtime, collect
+from edgefleet.agent.runtimes.slot_generation import SlotGeneration
+from edgefleet.protos.fleet.v1 import common_pb2
 from tests.mlx_models import CHAT_TEMPLATE, MAX_POSITIONS, build_llama, mlx_variant, render_chat
 
 pytestmark = [
@@ -519,8 +519,8 @@ def test_unload_waits_for_the_generation_and_frees_the_model(folders: Folders) -
 
 def test_packed_folder_loads_after_extraction(runtime: Runtime, folders: Folders, tmp_path: Path) -> None:
     """Control plane packs the variant folder into one tar; the device extracts and loads it."""
-    from agent.archive import model_folder
-    from controlplane.archive_pack import pack_folder
+    from edgefleet.agent.update.archive import model_folder
+    from edgefleet.controlplane.build.archive_pack import pack_folder
 
     archive = pack_folder(folders.chat, tmp_path / "cp" / "model.q4.mlx.tar")
     size = archive.stat().st_size
@@ -543,8 +543,8 @@ def test_process_exits_cleanly_with_a_model_still_loaded(folders: Folders) -> No
     an active exception") when the runtime's thread was still alive and had sampled."""
     script = f"""
 from pathlib import Path
-from agent.runtimes import ChatMessage, SamplingParams, load_runtime
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes import ChatMessage, SamplingParams, load_runtime
+from edgefleet.protos.fleet.v1 import common_pb2
 runtime = load_runtime(fmt=common_pb2.MODEL_FORMAT_MLX, model_path=Path({str(folders.chat)!r}), model_id="x")
 runtime.complete("Once", SamplingParams(max_tokens=4, temperature=0.9, seed=1))
 runtime.chat([ChatMessage(role="user", content="Hi")], SamplingParams(max_tokens=4, temperature=0.0))

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.api import create_app
-from agent.runtimes import load_runtime
-from agent.runtimes.keep_alive import KeepAliveRuntime
-from agent.runtimes.memory_budget import MemoryBudget
-from agent.serving import ModelTable
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.api import create_app
+from edgefleet.agent.runtimes import load_runtime
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
+from edgefleet.agent.runtimes.memory_budget import MemoryBudget
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.protos.fleet.v1 import common_pb2
 from tests.onnx_models import minilm_folder
 
 MIB = 2**20

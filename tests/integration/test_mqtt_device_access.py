@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.ca import init_ca
-from protos.fleet.topics import (
+from edgefleet.controlplane.trust.ca import init_ca
+from edgefleet.protos.fleet.topics import (
     TopicKind,
     device_prefix,
     presence_subscription,
@@ -87,7 +87,8 @@ def device_b(broker: TlsBroker) -> DeviceIdentity:
 
 @pytest.fixture
 def controlplane(broker: TlsBroker) -> Iterator[Probe]:
-    """The control plane's subscriptions, as controlplane.ingest makes them: shared, to every
+    """The control plane's subscriptions, as edgefleet.controlplane.telemetry.ingest makes them:
+    shared, to every
     device's telemetry, presence and status. Without the retained messages the module's earlier
     tests left (a new shared subscription gets them on Mosquitto 2.0.11): each test sees its own."""
     probe = controlplane_probe(broker)

@@ -17,14 +17,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy.engine import Engine
 
-from agent.telemetry import Outbox, TelemetryPublisher
-from controlplane.broker import CONTROL_USER, DeviceTls, EmbeddedBroker
-from controlplane.ca import CertificateAuthority, init_ca
-from controlplane.db.engine import make_engine
-from controlplane.ingest import TelemetryIngestor
-from protos.fleet.broker_url import configure_client, parse_broker_url
-from protos.fleet.topics import TopicKind, presence_topic, telemetry_topic
-from protos.fleet.v1 import telemetry_pb2
+from edgefleet.agent.telemetry import Outbox, TelemetryPublisher
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.telemetry.broker import CONTROL_USER, DeviceTls, EmbeddedBroker
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor
+from edgefleet.controlplane.trust.ca import CertificateAuthority, init_ca
+from edgefleet.protos.fleet.broker_url import configure_client, parse_broker_url
+from edgefleet.protos.fleet.topics import TopicKind, presence_topic, telemetry_topic
+from edgefleet.protos.fleet.v1 import telemetry_pb2
 from tests.integration.test_telemetry_mqtt import Agent, enroll, stored, wait_until
 from tests.mqtt_tls import DeviceIdentity, issue_device
 

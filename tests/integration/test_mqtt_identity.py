@@ -13,16 +13,16 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
-from agent.device_tls import broker_tls_context
-from agent.telemetry.outbox import Outbox
-from agent.telemetry.publisher import TelemetryPublisher
-from agent.telemetry.recorder import Telemetry
-from controlplane.ca import load_ca
-from controlplane.db.models import TelemetryRecord
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane, start_control_plane
-from controlplane.settings import Settings
-from protos.fleet.v1 import common_pb2, device_pb2, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import broker_tls_context
+from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.agent.telemetry.publisher import TelemetryPublisher
+from edgefleet.agent.telemetry.recorder import Telemetry
+from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.store.models import TelemetryRecord
+from edgefleet.controlplane.trust.ca import load_ca
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import OperatorToken, admin_token, enroll_device, public_channel
 from tests.mqtt_tls import TlsBroker, start_tls_broker
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from agent.runtimes import (
+from edgefleet.agent.runtimes import (
     ChatMessage,
     ChatNotSupported,
     ContextLengthExceeded,
@@ -24,16 +24,16 @@ from agent.runtimes import (
     SamplingParams,
     load_runtime,
 )
-from agent.runtimes.base import Capability, CapabilityNotSupported, PromptTooLarge, Runtime
-from agent.runtimes.onnx_runtime import (
+from edgefleet.agent.runtimes.base import Capability, CapabilityNotSupported, PromptTooLarge, Runtime
+from edgefleet.agent.runtimes.onnx_runtime import (
     CPU_PROVIDER,
     PROVIDER_PREFERENCE,
     Detokenizer,
     choose_providers,
     load,
 )
-from agent.runtimes.slot_generation import SlotGeneration
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.slot_generation import SlotGeneration
+from edgefleet.protos.fleet.v1 import common_pb2
 from tests.onnx_models import (
     IM_END,
     build_bigram_lm,
@@ -128,7 +128,7 @@ def test_provider_preference() -> None:
 
 
 def test_provider_order_matches_variant_selection() -> None:
-    from agent.selection import ONNX_CPU, ONNX_PROVIDERS
+    from edgefleet.agent.update.selection import ONNX_CPU, ONNX_PROVIDERS
 
     assert (*(provider for provider, _needs in ONNX_PROVIDERS), ONNX_CPU) == PROVIDER_PREFERENCE
 

@@ -19,13 +19,13 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from agent.api import create_app
-from agent.api.admission import AdmissionQueue, QueueLimits
-from agent.runtimes import load_runtime
-from agent.runtimes.base import Capability, Runtime
-from agent.serving import ModelTable
-from agent.stats import InferenceStats
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.api import create_app
+from edgefleet.agent.api.admission import AdmissionQueue, QueueLimits
+from edgefleet.agent.runtimes import load_runtime
+from edgefleet.agent.runtimes.base import Capability, Runtime
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.stats import InferenceStats
+from edgefleet.protos.fleet.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
 

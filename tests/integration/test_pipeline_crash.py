@@ -22,12 +22,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from agent.telemetry import Outbox, TelemetryPublisher
-from controlplane.db.engine import make_engine
-from controlplane.db.models import TelemetryRecord
-from controlplane.ingest import TelemetryIngestor
-from protos.fleet.topics import TopicKind
-from protos.fleet.v1 import telemetry_pb2
+from edgefleet.agent.telemetry import Outbox, TelemetryPublisher
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import TelemetryRecord
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor
+from edgefleet.protos.fleet.topics import TopicKind
+from edgefleet.protos.fleet.v1 import telemetry_pb2
 from tests.conftest import Broker, start_broker
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ KILL_AFTER = 600  # records acknowledged before the kill
 _CHILD = """
 import sys, time
 from pathlib import Path
-from agent.telemetry import Outbox, TelemetryPublisher
+from edgefleet.agent.telemetry import Outbox, TelemetryPublisher
 outbox = Outbox(Path(sys.argv[1]))
 publisher = TelemetryPublisher(
     device_id=sys.argv[2], broker_url=sys.argv[3], outbox=outbox, max_batch_records=5, max_inflight=4

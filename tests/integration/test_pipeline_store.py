@@ -1,4 +1,4 @@
-"""What one ingested batch does to the database (controlplane.db.telemetry.store_batch), on
+"""What one ingested batch does to the database (edgefleet.controlplane.store.telemetry.store_batch), on
 SQLite and PostgreSQL: rows once, each device's last figures and presence in one UPDATE, and
 nothing older replacing something newer, whichever replica writes last."""
 
@@ -14,10 +14,10 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from controlplane.db import crud
-from controlplane.db.engine import make_engine
-from controlplane.db.models import Device, TelemetryRecord
-from controlplane.db.telemetry import IngestRecord, PresenceUpdate, StatusUpdate, store_batch
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import Device, TelemetryRecord
+from edgefleet.controlplane.store.telemetry import IngestRecord, PresenceUpdate, StatusUpdate, store_batch
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ import grpc
 import pytest
 from sqlmodel import Session
 
-from controlplane.db.models import Device
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane
-from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.controlplane.store.models import Device
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import OperatorToken, admin_token, public_channel
 from tests.integration.test_cp_models import stored_director
 from tests.integration.test_rollout_sim import (

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from controlplane.db.engine import make_engine
-from controlplane.keys import KeyDir
-from controlplane.rollouts.leader import ROLLOUT_LOCK_KEY, PostgresLeadership
-from controlplane.server import RunningControlPlane, start_control_plane
-from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
+from edgefleet.controlplane.rollouts.leader import ROLLOUT_LOCK_KEY, PostgresLeadership
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import OperatorToken, admin_token, public_channel
 from tests.integration.test_rollout_sim import (
     SimFleet,

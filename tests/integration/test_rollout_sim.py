@@ -1,7 +1,7 @@
 """A simulated fleet for the rollout tests: devices that speak the real device protocol over the
 control plane's real gRPC ports (enrolled with a CSR, mutual TLS, the desired-state stream,
 ReportStatus at the generation they were nudged with) and whose inference summaries go into the
-database the way ingestion stores them (controlplane.db.telemetry.insert_telemetry).
+database the way ingestion stores them (edgefleet.controlplane.store.telemetry.insert_telemetry).
 
 What a simulated device does with a new generation is the fleet's behaviour: report it ACTIVE
 (after writing a summary of the release it now serves, at that release's tokens/s), or FAILED
@@ -24,12 +24,12 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlmodel import Session, col, select
 
-from controlplane.db.models import Bundle, Deployment, DeviceModel, RolloutDevice
-from controlplane.db.telemetry import IngestRecord, insert_telemetry
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane, start_control_plane
-from controlplane.settings import Settings
-from protos.fleet.v1 import common_pb2, device_pb2, operator_pb2, operator_pb2_grpc, telemetry_pb2
+from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
+from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.store.models import Bundle, Deployment, DeviceModel, RolloutDevice
+from edgefleet.controlplane.store.telemetry import IngestRecord, insert_telemetry
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, operator_pb2, operator_pb2_grpc, telemetry_pb2
 from tests.integration.conftest import EnrolledDevice, device_channel, enroll_device
 from tests.integration.test_cp_models import push, tiny_bundle
 

@@ -10,11 +10,11 @@ import grpc
 import pytest
 from sqlmodel import Session
 
-from agent.device_tls import csr_pem, new_key
-from controlplane.db.models import Device, TelemetryRecord, utcnow
-from controlplane.server import MAX_MESSAGE_BYTES, RunningControlPlane
-from controlplane.services.limits import MAX_ERROR_CHARS
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import csr_pem, new_key
+from edgefleet.controlplane.api.limits import MAX_ERROR_CHARS
+from edgefleet.controlplane.app.server import MAX_MESSAGE_BYTES, RunningControlPlane
+from edgefleet.controlplane.store.models import Device, TelemetryRecord, utcnow
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import enroll_device
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from bench.sim_fleet import build_sim_bundle
-from controlplane.keys import KeyDir
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import admin_token
 from tests.integration.test_rpc_fuzz import csr_with_unknown_key_algorithm, non_hex_digests, resigned_release
 

@@ -37,22 +37,22 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.device_tls import DeviceCertificate, csr_pem, new_key, store_certificate
 from bench.sim_fleet import build_sim_bundle
-from controlplane.blobs import BlobStore
-from controlplane.ca import load_ca
-from controlplane.db.database import Database
-from controlplane.db.engine import make_engine
-from controlplane.keys import KeyDir
-from controlplane.notifier import DesiredStateNotifier
-from controlplane.rbac import ADMIN_TOKEN_FILE, bootstrap_admin
-from controlplane.repositories import Repositories
-from controlplane.server import SERVER_OPTIONS
-from controlplane.services.device_service import DeviceService
-from controlplane.services.operator_service import OperatorService
-from controlplane.services.ratelimit import RateLimit
-from controlplane.tls import ServerCertificate, server_hostnames
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import DeviceCertificate, csr_pem, new_key, store_certificate
+from edgefleet.controlplane.api.device_service import DeviceService
+from edgefleet.controlplane.api.operator_service import OperatorService
+from edgefleet.controlplane.api.ratelimit import RateLimit
+from edgefleet.controlplane.app.server import SERVER_OPTIONS
+from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier
+from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE, bootstrap_admin
+from edgefleet.controlplane.store.blobs import BlobStore
+from edgefleet.controlplane.store.database import Database
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.trust.ca import load_ca
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.controlplane.trust.repositories import Repositories
+from edgefleet.controlplane.trust.tls import ServerCertificate, server_hostnames
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import json
 import grpc
 import pytest
 
-from agent.device_tls import csr_pem, new_key
-from controlplane.services.ratelimit import RETRY_AFTER_KEY, STATUS_DETAILS_KEY, RateLimit
-from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.tls import csr_pem, new_key
+from edgefleet.controlplane.api.ratelimit import RETRY_AFTER_KEY, STATUS_DETAILS_KEY, RateLimit
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from bench.sim_fleet import Behaviour, SimFleet, build_sim_bundle
-from controlplane.client import operator_stub, publish_bundle
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane
-from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.controlplane.cli.client import operator_stub, publish_bundle
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 from tests.conftest import start_broker
 from tests.integration.conftest import admin_token
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtimes import load_runtime
-from agent.runtimes.base import Delta, PushingGeneration, Runtime, SamplingParams
-from agent.runtimes.keep_alive import KeepAliveRuntime
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes import load_runtime
+from edgefleet.agent.runtimes.base import Delta, PushingGeneration, Runtime, SamplingParams
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
+from edgefleet.protos.fleet.v1 import common_pb2
 
 PARAMS = SamplingParams(max_tokens=24, temperature=0.0, seed=7)
 

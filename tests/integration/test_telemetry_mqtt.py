@@ -35,16 +35,22 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from agent.telemetry import Outbox, TelemetryPublisher
-from controlplane.broker import EmbeddedBroker
-from controlplane.db import crud
-from controlplane.db.engine import make_engine
-from controlplane.db.models import Device, TelemetryRecord
-from controlplane.ingest import TelemetryIngestor, replica_client_id
-from controlplane.retire import retire_replica
-from protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
-from protos.fleet.topics import TelemetryMessage, TopicKind, presence_topic, status_topic, telemetry_topic
-from protos.fleet.v1 import common_pb2, telemetry_pb2
+from edgefleet.agent.telemetry import Outbox, TelemetryPublisher
+from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import Device, TelemetryRecord
+from edgefleet.controlplane.telemetry.broker import EmbeddedBroker
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor, replica_client_id
+from edgefleet.controlplane.telemetry.retire import retire_replica
+from edgefleet.protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
+from edgefleet.protos.fleet.topics import (
+    TelemetryMessage,
+    TopicKind,
+    presence_topic,
+    status_topic,
+    telemetry_topic,
+)
+from edgefleet.protos.fleet.v1 import common_pb2, telemetry_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -755,7 +761,7 @@ def test_retiring_a_replica_stores_its_share_and_the_broker_stops_keeping_one(
 def test_fleetctl_retire_replica_reports_what_it_stored(own_mosquitto: Mosquitto, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from controlplane.cli import app as fleetctl
+    from edgefleet.controlplane.cli.main import app as fleetctl
 
     args = [
         "retire-replica",

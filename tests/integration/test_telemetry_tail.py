@@ -24,11 +24,11 @@ from google.protobuf.message import Message
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from agent.telemetry.outbox import encode_message
-from controlplane.cli import app as fleetctl
-from controlplane.db.models import TelemetryRecord
-from controlplane.server import RunningControlPlane
-from protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc, telemetry_pb2
+from edgefleet.agent.telemetry.outbox import encode_message
+from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.controlplane.cli.main import app as fleetctl
+from edgefleet.controlplane.store.models import TelemetryRecord
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc, telemetry_pb2
 from tests.integration.conftest import admin_token, public_channel
 
 pytestmark = pytest.mark.integration
@@ -214,7 +214,7 @@ async def test_fleetctl_telemetry_tail_prints_rows_until_ctrl_c(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controlplane.cli",
+        "edgefleet.controlplane.cli",
         "telemetry",
         "tail",
         "--kind",

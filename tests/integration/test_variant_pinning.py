@@ -12,15 +12,15 @@ import grpc
 import pytest
 from securesystemslib.signer import CryptoSigner
 
-from agent.hardware_profile import HardwareProfile
-from agent.selection import Pin, PinNotHonoured, select_variant
-from agent.updater import signed_pin
-from agent.uptane_client import Assignment, GrpcMetadataFetcher, UptaneVerifier
-from controlplane.bundles import BundleOnDisk, open_bundle
-from controlplane.client import extend_image_targets, push_requests
-from controlplane.keys import KeyDir
-from controlplane.server import RunningControlPlane
-from protos.fleet.v1 import common_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from edgefleet.agent.device.hardware_profile import HardwareProfile
+from edgefleet.agent.update.selection import Pin, PinNotHonoured, select_variant
+from edgefleet.agent.update.updater import signed_pin
+from edgefleet.agent.update.uptane_client import Assignment, GrpcMetadataFetcher, UptaneVerifier
+from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.controlplane.build.bundles import BundleOnDisk, open_bundle
+from edgefleet.controlplane.cli.client import extend_image_targets, push_requests
+from edgefleet.controlplane.trust.keys import KeyDir
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import (
     EnrolledDevice,
     OperatorToken,

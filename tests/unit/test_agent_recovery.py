@@ -15,24 +15,24 @@ from typing import Any
 
 import pytest
 
-from agent.artifacts import (
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.service import reported_generation
+from edgefleet.agent.telemetry.outbox import OutboxError, seq_mark_path
+from edgefleet.agent.telemetry.outbox_open import open_outbox
+from edgefleet.agent.telemetry.recorder import Telemetry
+from edgefleet.agent.update.artifacts import (
     ArtifactStore,
     EmptyArtifact,
     InstalledArtifactDamaged,
     InstalledArtifactMissing,
     SourceLengthMismatch,
 )
-from agent.config import AgentConfig
-from agent.errors import ControlPlaneUnavailable
-from agent.service import reported_generation
-from agent.state import AgentState, LoadAttempt, StateNotSaved, load_state, save_state
-from agent.telemetry.outbox import OutboxError, seq_mark_path
-from agent.telemetry.outbox_open import open_outbox
-from agent.telemetry.recorder import Telemetry
-from agent.uptane_client import Assignment
-from protos.fleet import release as rel
-from protos.fleet.topics import TopicKind
-from protos.fleet.v1 import common_pb2, device_pb2, telemetry_pb2
+from edgefleet.agent.update.errors import ControlPlaneUnavailable
+from edgefleet.agent.update.state import AgentState, LoadAttempt, StateNotSaved, load_state, save_state
+from edgefleet.agent.update.uptane_client import Assignment
+from edgefleet.protos.fleet import release as rel
+from edgefleet.protos.fleet.topics import TopicKind
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, telemetry_pb2
 from tests.unit.test_device_config_agent import (
     CLI_N_CTX,
     TINY,
@@ -72,7 +72,7 @@ def test_save_state_turns_enospc_into_a_typed_error_and_keeps_the_old_file(
 ) -> None:
     path = tmp_path / "state.json"
     save_state(path, AgentState(applied_generation=3))
-    monkeypatch.setattr("agent.state.atomic_write_bytes", enospc)
+    monkeypatch.setattr("edgefleet.agent.update.state.atomic_write_bytes", enospc)
     with pytest.raises(StateNotSaved) as caught:
         save_state(path, AgentState(applied_generation=4))
     assert caught.value.errno == errno.ENOSPC
@@ -84,7 +84,7 @@ async def test_a_full_disk_during_an_update_keeps_the_old_model_serving_and_is_r
 ) -> None:
     await device.deploy(1, TINY)
     serving = device.updater.models.get("tiny")
-    monkeypatch.setattr("agent.state.atomic_write_bytes", enospc)
+    monkeypatch.setattr("edgefleet.agent.update.state.atomic_write_bytes", enospc)
     with pytest.raises(StateNotSaved):  # transient: the service's apply loop retries it
         await device.deploy(2, TINY2)
     assert device.updater.models.get("tiny") is serving
@@ -101,7 +101,7 @@ async def test_a_full_disk_at_boot_still_serves_the_installed_model(
 ) -> None:
     await device.deploy(1, TINY)
     restarted = device.restarted()
-    monkeypatch.setattr("agent.state.atomic_write_bytes", enospc)
+    monkeypatch.setattr("edgefleet.agent.update.state.atomic_write_bytes", enospc)
     await restarted.updater.restore()
     assert restarted.updater.models.get("tiny") is not None
     assert restarted.state.phase == S.DEVICE_STATE_ACTIVE
@@ -120,7 +120,7 @@ def test_enospc_on_an_outbox_write_is_counted_and_recording_works_again_later(
 ) -> None:
     outbox = open_outbox(tmp_path / "outbox.sqlite").outbox
     telemetry = Telemetry(device_id="d", outbox=outbox)
-    monkeypatch.setattr("agent.telemetry.outbox.atomic_write_bytes", enospc)  # the seq mark
+    monkeypatch.setattr("edgefleet.agent.telemetry.outbox.atomic_write_bytes", enospc)  # the seq mark
     assert (
         telemetry.record_deployment(generation=1, bundle=None, state=S.DEVICE_STATE_ACTIVE, detail="") is None
     )

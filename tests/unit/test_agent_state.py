@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity import DeviceIdentity, IdentityError, load_identity, save_identity
-from agent.latest import Latest
-from agent.state import AgentState, InstallRecord, StateError, load_state, retained, save_state
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.device.identity import DeviceIdentity, IdentityError, load_identity, save_identity
+from edgefleet.agent.update.latest import Latest
+from edgefleet.agent.update.state import (
+    AgentState,
+    InstallRecord,
+    StateError,
+    load_state,
+    retained,
+    save_state,
+)
+from edgefleet.protos.fleet.v1 import common_pb2
 
 
 def test_state_round_trip(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from agent.api import create_app
-from agent.runtimes.base import (
+from edgefleet.agent.api import create_app
+from edgefleet.agent.runtimes.base import (
     GENERATIVE,
     Capability,
     CapabilityNotSupported,
@@ -40,10 +40,10 @@ from agent.runtimes.base import (
     UnsupportedFormatError,
     collect,
 )
-from agent.runtimes.text import StopTextBuffer
-from agent.serving import ModelNotServed, ModelTable, NoActiveModel
-from agent.stats import InferenceStats
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.runtimes.model_table import ModelNotServed, ModelTable, NoActiveModel
+from edgefleet.agent.runtimes.text import StopTextBuffer
+from edgefleet.agent.stats import InferenceStats
+from edgefleet.protos.fleet.v1 import common_pb2
 
 MODEL = "fake-model"
 REPLY = "Paris is the capital of France ."
@@ -106,7 +106,7 @@ class FakeGeneration:
 
 
 class FakeRuntime:
-    """Implements agent.runtimes.base.Runtime with words as tokens."""
+    """Implements edgefleet.agent.runtimes.base.Runtime with words as tokens."""
 
     def __init__(
         self,
@@ -853,7 +853,7 @@ def test_stop_buffer_earliest_stop_wins() -> None:
 
 
 def test_importing_runtimes_does_not_import_llama_cpp() -> None:
-    code = "import sys, agent.runtimes, agent.api; assert 'llama_cpp' not in sys.modules"
+    code = "import sys, edgefleet.agent.runtimes, edgefleet.agent.api; assert 'llama_cpp' not in sys.modules"
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -861,7 +861,7 @@ def test_importing_runtimes_does_not_import_llama_cpp() -> None:
 
 @pytest.mark.parametrize("fmt", [common_pb2.MODEL_FORMAT_UNSPECIFIED, 99])
 def test_registry_refuses_unknown_formats(fmt: int, tmp_path: Path) -> None:
-    from agent.runtimes import load_runtime
+    from edgefleet.agent.runtimes import load_runtime
 
     with pytest.raises(UnsupportedFormatError) as raised:
         load_runtime(fmt=fmt, model_path=tmp_path / "m", model_id="m")
@@ -873,7 +873,7 @@ def test_registry_refuses_unknown_formats(fmt: int, tmp_path: Path) -> None:
 def test_registry_refuses_a_format_whose_backend_is_not_installed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.runtimes import load_runtime, registry
+    from edgefleet.agent.runtimes import load_runtime, registry
 
     monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)
     assert registry.supported_formats() == frozenset()

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.api import create_app
-from agent.runtimes.base import GENERATIVE, Capability
-from agent.serving import ModelTable
+from edgefleet.agent.api import create_app
+from edgefleet.agent.runtimes.base import GENERATIVE, Capability
+from edgefleet.agent.runtimes.model_table import ModelTable
 from tests.unit.test_api import MODEL, FakeRuntime, Recorder, assert_openai_error, chat_body, completion_body
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.api.app import create_app
-from agent.api.auth import is_loopback, load_or_create_api_key, require_api_key
-from agent.serving import ModelTable
+from edgefleet.agent.api.app import create_app
+from edgefleet.agent.api.auth import is_loopback, load_or_create_api_key, require_api_key
+from edgefleet.agent.runtimes.model_table import ModelTable
 
 
 @pytest.fixture

@@ -16,19 +16,19 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from agent.api import create_app
-from agent.api.app import DeviceAPI
-from agent.api.errors import APIError
-from agent.api.framing import FramingGuard
-from agent.api.limits import RequestLimits, json_depth
-from agent.api.protocol import (
+from edgefleet.agent.api import create_app
+from edgefleet.agent.api.app import DeviceAPI
+from edgefleet.agent.api.errors import APIError
+from edgefleet.agent.api.framing import FramingGuard
+from edgefleet.agent.api.limits import RequestLimits, json_depth
+from edgefleet.agent.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     OpenAIRequestModel,
 )
-from agent.config import AgentConfig
-from agent.serving import ModelTable
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.runtimes.model_table import ModelTable
 from tests.unit.test_api import MODEL, FakeRuntime, Recorder, assert_openai_error
 
 LIMITS = RequestLimits(

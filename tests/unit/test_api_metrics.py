@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.api import create_app
-from agent.api.auth import require_api_key
-from agent.serving import ModelTable
+from edgefleet.agent.api import create_app
+from edgefleet.agent.api.auth import require_api_key
+from edgefleet.agent.runtimes.model_table import ModelTable
 from tests.unit.test_api import MODEL, FakeRuntime, chat_body, completion_body, stream
 
 RELEASE = {"bundle": "smollm2", "version": "1.2.0", "variant": "q4_1-cpu"}

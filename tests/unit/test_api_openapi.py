@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.api import create_app
-from agent.api.protocol import MAX_NAME_CHARS, MAX_STOP_CHARS, MAX_TOKENS
-from agent.serving import ModelTable
+from edgefleet.agent.api import create_app
+from edgefleet.agent.api.protocol import MAX_NAME_CHARS, MAX_STOP_CHARS, MAX_TOKENS
+from edgefleet.agent.runtimes.model_table import ModelTable
 from tests.unit.test_api import FakeRuntime
 
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.api import create_app
-from agent.api.admission import AdmissionQueue, QueueFull, QueueLimits
-from agent.serving import ModelTable
+from edgefleet.agent.api import create_app
+from edgefleet.agent.api.admission import AdmissionQueue, QueueFull, QueueLimits
+from edgefleet.agent.runtimes.model_table import ModelTable
 from tests.unit.test_api import FakeRuntime, Recorder, chat_body, completion_body
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.archive import (
+from edgefleet.agent.update.archive import (
     AbsolutePath,
     ArchiveError,
     ArchiveTooLarge,
@@ -24,7 +24,7 @@ from agent.archive import (
     TooManyMembers,
     extract_archive,
 )
-from controlplane.archive_pack import UnsupportedMember, pack_folder
+from edgefleet.controlplane.build.archive_pack import UnsupportedMember, pack_folder
 
 LIMIT = 1 << 20
 
@@ -184,8 +184,8 @@ def test_corrupt_archive_is_an_archive_error(tmp_path: Path, corrupt: Callable[[
 
 
 def test_model_folder_extracts_once_and_garbage_collection_removes_it(tmp_path: Path) -> None:
-    from agent.archive import model_folder
-    from agent.artifacts import ArtifactStore
+    from edgefleet.agent.update.archive import model_folder
+    from edgefleet.agent.update.artifacts import ArtifactStore
 
     store = ArtifactStore(tmp_path / "artifacts", tmp_path / "downloads", tmp_path / "models")
     store.artifact_dir.mkdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protos.fleet.broker_url import BrokerAddress, BrokerUrlError, parse_broker_url
+from edgefleet.protos.fleet.broker_url import BrokerAddress, BrokerUrlError, parse_broker_url
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controlplane.ca import CertificateError, init_ca, load_ca, new_private_key
-from controlplane.keys import init_keys
-from protos.fleet.uptane import TrustAnchors
+from edgefleet.controlplane.trust.ca import CertificateError, init_ca, load_ca, new_private_key
+from edgefleet.controlplane.trust.keys import init_keys
+from edgefleet.protos.fleet.uptane import TrustAnchors
 
 
 def csr_for(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, name: str = "dev-evil") -> bytes:

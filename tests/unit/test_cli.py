@@ -9,11 +9,11 @@ from pathlib import Path
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent.cli import app as agent_app
-from controlplane import fleet_table
-from controlplane.ca import ca_paths, init_ca
-from controlplane.cli import app as fleetctl
-from protos.fleet.v1 import common_pb2
+from edgefleet.agent.cli import app as agent_app
+from edgefleet.controlplane.cli import tables as fleet_table
+from edgefleet.controlplane.cli.main import app as fleetctl
+from edgefleet.controlplane.trust.ca import ca_paths, init_ca
+from edgefleet.protos.fleet.v1 import common_pb2
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import sys
 def test_serving_freezes_what_is_loaded_and_collects_young_objects_less_often() -> None:
     script = (
         "import gc\n"
-        "from controlplane.collector import YOUNG_THRESHOLD, tune_for_serving\n"
+        "from edgefleet.controlplane.app.collector import YOUNG_THRESHOLD, tune_for_serving\n"
         "before = gc.get_freeze_count()\n"
         "tune_for_serving()\n"
         "assert gc.get_freeze_count() > before + 1000, gc.get_freeze_count()\n"

@@ -11,8 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from controlplane.ca import CertificateAuthority, init_ca, new_private_key
-from controlplane.crl import CRL_VALIDITY, RevokedCertificate, build_crl, write_crl
+from edgefleet.controlplane.trust.ca import CertificateAuthority, init_ca, new_private_key
+from edgefleet.controlplane.trust.crl import CRL_VALIDITY, RevokedCertificate, build_crl, write_crl
 
 
 def _device_serial(ca: CertificateAuthority, device_id: str) -> int:

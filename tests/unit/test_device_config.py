@@ -1,4 +1,4 @@
-"""Device config rules (protos.fleet.device_config), its signed form in the director targets, the
+"""Device config rules (edgefleet.protos.fleet.device_config), its signed form in the director targets, the
 settings it results in on the agent, and its place in the agent's persisted state."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 from securesystemslib.formats import encode_canonical
 from tuf.api.metadata import Targets
 
-from agent.config import AgentConfig, EffectiveSettings, LoadSettings, effective_settings
-from agent.state import AgentState, StateError, load_state, save_state
-from controlplane.repositories import director_fields
-from protos.fleet import uptane
-from protos.fleet.device_config import (
+from edgefleet.agent.config import AgentConfig, EffectiveSettings, LoadSettings, effective_settings
+from edgefleet.agent.update.state import AgentState, StateError, load_state, save_state
+from edgefleet.controlplane.trust.repositories import director_fields
+from edgefleet.protos.fleet import uptane
+from edgefleet.protos.fleet.device_config import (
     BOUNDS,
     InvalidConfig,
     config_from_json,
@@ -26,8 +26,8 @@ from protos.fleet.device_config import (
     is_empty,
     validate_config,
 )
-from protos.fleet.release import MalformedMetadata
-from protos.fleet.v1 import common_pb2
+from edgefleet.protos.fleet.release import MalformedMetadata
+from edgefleet.protos.fleet.v1 import common_pb2
 
 GGUF = common_pb2.MODEL_FORMAT_GGUF
 Config = common_pb2.DeviceConfig
@@ -225,7 +225,7 @@ def test_a_malformed_config_field_is_malformed_metadata(bad: object) -> None:
 
 
 def test_an_out_of_range_config_parses_for_the_agent_to_refuse() -> None:
-    """Ranges are the agent's to check (agent/updater.py signed_config): the report then says
+    """Ranges are the agent's to check (agent/update/updater.py signed_config): the report then says
     which setting was refused, not merely "malformed"."""
     fields = director_fields("dev-1", 7, [("smollm2", 1)], None, None)
     fields[uptane.CUSTOM_KEY]["config"] = {"nCtx": 64}

@@ -19,22 +19,22 @@ from typing import Any
 
 import pytest
 
-from agent.api.admission import AdmissionQueue, QueueFull, QueueLimits
-from agent.artifacts import ArtifactStore
-from agent.config import AgentConfig, EffectiveSettings, effective_settings
-from agent.hardware_profile import HardwareProfile
-from agent.runtimes.base import Runtime, RuntimeLoadError, SamplingParams
-from agent.runtimes.keep_alive import KeepAliveRuntime
-from agent.selection import Pin
-from agent.service import AgentService
-from agent.serving import ModelTable
-from agent.state import AgentState, load_state, save_state
-from agent.telemetry.outbox import Outbox
-from agent.telemetry.recorder import FlushSchedule, Telemetry
-from agent.updater import Updater, signed_config, signed_pin
-from agent.uptane_client import Assignment
-from protos.fleet import release as rel
-from protos.fleet.v1 import bundle_pb2, common_pb2, device_pb2
+from edgefleet.agent.api.admission import AdmissionQueue, QueueFull, QueueLimits
+from edgefleet.agent.config import AgentConfig, EffectiveSettings, effective_settings
+from edgefleet.agent.device.hardware_profile import HardwareProfile
+from edgefleet.agent.runtimes.base import Runtime, RuntimeLoadError, SamplingParams
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
+from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.service import AgentService
+from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.agent.telemetry.recorder import FlushSchedule, Telemetry
+from edgefleet.agent.update.artifacts import ArtifactStore
+from edgefleet.agent.update.selection import Pin
+from edgefleet.agent.update.state import AgentState, load_state, save_state
+from edgefleet.agent.update.updater import Updater, signed_config, signed_pin
+from edgefleet.agent.update.uptane_client import Assignment
+from edgefleet.protos.fleet import release as rel
+from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2, device_pb2
 from tests.unit.test_api import FakeRuntime
 from tests.unit.test_telemetry_recorder import request
 
@@ -368,7 +368,7 @@ async def test_the_director_pin_wins_over_the_config_pin(
     director = common_pb2.VariantPin(variant_id="gguf-q8_0", scope="device")
     config = Config(pin=common_pb2.VariantPin(format=GGUF))
     assignment = Assignment(generation=1, releases=(PINNABLE,), pin=director, config=config)
-    with caplog.at_level(logging.WARNING, logger="agent.updater"):
+    with caplog.at_level(logging.WARNING, logger="edgefleet.agent.update.updater"):
         assert signed_pin(assignment) == Pin(variant_id="gguf-q8_0", scope="device")
     assert (
         "director's pin (pinned to variant gguf-q8_0 (device)) wins over the device config's" in caplog.text

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from agent.device_tls import (
+from edgefleet.agent.device.tls import (
     CertificateProblem,
     DeviceCertificate,
     broker_tls_context,
@@ -20,7 +20,7 @@ from agent.device_tls import (
     new_key,
     store_certificate,
 )
-from controlplane.ca import CertificateAuthority, init_ca
+from edgefleet.controlplane.trust.ca import CertificateAuthority, init_ca
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_the_broker_context_presents_the_device_certificate(ca: CertificateAutho
 async def test_renewal_closes_retired_channels_only_once_idle(
     ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    from agent.channel import DeviceLink
+    from edgefleet.agent.device.channel import DeviceLink
 
     def pair(name: str) -> DeviceCertificate:
         key = new_key()
@@ -100,7 +100,7 @@ async def test_renewal_closes_retired_channels_only_once_idle(
 
 
 def test_the_enrollment_key_survives_a_restart(tmp_path: Path) -> None:
-    from agent.device_tls import enrollment_key, key_pem
+    from edgefleet.agent.device.tls import enrollment_key, key_pem
 
     path = tmp_path / "enroll.key"
     first = enrollment_key(path)

@@ -18,11 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session
 
-from controlplane.db.engine import make_engine
-from controlplane.db.models import Bundle, Device, DeviceModel, utcnow
-from controlplane.exporter import start_metrics_server
-from controlplane.ingest import IngestStats
-from protos.fleet.v1 import common_pb2
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.store.models import Bundle, Device, DeviceModel, utcnow
+from edgefleet.controlplane.telemetry.exporter import start_metrics_server
+from edgefleet.controlplane.telemetry.ingest import IngestStats
+from edgefleet.protos.fleet.v1 import common_pb2
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "edgefleet-fleet.json"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}

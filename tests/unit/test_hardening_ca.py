@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from controlplane.ca import CertificateError, csr_key_sha256, init_ca, new_private_key
+from edgefleet.controlplane.trust.ca import CertificateError, csr_key_sha256, init_ca, new_private_key
 
 P256 = bytes.fromhex("06082a8648ce3d030107")  # DER of the OID 1.2.840.10045.3.1.7 (prime256v1)
 EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")  # DER of id-ecPublicKey

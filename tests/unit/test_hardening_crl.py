@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.ca import init_ca
-from controlplane.crl import CRL_VALIDITY, CrlFile, CrlUnusable, RevokedCertificate, write_crl
+from edgefleet.controlplane.trust.ca import init_ca
+from edgefleet.controlplane.trust.crl import CRL_VALIDITY, CrlFile, CrlUnusable, RevokedCertificate, write_crl
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -14,10 +14,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import create_engine
 
-from controlplane import ingest
-from controlplane.db.telemetry import DeadLetter, IngestRecord
-from controlplane.ingest import RejectReason, TelemetryIngestor
-from protos.fleet.topics import TopicKind, telemetry_topic
+from edgefleet.controlplane.store.telemetry import DeadLetter, IngestRecord
+from edgefleet.controlplane.telemetry import ingest
+from edgefleet.controlplane.telemetry.ingest import RejectReason, TelemetryIngestor
+from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 
 DEVICE = "dev-1"
 TOPIC = telemetry_topic(DEVICE, TopicKind.HEARTBEAT)

@@ -12,7 +12,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 
-from agent.hardware import (
+from edgefleet.agent.device.hardware import (
     GpuInfo,
     GpuVendor,
     HardwareProfile,
@@ -148,7 +148,7 @@ def test_simd_flags_come_from_this_cpu() -> None:
 
 def test_import_loads_no_runtime() -> None:
     code = (
-        "import sys, agent.hardware as h\n"
+        "import sys, edgefleet.agent.device.hardware as h\n"
         "loaded = [m for m in ('llama_cpp', 'onnxruntime', 'mlx') if m in sys.modules]\n"
         "h.detect_hardware()\n"
         "print(loaded, 'mlx' in sys.modules)\n"

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.db.telemetry import IngestRecord, _figures
-from controlplane.ingest import (
+from edgefleet.controlplane.store.telemetry import IngestRecord, _figures
+from edgefleet.controlplane.telemetry.ingest import (
     MAX_CLOCK_SKEW,
     MAX_MESSAGE_BYTES,
     RejectedMessage,
@@ -18,8 +18,8 @@ from controlplane.ingest import (
     decode,
     decode_message,
 )
-from controlplane.record_shape import MAX_RECORDS_PER_MESSAGE, json_number
-from protos.fleet.topics import TopicKind, presence_topic, telemetry_topic
+from edgefleet.controlplane.telemetry.record_shape import MAX_RECORDS_PER_MESSAGE, json_number
+from edgefleet.protos.fleet.topics import TopicKind, presence_topic, telemetry_topic
 
 DEVICE = "dev-1"
 ARRIVED = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from agent.runtimes.base import SamplingParams
-from agent.runtimes.keep_alive import KeepAliveRuntime
+from edgefleet.agent.runtimes.base import SamplingParams
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
 from tests.unit.test_api import FakeRuntime
 
 KEEP_ALIVE_S = 0.3

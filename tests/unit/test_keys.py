@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root
 
-from controlplane.keys import KeyDir, KeysAlreadyExist, RootEditRefused, WrongPassphrase, init_keys
-from protos.fleet.uptane import DIRECTOR, IMAGE, TrustAnchors
+from edgefleet.controlplane.trust.keys import (
+    KeyDir,
+    KeysAlreadyExist,
+    RootEditRefused,
+    WrongPassphrase,
+    init_keys,
+)
+from edgefleet.protos.fleet.uptane import DIRECTOR, IMAGE, TrustAnchors
 
 
 def test_passphrase_encrypts_every_private_key(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from controlplane.ladder import (
+from edgefleet.controlplane.build.ladder import (
     EvalConfig,
     EvaluationError,
     GateStatus,
@@ -45,11 +45,11 @@ from controlplane.ladder import (
     row_from_dict,
     row_to_dict,
 )
-from controlplane.ladder import build as build_module
-from controlplane.ladder.gguf import FTYPES, ftype_for, read_gguf_header
-from controlplane.ladder.mlx import MlxBackend
-from controlplane.ladder.perplexity import perplexity_from, split_windows, window_nll
-from controlplane.ladder.table import format_size
+from edgefleet.controlplane.build.ladder import build as build_module
+from edgefleet.controlplane.build.ladder.gguf import FTYPES, ftype_for, read_gguf_header
+from edgefleet.controlplane.build.ladder.mlx import MlxBackend
+from edgefleet.controlplane.build.ladder.perplexity import perplexity_from, split_windows, window_nll
+from edgefleet.controlplane.build.ladder.table import format_size
 
 # --- name registries ---
 
@@ -273,7 +273,7 @@ def test_detect_format_refuses_other_things(tmp_path: Path, name: str) -> None:
 
 
 def test_mlx_without_mlx_lm_is_a_typed_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("controlplane.ladder.mlx.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("edgefleet.controlplane.build.ladder.mlx.importlib.util.find_spec", lambda name: None)
     folder = tmp_path / "hf-model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))

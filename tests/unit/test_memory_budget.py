@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from agent.runtimes.base import SamplingParams
-from agent.runtimes.keep_alive import KeepAliveRuntime
-from agent.runtimes.memory_budget import MemoryBudget, ModelMemoryExhausted
+from edgefleet.agent.runtimes.base import SamplingParams
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
+from edgefleet.agent.runtimes.memory_budget import MemoryBudget, ModelMemoryExhausted
 from tests.unit.test_api import FakeRuntime
 
 MIB = 2**20

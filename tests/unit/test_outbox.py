@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry import Outbox, OutboxCorruptError, OutboxError
-from agent.telemetry.outbox import batch_size, encode_batch
-from protos.fleet.topics import TopicKind
-from protos.fleet.v1 import telemetry_pb2
+from edgefleet.agent.telemetry import Outbox, OutboxCorruptError, OutboxError
+from edgefleet.agent.telemetry.outbox import batch_size, encode_batch
+from edgefleet.protos.fleet.topics import TopicKind
+from edgefleet.protos.fleet.v1 import telemetry_pb2
 
 
 def _inference(tokens_per_second: float = 12.5) -> telemetry_pb2.InferenceSummary:
@@ -183,9 +183,9 @@ def test_concurrent_puts_and_acks_are_consistent(path: Path) -> None:
 _KILLED_WRITER = """
 import os, sys
 from pathlib import Path
-from agent.telemetry.outbox import Outbox
-from protos.fleet.topics import TopicKind
-from protos.fleet.v1 import telemetry_pb2
+from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.protos.fleet.topics import TopicKind
+from edgefleet.protos.fleet.v1 import telemetry_pb2
 outbox = Outbox(Path(sys.argv[1]))
 for i in range(int(sys.argv[2])):
     seq = outbox.put(TopicKind.HEARTBEAT, telemetry_pb2.Heartbeat(device_id="dev-1"))

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from agent.telemetry.outbox import OutboxItem
-from agent.telemetry.publisher import TelemetryPublisher, batch_records
-from protos.fleet.topics import TopicKind
+from edgefleet.agent.telemetry.outbox import OutboxItem
+from edgefleet.agent.telemetry.publisher import TelemetryPublisher, batch_records
+from edgefleet.protos.fleet.topics import TopicKind
 
 
 def item(seq: int, kind: TopicKind = TopicKind.INFERENCE, size: int = 0) -> OutboxItem:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from agent.telemetry.outbox import encode_batch, encode_message
-from controlplane.db.telemetry import PresenceUpdate, StatusUpdate
-from controlplane.ingest import (
+from edgefleet.agent.telemetry.outbox import encode_batch, encode_message
+from edgefleet.controlplane.store.telemetry import PresenceUpdate, StatusUpdate
+from edgefleet.controlplane.telemetry.ingest import (
     RejectedMessage,
     RejectReason,
     TelemetryBatch,
@@ -21,8 +21,8 @@ from controlplane.ingest import (
     decode_status,
     replica_client_id,
 )
-from protos.fleet.topics import TopicKind, presence_topic, status_topic, telemetry_topic
-from protos.fleet.v1 import common_pb2, telemetry_pb2
+from edgefleet.protos.fleet.topics import TopicKind, presence_topic, status_topic, telemetry_topic
+from edgefleet.protos.fleet.v1 import common_pb2, telemetry_pb2
 
 DEVICE = "dev-1"
 ARRIVED = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)

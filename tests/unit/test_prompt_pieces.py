@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from agent.runtimes.base import ChatMessage, ContextLengthExceeded, InvalidPromptError, PromptTooLarge
-from agent.runtimes.prompt import (
+from edgefleet.agent.runtimes.base import (
+    ChatMessage,
+    ContextLengthExceeded,
+    InvalidPromptError,
+    PromptTooLarge,
+)
+from edgefleet.agent.runtimes.prompt import (
     PromptLimit,
     SpecialToken,
     SpecialTokens,

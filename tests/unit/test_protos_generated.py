@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protos import generate
+from edgefleet.protos import generate
 
 
 def test_generated_code_matches_sources(tmp_path: Path) -> None:
@@ -14,17 +14,17 @@ def test_generated_code_matches_sources(tmp_path: Path) -> None:
     for path in fresh:
         committed = committed_dir / path.name
         assert committed.exists(), (
-            f"{path.name} is generated but not committed: run python -m protos.generate"
+            f"{path.name} is generated but not committed: run python -m edgefleet.protos.generate"
         )
         assert committed.read_bytes() == path.read_bytes(), (
-            f"{path.name} is stale: run python -m protos.generate"
+            f"{path.name} is stale: run python -m edgefleet.protos.generate"
         )
     stale = {p.name for p in committed_dir.glob("*_pb2*.py*")} - {p.name for p in fresh}
     assert not stale, f"generated files without a source: {stale}"
 
 
 def test_imports_work_as_package() -> None:
-    from protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2_grpc
+    from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2_grpc
 
     assert device_pb2.DESCRIPTOR.package == "fleet.v1"
     assert hasattr(device_pb2_grpc, "DeviceServiceStub")

@@ -11,10 +11,10 @@ import pytest
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from controlplane.keys import KeyDir, init_keys
-from protos.fleet import release
-from protos.fleet.uptane import IMAGE
-from protos.fleet.v1 import bundle_pb2, common_pb2
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.protos.fleet import release
+from edgefleet.protos.fleet.uptane import IMAGE
+from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2
 
 ARTIFACT = b"GGUF" + bytes(range(256)) * 8
 

@@ -1,4 +1,4 @@
-"""fleetctl rollout's parsing and printing (controlplane/cli_rollout.py), without a control plane."""
+"""fleetctl rollout's parsing and printing (controlplane/cli/rollout.py), without a control plane."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import typer
 from rich.console import Console
 
-from controlplane import cli_rollout
-from controlplane.cli import app
-from protos.fleet.v1 import common_pb2, operator_pb2
+from edgefleet.controlplane.cli import rollout as cli_rollout
+from edgefleet.controlplane.cli.main import app
+from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2
 
 
 def test_waves_parse_as_percentages_or_counts() -> None:

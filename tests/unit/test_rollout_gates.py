@@ -9,9 +9,8 @@ import pytest
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.db.models import RolloutDevice, TelemetryRecord
-from controlplane.rollouts import evidence
-from controlplane.rollouts.gates import (
+from edgefleet.controlplane.rollouts import evidence
+from edgefleet.controlplane.rollouts.gates import (
     Evidence,
     Figures,
     Interval,
@@ -20,7 +19,8 @@ from controlplane.rollouts.gates import (
     health_gates,
     load_gate,
 )
-from protos.fleet.v1 import common_pb2, telemetry_pb2
+from edgefleet.controlplane.store.models import RolloutDevice, TelemetryRecord
+from edgefleet.protos.fleet.v1 import common_pb2, telemetry_pb2
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

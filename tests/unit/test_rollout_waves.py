@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.rollouts.waves import (
+from edgefleet.controlplane.rollouts.waves import (
     InvalidWaves,
     WaveSize,
     check_waves,

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from controlplane.client import all_pages
-from controlplane.db import crud
-from controlplane.services import pages
-from controlplane.services.limits import MAX_REPEATED, RequestTooLarge, check_request, clip, first_few
-from controlplane.services.ratelimit import PeerLimiter, RateLimit, peer_key, retry_metadata
-from controlplane.services.refusal_log import AuditRow, RefusalLog
-from protos.fleet.v1 import common_pb2, device_pb2, operator_pb2
+from edgefleet.controlplane.api import pages
+from edgefleet.controlplane.api.limits import MAX_REPEATED, RequestTooLarge, check_request, clip, first_few
+from edgefleet.controlplane.api.ratelimit import PeerLimiter, RateLimit, peer_key, retry_metadata
+from edgefleet.controlplane.api.refusal_log import AuditRow, RefusalLog
+from edgefleet.controlplane.cli.client import all_pages
+from edgefleet.controlplane.store import crud
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, operator_pb2
 
 
 @dataclass

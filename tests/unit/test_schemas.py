@@ -14,10 +14,10 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from agent.telemetry.outbox import encode_batch, encode_message
-from protos import schemas
-from protos.fleet.topics import MESSAGE_TYPES, TopicKind
-from protos.fleet.v1 import common_pb2, telemetry_pb2
+from edgefleet.agent.telemetry.outbox import encode_batch, encode_message
+from edgefleet.protos import schemas
+from edgefleet.protos.fleet.topics import MESSAGE_TYPES, TopicKind
+from edgefleet.protos.fleet.v1 import common_pb2, telemetry_pb2
 
 BY_NAME: dict[str, type[Message]] = {
     **{kind.value: cls for kind, cls in MESSAGE_TYPES.items()},
@@ -32,9 +32,11 @@ def test_committed_schemas_match_the_proto(tmp_path: Path) -> None:
     assert {p.name for p in fresh} == {f"{name}.schema.json" for name in BY_NAME}
     for path in fresh:
         committed = schemas.SCHEMA_DIR / path.name
-        assert committed.exists(), f"{path.name} is generated but not committed: run python -m protos.schemas"
+        assert committed.exists(), (
+            f"{path.name} is generated but not committed: run python -m edgefleet.protos.schemas"
+        )
         assert committed.read_bytes() == path.read_bytes(), (
-            f"{path.name} is stale: run python -m protos.schemas"
+            f"{path.name} is stale: run python -m edgefleet.protos.schemas"
         )
     stale = {p.name for p in schemas.SCHEMA_DIR.glob("*.schema.json")} - {p.name for p in fresh}
     assert not stale, f"schemas without a payload: {stale}"

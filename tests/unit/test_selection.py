@@ -8,17 +8,17 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent.errors import NoUsableVariant
-from agent.hardware_profile import GpuInfo, GpuVendor, HardwareProfile
-from agent.selection import (
+from edgefleet.agent.device.hardware_profile import GpuInfo, GpuVendor, HardwareProfile
+from edgefleet.agent.update.errors import NoUsableVariant
+from edgefleet.agent.update.selection import (
     Pin,
     PinNotHonoured,
     kv_cache_bytes,
     quantization_bits,
     select_variant,
 )
-from protos.fleet.release import ArtifactInfo, VerifiedRelease
-from protos.fleet.v1 import bundle_pb2, common_pb2
+from edgefleet.protos.fleet.release import ArtifactInfo, VerifiedRelease
+from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2
 
 MIB, GIB = 1 << 20, 1 << 30
 GGUF, ONNX, MLX = common_pb2.MODEL_FORMAT_GGUF, common_pb2.MODEL_FORMAT_ONNX, common_pb2.MODEL_FORMAT_MLX

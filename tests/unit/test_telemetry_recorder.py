@@ -15,23 +15,23 @@ from typing import Any
 
 import pytest
 
-from agent.api.timing import RequestTimer
-from agent.config import AgentConfig
-from agent.service import AgentService
-from agent.state import AgentState, InstallRecord
-from agent.stats import InferenceStats
-from agent.telemetry.aggregate import (
+from edgefleet.agent.api.timing import RequestTimer
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.service import AgentService
+from edgefleet.agent.stats import InferenceStats
+from edgefleet.agent.telemetry.aggregate import (
     UNATTRIBUTED_MODEL,
     InferenceAggregator,
     ModelSummary,
     ServedRelease,
     percentiles,
 )
-from agent.telemetry.outbox import Outbox
-from agent.telemetry.recorder import Telemetry
-from agent.telemetry.resources import ResourceSampler
-from protos.fleet.topics import TopicKind
-from protos.fleet.v1 import common_pb2, telemetry_pb2
+from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.agent.telemetry.recorder import Telemetry
+from edgefleet.agent.telemetry.resources import ResourceSampler
+from edgefleet.agent.update.state import AgentState, InstallRecord
+from edgefleet.protos.fleet.topics import TopicKind
+from edgefleet.protos.fleet.v1 import common_pb2, telemetry_pb2
 
 T0 = datetime(2025, 1, 2, 3, 4, 0, tzinfo=UTC)
 SMOLLM2 = ServedRelease(bundle="smollm2", version=3, variant="gguf-q4")

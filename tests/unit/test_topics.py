@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from protos.fleet import topics
-from protos.fleet.topics import TopicError, TopicKind
+from edgefleet.protos.fleet import topics
+from edgefleet.protos.fleet.topics import TopicError, TopicKind
 
 
 def test_round_trip() -> None:

@@ -24,18 +24,18 @@ from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, 
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import FetcherInterface
 
-from agent.artifacts import ArtifactStore
-from agent.updater import UnusableConfig, signed_config
-from agent.uptane_client import UptaneVerifier
-from controlplane.bundles import BundleOnDisk
-from controlplane.client import extend_image_targets
-from controlplane.db.engine import make_engine
-from controlplane.keys import KeyDir, init_keys
-from controlplane.repositories import Expiry, Repositories, RepositoryRefusal
-from protos.fleet import release as rel
-from protos.fleet import uptane
-from protos.fleet.uptane import DIRECTOR, IMAGE
-from protos.fleet.v1 import bundle_pb2, common_pb2, device_pb2
+from edgefleet.agent.update.artifacts import ArtifactStore
+from edgefleet.agent.update.updater import UnusableConfig, signed_config
+from edgefleet.agent.update.uptane_client import UptaneVerifier
+from edgefleet.controlplane.build.bundles import BundleOnDisk
+from edgefleet.controlplane.cli.client import extend_image_targets
+from edgefleet.controlplane.store.engine import make_engine
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.controlplane.trust.repositories import Expiry, Repositories, RepositoryRefusal
+from edgefleet.protos.fleet import release as rel
+from edgefleet.protos.fleet import uptane
+from edgefleet.protos.fleet.uptane import DIRECTOR, IMAGE
+from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2, device_pb2
 
 DEVICE = "dev-aaaaaaaaaaaa"
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fleet.v1 import device_pb2 as protos_dot_fleet_dot_v1_dot_device__pb2
+from edgefleet.protos.fleet.v1 import device_pb2 as edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fleet/v1/device_pb2_grpc.py depends on'
+        + ' but the generated code in edgefleet/protos/fleet/v1/device_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class DeviceServiceStub:
         """
         self.Enroll = channel.unary_unary(
                 '/fleet.v1.DeviceService/Enroll',
-                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.FromString,
                 _registered_method=True)
         self.RenewCertificate = channel.unary_unary(
                 '/fleet.v1.DeviceService/RenewCertificate',
-                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
                 _registered_method=True)
         self.WatchDesiredState = channel.unary_stream(
                 '/fleet.v1.DeviceService/WatchDesiredState',
-                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
                 _registered_method=True)
         self.ReportStatus = channel.unary_unary(
                 '/fleet.v1.DeviceService/ReportStatus',
-                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.StatusReport.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.StatusAck.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.StatusReport.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.StatusAck.FromString,
                 _registered_method=True)
         self.FetchArtifact = channel.unary_stream(
                 '/fleet.v1.DeviceService/FetchArtifact',
-                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
         self.FetchMetadata = channel.unary_unary(
                 '/fleet.v1.DeviceService/FetchMetadata',
-                request_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.FromString,
                 _registered_method=True)
 
 
@@ -117,33 +117,33 @@ def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.SerializeToString,
             ),
             'RenewCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewCertificate,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.SerializeToString,
             ),
             'WatchDesiredState': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchDesiredState,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.SerializeToString,
             ),
             'ReportStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportStatus,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.StatusReport.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.StatusAck.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.StatusReport.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.StatusAck.SerializeToString,
             ),
             'FetchArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchArtifact,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.SerializeToString,
             ),
             'FetchMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchMetadata,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -171,8 +171,8 @@ class DeviceService:
             request,
             target,
             '/fleet.v1.DeviceService/Enroll',
-            protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -198,8 +198,8 @@ class DeviceService:
             request,
             target,
             '/fleet.v1.DeviceService/RenewCertificate',
-            protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -225,8 +225,8 @@ class DeviceService:
             request,
             target,
             '/fleet.v1.DeviceService/WatchDesiredState',
-            protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,8 +252,8 @@ class DeviceService:
             request,
             target,
             '/fleet.v1.DeviceService/ReportStatus',
-            protos_dot_fleet_dot_v1_dot_device__pb2.StatusReport.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_device__pb2.StatusAck.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.StatusReport.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.StatusAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,8 +279,8 @@ class DeviceService:
             request,
             target,
             '/fleet.v1.DeviceService/FetchArtifact',
-            protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.FetchArtifactRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -306,8 +306,8 @@ class DeviceService:
             request,
             target,
             '/fleet.v1.DeviceService/FetchMetadata',
-            protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.FetchMetadataRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.MetadataFile.FromString,
             options,
             channel_credentials,
             insecure,

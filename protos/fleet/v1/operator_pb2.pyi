@@ -1,8 +1,8 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from protos.fleet.v1 import common_pb2 as _common_pb2
-from protos.fleet.v1 import bundle_pb2 as _bundle_pb2
+from edgefleet.protos.fleet.v1 import common_pb2 as _common_pb2
+from edgefleet.protos.fleet.v1 import bundle_pb2 as _bundle_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

@@ -1,0 +1,272 @@
+"""Verified artifact storage and resumable download over gRPC.
+
+Layout under the state dir: ``downloads/<sha256>.part`` while bytes arrive, then
+``artifacts/<sha256>`` (read-only) once length and hash matched the signed target info.
+Nothing under ``artifacts/`` was ever unverified, so the runtime only ever sees checked bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from edgefleet.agent.update.errors import ArtifactUnavailable, ControlPlaneUnavailable, InsufficientDisk
+from edgefleet.protos.fleet.fsio import fsync_dir
+from edgefleet.protos.fleet.release import (
+    ArtifactError,
+    ArtifactHashMismatch,
+    ArtifactInfo,
+    ArtifactLengthMismatch,
+    ArtifactVerifier,
+)
+from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+DISK_HEADROOM_BYTES = 64 * 1024 * 1024
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+Progress = Callable[[int, int], None]
+
+
+class EmptyArtifact(ArtifactError):
+    """The signed target is 0 bytes long: no model fits in nothing, so it is refused before
+    any download (a hash of no bytes would "verify" and leave nothing to load)."""
+
+
+class SourceLengthMismatch(ArtifactLengthMismatch):
+    """The control plane serves the artifact with a length other than the signed one: every
+    byte it could send would fail verification, so the download is refused, not retried."""
+
+
+class InstalledArtifactMissing(ArtifactError):
+    """An install record names an artifact that is no longer in the store (deleted by hand,
+    or a disk that lost it)."""
+
+
+class InstalledArtifactDamaged(ArtifactLengthMismatch):
+    """An installed artifact's size differs from its record: the disk changed it after it was
+    verified, so it is not the verified model any more."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, ControlPlaneUnavailable)
+
+
+def check_signed_length(info: ArtifactInfo) -> None:
+    """Refuses a target whose signed length no download can satisfy (EmptyArtifact)."""
+    if info.length <= 0:
+        raise EmptyArtifact(
+            f"artifact {info.path!r} ({info.sha256[:12]}) is signed with length {info.length}: "
+            "an empty model file cannot be installed"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactStore:
+    artifact_dir: Path
+    download_dir: Path
+    unpacked_dir: Path | None = None  # folder variants (ONNX, MLX), extracted per artifact
+
+    def path(self, sha256: str) -> Path:
+        return self.artifact_dir / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def installed(self, sha256: str, length: int, *, what: str) -> Path:
+        """The stored artifact ``sha256`` of ``what`` (a model id, for messages), after checking
+        it is still there with its recorded ``length``; its hash was checked when it entered the
+        store, its size is re-checked here so a large model starts fast."""
+        path = self.path(sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise InstalledArtifactMissing(
+                f"the artifact of {what} ({sha256[:12]}) is missing from {path.parent}"
+            ) from None
+        if size != length:
+            raise InstalledArtifactDamaged(
+                f"the stored artifact of {what} ({sha256[:12]}) has {size} bytes, {length} were verified"
+            )
+        return path
+
+    def part_path(self, sha256: str) -> Path:
+        return self.download_dir / f"{sha256}.part"
+
+    def collect_garbage(self, keep: Iterable[str], *, keep_partial: bool = False) -> list[str]:
+        """Removes verified artifacts, their extracted folders and partial downloads not in
+        ``keep``; returns what it removed.
+
+        ``keep_partial`` spares every partial download: at boot the pending deployment is not
+        verified yet, and its partial download must survive to resume. Extractions a crash
+        interrupted (``.<sha256>.*.extracting``) always go.
+        """
+        wanted = set(keep)
+        removed = []
+        places = [(self.artifact_dir, "")] + ([] if keep_partial else [(self.download_dir, ".part")])
+        if self.unpacked_dir is not None:
+            places.append((self.unpacked_dir, ""))
+        for directory, suffix in places:
+            if not directory.is_dir():
+                continue
+            for entry in directory.iterdir():
+                digest = entry.name.removesuffix(suffix) if suffix else entry.name
+                if digest in wanted:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+        return removed
+
+    def _resume(self, info: ArtifactInfo) -> tuple[ArtifactVerifier, int]:
+        """Re-hashes a partial download so it continues where it stopped."""
+        part = self.part_path(info.sha256)
+        verifier = ArtifactVerifier(info)
+        if part.is_symlink() or (part.exists() and not part.is_file()):
+            # Never follow a link or write into a device planted where a download goes.
+            log.warning("removing %s: not a regular file", part)
+            part.unlink()
+        if not part.exists():
+            return verifier, 0
+        if part.stat().st_size > info.length:
+            part.unlink()
+            return verifier, 0
+        with part.open("rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                verifier.update(chunk)
+        log.info("resuming download of %s at byte %d of %d", info.sha256[:12], verifier.received, info.length)
+        return verifier, verifier.received
+
+    def _check_disk(self, needed: int) -> None:
+        free = shutil.disk_usage(self.download_dir).free
+        if free < needed + DISK_HEADROOM_BYTES:
+            raise InsufficientDisk(
+                f"need {needed + DISK_HEADROOM_BYTES} bytes free in {self.download_dir}, have {free}"
+            )
+
+    async def fetch(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        info: ArtifactInfo,
+        *,
+        progress: Progress | None = None,
+        attempts: int = 6,
+    ) -> Path:
+        """Downloads and verifies an artifact, resuming after dropped connections; returns its path.
+
+        Refused with a typed ArtifactError (never retried): a signed length of 0, a source
+        serving another length, bytes beyond the signed length, a hash mismatch."""
+        check_signed_length(info)
+        if self.has(info.sha256):
+            stored = self.path(info.sha256)
+            if stored.stat().st_size == info.length:
+                return stored
+            log.warning("stored artifact %s has the wrong size; downloading it again", info.sha256[:12])
+            stored.unlink()
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            stop=stop_after_attempt(attempts),
+            reraise=True,
+        ):
+            with attempt:
+                await self._download_once(stub, info, progress=progress)
+        return self._publish(info)
+
+    async def _download_once(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        info: ArtifactInfo,
+        *,
+        progress: Progress | None,
+    ) -> None:
+        verifier, offset = self._resume(info)
+        self._check_disk(info.length - offset)
+        part = self.part_path(info.sha256)
+        if offset < info.length:
+            await self._stream_into(stub, part, info, verifier, progress=progress)
+        if verifier.received < info.length:
+            raise ControlPlaneUnavailable(
+                f"artifact stream ended at {verifier.received} of {info.length} bytes; resuming"
+            )
+        try:
+            verifier.finish()
+        except ArtifactHashMismatch:
+            part.unlink(missing_ok=True)  # wrong bytes: the next attempt starts clean
+            raise
+
+    async def _stream_into(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        part: Path,
+        info: ArtifactInfo,
+        verifier: ArtifactVerifier,
+        *,
+        progress: Progress | None,
+    ) -> None:
+        request = device_pb2.FetchArtifactRequest(sha256=info.sha256, offset=verifier.received)
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "ab") as out:
+                async for chunk in stub.FetchArtifact(request):
+                    if chunk.total_length and chunk.total_length != info.length:
+                        raise SourceLengthMismatch(
+                            f"the control plane serves artifact {info.path!r} ({info.sha256[:12]}) with "
+                            f"{chunk.total_length} bytes, its signed length is {info.length}"
+                        )
+                    if chunk.offset != verifier.received:
+                        raise ControlPlaneUnavailable(
+                            f"artifact chunk at offset {chunk.offset}, expected {verifier.received}"
+                        )
+                    verifier.update(chunk.data)  # raises before writing past the signed length
+                    out.write(chunk.data)
+                    if progress is not None:
+                        progress(verifier.received, info.length)
+                out.flush()
+                os.fsync(out.fileno())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                # Our partial copy (never longer than the signed length) is longer than theirs.
+                raise SourceLengthMismatch(
+                    f"the control plane's copy of artifact {info.path!r} ({info.sha256[:12]}) is shorter "
+                    f"than the {verifier.received} bytes already verified; its signed length is {info.length}"
+                ) from exc
+            if exc.code() in TRANSIENT_CODES:
+                raise ControlPlaneUnavailable(f"artifact download interrupted: {exc.details()}") from exc
+            raise ArtifactUnavailable(f"artifact {info.sha256}: {exc.code().name}: {exc.details()}") from exc
+
+    def _publish(self, info: ArtifactInfo) -> Path:
+        part = self.part_path(info.sha256)
+        final = self.path(info.sha256)
+        os.chmod(part, 0o444)
+        os.replace(part, final)
+        fsync_dir(final.parent)
+        return final

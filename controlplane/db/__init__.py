@@ -1,1 +1,0 @@
-"""The control plane's store: SQLModel tables and keyword-only CRUD functions."""
