@@ -101,7 +101,7 @@ def run(
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
     from edgefleet.agent.api.auth import is_loopback, load_or_create_api_key
-    from edgefleet.agent.device.hardware import HardwareProfileError, load_profile_override
+    from edgefleet.agent.device.hardware import HardwareProfileError, load_profile_override, usable_cpus
     from edgefleet.agent.device.identity import IdentityError
     from edgefleet.agent.service import DeviceRevoked, run_agent
     from edgefleet.agent.update.errors import AgentError
@@ -135,7 +135,7 @@ def run(
         heartbeat_interval_seconds=heartbeat_seconds,
         telemetry_interval_seconds=telemetry_interval,
         n_ctx=n_ctx,
-        n_threads=threads or len(os.sched_getaffinity(0)),
+        n_threads=threads or usable_cpus(),
         api_key=api_key,
         keep_alive_seconds=keep_alive,
         memory_budget_bytes=memory_budget(memory_budget_mb),

@@ -43,6 +43,7 @@ __all__ = [
     "ProbeInputs",
     "detect_hardware",
     "load_profile_override",
+    "usable_cpus",
 ]
 
 
@@ -194,10 +195,22 @@ def _psutil_physical_cores(inputs: ProbeInputs) -> int | None:
     return psutil.cpu_count(logical=False)
 
 
-def _usable_cores() -> int | None:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or None
-    return os.cpu_count()
+def usable_cpus() -> int:
+    """The CPUs this process may run on, at least 1: the one figure the agent sizes its
+    inference threads by, so a ``taskset`` or container CPU set is honoured everywhere.
+
+    ``os.process_cpu_count`` (Python 3.13+, which also honours ``-X cpu_count``), else the
+    affinity mask where the platform has one (Linux), else every logical CPU: macOS (the MLX
+    target) and Windows have no ``sched_getaffinity``.
+    """
+    process_cpu_count = getattr(os, "process_cpu_count", None)
+    if process_cpu_count is not None:
+        count: int | None = process_cpu_count()
+    elif hasattr(os, "sched_getaffinity"):
+        count = len(os.sched_getaffinity(0))
+    else:
+        count = os.cpu_count()
+    return max(1, count or 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +397,7 @@ def detect_hardware(*, disk_path: Path | str = "/", inputs: ProbeInputs | None =
         cpu_model=cpu.model,
         cpu_flags=cpu.flags,
         logical_cores=_attempt(notes, "cores", os.cpu_count, None),
-        usable_cores=_attempt(notes, "cores", _usable_cores, None),
+        usable_cores=_attempt(notes, "cores", usable_cpus, None),
         physical_cores=_attempt(notes, "cores", lambda: _psutil_physical_cores(src), None)
         or cpu.physical_cores,
         ram_total_bytes=memory.total,

@@ -28,10 +28,10 @@ from edgefleet.agent.runtimes.base import Capability, CapabilityNotSupported, Pr
 from edgefleet.agent.runtimes.onnx_runtime import (
     CPU_PROVIDER,
     PROVIDER_PREFERENCE,
-    Detokenizer,
     choose_providers,
     load,
 )
+from edgefleet.agent.runtimes.onnx_sampling import Detokenizer
 from edgefleet.agent.runtimes.slot_generation import SlotGeneration
 from edgefleet.protos.fleet.v1 import common_pb2
 from tests.onnx_models import (
