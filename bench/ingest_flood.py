@@ -28,7 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bench.services import start_broker
 from edgefleet.controlplane.store.engine import make_engine
-from edgefleet.controlplane.telemetry.ingest import MAX_MESSAGE_BYTES, TelemetryIngestor
+from edgefleet.controlplane.telemetry.decode import MAX_MESSAGE_BYTES
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor
 from edgefleet.controlplane.telemetry.record_shape import MAX_RECORDS_PER_MESSAGE
 from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 

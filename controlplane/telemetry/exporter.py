@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from edgefleet.controlplane.store.crud import Release, as_utc
 from edgefleet.controlplane.store.models import Bundle, Device, DeviceModel
-from edgefleet.controlplane.telemetry.ingest import RejectReason
+from edgefleet.controlplane.telemetry.decode import RejectReason
 from edgefleet.protos.fleet.v1 import common_pb2
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
 
-from edgefleet.controlplane.telemetry.ingest import IngestStats, TelemetryIngestor, replica_client_id
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor, replica_client_id
+from edgefleet.controlplane.telemetry.ingest_health import IngestStats
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,9 @@ from sqlalchemy.engine import Engine
 
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.store.models import TelemetryDeadLetter
-from edgefleet.controlplane.telemetry.ingest import EXCERPT_BYTES, MAX_MESSAGE_BYTES, TelemetryIngestor
+from edgefleet.controlplane.telemetry.decode import MAX_MESSAGE_BYTES
+from edgefleet.controlplane.telemetry.inbox import EXCERPT_BYTES
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor
 from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 from tests.integration.test_telemetry_mqtt import (
     Mosquitto,

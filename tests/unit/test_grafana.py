@@ -21,7 +21,7 @@ from sqlmodel import Session
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.store.models import Bundle, Device, DeviceModel, utcnow
 from edgefleet.controlplane.telemetry.exporter import start_metrics_server
-from edgefleet.controlplane.telemetry.ingest import IngestStats
+from edgefleet.controlplane.telemetry.ingest_health import IngestStats
 from edgefleet.protos.fleet.v1 import common_pb2
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "edgefleet-fleet.json"

@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy import create_engine
 
 from edgefleet.controlplane.store.telemetry import DeadLetter, IngestRecord
-from edgefleet.controlplane.telemetry import ingest
-from edgefleet.controlplane.telemetry.ingest import RejectReason, TelemetryIngestor
+from edgefleet.controlplane.telemetry import batch_writer
+from edgefleet.controlplane.telemetry.decode import RejectReason
+from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor
 from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 
 DEVICE = "dev-1"
@@ -77,8 +78,8 @@ def message(mid: int, seq: int) -> mqtt.MQTTMessage:
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> FakeStore:
     fake = FakeStore()
-    monkeypatch.setattr(ingest, "store_batch", fake.store_batch)
-    monkeypatch.setattr(ingest, "store_dead_letters", fake.store_dead_letters)
+    monkeypatch.setattr(batch_writer, "store_batch", fake.store_batch)
+    monkeypatch.setattr(batch_writer, "store_dead_letters", fake.store_dead_letters)
     return fake
 
 

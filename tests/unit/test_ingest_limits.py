@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edgefleet.controlplane.store.telemetry import IngestRecord, _figures
-from edgefleet.controlplane.telemetry.ingest import (
+from edgefleet.controlplane.telemetry.decode import (
     MAX_CLOCK_SKEW,
     MAX_MESSAGE_BYTES,
     RejectedMessage,

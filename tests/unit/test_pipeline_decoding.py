@@ -11,7 +11,7 @@ import pytest
 
 from edgefleet.agent.telemetry.outbox import encode_batch, encode_message
 from edgefleet.controlplane.store.telemetry import PresenceUpdate, StatusUpdate
-from edgefleet.controlplane.telemetry.ingest import (
+from edgefleet.controlplane.telemetry.decode import (
     RejectedMessage,
     RejectReason,
     TelemetryBatch,
@@ -19,8 +19,8 @@ from edgefleet.controlplane.telemetry.ingest import (
     decode_message,
     decode_presence,
     decode_status,
-    replica_client_id,
 )
+from edgefleet.controlplane.telemetry.ingest import replica_client_id
 from edgefleet.protos.fleet.topics import TopicKind, presence_topic, status_topic, telemetry_topic
 from edgefleet.protos.fleet.v1 import common_pb2, telemetry_pb2
 
