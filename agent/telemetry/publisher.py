@@ -18,6 +18,8 @@ backoff; one drain thread of ours reads the outbox, hands batches to paho and ap
 broker's acknowledgements. The callbacks only queue what happened and wake the drain thread,
 so every piece of bookkeeping has one owner and no lock of ours is ever held across a paho
 call. Nothing here raises into the agent: a dead broker only means records wait in the outbox.
+This module owns the connection (paho client, presence, status, start and stop) and hands
+batches to paho; what each acknowledgement means for the outbox is edgefleet.agent.telemetry.drain's.
 
 Delivery contract, end to end:
 - a record is in at most one message that paho holds; paho keeps unacknowledged QoS 1 messages
@@ -37,10 +39,7 @@ import logging
 import ssl
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,14 +49,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefleet.agent.telemetry.outbox import (
-    Outbox,
-    OutboxError,
-    OutboxItem,
-    batch_size,
-    encode_batch,
-    encode_message,
-)
+from edgefleet.agent.telemetry.drain import Batch, OutboxDrain, batch_records
+from edgefleet.agent.telemetry.outbox import Outbox, OutboxError, OutboxItem, encode_message
 from edgefleet.protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
 from edgefleet.protos.fleet.topics import (
     METRIC_KINDS,
@@ -76,62 +69,7 @@ MAX_BATCH_BYTES = 128 * 1024  # below Mosquitto's max_packet_size in deploy/mosq
 MQTT_MAX_PACKET = 268_435_455 + 5  # the largest packet MQTT can frame (remaining length + header)
 PUBLISH_OVERHEAD = 64  # fixed header, topic length, packet id and v5 properties, with room to spare
 GOODBYE_ACK_WAIT_S = 1.0
-MAX_REFUSALS = 5  # a record the broker refused this often in a row is discarded
-RETRY_BACKOFF_S = (1.0, 30.0)  # after a refusal or a PUBACK saying nobody subscribes
-NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT v5 PUBACK reason code
 MAX_WINDOW = 10_000  # far below the 65535 message ids paho cycles through
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Consecutive outbox records of one kind that go out as one PUBLISH."""
-
-    kind: TopicKind
-    seqs: tuple[int, ...]
-    payload: bytes
-
-
-def batch_records(items: Iterable[OutboxItem], *, max_records: int, max_bytes: int) -> list[Batch]:
-    """Groups records, oldest first, into batches of consecutive records of one kind.
-
-    A batch closes when the kind changes, at ``max_records`` records, or before the encoded
-    array would exceed ``max_bytes``; a single record larger than that still goes out alone
-    (the caller decides whether the broker can take it). Pure, for unit tests.
-    """
-    batches: list[Batch] = []
-    run: list[OutboxItem] = []
-    run_bytes = 0
-
-    def close() -> None:
-        if run:
-            payload = encode_batch([item.payload for item in run])
-            batches.append(Batch(run[0].kind, tuple(item.seq for item in run), payload))
-
-    for item in items:
-        fits = batch_size(run_bytes + len(item.payload), len(run) + 1) <= max_bytes
-        if run and (item.kind is not run[0].kind or len(run) >= max_records or not fits):
-            close()
-            run, run_bytes = [], 0
-        run.append(item)
-        run_bytes += len(item.payload)
-    close()
-    return batches
-
-
-@dataclass
-class _Drain:
-    """The drain thread's bookkeeping; only that thread touches it while it runs."""
-
-    inflight: dict[int, Batch] = field(default_factory=dict)  # mid -> batch paho holds
-    busy: set[int] = field(default_factory=set)  # seqs in flight, or acked and not yet deleted
-    acked: list[int] = field(default_factory=list)  # seqs to delete from the outbox
-    refusals: dict[int, int] = field(default_factory=dict)  # seq -> PUBACKs refusing it in a row
-    cursor: int = 0  # highest seq handed to paho in this pass over the outbox
-    backoff_s: float = 0.0
-    resume_at: float = 0.0  # after a refusal: publish nothing new before this (monotonic)
-
-    def inflight_records(self) -> int:
-        return sum(len(batch.seqs) for batch in self.inflight.values())
 
 
 class TelemetryPublisher:
@@ -176,9 +114,8 @@ class TelemetryPublisher:
         self._keepalive_s = keepalive_s
         self._poll_interval_s = poll_interval_s
         self._tls_context = tls_context
-        self._drain = _Drain()
-        self._acks: deque[tuple[int, ReasonCode]] = deque()  # from on_publish, applied by the drain
         self._reconnected = threading.Event()  # on_connect: re-read the outbox from the start
+        self._drain = OutboxDrain(outbox, self._reconnected)
         self._status_due = threading.Event()  # the latest status still has to be published
         self._status_lock = threading.Lock()
         self._status: telemetry_pb2.DeviceStatus | None = None
@@ -191,8 +128,6 @@ class TelemetryPublisher:
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self._published = 0
-        self._acknowledged = 0
-        self._discarded = 0
 
     @property
     def device_id(self) -> str:
@@ -210,12 +145,12 @@ class TelemetryPublisher:
     @property
     def acknowledged(self) -> int:
         """Records the broker acknowledged."""
-        return self._acknowledged
+        return self._drain.acknowledged
 
     @property
     def discarded(self) -> int:
         """Records this publisher discarded because the broker would never take them."""
-        return self._discarded
+        return self._drain.discarded
 
     def nudge(self) -> None:
         """Tells the drain thread new records are waiting; cheap and safe from any thread."""
@@ -251,8 +186,7 @@ class TelemetryPublisher:
         if self._thread is not None:
             raise RuntimeError("publisher already started")
         self._stopping.clear()
-        self._drain = _Drain()
-        self._acks.clear()
+        self._drain.reset()
         self._reconnected.clear()
         client = self._make_client()
         self._client = client
@@ -293,7 +227,7 @@ class TelemetryPublisher:
             client.loop_stop()
         self._connected.clear()
         if thread is None or not thread.is_alive():
-            self._settle()  # PUBACKs that arrived after the drain thread left
+            self._drain.settle()  # PUBACKs that arrived after the drain thread left
 
     # paho callbacks (network thread): record what happened, wake the drain ---------------------
 
@@ -391,7 +325,7 @@ class TelemetryPublisher:
         properties: Properties | None,
     ) -> None:
         # Runs under paho's message lock: no lock of ours here, only a thread-safe append.
-        self._acks.append((mid, reason_code))
+        self._drain.acknowledge(mid, reason_code)
         self._wake.set()
 
     # drain thread ------------------------------------------------------------------------------
@@ -401,7 +335,7 @@ class TelemetryPublisher:
             self._wake.wait(self._poll_interval_s)
             self._wake.clear()
             try:
-                self._settle()
+                self._drain.settle()
                 if self._stopping.is_set():
                     if self._may_leave():
                         return
@@ -418,91 +352,6 @@ class TelemetryPublisher:
         """While stopping: leave once nothing is in flight, the broker is gone, or time is up."""
         drain = self._drain
         return not drain.inflight or not self._connected.is_set() or time.monotonic() >= self._stop_deadline
-
-    def _settle(self) -> None:
-        """Applies the PUBACKs received so far and deletes acknowledged records from the outbox."""
-        drain = self._drain
-        unheard: list[Batch] = []
-        refused: list[tuple[Batch, ReasonCode]] = []
-        while self._acks:
-            mid, reason_code = self._acks.popleft()
-            batch = drain.inflight.pop(mid, None)
-            if batch is None:
-                continue  # a presence or status message: nothing to delete
-            if reason_code.is_failure:
-                refused.append((batch, reason_code))
-            elif reason_code.value == NO_MATCHING_SUBSCRIBERS:
-                unheard.append(batch)
-            else:
-                drain.acked.extend(batch.seqs)
-                drain.backoff_s = 0.0
-        if refused:
-            self._refused(refused)
-        if unheard:
-            self._unheard(unheard)
-        self._flush_acked()
-
-    def _flush_acked(self) -> None:
-        drain = self._drain
-        acked, drain.acked = drain.acked, []
-        if not acked:
-            return
-        try:
-            self._outbox.ack_many(acked)
-        except OutboxError:
-            logger.exception("could not delete %d acknowledged records; they will be resent", len(acked))
-        finally:
-            drain.busy.difference_update(acked)
-            for seq in acked:
-                drain.refusals.pop(seq, None)
-        self._acknowledged += len(acked)
-
-    def _unheard(self, unheard: list[Batch]) -> None:
-        """The broker took messages nobody subscribes to (v5 PUBACK 0x10): no control plane has
-        a session on it, e.g. Mosquitto 2.0.11 after a restart, which does not restore shared
-        subscriptions until the replicas subscribe again. Delivered to nobody is not delivered:
-        the records stay in the outbox and go out again after a backoff."""
-        for batch in unheard:
-            self._drain.busy.difference_update(batch.seqs)
-        records = sum(len(batch.seqs) for batch in unheard)
-        self._back_off(f"no control plane subscribes yet; {records} records wait")
-
-    def _refused(self, refused: list[tuple[Batch, ReasonCode]]) -> None:
-        """A v5 broker refused messages (3.1.1 brokers cannot say so). Their records stay in the
-        outbox and go out again after a backoff, unless they were refused too often: then they
-        are discarded, since resending them forever would only hold up the rest."""
-        drain = self._drain
-        hopeless: list[int] = []
-        for batch, reason_code in refused:
-            logger.warning(
-                "broker refused a %s message of %d records: %s",
-                batch.kind.value,
-                len(batch.seqs),
-                reason_code,
-            )
-            drain.busy.difference_update(batch.seqs)
-            for seq in batch.seqs:
-                drain.refusals[seq] = drain.refusals.get(seq, 0) + 1
-                if drain.refusals[seq] >= MAX_REFUSALS:
-                    hopeless.append(seq)
-        if hopeless:
-            logger.error("discarding %d records the broker refused %d times", len(hopeless), MAX_REFUSALS)
-            self._discard(hopeless)
-        self._back_off("the broker refused telemetry")
-
-    def _back_off(self, why: str) -> None:
-        """Publishes nothing new for a while, then re-reads the outbox from the start."""
-        drain = self._drain
-        low, high = RETRY_BACKOFF_S
-        drain.backoff_s = min(high, max(low, drain.backoff_s * 2))
-        drain.resume_at = time.monotonic() + drain.backoff_s
-        self._reconnected.set()
-        logger.warning("%s; resending in %.0f s", why, drain.backoff_s)
-
-    def _discard(self, seqs: Sequence[int]) -> None:
-        for seq in seqs:
-            self._drain.refusals.pop(seq, None)
-        self._discarded += self._outbox.discard(seqs)
 
     def _publish_status(self) -> None:
         client = self._client
@@ -565,7 +414,7 @@ class TelemetryPublisher:
                 batch.seqs[0],
                 self._server_max_packet,
             )
-            self._discard(batch.seqs)  # one record: batch_records keeps batches of several below it
+            self._drain.discard(batch.seqs)  # one record: batch_records keeps batches of several below it
             return True
         info = client.publish(topic, batch.payload, qos=1, properties=self._properties(batch.kind))
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
@@ -574,8 +423,7 @@ class TelemetryPublisher:
             # paho still holds the message and resends it after reconnecting.
             logger.debug("publish of seqs %d-%d returned %s", batch.seqs[0], batch.seqs[-1], info.rc)
         self._published += 1
-        self._drain.inflight[info.mid] = batch
-        self._drain.busy.update(batch.seqs)
+        self._drain.sent(info.mid, batch)
         return True
 
     def _properties(self, kind: TopicKind) -> Properties | None:

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from edgefleet.agent.telemetry.drain import batch_records
 from edgefleet.agent.telemetry.outbox import OutboxItem
-from edgefleet.agent.telemetry.publisher import TelemetryPublisher, batch_records
+from edgefleet.agent.telemetry.publisher import TelemetryPublisher
 from edgefleet.protos.fleet.topics import TopicKind
 
 
