@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
+from edgefleet.protos.fleet.release import Refusal, TransientFailure
 from edgefleet.protos.fleet.v1 import common_pb2
 
 FinishReason = Literal["stop", "length"]
@@ -37,20 +38,21 @@ GENERATIVE = frozenset({Capability.CHAT, Capability.COMPLETIONS})
 
 
 class RuntimeFailure(Exception):
-    """Base of every runtime error; `transient` tells the caller whether a retry can help."""
+    """Base of every runtime error, for callers that map them all (the API's error table).
+    Never raised itself: each concrete error is also in one family, a `Refusal` (this model or
+    this request cannot be served; retrying gets the same) or a `TransientFailure` (retrying
+    reaches a runtime that can), so the update path decides by family, not by this base."""
 
-    transient: ClassVar[bool] = False
 
-
-class RuntimeLoadError(RuntimeFailure):
+class RuntimeLoadError(RuntimeFailure, Refusal):
     """The model file could not be loaded (missing backend, corrupt file, out of memory)."""
 
 
-class RuntimeSmokeTestError(RuntimeFailure):
+class RuntimeSmokeTestError(RuntimeFailure, Refusal):
     """The model loaded but a tiny real generation failed or produced nothing."""
 
 
-class UnsupportedFormatError(RuntimeFailure):
+class UnsupportedFormatError(RuntimeFailure, Refusal):
     """No adapter is registered for this model format on this device."""
 
     def __init__(self, fmt: int) -> None:
@@ -58,7 +60,7 @@ class UnsupportedFormatError(RuntimeFailure):
         super().__init__(f"no runtime adapter for model format {format_name(fmt)}")
 
 
-class ContextLengthExceeded(RuntimeFailure):
+class ContextLengthExceeded(RuntimeFailure, Refusal):
     """The prompt leaves no room to generate in the model's context window."""
 
     def __init__(self, *, prompt_tokens: int, n_ctx: int) -> None:
@@ -86,7 +88,7 @@ class PromptTooLarge(ContextLengthExceeded):
         )
 
 
-class InvalidPromptError(RuntimeFailure):
+class InvalidPromptError(RuntimeFailure, Refusal):
     """The request cannot be turned into a prompt (empty, or refused by the chat template)."""
 
 
@@ -94,14 +96,13 @@ class ChatNotSupported(InvalidPromptError):
     """The model carries no chat template (a base model): only completions make sense."""
 
 
-class RuntimeUnloaded(RuntimeFailure):
+class RuntimeUnloaded(RuntimeFailure, TransientFailure):
     """The runtime was unloaded (a newer model was activated); retrying reaches the new one."""
 
-    transient = True
 
-
-class GenerationError(RuntimeFailure):
-    """The backend failed while generating."""
+class GenerationError(RuntimeFailure, Refusal):
+    """The backend failed while generating (a deterministic backend error on this input:
+    the same request fails the same way)."""
 
 
 class CapabilityNotSupported(InvalidPromptError):

@@ -4,7 +4,8 @@ A tar is a small program that writes files: left to itself it will follow ``..``
 through symlinks, create devices and fill the disk. This module treats every member as
 hostile and refuses (never skips) anything but plain files and directories that stay
 inside the destination, raising a subclass of :class:`ArchiveError` that names the member.
-Refusal is fatal, not transient: the bytes were signed, so retrying gets the same archive.
+Refusal is fatal, not transient: the bytes were signed, so retrying gets the same archive (a
+disk that fills up while writing is no refusal: DiskBusy, retried).
 
 How the updater uses it (``model_folder``):
 
@@ -29,7 +30,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from edgefleet.agent.update.errors import AgentError
+from edgefleet.agent.update.errors import TRANSIENT_ERRNOS, AgentError, DiskBusy, Refusal
 from edgefleet.protos.fleet.fsio import fsync_dir
 
 FILE_MODE = 0o644
@@ -39,7 +40,7 @@ DEFAULT_MAX_MEMBERS = 10_000
 ALLOWED_FILE_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE})
 
 
-class ArchiveError(AgentError):
+class ArchiveError(AgentError, Refusal):
     """Base of extraction refusals; ``member`` names the offending entry ("" for the archive)."""
 
     def __init__(self, member: str, reason: str) -> None:
@@ -188,8 +189,12 @@ def _extract_into(
             target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             directories.add(target.parent)
             total += _write_file(tar, member, target, max_total_bytes - total)
-        except OSError as exc:  # e.g. a file member later used as a directory
-            raise CorruptArchive(member.name, f"cannot write: {exc}") from exc
+        except OSError as exc:
+            if exc.errno in TRANSIENT_ERRNOS:  # a full disk is no fault of the archive: retried
+                raise DiskBusy(f"cannot write {member.name!r}: {exc.strerror or exc}", exc.errno) from exc
+            raise CorruptArchive(
+                member.name, f"cannot write: {exc}"
+            ) from exc  # e.g. a file member later used as a directory
         files.append(relative)
     for directory in directories:
         os.chmod(directory, DIR_MODE)

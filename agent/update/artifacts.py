@@ -17,12 +17,18 @@ from pathlib import Path
 import grpc
 from tenacity import (
     AsyncRetrying,
-    retry_if_exception,
+    retry_if_exception_type,
     stop_after_attempt,
     wait_random_exponential,
 )
 
-from edgefleet.agent.update.errors import ArtifactUnavailable, ControlPlaneUnavailable, InsufficientDisk
+from edgefleet.agent.update.errors import (
+    ArtifactUnavailable,
+    ControlPlaneUnavailable,
+    InsufficientDisk,
+    TransientFailure,
+    typed_os_errors,
+)
 from edgefleet.protos.fleet.fsio import fsync_dir
 from edgefleet.protos.fleet.release import (
     ArtifactError,
@@ -70,10 +76,6 @@ class InstalledArtifactMissing(ArtifactError):
 class InstalledArtifactDamaged(ArtifactLengthMismatch):
     """An installed artifact's size differs from its record: the disk changed it after it was
     verified, so it is not the verified model any more."""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, ControlPlaneUnavailable)
 
 
 def check_signed_length(info: ArtifactInfo) -> None:
@@ -181,7 +183,9 @@ class ArtifactStore:
         """Downloads and verifies an artifact, resuming after dropped connections; returns its path.
 
         Refused with a typed ArtifactError (never retried): a signed length of 0, a source
-        serving another length, bytes beyond the signed length, a hash mismatch."""
+        serving another length, bytes beyond the signed length, a hash mismatch. A transient
+        failure (a dropped stream, a disk full or busy for a moment: DiskBusy) is retried
+        ``attempts`` times in all, then raised; another local I/O error is a DiskRefused."""
         check_signed_length(info)
         if self.has(info.sha256):
             stored = self.path(info.sha256)
@@ -192,14 +196,15 @@ class ArtifactStore:
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception_type(TransientFailure),
             wait=wait_random_exponential(multiplier=0.5, max=10),
             stop=stop_after_attempt(attempts),
             reraise=True,
         ):
-            with attempt:
+            with attempt, typed_os_errors():
                 await self._download_once(stub, info, progress=progress)
-        return self._publish(info)
+        with typed_os_errors():
+            return self._publish(info)
 
     async def _download_once(
         self,

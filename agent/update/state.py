@@ -23,17 +23,20 @@ from google.protobuf import json_format
 
 from edgefleet.protos.fleet.device_config import config_from_json
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
+from edgefleet.protos.fleet.release import Refusal, TransientFailure
 from edgefleet.protos.fleet.v1 import common_pb2
 
 
-class StateError(Exception):
-    """The state file is unreadable or malformed (truncated by a full disk, damaged)."""
+class StateError(Refusal):
+    """The state file is unreadable or malformed (truncated by a full disk, damaged): reading
+    it again gives the same bytes, so the agent rebuilds the state from the disk instead."""
 
 
-class StateNotSaved(Exception):
+class StateNotSaved(TransientFailure):
     """The state file could not be written (a full disk, a read-only file system); the state in
-    memory is still right, the file on disk is the previous one. Not an OSError: it must not be
-    taken for a refusal of the release being installed."""
+    memory is still right, the file on disk is the previous one. A transient failure, whatever
+    the errno: the update waiting on it is retried, and it is never taken for a refusal of the
+    release being installed."""
 
     def __init__(self, message: str, errno: int | None) -> None:
         super().__init__(message)

@@ -1,11 +1,16 @@
-"""The update state machine: verify → fetch → install → test → activate, or refuse and keep serving.
+"""The updater: applies desired states one at a time (verify → fetch → install → test →
+activate, or refuse and keep serving) and restores the installed models at boot.
 
-Modelled on Mender's client: every transition is persisted before the next step, so a crash
-at any point restarts into a known phase; a model is replaced only after its successor
-loaded and answered a smoke test, so each model serves its old or its new release, never
-neither. A device holds several models (one release per bundle name): a generation installs
-each assigned release that changed, removes the models no longer assigned, and leaves the
-rest serving untouched.
+The phases and which event leads where are data (``lifecycle``: the transition table and the
+crash-loop breaker); what a generation will do is decided first (``planning``); the steps that
+change what serves are ``steps``. This module orders them. Modelled on Mender's client: every
+transition is persisted before the next step, so a crash at any point restarts into a known
+phase; a model is replaced only after its successor loaded and answered a smoke test, so each
+model serves its old or its new release, never neither.
+
+A device holds several models (one release per bundle name): a generation installs each
+assigned release that changed, removes the models no longer assigned, and leaves the rest
+serving untouched.
 
 A generation may also carry a device config, signed with the rest (never taken from the
 nudge). The settings in force are the command line's, overridden by each field the config
@@ -23,6 +28,11 @@ operator's judgement) and put in force as a unit, before the releases of its gen
 An unusable config is refused like a bad release: FAILED with the reason, nothing changes. The
 generation counts as applied only once its config is in force (and every release installed);
 the config in force is persisted with the state and applies at boot before any model loads.
+
+Errors come in two families (``errors``): a Refusal ends the generation FAILED with the
+reason and is not tried again; a TransientFailure (the control plane away, a state file or
+artifact the disk cannot write for now) leaves the phase where it is and propagates, for the
+caller to retry.
 """
 
 from __future__ import annotations
@@ -30,75 +40,60 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from functools import partial
-from pathlib import Path
-from typing import Protocol
+from dataclasses import replace
 
-from edgefleet.agent.config import AgentConfig, EffectiveSettings, LoadSettings, effective_settings
+from edgefleet.agent.config import AgentConfig, EffectiveSettings, effective_settings
 from edgefleet.agent.device.hardware import HardwareProfile, detect_hardware, load_profile_override
-from edgefleet.agent.runtimes.base import Runtime, RuntimeFailure
+from edgefleet.agent.runtimes.base import Runtime
 from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
-from edgefleet.agent.runtimes.memory_budget import MemoryBudget, ModelMemoryExhausted
+from edgefleet.agent.runtimes.memory_budget import MemoryBudget
 from edgefleet.agent.runtimes.model_table import ModelTable
 from edgefleet.agent.runtimes.registry import load_runtime, supported_formats
-from edgefleet.agent.update.archive import model_folder
 from edgefleet.agent.update.artifacts import ArtifactStore
-from edgefleet.agent.update.errors import AgentError, ControlPlaneUnavailable
-from edgefleet.agent.update.selection import Pin, PinNotHonoured, Selection, memory_needed, select_variant
-from edgefleet.agent.update.state import (
-    AgentState,
-    InstallRecord,
-    LoadAttempt,
-    StateNotSaved,
-    retained,
-    save_state,
+from edgefleet.agent.update.errors import ControlPlaneUnavailable, TransientFailure, typed_os_errors
+from edgefleet.agent.update.lifecycle import (
+    Event,
+    Lifecycle,
+    PhaseListener,
+    RuntimeCrashedWhileLoading,
 )
+from edgefleet.agent.update.planning import (
+    REFUSALS,
+    Serving,
+    UnusableConfig,
+    pin_overridden,
+    plan,
+    release_pins,
+    signed_config,
+    signed_pin,
+)
+from edgefleet.agent.update.selection import Selection
+from edgefleet.agent.update.state import AgentState, InstallRecord, StateNotSaved
+from edgefleet.agent.update.steps import FOLDER_FORMATS, RuntimeLoader, Steps, attempt_of
 from edgefleet.agent.update.uptane_client import Assignment, UptaneVerifier
 from edgefleet.protos.fleet import release as rel
-from edgefleet.protos.fleet.device_config import InvalidConfig, describe_config, is_empty, validate_config
+from edgefleet.protos.fleet.device_config import InvalidConfig, describe_config, validate_config
 from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+__all__ = [
+    "FOLDER_FORMATS",
+    "REFUSALS",
+    "PhaseListener",
+    "RuntimeCrashedWhileLoading",
+    "RuntimeLoader",
+    "SettingsListener",
+    "UnusableConfig",
+    "Updater",
+    "release_pins",
+    "signed_config",
+    "signed_pin",
+]
 
 log = logging.getLogger(__name__)
 
-FOLDER_FORMATS = frozenset({common_pb2.MODEL_FORMAT_ONNX, common_pb2.MODEL_FORMAT_MLX})
-"""Formats whose variants ship as a folder packed into one tar (edgefleet.controlplane.build.archive_pack)."""
-
-REFUSALS = (AgentError, rel.ReleaseError, RuntimeFailure, ModelMemoryExhausted, OSError)
-"""What refuses one model's release (reported; its current release keeps serving)."""
-
 S = common_pb2
-PhaseListener = Callable[[AgentState, int, str], None]
-"""Called after every persisted transition with (state, generation, detail)."""
 SettingsListener = Callable[[EffectiveSettings], None]
 """Called with the settings in force at boot and whenever a device config changes them."""
-
-
-class RuntimeCrashedWhileLoading(AgentError):
-    """The agent process died inside this release's load or smoke test in two processes in a
-    row (a runtime segfault, the OOM killer): refused on this device until a newer generation."""
-
-
-class UnusableConfig(AgentError):
-    """The signed device config breaks a rule, or a model cannot run with it; nothing changed."""
-
-
-class RuntimeLoader(Protocol):
-    """Loads one model file (edgefleet.agent.runtimes.registry.load_runtime; tests pass their own)."""
-
-    def __call__(
-        self, *, fmt: int, model_path: Path, model_id: str, n_ctx: int, n_threads: int | None
-    ) -> Runtime: ...
-
-
-@dataclass
-class _Plan:
-    """What a generation does to each assigned release, decided before anything changes."""
-
-    keep: list[InstallRecord] = field(default_factory=list)  # serving as it should
-    reload: list[InstallRecord] = field(default_factory=list)  # same artifact, new load settings
-    install: list[tuple[rel.VerifiedRelease, Selection]] = field(default_factory=list)
-    refused: list[tuple[str, BaseException]] = field(default_factory=list)  # (bundle name, why)
 
 
 class Updater:
@@ -128,8 +123,6 @@ class Updater:
         self.config = config
         self.store = store
         self.models = models
-        self.state = state
-        self.on_transition = on_transition
         self.available_ram = available_ram
         self.budget = budget or MemoryBudget(None)
         self._hardware = hardware
@@ -137,44 +130,45 @@ class Updater:
         self.selection: Selection | None = None
         """The latest variant choice, for status reports; None until a release was selected."""
         self.on_settings = on_settings
-        self.loader = loader
         self.settings = effective_settings(config, None)
         """The settings in force; ``restore`` lays the persisted device config over them."""
-        self._loaded_with: dict[str, LoadSettings] = {}
-        """Per model name, what the runtime serving it was loaded with."""
-        self.state_writes_failed = 0
+        self.lifecycle = Lifecycle(
+            state=state,
+            path=config.state_path,
+            on_transition=on_transition,
+            on_state_not_saved=on_state_not_saved,
+        )
+        self.steps = Steps(
+            lifecycle=self.lifecycle,
+            store=store,
+            models=models,
+            budget=self.budget,
+            loader=loader,
+            artifact_budget_bytes=config.artifact_budget_bytes,
+        )
+
+    @property
+    def state(self) -> AgentState:
+        """The current state (persisted, except what a step holds until its next move)."""
+        return self.lifecycle.state
+
+    @state.setter
+    def state(self, state: AgentState) -> None:
+        """For a caller that replaces the whole state (a rebuild); never a move of the lifecycle."""
+        self.lifecycle.state = state
+
+    @property
+    def loader(self) -> RuntimeLoader:
+        return self.steps.loader
+
+    @loader.setter
+    def loader(self, loader: RuntimeLoader) -> None:
+        self.steps.loader = loader
+
+    @property
+    def state_writes_failed(self) -> int:
         """State writes the disk refused (a full disk): the update waiting on them is retried."""
-        self.on_state_not_saved = on_state_not_saved
-
-    # -- persistence -------------------------------------------------------------------
-
-    def _transition(self, state: AgentState, *, generation: int, detail: str = "") -> None:
-        """Persists ``state``, then makes it current and reports it; StateNotSaved leaves the
-        current state as it was (the step it would record does not happen)."""
-        self._save(state)
-        self.state = state
-        self.on_transition(state, generation, detail)
-
-    def _save(self, state: AgentState) -> None:
-        try:
-            save_state(self.config.state_path, state)
-        except StateNotSaved as exc:
-            self.state_writes_failed += 1
-            if self.on_state_not_saved is not None:
-                self.on_state_not_saved(exc)
-            raise
-
-    def _save_best_effort(self, state: AgentState, *, why: str) -> None:
-        """For records whose loss costs nothing but a repeat (boot steps): log, count, go on."""
-        try:
-            self._save(state)
-        except StateNotSaved as exc:
-            log.error("%s: %s; serving with the state in memory", why, exc)
-
-    def _boot_transition(self, state: AgentState, *, generation: int, detail: str) -> None:
-        self._save_best_effort(state, why=detail)
-        self.state = state
-        self.on_transition(state, generation, detail)
+        return self.lifecycle.state_writes_failed
 
     # -- boot --------------------------------------------------------------------------
 
@@ -210,7 +204,7 @@ class Updater:
         await self._load_at_boot()
         if collect_garbage:
             # A crash between activation and garbage collection leaves an unused artifact behind.
-            self._collect_garbage(keep_partial=True)
+            self.steps.collect_garbage(keep_partial=True)
 
     def _settings_at_boot(self) -> None:
         """The persisted config was checked when it was signed in; it is checked again because
@@ -222,8 +216,8 @@ class Updater:
                 validate_config(config)
         except InvalidConfig as exc:
             log.error("persisted device config unusable (%s); using the command line's settings", exc)
-            self.state = self.state.with_config(None)
-            self._save_best_effort(self.state, why="dropping the unusable device config")
+            self.lifecycle.hold(self.state.with_config(None))
+            self.lifecycle.save_best_effort(self.state, why="dropping the unusable device config")
             config = None
         self._apply_settings(effective_settings(self.config, config))
         if config is not None:
@@ -247,93 +241,51 @@ class Updater:
             if runtime is None and (rollback := self.state.previous_of(record.bundle)) is not None:
                 runtime = await self._try_load_installed(rollback)
                 if runtime is not None:
-                    self.state = self.state.rolled_back(record.bundle)
+                    self.lifecycle.hold(self.state.rolled_back(record.bundle))
                     rolled_back.append(rollback.model_id)
             if runtime is not None:
                 self.models.put(runtime)
-                self._loaded_with[record.bundle] = self.settings.load
+                self.steps.loaded_with[record.bundle] = self.settings.load
                 served.append(record.bundle)
         if not served:
-            self._save_best_effort(self.state, why="boot loads ended")
+            self.lifecycle.save_best_effort(self.state, why="boot loads ended")
             return
         # What was applied, not the newest model's generation: a kill after a model was swapped
         # in but before its generation was applied must not report that generation as applied
         # (the nudge applies it again, finding the model already installed).
         generation = self.state.applied_generation
         if rolled_back:
-            self._boot_transition(
-                self.state.with_phase(S.DEVICE_STATE_ROLLED_BACK),
-                generation=generation,
-                detail=f"installed release unloadable at boot; serving {', '.join(rolled_back)}",
-            )
+            event = Event.BOOT_ROLLED_BACK
+            detail = f"installed release unloadable at boot; serving {', '.join(rolled_back)}"
         else:
-            self._boot_transition(
-                self.state.with_phase(S.DEVICE_STATE_ACTIVE),
-                generation=generation,
-                detail=f"serving {', '.join(r.model_id for r in self.state.models)} after restart",
-            )
+            event = Event.BOOT_SERVING
+            detail = f"serving {', '.join(r.model_id for r in self.state.models)} after restart"
+        self.lifecycle.fire(event, generation=generation, detail=detail, best_effort=True)
 
     async def _try_load_installed(self, record: InstallRecord) -> Runtime | None:
         """Loads an installed release under the crash guard; None (logged) if it cannot be."""
-        attempt = _attempt_of(record, record.generation)
-        crashed = self.state.crash_refused(attempt)
-        if crashed is not None:
-            log.error("installed release %s is not loaded: %s", record.model_id, _crash_reason(crashed))
-            return None
-        self._save_best_effort(self.state.load_started(attempt), why=f"loading {record.model_id}")
-        self.state = self.state.load_started(attempt)
         try:
-            runtime = await self._load_installed(record)
+            self.lifecycle.fire(
+                Event.BOOT_LOAD_STARTED,
+                generation=record.generation,
+                detail=f"loading {record.model_id}",
+                attempt=attempt_of(record, record.generation),
+                best_effort=True,
+            )
+        except RuntimeCrashedWhileLoading as exc:
+            log.error("installed release %s is not loaded: %s", record.model_id, exc)
+            return None
+        try:
+            runtime = await self.steps.load_installed(record, self.settings)
         except REFUSALS as exc:
-            self.state = self.state.load_ended(loaded=False)
+            self.lifecycle.hold(self.state.load_ended(loaded=False))
             log.error("installed release %s cannot be loaded: %s", record.model_id, exc)
             return None
         except BaseException:
-            self.state = self.state.load_ended(loaded=False)
+            self.lifecycle.hold(self.state.load_ended(loaded=False))
             raise
-        self.state = self.state.load_ended(loaded=True)
+        self.lifecycle.hold(self.state.load_ended(loaded=True))
         return runtime
-
-    async def _load_installed(self, record: InstallRecord) -> Runtime:
-        # The artifact was hashed against signed metadata before it entered the read-only
-        # store; at boot its size is re-checked, not its hash, so a large model starts fast.
-        path = self.store.installed(record.artifact_sha256, record.length, what=record.model_id)
-        return await self._load_and_test(record, path, self.settings)
-
-    async def _load_and_test(self, record: InstallRecord, path: Path, settings: EffectiveSettings) -> Runtime:
-        """Loads through the memory budget, smoke-tests, and wraps the runtime so its keep-alive
-        can change later (a device config may set one where the command line set none)."""
-        if record.model_format in FOLDER_FORMATS:
-            assert self.store.unpacked_dir is not None, "folder variants need an unpacked_dir"
-            path = await asyncio.to_thread(
-                model_folder,
-                path,
-                self.store.unpacked_dir / record.artifact_sha256,
-                max_total_bytes=record.length,
-            )
-        load = partial(
-            self.loader,
-            fmt=record.model_format,
-            model_path=path,
-            model_id=record.bundle,
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads,
-        )
-        runtime = await asyncio.to_thread(
-            self.budget.load, name=record.bundle, footprint_bytes=record.footprint_bytes, factory=load
-        )
-        try:
-            await asyncio.to_thread(runtime.smoke_test)
-        except BaseException:
-            await asyncio.to_thread(runtime.unload)
-            raise
-        return KeepAliveRuntime(
-            runtime,
-            reload=load,
-            keep_alive_s=settings.keep_alive_seconds,
-            budget=self.budget,
-            footprint_bytes=record.footprint_bytes,
-        )
 
     # -- update ------------------------------------------------------------------------
 
@@ -344,7 +296,8 @@ class Updater:
         stub: device_pb2_grpc.DeviceServiceStub,
     ) -> None:
         """Verifies what the repositories assign and installs it; a refusal keeps the model it
-        would have replaced serving.
+        would have replaced serving. A TransientFailure propagates, the phase where it stopped,
+        for the caller to retry.
 
         ``nudge`` only says something changed; what to install comes from verified metadata.
         """
@@ -356,20 +309,24 @@ class Updater:
             # Refused for a reason retrying cannot fix; wait for the operator's next deployment.
             log.info("generation %d was refused before: %s", hint, self.state.last_error)
             return
-        self._transition(
-            replace(self.state.with_phase(S.DEVICE_STATE_VERIFYING), desired_generation=hint),
+        self.lifecycle.fire(
+            Event.NUDGED,
+            replace(self.state, desired_generation=hint),
             generation=hint,
             detail=f"verifying generation {hint}",
         )
         try:
-            assignment = await asyncio.to_thread(verifier.refresh)
+            with typed_os_errors():  # python-tuf writes the metadata it trusts
+                assignment = await asyncio.to_thread(verifier.refresh)
             if assignment.generation <= self.state.applied_generation:
                 if assignment.generation < self.state.applied_generation:
                     raise rel.ReplayedMetadata(
                         f"director generation {assignment.generation} is below the applied "
                         f"{self.state.applied_generation}"
                     )
-                self._settle()
+                self._settle(
+                    Event.SETTLED_SERVING, self.state, self.state.applied_generation, "nothing new to install"
+                )
                 if hint > assignment.generation:
                     # The signed metadata is not at the announced generation yet: nothing was
                     # applied, so say so, and look again (the caller retries transient errors).
@@ -379,29 +336,28 @@ class Updater:
                     )
                 return
             await self._apply_assignment(assignment, stub)
-        except (ControlPlaneUnavailable, StateNotSaved):
-            raise  # transient: the phase stays where it is and the caller retries
+        except TransientFailure:
+            raise  # the phase stays where it is and the caller retries
         except REFUSALS as exc:
             self._refuse(hint, exc)
 
     def _refuse(self, generation: int, exc: BaseException, *, model: str = "") -> None:
         what = f"{model}: " if model else ""
         log.error("refused generation %d: %s%s: %s", generation, what, type(exc).__name__, exc)
-        self._transition(
-            self.state.with_phase(S.DEVICE_STATE_FAILED, error=f"{what}{exc}", error_kind=type(exc).__name__),
+        self.lifecycle.fire(
+            Event.REFUSED,
             generation=generation,
             detail=f"{what}{type(exc).__name__}: {exc}",
+            error=f"{what}{exc}",
+            error_kind=type(exc).__name__,
         )
 
-    def _settle(self) -> None:
-        """Nothing new to install: report the phase that matches what serves, with the generation
-        applied (an ACTIVE report of any other would tell the control plane it was applied)."""
-        phase = S.DEVICE_STATE_ACTIVE if self.state.models else S.DEVICE_STATE_IDLE
-        self._transition(
-            self.state.with_phase(phase),
-            generation=self.state.applied_generation,
-            detail="nothing new to install",
-        )
+    def _settle(self, event: Event, state: AgentState, generation: int, detail: str) -> None:
+        """Nothing (more) to do: ACTIVE when a model serves, IDLE when none does (an ACTIVE
+        report tells the control plane ``generation`` was applied)."""
+        if not state.models:
+            event = Event.SETTLED_EMPTY
+        self.lifecycle.fire(event, state, generation=generation, detail=detail)
 
     async def _apply_assignment(
         self, assignment: Assignment, stub: device_pb2_grpc.DeviceServiceStub
@@ -416,16 +372,29 @@ class Updater:
         config = signed_config(assignment)
         settings = effective_settings(self.config, config)
         pins = release_pins(assignment)
-        plan = await self._plan(assignment, pins, settings)
-        await self._reload(plan.reload, settings, generation)
-        self._put_in_force(
-            config, settings, plan.keep, generation, pin_overridden=_pin_overridden(assignment)
+        serving = Serving(
+            state=self.state,
+            settings=self.settings,
+            loaded_with=self.steps.loaded_with,
+            is_loaded=lambda name: self.models.get(name) is not None,
         )
-        refused = plan.refused[0] if plan.refused else None
-        for release, selection in plan.install:
+        todo = plan(
+            assignment,
+            pins,
+            settings,
+            profile=await self._selection_profile(),
+            formats=supported_formats(),
+            serving=serving,
+            on_selection=self._selected,
+        )
+        await self.steps.reload(todo.reload, settings, generation)
+        self._put_in_force(config, settings, todo.keep, generation, pin_overridden=pin_overridden(assignment))
+        refused = todo.refused[0] if todo.refused else None
+        for release, selection in todo.install:
+            self.selection = selection  # the FETCHING transition reports this release's choice
             try:
-                await self._install(release, selection, generation, stub, settings)
-            except (ControlPlaneUnavailable, StateNotSaved):
+                await self.steps.install(release, selection, generation, stub, settings)
+            except TransientFailure:
                 raise
             except REFUSALS as exc:
                 log.error("refused %s@%d: %s: %s", release.name, release.version, type(exc).__name__, exc)
@@ -433,137 +402,17 @@ class Updater:
         assigned = {release.name for release in assignment.releases}
         for record in self.state.models:
             if record.bundle not in assigned:
-                await self._remove(record.bundle, generation)
-        self._collect_garbage(keep_partial=False)
+                await self.steps.remove(record.bundle, generation)
+        self.steps.collect_garbage(keep_partial=False)
         if refused is not None:
             self._refuse(generation, refused[1], model=refused[0])
             return
         served = ", ".join(f"{r.model_id} ({r.variant})" for r in self.state.models) or "no model"
-        self._transition(
-            replace(
-                self.state.with_phase(S.DEVICE_STATE_ACTIVE if self.state.models else S.DEVICE_STATE_IDLE),
-                desired_generation=generation,
-                applied_generation=generation,
-            ),
-            generation=generation,
-            detail=f"serving {served}",
-        )
+        applied = replace(self.state, desired_generation=generation, applied_generation=generation)
+        self._settle(Event.SETTLED_SERVING, applied, generation, f"serving {served}")
 
-    async def _plan(
-        self, assignment: Assignment, pins: dict[str, Pin | None], settings: EffectiveSettings
-    ) -> _Plan:
-        """Chooses each release's variant under the new settings (``n_ctx`` counts toward what
-        fits), and sorts the releases: serving as chosen, to reload, to install, refused."""
-        plan = _Plan()
-        profile = await self._selection_profile()
-        for release in assignment.releases:
-            try:
-                selection = select_variant(
-                    release,
-                    hardware=profile,
-                    supported_formats=supported_formats(),
-                    n_ctx=settings.n_ctx,
-                    pin=pins.get(release.name),
-                )
-            except REFUSALS as exc:
-                self._blame_config(release, pins.get(release.name), profile, settings, exc)
-                log.error("refused %s@%d: %s: %s", release.name, release.version, type(exc).__name__, exc)
-                plan.refused.append((release.name, exc))
-                continue
-            self.selection = selection
-            current = self._serving(release, selection)
-            if current is None:
-                plan.install.append((release, selection))
-                continue
-            updated = replace(
-                current,
-                generation=assignment.generation,
-                memory_bytes=memory_needed(selection.variant, settings.n_ctx),
-            )
-            if self._loaded_with.get(release.name) == settings.load:
-                log.info("%s: %s; already serving it", release.name, selection.reason)
-                plan.keep.append(updated)
-            else:
-                plan.reload.append(updated)
-        return plan
-
-    def _blame_config(
-        self,
-        release: rel.VerifiedRelease,
-        pin: Pin | None,
-        profile: HardwareProfile,
-        settings: EffectiveSettings,
-        exc: BaseException,
-    ) -> None:
-        """No variant of a release this device serves fits the new context length, though one
-        fits the current one: the config is what the device cannot use, so the whole generation
-        is refused (UnusableConfig) before anything changes, as when a reload fails."""
-        current = self.state.model(release.name)
-        if current is None or current.version != release.version or settings.n_ctx == self.settings.n_ctx:
-            return
-        try:
-            select_variant(
-                release,
-                hardware=profile,
-                supported_formats=supported_formats(),
-                n_ctx=self.settings.n_ctx,
-                pin=pin,
-            )
-        except REFUSALS:
-            return  # refused under the current settings too: not the config's doing
-        raise UnusableConfig(
-            f"{release.name}@{release.version} cannot run with n_ctx={settings.n_ctx}: {exc}"
-        ) from exc
-
-    def _serving(self, verified: rel.VerifiedRelease, selection: Selection) -> InstallRecord | None:
-        """The install record of ``verified`` when the variant chosen is what serves it now
-        (unchanged, or a re-selection chose it again): nothing to fetch."""
-        info = verified.artifacts[selection.variant.artifact]
-        current = self.state.model(verified.name)
-        if (
-            current is not None
-            and (current.version, current.artifact_sha256) == (verified.version, info.sha256)
-            and self.models.get(verified.name) is not None
-        ):
-            return current
-        return None
-
-    async def _reload(
-        self, records: list[InstallRecord], settings: EffectiveSettings, generation: int
-    ) -> None:
-        """Loads every model in ``records`` again with the new load settings: all new runtimes
-        are loaded and smoke-tested before any is swapped in, so a failure leaves every model on
-        its old runtime (its new ones unloaded) and refuses the generation (UnusableConfig).
-        Until the swap, old and new runtimes are both in memory; under a memory budget an idle
-        old one may be unloaded to make room (it loads again on demand, until retired)."""
-        if not records:
-            return
-        names = ", ".join(r.bundle for r in records)
-        self._transition(
-            self.state.with_phase(S.DEVICE_STATE_TESTING),
-            generation=generation,
-            detail=f"loading {names} again with {settings.load.describe()}",
-        )
-        loaded: list[tuple[InstallRecord, Runtime]] = []
-        for record in records:
-            try:
-                path = self.store.path(record.artifact_sha256)
-                loaded.append((record, await self._load_and_test(record, path, settings)))
-            except REFUSALS as exc:
-                for _, runtime in loaded:
-                    await asyncio.to_thread(runtime.unload)
-                why = f"{type(exc).__name__}: {exc}"
-                raise UnusableConfig(
-                    f"{record.model_id} cannot run with {settings.load.describe()}: {why}"
-                ) from exc
-        retired = []
-        for record, runtime in loaded:  # every swap first: no model waits on another's requests
-            retired.append(self.models.put(runtime))
-            self._loaded_with[record.bundle] = settings.load
-            self.state = self.state.updated(record)
-        for old in retired:
-            if old is not None:  # in-flight requests on the old runtime finish first
-                await asyncio.to_thread(self.models.retire, old, timeout=120)
+    def _selected(self, selection: Selection) -> None:
+        self.selection = selection
 
     def _put_in_force(
         self,
@@ -583,7 +432,7 @@ class Updater:
         if settings != self.settings:
             self._apply_settings(settings)
         if state.device_config == self.state.device_config:
-            self.state = state  # persisted with the generation's next transition
+            self.lifecycle.hold(state)  # persisted with the generation's next transition
             return
         detail = (
             f"device config in force: {describe_config(config)}"
@@ -592,189 +441,4 @@ class Updater:
         )
         if pin_overridden:
             detail += " (its pin is overridden by the director's pin)"
-        self._transition(state, generation=generation, detail=detail)
-
-    async def _install(
-        self,
-        verified: rel.VerifiedRelease,
-        selection: Selection,
-        generation: int,
-        stub: device_pb2_grpc.DeviceServiceStub,
-        settings: EffectiveSettings,
-    ) -> None:
-        self.selection = selection  # the FETCHING transition reports this release's choice
-        variant = selection.variant
-        info = verified.artifacts[variant.artifact]
-        attempt = LoadAttempt(
-            bundle=verified.name, version=verified.version, artifact_sha256=info.sha256, generation=generation
-        )
-        crashed = self.state.crash_refused(attempt)
-        if crashed is not None:
-            raise RuntimeCrashedWhileLoading(_crash_reason(crashed))
-        self._transition(
-            replace(self.state.with_phase(S.DEVICE_STATE_FETCHING), desired_generation=generation),
-            generation=generation,
-            detail=f"{verified.name}: {selection.reason}",
-        )
-
-        path = await self.store.fetch(stub, info)
-
-        self._transition(self.state.with_phase(S.DEVICE_STATE_INSTALLING), generation=generation)
-        record = InstallRecord(
-            bundle=verified.name,
-            version=verified.version,
-            generation=generation,
-            variant=variant.id,
-            model_format=variant.format,
-            artifact_sha256=info.sha256,
-            length=info.length,
-            memory_bytes=memory_needed(variant, settings.n_ctx),
-        )
-
-        # Persisted before the load: a process that dies inside it leaves this marker behind,
-        # and the next one counts the crash (AgentState.after_restart).
-        self._transition(
-            self.state.with_phase(S.DEVICE_STATE_TESTING).load_started(attempt),
-            generation=generation,
-            detail=f"loading {record.model_id} ({variant.id})",
-        )
-        try:
-            runtime = await self._load_and_test(record, path, settings)
-        except BaseException:
-            self.state = self.state.load_ended(loaded=False)  # persisted with the refusal
-            raise
-        self.state = self.state.load_ended(loaded=True)  # persisted with the next transition
-
-        old = self.models.put(runtime)
-        self._loaded_with[record.bundle] = settings.load
-        try:
-            self._transition(
-                self.state.installing(record).with_phase(S.DEVICE_STATE_TESTING),
-                generation=generation,
-                detail=f"serving {record.model_id} ({variant.id})",
-            )
-        finally:
-            if old is not None and old is not runtime:
-                # In-flight requests on the old release finish before it is unloaded.
-                await asyncio.to_thread(self.models.retire, old, timeout=120)
-
-    async def _remove(self, name: str, generation: int) -> None:
-        """The model is no longer assigned: stop serving it (after its requests finish) and
-        forget it, rollback copy included; its files go with the next garbage collection."""
-        old = self.models.remove(name)
-        self._loaded_with.pop(name, None)
-        self._transition(
-            self.state.without(name).with_phase(S.DEVICE_STATE_INSTALLING),
-            generation=generation,
-            detail=f"removed {name}",
-        )
-        if old is not None:
-            await asyncio.to_thread(self.models.retire, old, timeout=120)
-
-    def _collect_garbage(self, *, keep_partial: bool) -> None:
-        """Deletes artifacts no install record needs; rollback copies over the disk budget
-        are forgotten first."""
-        kept = retained(self.state, budget_bytes=self.config.artifact_budget_bytes)
-        if len(kept) < len(self.state.models) + len(self.state.previous):
-            forgotten = self.state.without_previous(kept)
-            try:
-                self._save(forgotten)
-            except StateNotSaved as exc:
-                # The file still names the rollback copies: their artifacts must stay.
-                log.error("%s; no artifact is collected until the state can be written", exc)
-                return
-            self.state = forgotten
-        removed = self.store.collect_garbage({r.artifact_sha256 for r in kept}, keep_partial=keep_partial)
-        if removed:
-            log.info("removed unused artifacts: %s", ", ".join(removed))
-
-
-def _attempt_of(record: InstallRecord, generation: int) -> LoadAttempt:
-    return LoadAttempt(
-        bundle=record.bundle,
-        version=record.version,
-        artifact_sha256=record.artifact_sha256,
-        generation=generation,
-    )
-
-
-def _crash_reason(crashed: LoadAttempt) -> str:
-    return (
-        f"the runtime crashed while loading {crashed.model_id} (generation {crashed.generation}): "
-        f"the agent died inside that load {crashed.crashes} times; refused on this device until a "
-        "newer generation"
-    )
-
-
-def release_pins(assignment: Assignment) -> dict[str, Pin | None]:
-    """Which release the signed pin applies to: a runtime pin to every release, a variant pin
-    to the releases that have that variant; a variant pin no release has is a refusal."""
-    pin = signed_pin(assignment)
-    if pin is None:
-        return {}
-    if pin.format:
-        return {release.name: pin for release in assignment.releases}
-    pins: dict[str, Pin | None] = {
-        release.name: pin
-        for release in assignment.releases
-        if any(pin.admits(v) for v in release.manifest.variants)
-    }
-    if assignment.releases and not pins:
-        listed = ", ".join(f"{r.name}@{r.version}" for r in assignment.releases)
-        raise PinNotHonoured(f"{pin.describe()}, but no assigned release has that variant ({listed})")
-    return pins
-
-
-def signed_pin(assignment: Assignment) -> Pin | None:
-    """The operator's pin, as signed into this device's director targets (never the unsigned
-    nudge): the director's own pin, else the pin of the signed device config. When both are set
-    the director's wins (it is the newer, more specific word: ``fleetctl devices pin``), and the
-    overridden config pin is logged. A malformed pin is a refusal, not a silent "no pin"."""
-    director = _usable_pin(assignment.pin, "director targets carry")
-    config = assignment.config
-    from_config = (
-        _usable_pin(config.pin, "device config carries") if config and config.HasField("pin") else None
-    )
-    if director is not None and from_config is not None and director != from_config:
-        log.warning(
-            "the director's pin (%s) wins over the device config's (%s)",
-            director.describe(),
-            from_config.describe(),
-        )
-    return director if director is not None else from_config
-
-
-def _pin_overridden(assignment: Assignment) -> bool:
-    """Both the director and the config signed a pin: the director's applies (``signed_pin``)."""
-    config = assignment.config
-    director = assignment.pin
-    return (
-        director is not None
-        and bool(director.variant_id or director.format)
-        and config is not None
-        and config.HasField("pin")
-    )
-
-
-def _usable_pin(message: common_pb2.VariantPin | None, where: str) -> Pin | None:
-    if message is None:
-        return None
-    try:
-        return Pin.from_message(message)
-    except ValueError as exc:
-        raise rel.MalformedMetadata(f"{where} an unusable pin: {exc}") from exc
-
-
-def signed_config(assignment: Assignment) -> common_pb2.DeviceConfig | None:
-    """The device config the director signed, checked against the same rules the control plane
-    applies (edgefleet.protos.fleet.device_config): the control plane refuses an invalid config, so one
-    arriving here means a compromised director or a stricter agent. None: no config, the
-    command line's settings."""
-    config = assignment.config
-    if config is None or is_empty(config):
-        return None
-    try:
-        validate_config(config)
-    except InvalidConfig as exc:
-        raise UnusableConfig(f"device config refused: {exc}") from exc
-    return config
+        self.lifecycle.fire(Event.CONFIG_IN_FORCE, state, generation=generation, detail=detail)

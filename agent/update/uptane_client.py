@@ -75,8 +75,9 @@ class Assignment:
     config: common_pb2.DeviceConfig | None = None  # likewise; its ranges are checked where it is applied
 
 
-def _translate(exc: Exception, repo: str) -> Exception:
-    """ngclient's exceptions, as the typed refusals the agent reports."""
+def _translate(exc: Exception, repo: str) -> rel.Refusal | rel.TransientFailure:
+    """ngclient's exceptions by family, as python-tuf sorts them: a RepositoryError is a typed
+    refusal the agent reports, a DownloadError (other than a too-long download) is transient."""
     if isinstance(exc, tuf_errors.UnsignedMetadataError):
         return rel.UntrustedMetadata(f"{repo}: {exc}")
     if isinstance(exc, tuf_errors.ExpiredMetadataError):
@@ -203,7 +204,7 @@ MAX_ROOT_ROTATIONS = 1024
 HASH_CHUNK = 1 << 20
 
 
-class NotRecoverable(Exception):
+class NotRecoverable(rel.Refusal):
     """The trusted metadata on disk cannot vouch for anything (missing, unsigned, malformed)."""
 
 

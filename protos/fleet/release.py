@@ -32,10 +32,26 @@ RELEASE_ROLE = "targets"
 MANIFEST_SCHEMA_VERSION = 1
 
 
-class ReleaseError(Exception):
-    """Base of every refusal; ``transient`` says whether retrying can help."""
+class Refusal(Exception):
+    """The input is wrong (malformed or unsigned metadata, bytes that do not hash, an unsafe
+    archive, a model the runtime will not load, a request no model can serve): the same attempt
+    gets the same answer, so it is reported and never retried.
 
-    transient = False
+    One of the two error families (python-tuf's RepositoryError against DownloadError); the
+    other is :class:`TransientFailure`. Every error the update path can meet belongs to exactly
+    one of them, so ``except Refusal`` cannot swallow a failure that retrying would mend. Both
+    roots live here, below the agent and the control plane, because release verification is
+    the lowest code they share and its errors are refusals."""
+
+
+class TransientFailure(Exception):
+    """Something outside the input failed for now (the control plane is away, a connection
+    reset, a disk that is full or busy for a moment): retried, never reported as a refusal of
+    what was being installed. The other family; see :class:`Refusal`."""
+
+
+class ReleaseError(Refusal):
+    """Base of the release checks' refusals (metadata, manifests, artifact bytes)."""
 
 
 class MalformedMetadata(ReleaseError):
