@@ -58,3 +58,12 @@ def rpc_error(exc: grpc.RpcError) -> typer.Exit:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     return fail(f"{code.name if code else 'RPC'}: {details}")
+
+
+def selector_labels(items: list[str] | None) -> dict[str, str]:
+    """``--selector`` items as one label selector, parsed by fleetctl's one selector parser
+    (``main.parse_selector``). Imported when a command runs, since main imports every command
+    group to assemble the app."""
+    from edgefleet.controlplane.cli.main import parse_selector
+
+    return parse_selector(items)
