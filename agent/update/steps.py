@@ -24,7 +24,7 @@ from edgefleet.agent.runtimes.memory_budget import MemoryBudget
 from edgefleet.agent.runtimes.model_table import ModelTable
 from edgefleet.agent.update.archive import model_folder
 from edgefleet.agent.update.artifacts import ArtifactStore
-from edgefleet.agent.update.errors import typed_os_errors
+from edgefleet.agent.update.errors import TransientFailure, typed_os_errors
 from edgefleet.agent.update.lifecycle import Event, Lifecycle
 from edgefleet.agent.update.planning import REFUSALS, UnusableConfig
 from edgefleet.agent.update.selection import Selection, memory_needed
@@ -161,8 +161,12 @@ class Steps:
         )
         try:
             runtime = await self.load_and_test(record, path, settings)
-        except BaseException:
-            lifecycle.hold(lifecycle.state.load_ended(loaded=False))  # persisted with the refusal
+        except BaseException as exc:
+            ended = lifecycle.state.load_ended(loaded=False)
+            if isinstance(exc, TransientFailure):
+                # No refusal will persist it, and a restart before the retry is no crash.
+                lifecycle.save_best_effort(ended, why=f"the load of {record.model_id} ended")
+            lifecycle.hold(ended)  # a refusal persists it
             raise
         lifecycle.hold(lifecycle.state.load_ended(loaded=True))  # persisted with the next move
 
