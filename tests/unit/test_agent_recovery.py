@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.service import reported_generation
+from edgefleet.agent.tasks.status import reported_generation
 from edgefleet.agent.telemetry.outbox import OutboxError, seq_mark_path
 from edgefleet.agent.telemetry.outbox_open import open_outbox
 from edgefleet.agent.telemetry.recorder import Telemetry

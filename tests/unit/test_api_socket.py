@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from edgefleet.agent.service import bind_api_socket
+from edgefleet.agent.tasks.api_server import bind_api_socket
 
 
 async def test_api_connections_have_nagle_off() -> None:
