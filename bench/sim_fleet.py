@@ -26,121 +26,43 @@ checks device certificates (deploy/mosquitto/) would refuse it; that path is the
     async with SimFleet(target=..., ca_pem=..., token=..., size=50) as fleet:
         deployed = await operator.Deploy(...)
         seconds = await fleet.wait_generation(deployed.max_generation, within=30)
+
+This module holds the fleet and its gRPC conversation; a device's data and behaviour are in
+bench.sim_device, its telemetry in bench.sim_telemetry, the release it is sent in
+bench.sim_bundle (the names callers use are re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import secrets
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
 import grpc
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
-from securesystemslib.signer import Signer
 
+from bench.sim_bundle import build_sim_bundle, write_tiny_gguf
+from bench.sim_device import ANY_RELEASE, VARIANT, Behaviour, SimDevice, backoff, release_name
+from bench.sim_telemetry import TelemetryLink, inference_summary
 from edgefleet.agent.device.channel import CHANNEL_OPTIONS, open_enrollment_channel
 from edgefleet.agent.device.identity import DeviceIdentity
 from edgefleet.agent.device.tls import csr_pem, key_pem, new_key
 from edgefleet.agent.telemetry.outbox import encode_batch, encode_message
-from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle
-from edgefleet.protos.fleet.broker_url import configure_client, parse_broker_url
 from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
-from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, telemetry_pb2
+from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
-ANY_RELEASE = "*"
-"""In ``Behaviour.fail``: every release fails."""
-VARIANT = "sim"
-"""The variant every simulated device reports: it chose none, it holds no model."""
 REPORT_TIMEOUT_S = 30.0
 ENROLL_TIMEOUT_S = 60.0
 ENROLL_ATTEMPTS = 3
-MAX_BACKOFF_S = 5.0
 DEVICE_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 """The agent's options (retries, keepalive), and a connection of each channel's own: channels
 with different client certificates must never be pooled into one."""
 
 Labels = Mapping[str, str] | Callable[[int], Mapping[str, str]]
 """Enrollment labels: the same for every device, or per device index (e.g. canary rings)."""
-
-
-def release_name(name: str, version: int) -> str:
-    """``name@version``, the way fleetctl names a release."""
-    return f"{name}@{version}"
-
-
-@dataclass(frozen=True, slots=True)
-class Behaviour:
-    """How a simulated device answers a nudge.
-
-    ``fail`` lists releases (``name@version``, or ``ANY_RELEASE``) that fail to load on this
-    device: it reports FAILED with ``error`` and ``error_kind`` and keeps its previous models.
-    Per release, not per nudge, so a rollback to a release it could load succeeds. ``delay_s``
-    is the time between VERIFYING and the outcome (a download and a smoke test, say).
-    """
-
-    delay_s: float = 0.0
-    fail: frozenset[str] = frozenset()
-    error: str = "the release failed its smoke test"
-    error_kind: str = "SmokeTestFailed"
-
-    @classmethod
-    def failing(cls, *releases: str, delay_s: float = 0.0, error_kind: str = "SmokeTestFailed") -> Behaviour:
-        """Fails ``releases`` (none given: every release)."""
-        return cls(delay_s=delay_s, fail=frozenset(releases or (ANY_RELEASE,)), error_kind=error_kind)
-
-    def fails(self, release: str | None) -> bool:
-        return release is not None and (release in self.fail or ANY_RELEASE in self.fail)
-
-
-@dataclass(slots=True, eq=False)
-class SimDevice:
-    """One simulated device: its channel and what it received, reported and holds.
-
-    ``generation`` is the highest generation its stream delivered, ``received_at`` when
-    (time.monotonic); ``reported`` the highest generation whose outcome (ACTIVE or FAILED)
-    the control plane acknowledged. ``models`` maps bundle name to the version it serves.
-    """
-
-    device_id: str
-    index: int
-    channel: grpc.aio.Channel
-    stub: device_pb2_grpc.DeviceServiceStub
-    behaviour: Behaviour
-    generation: int = 0
-    received_at: float = 0.0
-    reported: int = 0
-    reported_at: float = 0.0
-    state: int = common_pb2.DEVICE_STATE_IDLE
-    models: dict[str, int] = field(default_factory=dict)
-    active: str | None = None  # the latest release installed, "name@version"
-    last_error: str = ""
-    seq: int = 0  # telemetry sequence number, per device as the agent's outbox keeps it
-    revoked: bool = False
-    watch: asyncio.Task[None] | None = None
-    applying: asyncio.Task[None] | None = None
-
-    @property
-    def api_url(self) -> str:
-        """An address that names the device and can never resolve (RFC 2606 ``.invalid``)."""
-        return f"http://{self.device_id}.sim.invalid:8080"
-
-    def installed(self) -> list[common_pb2.InstalledModel]:
-        return [
-            common_pb2.InstalledModel(
-                bundle=common_pb2.BundleRef(name=name, version=version), variant=VARIANT, loaded=True
-            )
-            for name, version in sorted(self.models.items())
-        ]
 
 
 Progress = Literal["generation", "reported"]
@@ -156,99 +78,6 @@ class _Waiter:
     remaining: int
     done: asyncio.Future[None]
     last: float = 0.0  # when the latest device crossed (monotonic)
-
-
-class _TelemetryLink:
-    """One MQTT v5 (or 3.1.1) connection publishing for every simulated device."""
-
-    def __init__(self, url: str) -> None:
-        self.address = parse_broker_url(url)
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-simfleet-{secrets.token_hex(4)}",
-            protocol=self.address.protocol,
-        )
-        configure_client(self.client, self.address)
-        self.connected = threading.Event()
-        self.client.on_connect = self._on_connect
-
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
-    ) -> None:
-        if not reason.is_failure:
-            self.connected.set()
-
-    def open(self, timeout: float) -> None:
-        """Blocking: connects and waits for the broker's CONNACK."""
-        self.client.connect(self.address.host, self.address.port)
-        self.client.loop_start()
-        if not self.connected.wait(timeout):
-            self.close()
-            raise TimeoutError(f"no CONNACK from {self.address.url} within {timeout:.0f}s")
-
-    def publish_all(self, messages: list[tuple[str, bytes]], timeout: float) -> None:
-        """Blocking: publishes at QoS 1 and returns once the broker acknowledged every one."""
-        infos = [self.client.publish(topic, payload, qos=1) for topic, payload in messages]
-        deadline = time.monotonic() + timeout
-        for info in infos:
-            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-        unacked = sum(not info.is_published() for info in infos)
-        if unacked:
-            raise TimeoutError(f"{unacked} telemetry messages unacknowledged after {timeout:.0f}s")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def inference_summary(
-    device: SimDevice,
-    name: str,
-    version: int,
-    *,
-    tokens_per_second: float,
-    latency_ms: float,
-    requests: int,
-    errors: int,
-    window: timedelta,
-) -> telemetry_pb2.InferenceSummary:
-    """One interval's summary as the agent's aggregator fills it: ``requests`` chat requests of
-    20 prompt and 32 completion tokens each, decoded at ``tokens_per_second``, every latency
-    percentile ``latency_ms``."""
-    ok = max(requests - errors, 0)
-    decode_tokens = ok * 31  # completion tokens after each request's first
-    device.seq += 1
-    summary = telemetry_pb2.InferenceSummary(
-        schema_version=telemetry_pb2.TELEMETRY_SCHEMA_V1,
-        device_id=device.device_id,
-        seq=device.seq,
-        model=name,
-        bundle=common_pb2.BundleRef(name=name, version=version),
-        variant=VARIANT,
-        requests=requests,
-        errors=errors,
-        errors_by_code={"runtime_error": errors} if errors else {},
-        requests_by_endpoint={"chat.completions": requests},
-        prompt_tokens=requests * 20,
-        completion_tokens=ok * 32,
-        latency_ms_p50=latency_ms,
-        latency_ms_p95=latency_ms,
-        latency_ms_max=latency_ms,
-        time_to_first_token_ms_p50=latency_ms / 4,
-        time_to_first_token_ms_p95=latency_ms / 4,
-        tokens_per_second=tokens_per_second if ok else 0.0,
-        decode_tokens=decode_tokens,
-        decode_seconds=decode_tokens / tokens_per_second if ok and tokens_per_second > 0 else 0.0,
-    )
-    now = datetime.now(UTC)
-    summary.time.FromDatetime(now)
-    summary.window_start.FromDatetime(now - window)
-    return summary
-
-
-def backoff(failures: int) -> float:
-    """Jittered exponential backoff, so thousands of devices do not reconnect in lockstep."""
-    return float(min(MAX_BACKOFF_S, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0))
 
 
 class SimFleet:
@@ -293,7 +122,7 @@ class SimFleet:
         self._devices: dict[str, SimDevice] = {}
         self._waiters: list[_Waiter] = []
         self._enroll_channel: grpc.aio.Channel | None = None
-        self._telemetry: _TelemetryLink | None = None
+        self._telemetry: TelemetryLink | None = None
         self._telemetry_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -603,51 +432,20 @@ class SimFleet:
         await asyncio.to_thread(link.publish_all, messages, within)
         return len(messages)
 
-    async def _telemetry_link(self, within: float) -> _TelemetryLink:
+    async def _telemetry_link(self, within: float) -> TelemetryLink:
         async with self._telemetry_lock:
             if self._telemetry is None:
                 if not self.mqtt_url:
                     raise RuntimeError("no broker URL: pass mqtt_url, or enroll first")
-                link = _TelemetryLink(self.mqtt_url)
+                link = TelemetryLink(self.mqtt_url)
                 await asyncio.to_thread(link.open, within)
                 self._telemetry = link
             return self._telemetry
 
 
-# -- a release for simulated devices ---------------------------------------------------------------
-
-
-def write_tiny_gguf(path: Path) -> Path:
-    """A few-hundred-byte GGUF with the header fields a bundle build reads (architecture, file
-    type, context length): simulated devices never load it, so nothing bigger is needed."""
-    import gguf
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("sim")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_context_length(512)
-    writer.add_tensor("w", np.zeros((2, 34), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def build_sim_bundle(
-    work: Path, signers: Sequence[Signer], *, name: str = "simlm", version: int = 1
-) -> BundleOnDisk:
-    """A real signed bundle of a tiny GGUF, for fan-out and state tracking with simulated devices."""
-    model = work / f"{name}-{version}.gguf"
-    if not model.exists():
-        write_tiny_gguf(model)
-    return build_bundle(model, name=name, version=version, out=work / f"{name}-{version}", signers=signers)
-
-
 __all__ = [
     "ANY_RELEASE",
+    "VARIANT",
     "Behaviour",
     "SimDevice",
     "SimFleet",
