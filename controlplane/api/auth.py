@@ -2,12 +2,13 @@
 
 A device's identity is the certificate the mutual-TLS listener verified against the fleet
 CA. The serial must be one the CA issued to that device and neither may be revoked, so a
-revocation takes effect on the next call, not when the certificate expires.
+revocation takes effect on the next call, not when the certificate expires. An operator's is
+the token it sends, whose role must grant what the call needs (``fleet.rbac`` holds the roles
+and the token hashes; this module reads them from the call's metadata).
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from typing import Any
 
@@ -15,8 +16,9 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from edgefleet.controlplane.api.refusals import CALLER, Caller, Refused
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.api.refusals import CALLER, Caller, NotPermitted, Unauthenticated
+from edgefleet.controlplane.fleet.rbac import MAX_TOKEN_CHARS, OperatorIdentity, Role, identify
+from edgefleet.controlplane.store import devices
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.store.models import Device
 
@@ -26,15 +28,6 @@ PEER_CERTIFICATE = "x509_pem_cert"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 """Servicer context of any call; the servicers are typed by their generated stubs."""
-
-
-def secret_sha256(secret: str) -> str:
-    """Only hashes of tokens are stored; a leaked database grants nothing."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(32)
 
 
 def new_device_id() -> str:
@@ -65,31 +58,58 @@ def common_name(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else value.decode()
 
 
-def unauthenticated(message: str, **kwargs: Any) -> Refused:
-    return Refused(grpc.StatusCode.UNAUTHENTICATED, message, **kwargs)
-
-
 async def authenticate_device(db: Database, context: Context) -> Device:
-    """Returns the calling device (and marks the call as its own), or raises Refused with
-    UNAUTHENTICATED. A caller without a client certificate is a stranger; one whose
-    certificate the fleet CA issued but that is revoked is not (it spends no rate-limit token)."""
+    """Returns the calling device (and marks the call as its own), or raises Unauthenticated.
+    A caller without a client certificate is a stranger; one whose certificate the fleet CA
+    issued but that is revoked is not (it spends no rate-limit token)."""
     cert = peer_certificate(context)
     if cert is None:
-        raise unauthenticated(
+        raise Unauthenticated(
             "device calls need the device's client certificate, on the device (mutual TLS) endpoint",
             action="device.authenticate",
         )
-    held = await db.run(lambda s: crud.certificate_holder(s, serial=cert.serial_number))
+    held = await db.run(lambda s: devices.certificate_holder(s, serial=cert.serial_number))
     name = common_name(cert)[:64]
     if held is None or held[1].id != name:
-        raise unauthenticated(
+        raise Unauthenticated(
             "this certificate was not issued to a device", action="device.authenticate", target=name
         )
     record, device = held
-    who = {"action": "device.authenticate", "target": device.id, "actor": f"device:{device.id}"}
-    if device.revoked_at is not None:
-        raise unauthenticated(f"device {device.id} was revoked", charges=False, **who)
-    if record.revoked_at is not None:
-        raise unauthenticated("this certificate was revoked", charges=False, **who)
+    revoked = (
+        f"device {device.id} was revoked"
+        if device.revoked_at is not None
+        else "this certificate was revoked"
+        if record.revoked_at is not None
+        else None
+    )
+    if revoked is not None:
+        raise Unauthenticated(
+            revoked,
+            charges=False,
+            action="device.authenticate",
+            target=device.id,
+            actor=f"device:{device.id}",
+        )
     CALLER.set(Caller(actor=f"device:{device.id}", is_operator=False))
     return device
+
+
+async def authorize(db: Database, context: Context, needed: Role) -> OperatorIdentity:
+    """The calling operator if its token grants ``needed`` (the call is then the operator's:
+    its refusals are audited under its name); otherwise raises Unauthenticated for a missing
+    or unknown token (a stranger's refusal), NotPermitted for too small a role."""
+    token = bearer_from_metadata(context)
+    if not token:
+        raise Unauthenticated(
+            "operator token missing (EDGEFLEET_OPERATOR_TOKEN)", action="operator.authenticate"
+        )
+    identity = await db.run(lambda s: identify(s, token=token)) if len(token) <= MAX_TOKEN_CHARS else None
+    if identity is None:
+        raise Unauthenticated("unknown or revoked operator token", action="operator.authenticate")
+    CALLER.set(Caller(actor=identity.actor, is_operator=True))
+    if identity.role < needed:
+        raise NotPermitted(
+            f"{identity.name} is a {identity.role.name.lower()}; this needs {needed.name.lower()}",
+            action="operator.authorize",
+        )
+    return identity

@@ -1,15 +1,14 @@
 """Receives one pushed bundle: the header first, then each artifact's bytes in order.
 
 Every artifact is checked against the release's signed length and hash while it streams in
-and becomes visible in the blob store only once it matched. A refusal is a ``PushRefused``
-carrying the gRPC status the operator should see.
+and becomes visible in the blob store only once it matched. A refusal is a ``PushRefused``;
+its status is the refusal table's (``refusals``).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import grpc
 from tuf.api.metadata import Root
 
 from edgefleet.controlplane.api.limits import first_few
@@ -19,14 +18,11 @@ from edgefleet.protos.fleet.v1 import operator_pb2
 
 
 class PushRefused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    """The pushed bundle cannot be accepted as sent (out of order, unsigned, a mismatch)."""
 
 
 def invalid(message: str) -> PushRefused:
-    return PushRefused(grpc.StatusCode.INVALID_ARGUMENT, message)
+    return PushRefused(message)
 
 
 class BundleUpload:

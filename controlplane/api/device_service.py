@@ -10,20 +10,28 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-import grpc
 from sqlmodel import Session
 
-from edgefleet.controlplane.api.auth import Context, authenticate_device, new_device_id, secret_sha256
+from edgefleet.controlplane.api.auth import Context, authenticate_device, new_device_id
 from edgefleet.controlplane.api.guard import CallGuard, guarded
 from edgefleet.controlplane.api.ratelimit import RateLimit
-from edgefleet.controlplane.api.refusals import Refused, invalid
+from edgefleet.controlplane.api.refusals import (
+    InvalidRequest,
+    NotFound,
+    NotPermitted,
+    OutOfRange,
+    Refusal,
+    Unauthenticated,
+)
 from edgefleet.controlplane.fleet import audit
 from edgefleet.controlplane.fleet.audit import Outcome
 from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier, wait_event
+from edgefleet.controlplane.fleet.rbac import secret_sha256
 from edgefleet.controlplane.rollouts import store as rollout_store
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import access, deployments, devices
 from edgefleet.controlplane.store.blobs import BlobNotFound, BlobStore, InvalidDigest
 from edgefleet.controlplane.store.database import Database
+from edgefleet.controlplane.store.errors import TokenRejected
 from edgefleet.controlplane.store.models import Bundle, Device, utcnow
 from edgefleet.controlplane.trust.ca import (
     CertificateAuthority,
@@ -32,7 +40,7 @@ from edgefleet.controlplane.trust.ca import (
     csr_key_sha256,
 )
 from edgefleet.controlplane.trust.repositories import Repositories
-from edgefleet.protos.fleet import topics
+from edgefleet.protos.fleet import selectors, topics
 from edgefleet.protos.fleet.uptane import DIRECTOR, IMAGE
 from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
@@ -116,11 +124,9 @@ def lifecycle_event(before: Device, report: device_pb2.StatusReport) -> str | No
     return None
 
 
-def enroll_refused(
-    message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT, *, target: str = ""
-) -> Refused:
+def enroll_refused(message: str, *, kind: type[Refusal] = InvalidRequest, target: str = "") -> Refusal:
     """An enrollment refusal, a stranger's: audited as device.enroll by device:unenrolled."""
-    return Refused(code, message, action="device.enroll", actor="device:unenrolled", target=target)
+    return kind(message, action="device.enroll", actor="device:unenrolled", target=target)
 
 
 REPOSITORY_NAMES = {device_pb2.REPOSITORY_IMAGE: IMAGE, device_pb2.REPOSITORY_DIRECTOR: DIRECTOR}
@@ -164,9 +170,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         if not request.csr:
             raise enroll_refused("csr is required")
         try:
-            crud.check_labels(request.labels)
+            selectors.check_labels(request.labels)
             binding = secret_sha256(f"{token_digest}:{csr_key_sha256(request.csr)}")
-        except crud.InvalidLabels as exc:
+        except selectors.InvalidLabels as exc:
             raise enroll_refused(str(exc)) from exc
         except CertificateError as exc:
             raise enroll_refused(f"csr refused: {exc}") from exc
@@ -174,7 +180,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
         def enroll(session: Session) -> tuple[str, IssuedCertificate]:
             # One transaction: a refused CSR leaves the token unspent and no device behind.
-            earlier = crud.device_enrolled_as(session, enrollment_sha256=binding)
+            earlier = devices.device_enrolled_as(session, enrollment_sha256=binding)
             if earlier is not None:
                 # The same token and key again: the device never got our answer. Same identity,
                 # a fresh certificate; the token is not spent twice.
@@ -188,10 +194,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 )
                 return earlier.id, issued
             device_id = new_device_id()
-            token = crud.consume_token(session, token_sha256=token_digest)
+            token = access.consume_token(session, token_sha256=token_digest)
             labels = {**dict(request.labels), **token.labels}
-            crud.check_labels(labels, what="label (the device's and its token's together)")
-            crud.create_device(
+            selectors.check_labels(labels, what="label (the device's and its token's together)")
+            devices.create_device(
                 session,
                 device_id=device_id,
                 hostname=hostname,
@@ -217,12 +223,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             device_id, issued = await self.db.run(enroll)
         except CertificateError as exc:
             raise enroll_refused(f"csr refused: {exc}") from exc
-        except crud.InvalidLabels as exc:
+        except selectors.InvalidLabels as exc:
             raise enroll_refused(str(exc)) from exc
-        except crud.TokenRejected as exc:
-            raise enroll_refused(
-                str(exc), grpc.StatusCode.PERMISSION_DENIED, target=f"token:{token_digest[:12]}"
-            ) from exc
+        except TokenRejected as exc:
+            raise enroll_refused(str(exc), kind=NotPermitted, target=f"token:{token_digest[:12]}") from exc
         return device_pb2.EnrollResponse(
             device_id=device_id,
             mqtt_topic_prefix=topics.device_prefix(device_id),
@@ -233,7 +237,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     def _issue(self, session: Session, device_id: str, csr_pem: bytes) -> IssuedCertificate:
         issued = self.ca.sign_device_csr(csr_pem, device_id=device_id, validity=self.device_cert_validity)
-        crud.record_certificate(
+        devices.record_certificate(
             session, device_id=device_id, serial=issued.serial, not_after=issued.not_after
         )
         return issued
@@ -262,11 +266,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         try:
             issued = await self.db.run(renew)
         except CertificateError as exc:
-            raise invalid(f"csr refused: {exc}", action="device.renew", target=device.id) from exc
+            raise InvalidRequest(f"csr refused: {exc}", action="device.renew", target=device.id) from exc
         except Revoked as exc:
-            raise Refused(
-                grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked", action="device.renew"
-            ) from exc
+            raise Unauthenticated(f"device {device.id} was revoked", action="device.renew") from exc
         return device_pb2.RenewCertificateResponse(certificate=issued.certificate_pem)
 
     async def WatchDesiredState(
@@ -280,9 +282,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 try:
                     state = await self.db.run(lambda s: desired_state_of(s, device.id))
                 except Revoked as exc:
-                    raise Refused(
-                        grpc.StatusCode.UNAUTHENTICATED, f"device {device.id} was revoked", charges=False
-                    ) from exc
+                    raise Unauthenticated(f"device {device.id} was revoked", charges=False) from exc
                 if state is not None and state.generation > sent:
                     sent = state.generation
                     yield state
@@ -342,21 +342,16 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         device = await authenticate_device(self.db, context)
         digest = request.sha256.lower()
         allowed = await self.db.run(
-            lambda s: crud.artifact_deployed_to(s, device_id=device.id, sha256=digest)
+            lambda s: deployments.artifact_deployed_to(s, device_id=device.id, sha256=digest)
         )
         if not allowed:
-            raise Refused(
-                grpc.StatusCode.NOT_FOUND,
-                f"artifact {digest[:64]} is not deployed to this device",
-                action="artifact.fetch",
-            )
+            raise NotFound(f"artifact {digest[:64]} is not deployed to this device", action="artifact.fetch")
         try:
             total = self.blobs.size(digest)
         except (BlobNotFound, InvalidDigest) as exc:
-            raise Refused(grpc.StatusCode.NOT_FOUND, str(exc), action="artifact.fetch") from exc
+            raise NotFound(str(exc), action="artifact.fetch") from exc
         if request.offset > total:
-            raise Refused(
-                grpc.StatusCode.OUT_OF_RANGE,
+            raise OutOfRange(
                 f"offset {request.offset} is past the artifact's {total} bytes",
                 action="artifact.fetch",
             )
@@ -375,7 +370,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         device = await authenticate_device(self.db, context)
         repo = REPOSITORY_NAMES.get(request.repository)
         if repo is None:
-            raise invalid("repository must be IMAGE or DIRECTOR", action="metadata.fetch")
+            raise InvalidRequest("repository must be IMAGE or DIRECTOR", action="metadata.fetch")
         name = request.name
         data = (
             await self.db.run(
@@ -386,5 +381,5 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         )
         if data is None:
             # TUF clients probe for the next root version on every refresh: an answer, not a refusal.
-            raise Refused(grpc.StatusCode.NOT_FOUND, f"no {repo} metadata {name[:64]!r}", audited=False)
+            raise NotFound(f"no {repo} metadata {name[:64]!r}", audited=False)
         return device_pb2.MetadataFile(data=data)

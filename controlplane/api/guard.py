@@ -8,8 +8,9 @@ service descriptor names (so a new RPC is covered without anyone remembering to)
 - a peer whose refused unauthenticated calls emptied its bucket is refused at once with
   RESOURCE_EXHAUSTED and retry info (``ratelimit``);
 - the request is checked against the generic bounds (``limits.check_request``);
-- a ``Refused`` raised by the handler, or one of the typed errors of ERROR_CODES, becomes its
-  status code, with details cut to MAX_ERROR_CHARS, and is audited: an operator's refusal as
+- a typed error the refusal table lists (``refusals.STATUS_CODES``: the API's own refusals,
+  the domain's, the rollouts') becomes its status code, with details cut to MAX_ERROR_CHARS,
+  and is audited: an operator's refusal as
   one entry; a device's or a stranger's through ``RefusalLog``, which bounds what repeats cost;
   a stranger's refusal also spends a token of its peer's bucket;
 - anything else is a bug: it is logged with its traceback and the caller reads INTERNAL with
@@ -26,57 +27,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from cryptography.exceptions import UnsupportedAlgorithm
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
 from edgefleet.controlplane.api.auth import Context
-from edgefleet.controlplane.api.limits import MAX_ERROR_CHARS, RequestTooLarge, check_request, clip
-from edgefleet.controlplane.api.pages import InvalidPageToken
+from edgefleet.controlplane.api.limits import MAX_ERROR_CHARS, check_request, clip
 from edgefleet.controlplane.api.ratelimit import PeerLimiter, RateLimit, peer_key, retry_metadata
 from edgefleet.controlplane.api.refusal_log import AuditRow, RefusalLog
-from edgefleet.controlplane.api.refusals import CALLER, Refused
+from edgefleet.controlplane.api.refusals import CALLER, Refused, refusal_of
 from edgefleet.controlplane.fleet import audit
-from edgefleet.controlplane.store import crud
-from edgefleet.controlplane.store.blobs import BlobNotFound, InvalidDigest
 from edgefleet.controlplane.store.database import Database
-from edgefleet.controlplane.trust.ca import CertificateError
-from edgefleet.controlplane.trust.keys import KeyStoreError
-from edgefleet.controlplane.trust.repositories import RepositoryRefusal
-from edgefleet.protos.fleet.release import ReleaseError
 
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
-
-
-# Typed errors of the layers below and their status; the first class of the error's MRO that
-# is listed wins. Refused and its subclasses carry their own.
-ERROR_CODES: dict[type[Exception], grpc.StatusCode] = {
-    RequestTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidPageToken: grpc.StatusCode.INVALID_ARGUMENT,
-    crud.TokenRejected: grpc.StatusCode.PERMISSION_DENIED,
-    crud.BundleExists: grpc.StatusCode.ALREADY_EXISTS,
-    crud.BundleNotFound: grpc.StatusCode.NOT_FOUND,
-    crud.DeviceNotFound: grpc.StatusCode.NOT_FOUND,
-    crud.InvalidPin: grpc.StatusCode.INVALID_ARGUMENT,
-    crud.InvalidLabels: grpc.StatusCode.INVALID_ARGUMENT,
-    RepositoryRefusal: grpc.StatusCode.FAILED_PRECONDITION,
-    KeyStoreError: grpc.StatusCode.FAILED_PRECONDITION,
-    CertificateError: grpc.StatusCode.INVALID_ARGUMENT,
-    UnsupportedAlgorithm: grpc.StatusCode.INVALID_ARGUMENT,
-    BlobNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidDigest: grpc.StatusCode.INVALID_ARGUMENT,
-    ReleaseError: grpc.StatusCode.INVALID_ARGUMENT,
-}
-
-
-def as_refusal(exc: Exception, codes: dict[type[Exception], grpc.StatusCode]) -> Refused | None:
-    """The refusal a typed error amounts to (its class named in the text), or None for a bug."""
-    if isinstance(exc, Refused):
-        return exc
-    code = next((codes[k] for k in type(exc).__mro__ if k in codes), None)
-    return None if code is None else Refused(code, f"{type(exc).__name__}: {exc}")
 
 
 class CallGuard:
@@ -88,12 +52,10 @@ class CallGuard:
         db: Database,
         rate_limit: RateLimit | None = None,
         refusal_window_seconds: float = 60.0,
-        error_codes: dict[type[Exception], grpc.StatusCode] | None = None,
     ) -> None:
         self.db = db
         self.limiter = PeerLimiter(rate_limit or RateLimit())
         self.refusals = RefusalLog(self._write, window_seconds=refusal_window_seconds)
-        self.error_codes = {**ERROR_CODES, **(error_codes or {})}
 
     async def _write(self, rows: list[AuditRow]) -> None:
         def write(session: Any) -> None:
@@ -154,7 +116,7 @@ class CallGuard:
 
     async def failed(self, context: Context, method: str, exc: Exception) -> NoReturn:
         """A typed error becomes its refusal; anything else is a bug, logged, and INTERNAL."""
-        refusal = as_refusal(exc, self.error_codes)
+        refusal = refusal_of(exc)
         if refusal is not None:
             await self.refuse(context, method, refusal)
         log.error("%s failed unexpectedly", method, exc_info=exc)

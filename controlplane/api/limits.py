@@ -4,16 +4,20 @@ Everything a device or an operator sends is stored, listed, audited or echoed in
 value with no bound becomes a reply over the gRPC message limit for every later reader (one
 device's 7 MB of labels broke the fleet listing for everyone), or an error header the caller
 cannot read. So a request is checked against these bounds before any handler runs
-(``check_request``), labels against their own stricter form (``edgefleet.controlplane.store.crud``), and
-every error text is cut (``clip``, ``first_few``) before it leaves.
+(``check_request``), labels against their own stricter form (``edgefleet.protos.fleet.selectors``), and
+every error text is cut (``clip``, ``first_few``, shared with the store through
+``edgefleet.controlplane.store.values``) before it leaves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+
+from edgefleet.controlplane.store.values import LISTED_IN_ERROR as LISTED_IN_ERROR
+from edgefleet.controlplane.store.values import MAX_NAME_CHARS as MAX_NAME_CHARS
+from edgefleet.controlplane.store.values import clip as clip
+from edgefleet.controlplane.store.values import first_few as first_few
 
 MAX_STRING_CHARS = 16_384
 """Any string field of a request; names and ids have smaller bounds of their own."""
@@ -21,33 +25,12 @@ MAX_REPEATED = 10_000
 """Entries of any repeated or map field of a request (device ids per deploy, say)."""
 MAX_ERROR_CHARS = 1_024
 """An error's details as the caller reads them."""
-MAX_NAME_CHARS = 128
-"""Bundle, rollout and variant names: the columns that hold them."""
-LISTED_IN_ERROR = 5
-"""How many offending items an error names."""
 MAX_INT64 = 2**63 - 1
 """uint64 fields land in signed 64-bit columns."""
 
 
 class RequestTooLarge(Exception):
     """A request field is longer, or has more entries, than the bounds allow."""
-
-
-def clip(text: str, limit: int = 200) -> str:
-    """``text`` cut to at most ``limit`` characters, saying how long it was."""
-    if len(text) <= limit:
-        return text
-    suffix = f"… ({len(text)} characters)"
-    return text[: max(0, limit - len(suffix))] + suffix
-
-
-def first_few(items: Iterable[str], *, what: str) -> str:
-    """ "3 unknown device ids: a, b, c" or "50000 unknown device ids, first 5: a, b, c, d, e"."""
-    listed = sorted(items)
-    shown = ", ".join(clip(i, 64) for i in listed[:LISTED_IN_ERROR])
-    if len(listed) <= LISTED_IN_ERROR:
-        return f"{len(listed)} {what}: {shown}"
-    return f"{len(listed)} {what}, first {LISTED_IN_ERROR}: {shown}"
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

@@ -1,124 +1,79 @@
-"""The rollout RPCs of OperatorService (CreateRollout, GetRollout, ListRollouts, ControlRollout):
-authorization, the transaction, and each typed error mapped to its status code. The servicer
-delegates here, so controlplane/api/operator_service.py stays about everything else.
+"""OperatorService's rollout RPCs (CreateRollout, GetRollout, ListRollouts, ControlRollout):
+authorization, then one rollout command (``edgefleet.controlplane.rollouts.commands``) in one
+transaction; its refusals are entries of the API's one table (``refusals``), named after the
+change for operators' changes and ``rollout.read`` for reads.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-import grpc
 from sqlmodel import Session, col, select
 
 from edgefleet.controlplane.api import pages
-from edgefleet.controlplane.api.auth import Context
+from edgefleet.controlplane.api.auth import Context, authorize
 from edgefleet.controlplane.api.limits import MAX_NAME_CHARS
-from edgefleet.controlplane.api.refusals import Refused
-from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier
-from edgefleet.controlplane.fleet.rbac import OperatorIdentity, Role, authorize
+from edgefleet.controlplane.api.operator_parts import OperatorParts
+from edgefleet.controlplane.api.refusals import InvalidRequest, refused
+from edgefleet.controlplane.fleet.rbac import Role
 from edgefleet.controlplane.rollouts import commands, convert, store
-from edgefleet.controlplane.rollouts.engine import RolloutMachine
-from edgefleet.controlplane.store import crud
-from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.store.models import Bundle, Rollout
-from edgefleet.controlplane.trust.repositories import RepositoryRefusal
 from edgefleet.protos.fleet.v1 import operator_pb2
 
 T = TypeVar("T")
-Refuse = Callable[[Context, OperatorIdentity, str, str, grpc.StatusCode, str], Awaitable[NoReturn]]
-
-# Each refusal's status code; the first class in the error's MRO that is listed wins.
-ERROR_CODES: dict[type[Exception], grpc.StatusCode] = {
-    convert.InvalidRollout: grpc.StatusCode.INVALID_ARGUMENT,
-    commands.RolloutExists: grpc.StatusCode.ALREADY_EXISTS,
-    commands.RolloutConflict: grpc.StatusCode.FAILED_PRECONDITION,
-    commands.ImpossibleTransition: grpc.StatusCode.FAILED_PRECONDITION,
-    store.RolloutNotFound: grpc.StatusCode.NOT_FOUND,
-    crud.BundleNotFound: grpc.StatusCode.NOT_FOUND,
-    RepositoryRefusal: grpc.StatusCode.FAILED_PRECONDITION,
-}
-REFUSALS = tuple(ERROR_CODES)
 ROLLOUTS = pages.PageSpec("ListRollouts", default_size=100, max_size=1000)
 MAX_LISTED_DEVICES = 10_000  # GetRollout's per-device detail; Rollout.devices_omitted counts the rest
-
-
-def status_code(exc: Exception) -> grpc.StatusCode:
-    return next(ERROR_CODES[k] for k in type(exc).__mro__ if k in ERROR_CODES)
 
 
 def _target(ref: operator_pb2.GetRolloutRequest) -> str:
     return ref.name if ref.WhichOneof("rollout") == "name" else f"id:{ref.id}"
 
 
-class RolloutRpcs:
-    def __init__(
-        self, *, db: Database, notifier: DesiredStateNotifier, machine: RolloutMachine, refuse: Refuse
-    ) -> None:
-        self.db = db
-        self.notifier = notifier
-        self.machine = machine
-        self.refuse = refuse  # audits the refusal, then aborts the call
+class RolloutRpcs(OperatorParts):
+    async def _read(self, work: Callable[[Session], T]) -> T:
+        """A read: its refusal (an unknown rollout, say) is named rollout.read."""
+        return await self.command(work, action="rollout.read", target="")
 
-    async def _change(
-        self, context: Context, who: OperatorIdentity, action: str, target: str, work: Callable[[Session], T]
-    ) -> T:
-        """Runs an operator's change; a refusal is audited and fails the call with its code."""
-        try:
-            return await self.db.run(work)
-        except REFUSALS as exc:
-            await self.refuse(context, who, action, target, status_code(exc), str(exc))
-
-    async def _read(self, context: Context, work: Callable[[Session], T]) -> T:
-        try:
-            return await self.db.run(work)
-        except REFUSALS as exc:
-            raise Refused(status_code(exc), str(exc), action="rollout.read") from exc
-
-    async def create(
+    async def CreateRollout(
         self, request: operator_pb2.CreateRolloutRequest, context: Context
     ) -> operator_pb2.Rollout:
         who = await authorize(self.db, context, Role.OPERATOR)
         if len(request.name) > MAX_NAME_CHARS:
-            await self.refuse(
-                context,
-                who,
-                "rollout.create",
-                request.name,
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidRequest(
                 f"a rollout name has at most {MAX_NAME_CHARS} characters",
+                action="rollout.create",
+                target=request.name,
             )
         try:
             spec = convert.spec(request)
         except convert.InvalidRollout as exc:
-            await self.refuse(
-                context, who, "rollout.create", request.name, grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-            )
-        return await self._change(
-            context,
-            who,
-            "rollout.create",
-            request.name,
+            raise refused(exc, action="rollout.create", target=request.name) from exc
+        return await self.command(
             lambda s: commands.describe(s, commands.create(s, spec, actor=who.actor)),
+            action="rollout.create",
+            target=request.name,
         )
 
-    async def get(self, request: operator_pb2.GetRolloutRequest, context: Context) -> operator_pb2.Rollout:
+    async def GetRollout(
+        self, request: operator_pb2.GetRolloutRequest, context: Context
+    ) -> operator_pb2.Rollout:
         await authorize(self.db, context, Role.VIEWER)
-        described = await self._read(context, lambda s: commands.describe(s, commands.lookup(s, request)))
+        described = await self._read(lambda s: commands.describe(s, commands.lookup(s, request)))
         return bounded_devices(described)
 
-    async def list(
+    async def ListRollouts(
         self, request: operator_pb2.ListRolloutsRequest, context: Context
     ) -> operator_pb2.ListRolloutsResponse:
         """A page of rollouts, oldest first, with per-wave counts but no per-device detail."""
         await authorize(self.db, context, Role.VIEWER)
         size = ROLLOUTS.size(request.page_size)
         after = pages.int_key(pages.decode_token(ROLLOUTS, request.page_token, {}))
-        page = await self._read(context, lambda s: _rollouts_page(s, after=after, size=size))
+        page = await self._read(lambda s: _rollouts_page(s, after=after, size=size))
         return operator_pb2.ListRolloutsResponse(rollouts=page.items, next_page_token=page.next_page_token)
 
-    async def control(
+    async def ControlRollout(
         self, request: operator_pb2.ControlRolloutRequest, context: Context
     ) -> operator_pb2.Rollout:
         who = await authorize(self.db, context, Role.OPERATOR)
@@ -131,7 +86,7 @@ class RolloutRpcs:
             )
             return commands.describe(session, rollout), nudge
 
-        described, nudge = await self._change(context, who, action, _target(request.rollout), control)
+        described, nudge = await self.command(control, action=action, target=_target(request.rollout))
         self.notifier.notify(nudge)
         return bounded_devices(described)
 

@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlmodel import Session, col, select
 
-from edgefleet.controlplane.store.crud import as_utc
 from edgefleet.controlplane.store.models import AuditEntry, utcnow
+from edgefleet.controlplane.store.values import as_utc
 
 GENESIS = "0" * 64
 # Column bounds of AuditEntry (PostgreSQL refuses longer strings) and of one entry's detail:

@@ -3,26 +3,39 @@
 viewer reads; operator also publishes bundles and deploys; admin also manages bootstrap
 tokens, keys (roots) and operators. The first start creates an ``admin`` token and writes it,
 owner-readable, to the data directory, so nobody is locked out and nothing is open.
+
+Tokens are stored only as hashes (``secret_sha256``): a leaked database grants nothing. Which
+call needs which role is the API's (``api.auth.authorize``); this module knows no transport.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
-from edgefleet.controlplane.api.auth import Context, bearer_from_metadata, new_secret, secret_sha256
-from edgefleet.controlplane.api.refusals import CALLER, Caller, Refused
-from edgefleet.controlplane.store.database import Database
-from edgefleet.controlplane.store.models import OperatorToken, utcnow
+from edgefleet.controlplane.fleet.errors import InvalidOperatorName, OperatorExists
+from edgefleet.controlplane.store import access
+from edgefleet.controlplane.store.models import utcnow
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
 
 ADMIN_TOKEN_FILE = "admin.token"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+MAX_TOKEN_CHARS = 256
+
+
+def secret_sha256(secret: str) -> str:
+    """Only hashes of tokens are stored; a leaked database grants nothing."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
 
 
 class Role(enum.IntEnum):
@@ -48,30 +61,21 @@ class OperatorIdentity:
         return f"operator:{self.name}"
 
 
-class InvalidOperatorName(ValueError):
-    """An operator name outside NAME_PATTERN."""
-
-
-class OperatorExists(Exception):
-    """An operator with that name already exists."""
-
-
 def create_operator(session: Session, *, name: str, role: Role) -> str:
     """Creates an operator and returns its token (shown once, stored only as a hash)."""
     if not NAME_PATTERN.fullmatch(name):
         raise InvalidOperatorName(
             f"operator name {name!r} must be 1-64 letters, digits, '.', '_', '@' or '-'"
         )
-    if session.get(OperatorToken, name) is not None:
+    if access.get_operator(session, name=name) is not None:
         raise OperatorExists(f"operator {name!r} already exists")
     token = new_secret()
-    session.add(OperatorToken(name=name, token_sha256=secret_sha256(token), role=role.name.lower()))
-    session.flush()
+    access.add_operator(session, name=name, token_sha256=secret_sha256(token), role=role.name.lower())
     return token
 
 
 def revoke_operator(session: Session, *, name: str) -> bool:
-    row = session.get(OperatorToken, name)
+    row = access.get_operator(session, name=name)
     if row is None or row.revoked_at is not None:
         return False
     row.revoked_at = utcnow()
@@ -79,20 +83,9 @@ def revoke_operator(session: Session, *, name: str) -> bool:
     return True
 
 
-def list_operators(
-    session: Session, *, after: str | None = None, limit: int | None = None
-) -> list[OperatorToken]:
-    """Operators by name, from the one after ``after`` on."""
-    query = select(OperatorToken)
-    if after is not None:
-        query = query.where(col(OperatorToken.name) > after)
-    query = query.order_by(col(OperatorToken.name))
-    return list(session.exec(query if limit is None else query.limit(limit)).all())
-
-
 def bootstrap_admin(session: Session, *, data_dir: Path) -> Path | None:
     """On an empty store, creates the ``admin`` operator and writes its token file."""
-    if session.exec(select(OperatorToken).limit(1)).first() is not None:
+    if access.has_operators(session):
         return None
     token = create_operator(session, name="admin", role=Role.ADMIN)
     path = data_dir / ADMIN_TOKEN_FILE
@@ -101,40 +94,10 @@ def bootstrap_admin(session: Session, *, data_dir: Path) -> Path | None:
 
 
 def identify(session: Session, *, token: str) -> OperatorIdentity | None:
-    row = session.exec(
-        select(OperatorToken).where(OperatorToken.token_sha256 == secret_sha256(token))
-    ).first()
+    """The unrevoked operator ``token`` belongs to, or None (also for an oversized token)."""
+    if len(token) > MAX_TOKEN_CHARS:
+        return None
+    row = access.operator_with_token(session, token_sha256=secret_sha256(token))
     if row is None or row.revoked_at is not None:
         return None
     return OperatorIdentity(name=row.name, role=Role.parse(row.role))
-
-
-MAX_TOKEN_CHARS = 256
-
-
-async def authorize(db: Database, context: Context, needed: Role) -> OperatorIdentity:
-    """The calling operator if its token grants ``needed`` (the call is then the operator's:
-    its refusals are audited under its name); otherwise raises Refused, UNAUTHENTICATED for a
-    missing or unknown token (a stranger's refusal), PERMISSION_DENIED for too small a role."""
-    token = bearer_from_metadata(context)
-    if not token:
-        raise Refused(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "operator token missing (EDGEFLEET_OPERATOR_TOKEN)",
-            action="operator.authenticate",
-        )
-    identity = await db.run(lambda s: identify(s, token=token)) if len(token) <= MAX_TOKEN_CHARS else None
-    if identity is None:
-        raise Refused(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "unknown or revoked operator token",
-            action="operator.authenticate",
-        )
-    CALLER.set(Caller(actor=identity.actor, is_operator=True))
-    if identity.role < needed:
-        raise Refused(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"{identity.name} is a {identity.role.name.lower()}; this needs {needed.name.lower()}",
-            action="operator.authorize",
-        )
-    return identity

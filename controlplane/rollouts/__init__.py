@@ -5,8 +5,9 @@ wave, each wave gated on what its devices report, rolled back automatically when
 - gates.py: the load-failure, error-rate, latency and tokens/s gates (pure arithmetic);
 - evidence.py: per-device figures for the gates, from stored inference summaries;
 - engine.py: the state machine, one step of one rollout per transaction (the rules are there);
-- actions.py: assigning a device the change, and putting it back;
-- director.py: signing a device's director targets with its models, pin and config;
+- actions.py: assigning a device the change, and putting it back (signed through
+  controlplane/fleet/director.py);
 - store.py: database access; leader.py: which replica drives rollouts; runner.py: the task;
-- commands.py, convert.py, rpc.py: what operators do and read, and the RPCs.
+- commands.py, convert.py: what operators do and read; the RPCs are controlplane/api/rollouts.py,
+  their refusals' status codes in controlplane/api/refusals.py's table.
 """

@@ -1,7 +1,7 @@
 """What a rollout does to one device: assign it the change, or put it back on what it ran before.
 
-Both go the way an operator's own changes go — crud moves the device to a new generation and
-records it, controlplane/rollouts/director.py signs its director targets with all of its models,
+Both go the way an operator's own changes go — the store moves the device to a new generation and
+records it, controlplane/fleet/director.py signs its director targets with all of its models,
 its pin and its config — inside the engine's transaction, so the rollout's record of the device
 (RolloutDevice) and the device's assignment commit together or not at all. That is what makes a
 restarted engine never assign a device twice: a device with a generation from this rollout is
@@ -16,9 +16,11 @@ from datetime import datetime
 
 from sqlmodel import Session
 
-from edgefleet.controlplane.rollouts import director, states
+from edgefleet.controlplane.fleet import director
+from edgefleet.controlplane.rollouts import states
 from edgefleet.controlplane.rollouts.store import REASON_LENGTH
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import deployments
+from edgefleet.controlplane.store.deployments import DeployedTo
 from edgefleet.controlplane.store.models import (
     Bundle,
     Device,
@@ -27,6 +29,7 @@ from edgefleet.controlplane.store.models import (
     RolloutDevice,
     VariantPinRule,
 )
+from edgefleet.controlplane.store.pins import effective_pin
 from edgefleet.controlplane.trust.repositories import Repositories
 
 
@@ -48,7 +51,7 @@ def _sign(
     repositories: Repositories,
     pins: Sequence[VariantPinRule],
     device: Device,
-    moved: crud.DeployedTo,
+    moved: DeployedTo,
 ) -> None:
     director.sign(
         session,
@@ -56,7 +59,7 @@ def _sign(
         device=device,
         generation=moved.generation,
         releases=moved.releases,
-        pin=director.pin_message(crud.effective_pin(pins, device)),
+        pin=director.pin_message(effective_pin(pins, device)),
     )
 
 
@@ -76,10 +79,10 @@ def assign(
     if change.bundle is not None:
         held = session.get(DeviceModel, (device.id, change.bundle.name))
         row.previous_bundle_id = held.bundle_id if held is not None else None
-        moved = crud.deploy(session, bundle=change.bundle, device_ids=[device.id])[0]
+        moved = deployments.deploy(session, bundle=change.bundle, device_ids=[device.id])[0]
     else:
         row.previous_config = dict(device.config)
-        moved = crud.set_config(session, device_id=device.id, config=change.config)
+        moved = deployments.set_config(session, device_id=device.id, config=change.config)
     _sign(session, repositories, pins, device, moved)
     row.generation = moved.generation
     row.state = states.UPDATING
@@ -123,13 +126,13 @@ def roll_back(
         note = f"left as it is: it runs {replaced} since"
     else:
         if change.bundle is None:
-            moved = crud.set_config(session, device_id=device.id, config=row.previous_config or {})
+            moved = deployments.set_config(session, device_id=device.id, config=row.previous_config or {})
         elif row.previous_bundle_id is not None:
             previous = session.get(Bundle, row.previous_bundle_id)
             assert previous is not None
-            moved = crud.deploy(session, bundle=previous, device_ids=[device.id])[0]
+            moved = deployments.deploy(session, bundle=previous, device_ids=[device.id])[0]
         else:
-            moved = crud.undeploy(session, name=change.bundle.name, device_ids=[device.id])[0]
+            moved = deployments.undeploy(session, name=change.bundle.name, device_ids=[device.id])[0]
         _sign(session, repositories, pins, device, moved)
         row.rollback_generation = moved.generation
         note = f"rolled back at generation {moved.generation}"

@@ -15,21 +15,23 @@ from edgefleet.controlplane.fleet import audit
 from edgefleet.controlplane.rollouts import convert, states, store, waves
 from edgefleet.controlplane.rollouts.convert import RolloutSpec
 from edgefleet.controlplane.rollouts.engine import RolloutMachine
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.bundles import get_bundle
+from edgefleet.controlplane.store.errors import StoreError
 from edgefleet.controlplane.store.models import Bundle, Rollout, utcnow
+from edgefleet.protos.fleet import selectors
 from edgefleet.protos.fleet.v1 import operator_pb2
 
 
-class RolloutExists(crud.StoreError):
+class RolloutExists(StoreError):
     """A rollout with that name exists (names are unique, rollouts are kept as history)."""
 
 
-class RolloutConflict(crud.StoreError):
+class RolloutConflict(StoreError):
     """The rollout cannot start: no device matches, or an active rollout changes the same thing
     on devices both selectors can match."""
 
 
-class ImpossibleTransition(crud.StoreError):
+class ImpossibleTransition(StoreError):
     """The rollout's state does not allow that action."""
 
 
@@ -76,13 +78,13 @@ def create(session: Session, spec: RolloutSpec, *, actor: str) -> Rollout:
         raise RolloutExists(f"a rollout named {spec.name} exists; rollouts are kept, choose another name")
     bundle = None
     if spec.bundle is not None:
-        bundle = crud.get_bundle(session, name=spec.bundle.name, version=spec.bundle.version)
+        bundle = get_bundle(session, name=spec.bundle.name, version=spec.bundle.version)
         assert bundle is not None
     _check_conflicts(session, spec)
     matching = store.matching_device_ids(session, spec.selector)
     if not matching:
         raise RolloutConflict(
-            f"no enrolled device matches the selector {crud.selector_text(spec.selector) or '(all)'}"
+            f"no enrolled device matches the selector {selectors.to_text(spec.selector) or '(all)'}"
         )
     now = utcnow()
     rollout = Rollout(

@@ -16,8 +16,10 @@ from edgefleet.controlplane.rollouts import states
 from edgefleet.controlplane.rollouts.engine import progress_of, soak_until, wave_sizes
 from edgefleet.controlplane.rollouts.gates import InvalidGates, Thresholds
 from edgefleet.controlplane.rollouts.waves import InvalidWaves, WaveSize, check_waves
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.errors import StoreError
 from edgefleet.controlplane.store.models import Bundle, Rollout, RolloutDevice
+from edgefleet.controlplane.store.values import as_utc
+from edgefleet.protos.fleet import selectors
 from edgefleet.protos.fleet.device_config import (
     InvalidConfig,
     config_from_json,
@@ -30,7 +32,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_SOAK_SECONDS = 30 * 86400
 
 
-class InvalidRollout(crud.StoreError):
+class InvalidRollout(StoreError):
     """A rollout request that cannot be carried out as given; the message says why."""
 
 
@@ -81,10 +83,10 @@ def spec(request: operator_pb2.CreateRolloutRequest) -> RolloutSpec:
         min_requests=request.gates.min_requests,
     )
     try:
-        crud.check_selector(request.selector)
+        selectors.check_selector(request.selector)
         check_waves(sizes)
         thresholds.check()
-    except (crud.InvalidLabels, InvalidWaves, InvalidGates) as exc:
+    except (selectors.InvalidLabels, InvalidWaves, InvalidGates) as exc:
         raise InvalidRollout(str(exc)) from exc
     if request.soak_seconds > MAX_SOAK_SECONDS:
         raise InvalidRollout(f"soak_seconds is at most {MAX_SOAK_SECONDS} (30 days)")
@@ -103,7 +105,7 @@ def spec(request: operator_pb2.CreateRolloutRequest) -> RolloutSpec:
 def _timestamp(value: datetime | None) -> Timestamp:
     stamp = Timestamp()
     if value is not None:
-        stamp.FromDatetime(crud.as_utc(value))
+        stamp.FromDatetime(as_utc(value))
     return stamp
 
 

@@ -36,9 +36,10 @@ from edgefleet.controlplane.fleet import audit
 from edgefleet.controlplane.fleet.audit import Outcome
 from edgefleet.controlplane.rollouts import actions, evidence, gates, states, store, waves
 from edgefleet.controlplane.rollouts.actions import Change
-from edgefleet.controlplane.store import crud
-from edgefleet.controlplane.store.crud import as_utc
+from edgefleet.controlplane.store.errors import StoreError
 from edgefleet.controlplane.store.models import Bundle, Device, Rollout, RolloutDevice, VariantPinRule
+from edgefleet.controlplane.store.pins import list_pins
+from edgefleet.controlplane.store.values import as_utc
 from edgefleet.controlplane.trust.repositories import Repositories, RepositoryRefusal
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Step:
     @property
     def pins(self) -> list[VariantPinRule]:
         if self._pins is None:
-            self._pins = list(crud.list_pins(self.session))
+            self._pins = list(list_pins(self.session))
         return self._pins
 
     def wave_rows(self, wave: int) -> list[RolloutDevice]:
@@ -255,7 +256,7 @@ class RolloutMachine:
                         pins=step.pins,
                         now=step.now,
                     )
-            except (RepositoryRefusal, crud.StoreError, SQLAlchemyError) as exc:
+            except (RepositoryRefusal, StoreError, SQLAlchemyError) as exc:
                 # The savepoint undid this device's assignment; the rollout goes on without it.
                 log.warning("rollout %s: cannot assign %s: %s", step.rollout.name, row.device_id, exc)
                 row.state, row.reason, row.updated_at = states.FAILED, f"not assigned: {exc}"[:500], step.now
@@ -330,7 +331,7 @@ class RolloutMachine:
                         pins=step.pins,
                         now=step.now,
                     )
-            except (RepositoryRefusal, crud.StoreError, SQLAlchemyError) as exc:
+            except (RepositoryRefusal, StoreError, SQLAlchemyError) as exc:
                 # Undone by the savepoint; the row stays as it was, so the next step tries again.
                 log.warning("rollout %s: cannot roll %s back yet: %s", step.rollout.name, row.device_id, exc)
                 continue

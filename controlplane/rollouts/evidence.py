@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from edgefleet.controlplane.rollouts.gates import Evidence, Figures, Interval
-from edgefleet.controlplane.store.crud import as_utc
 from edgefleet.controlplane.store.models import RolloutDevice, TelemetryRecord
+from edgefleet.controlplane.store.values import as_utc
 from edgefleet.controlplane.telemetry.record_shape import json_number
 
 ReleaseKey = tuple[str, int]  # (bundle name, version)

@@ -1,7 +1,7 @@
 """Database access of the rollout engine and the rollout RPCs: rollouts, their devices, the
 devices a selector matches, and the inference summaries the gates read.
 
-Functions take the caller's session and leave committing to it, as controlplane/store/crud.py does.
+Functions take the caller's session and leave committing to it, as the control plane's store modules do.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from datetime import datetime
 from sqlmodel import Session, col, func, select
 
 from edgefleet.controlplane.rollouts import states
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.errors import StoreError
 from edgefleet.controlplane.store.models import Device, Rollout, RolloutDevice, TelemetryRecord, utcnow
+from edgefleet.protos.fleet import selectors
 from edgefleet.protos.fleet.v1 import common_pb2
 
 REASON_LENGTH = 500
 FAILED_TO_LOAD = frozenset({common_pb2.DEVICE_STATE_FAILED, common_pb2.DEVICE_STATE_ROLLED_BACK})
 
 
-class RolloutNotFound(crud.StoreError):
+class RolloutNotFound(StoreError):
     """No rollout with that id or name."""
 
 
@@ -98,7 +99,7 @@ def matching_device_ids(session: Session, selector: Mapping[str, str]) -> list[s
     """Unrevoked devices whose labels include the selector, sorted by id. Labels are JSON, which
     SQLite and PostgreSQL query differently, so the match is made here."""
     rows = session.exec(select(Device.id, Device.labels).where(col(Device.revoked_at).is_(None))).all()
-    return sorted(device_id for device_id, labels in rows if crud.selector_matches(labels, selector))
+    return sorted(device_id for device_id, labels in rows if selectors.matches(labels, selector))
 
 
 def devices(session: Session, device_ids: Iterable[str]) -> dict[str, Device]:

@@ -16,11 +16,11 @@ from sqlmodel import Session
 from edgefleet.agent.device.tls import csr_pem, new_key
 from edgefleet.agent.update.artifacts import ArtifactStore
 from edgefleet.agent.update.uptane_client import GrpcMetadataFetcher, UptaneVerifier
-from edgefleet.controlplane.api.auth import secret_sha256
 from edgefleet.controlplane.app.server import RunningControlPlane
 from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle, open_bundle
 from edgefleet.controlplane.cli.client import extend_image_targets, push_requests
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.fleet.rbac import secret_sha256
+from edgefleet.controlplane.store import access
 from edgefleet.controlplane.trust.keys import KeyDir, init_keys
 from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.integration.conftest import EnrolledDevice, admin_token, enroll_device
@@ -97,7 +97,9 @@ async def test_a_bad_csr_is_refused_and_leaves_the_token_unspent(
 async def test_expired_token_is_refused(channel: grpc.aio.Channel, controlplane: RunningControlPlane) -> None:
     engine = controlplane.engine
     with Session(engine) as s, s.begin():
-        crud.create_token(s, token_sha256=secret_sha256("old"), uses=1, ttl=timedelta(seconds=-1), labels={})
+        access.create_token(
+            s, token_sha256=secret_sha256("old"), uses=1, ttl=timedelta(seconds=-1), labels={}
+        )
     dev = device_pb2_grpc.DeviceServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as expired:
         await dev.Enroll(device_pb2.EnrollRequest(bootstrap_token="old", csr=csr()))

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel
 
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import devices
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.store.migrate import BASELINE, LAST_CREATE_ALL, MIGRATIONS, alembic_config
 from edgefleet.controlplane.store.models import Device
@@ -73,7 +73,7 @@ def test_a_database_made_by_create_all_at_the_current_code_is_stamped_head(url: 
     plain = create_engine(url)
     SQLModel.metadata.create_all(plain)
     with Session(plain) as s, s.begin():
-        crud.create_device(s, device_id="kept", hostname="h", labels={})
+        devices.create_device(s, device_id="kept", hostname="h", labels={})
     plain.dispose()
 
     engine = make_engine(url)

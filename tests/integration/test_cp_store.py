@@ -14,7 +14,7 @@ from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import bundles, deployments, devices, errors, pins
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.store.migrate import BASELINE, alembic_config
 from edgefleet.controlplane.store.models import Bundle, Deployment, Device, DeviceModel, utcnow
@@ -54,11 +54,11 @@ def add_bundle(session: Session, name: str, version: int) -> Bundle:
 
 
 def add_device(session: Session, device_id: str, labels: dict[str, str] | None = None) -> None:
-    crud.create_device(session, device_id=device_id, hostname="h", labels=labels or {})
+    devices.create_device(session, device_id=device_id, hostname="h", labels=labels or {})
 
 
 def bundle_named(session: Session, name: str, version: int) -> Bundle:
-    bundle = crud.get_bundle(session, name=name, version=version)
+    bundle = bundles.get_bundle(session, name=name, version=version)
     assert bundle is not None
     return bundle
 
@@ -74,14 +74,14 @@ def fleet(engine: Engine) -> Engine:
     return engine
 
 
-def deploy(engine: Engine, name: str, version: int, ids: list[str] | None) -> list[crud.DeployedTo]:
+def deploy(engine: Engine, name: str, version: int, ids: list[str] | None) -> list[deployments.DeployedTo]:
     with Session(engine, expire_on_commit=False) as s, s.begin():
-        return crud.deploy(s, bundle=bundle_named(s, name, version), device_ids=ids)
+        return deployments.deploy(s, bundle=bundle_named(s, name, version), device_ids=ids)
 
 
-def undeploy(engine: Engine, name: str, ids: list[str] | None) -> list[crud.DeployedTo]:
+def undeploy(engine: Engine, name: str, ids: list[str] | None) -> list[deployments.DeployedTo]:
     with Session(engine, expire_on_commit=False) as s, s.begin():
-        return crud.undeploy(s, name=name, device_ids=ids)
+        return deployments.undeploy(s, name=name, device_ids=ids)
 
 
 def device(engine: Engine, device_id: str) -> tuple[int, str | None]:
@@ -95,26 +95,26 @@ def device(engine: Engine, device_id: str) -> tuple[int, str | None]:
 
 def releases(engine: Engine, device_id: str) -> list[tuple[str, int]]:
     with Session(engine) as s:
-        return crud.device_releases(s, device_id)
+        return deployments.device_releases(s, device_id)
 
 
 def test_deploy_adds_or_replaces_by_name(fleet: Engine) -> None:
     assert deploy(fleet, "alpha", 1, ["a", "b"]) == [
-        crud.DeployedTo("a", 1, [("alpha", 1)]),
-        crud.DeployedTo("b", 1, [("alpha", 1)]),
+        deployments.DeployedTo("a", 1, [("alpha", 1)]),
+        deployments.DeployedTo("b", 1, [("alpha", 1)]),
     ]
-    assert deploy(fleet, "beta", 1, ["a"]) == [crud.DeployedTo("a", 2, [("alpha", 1), ("beta", 1)])]
+    assert deploy(fleet, "beta", 1, ["a"]) == [deployments.DeployedTo("a", 2, [("alpha", 1), ("beta", 1)])]
     assert deploy(fleet, "alpha", 2, None) == [
-        crud.DeployedTo("a", 3, [("alpha", 2), ("beta", 1)]),
-        crud.DeployedTo("b", 2, [("alpha", 2)]),
-        crud.DeployedTo("c", 1, [("alpha", 2)]),
+        deployments.DeployedTo("a", 3, [("alpha", 2), ("beta", 1)]),
+        deployments.DeployedTo("b", 2, [("alpha", 2)]),
+        deployments.DeployedTo("c", 1, [("alpha", 2)]),
     ]
     assert device(fleet, "a") == (3, "alpha@2")
     with Session(fleet) as s:
         assert len(s.exec(select(DeviceModel)).all()) == 4  # a: alpha, beta; b: alpha; c: alpha
         history = s.exec(select(Deployment).where(Deployment.device_id == "a")).all()
         assert sorted(d.generation for d in history) == [1, 2, 3]
-        assert crud.assigned_models(s) == {
+        assert deployments.assigned_models(s) == {
             "a": [("alpha", 2), ("beta", 1)],
             "b": [("alpha", 2)],
             "c": [("alpha", 2)],
@@ -122,7 +122,7 @@ def test_deploy_adds_or_replaces_by_name(fleet: Engine) -> None:
 
 
 def test_deploy_to_an_unknown_device_changes_nothing(fleet: Engine) -> None:
-    with pytest.raises(crud.DeviceNotFound, match="nope"):
+    with pytest.raises(errors.DeviceNotFound, match="nope"):
         deploy(fleet, "alpha", 1, ["a", "nope"])
     assert (device(fleet, "a"), releases(fleet, "a")) == ((0, None), [])
 
@@ -132,9 +132,9 @@ def test_undeploy_removes_the_name_and_moves_the_desired_bundle(fleet: Engine) -
     deploy(fleet, "alpha", 2, ["a", "b"])
     assert device(fleet, "a") == (2, "alpha@2")
 
-    assert undeploy(fleet, "alpha", ["a"]) == [crud.DeployedTo("a", 3, [("beta", 1)])]
+    assert undeploy(fleet, "alpha", ["a"]) == [deployments.DeployedTo("a", 3, [("beta", 1)])]
     assert device(fleet, "a") == (3, "beta@1")  # the remaining model
-    assert undeploy(fleet, "beta", ["a"]) == [crud.DeployedTo("a", 4, [])]
+    assert undeploy(fleet, "beta", ["a"]) == [deployments.DeployedTo("a", 4, [])]
     assert device(fleet, "a") == (4, None)
     assert device(fleet, "b") == (1, "alpha@2")  # never named
 
@@ -160,17 +160,17 @@ def test_undeploy_leaves_devices_without_the_model_alone(fleet: Engine) -> None:
     deploy(fleet, "alpha", 1, ["a"])
     deploy(fleet, "beta", 1, ["b"])
     assert undeploy(fleet, "alpha", ["b", "c"]) == []
-    assert undeploy(fleet, "alpha", None) == [crud.DeployedTo("a", 2, [])]
+    assert undeploy(fleet, "alpha", None) == [deployments.DeployedTo("a", 2, [])]
     assert (device(fleet, "b"), device(fleet, "c")) == ((1, "beta@1"), (0, None))
     assert undeploy(fleet, "alpha", None) == []
-    with pytest.raises(crud.DeviceNotFound, match="nope"):
+    with pytest.raises(errors.DeviceNotFound, match="nope"):
         undeploy(fleet, "beta", ["b", "nope"])
     assert releases(fleet, "b") == [("beta", 1)]
 
 
-def pin(engine: Engine, *, device_id: str | None = None, **selector: str) -> crud.PinChange:
+def pin(engine: Engine, *, device_id: str | None = None, **selector: str) -> pins.PinChange:
     with Session(engine, expire_on_commit=False) as s, s.begin():
-        return crud.set_pin(
+        return pins.set_pin(
             s, device_id=device_id, selector=selector, variant_id="gguf-q4_0", fmt=0, clear=False, actor="t"
         )
 

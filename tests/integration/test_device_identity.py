@@ -13,10 +13,10 @@ from cryptography import x509
 from sqlmodel import Session
 
 from edgefleet.agent.device.tls import csr_pem, new_key, store_certificate
-from edgefleet.controlplane.api.auth import secret_sha256
 from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
 from edgefleet.controlplane.app.settings import Settings
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.fleet.rbac import secret_sha256
+from edgefleet.controlplane.store import access
 from edgefleet.controlplane.trust.ca import init_ca, load_ca
 from edgefleet.controlplane.trust.keys import KeyDir
 from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
@@ -142,7 +142,9 @@ async def test_devices_are_never_told_the_control_planes_broker_password(
     running = await start_control_plane(settings)
     try:
         with Session(running.engine) as s, s.begin():
-            crud.create_token(s, token_sha256=secret_sha256("t"), uses=1, ttl=timedelta(minutes=1), labels={})
+            access.create_token(
+                s, token_sha256=secret_sha256("t"), uses=1, ttl=timedelta(minutes=1), labels={}
+            )
         async with public_channel(running) as ch:
             device = await enroll_device(running, ch, "t", tmp_path)
             await device.channel.close()

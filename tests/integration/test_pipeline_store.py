@@ -14,7 +14,7 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import devices
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.store.models import Device, TelemetryRecord
 from edgefleet.controlplane.store.telemetry import IngestRecord, PresenceUpdate, StatusUpdate, store_batch
@@ -33,7 +33,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     made = make_engine(url)
     with Session(made) as s, s.begin():
         for device_id in ("dev-a", "dev-b", "dev-revoked"):
-            crud.create_device(s, device_id=device_id, hostname=device_id, labels={})
+            devices.create_device(s, device_id=device_id, hostname=device_id, labels={})
         revoked = s.get(Device, "dev-revoked")
         assert revoked is not None
         revoked.revoked_at = T0

@@ -36,7 +36,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from edgefleet.agent.telemetry import Outbox, TelemetryPublisher
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import devices
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.store.models import Device, TelemetryRecord
 from edgefleet.controlplane.telemetry.broker import EmbeddedBroker
@@ -184,7 +184,7 @@ def stored(engine: Engine, device_id: str) -> list[tuple[int, str, dict[str, Any
 
 def enroll(engine: Engine, device_id: str) -> None:
     with Session(engine) as s, s.begin():
-        crud.create_device(s, device_id=device_id, hostname=device_id, labels={})
+        devices.create_device(s, device_id=device_id, hostname=device_id, labels={})
 
 
 def device_row(engine: Engine, device_id: str) -> Device:

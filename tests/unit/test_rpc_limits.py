@@ -12,7 +12,8 @@ from edgefleet.controlplane.api.limits import MAX_REPEATED, RequestTooLarge, che
 from edgefleet.controlplane.api.ratelimit import PeerLimiter, RateLimit, peer_key, retry_metadata
 from edgefleet.controlplane.api.refusal_log import AuditRow, RefusalLog
 from edgefleet.controlplane.cli.client import all_pages
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import errors, pins
+from edgefleet.protos.fleet import selectors
 from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, operator_pb2
 
 
@@ -43,12 +44,12 @@ def test_error_texts_are_cut() -> None:
 
 
 def test_labels_have_one_form_everywhere() -> None:
-    crud.check_labels({"hw": "jetson", "example.com/site": "eu-1", "t": ""})
+    selectors.check_labels({"hw": "jetson", "example.com/site": "eu-1", "t": ""})
     for bad in ({"hw": "a,b"}, {"a=b": "c"}, {"-x": "y"}, {"k": "v" * 129}, {f"k{i}": "" for i in range(33)}):
-        with pytest.raises(crud.InvalidLabels):
-            crud.check_labels(bad)
-    with pytest.raises(crud.InvalidPin):
-        crud.pin_scope(device_id=None, selector={"hw": "v" * 200})
+        with pytest.raises(selectors.InvalidLabels):
+            selectors.check_labels(bad)
+    with pytest.raises(errors.InvalidPin):
+        pins.pin_scope(device_id=None, selector={"hw": "v" * 200})
 
 
 def test_page_tokens_are_bound_to_method_and_filters() -> None:

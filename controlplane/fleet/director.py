@@ -12,9 +12,11 @@ from collections.abc import Sequence
 
 from sqlmodel import Session
 
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store.deployments import DeployedTo, Release, device_config
 from edgefleet.controlplane.store.models import Device, VariantPinRule
+from edgefleet.controlplane.store.pins import Repinned, effective_pin, list_pins
 from edgefleet.controlplane.trust.repositories import Repositories
+from edgefleet.protos.fleet import selectors
 from edgefleet.protos.fleet.v1 import common_pb2
 
 
@@ -25,7 +27,7 @@ def pin_message(rule: VariantPinRule | None) -> common_pb2.VariantPin | None:
     return common_pb2.VariantPin(
         variant_id=rule.variant_id,
         format=rule.format,  # type: ignore[arg-type]
-        scope="device" if rule.device_id else crud.selector_text(rule.selector),
+        scope="device" if rule.device_id else selectors.to_text(rule.selector),
     )
 
 
@@ -35,7 +37,7 @@ def sign(
     *,
     device: Device,
     generation: int,
-    releases: Sequence[crud.Release],
+    releases: Sequence[Release],
     pin: common_pb2.VariantPin | None,
 ) -> None:
     """Signs ``device``'s director targets at ``generation``: ``releases``, ``pin`` and the
@@ -46,11 +48,11 @@ def sign(
         generation=generation,
         releases=releases,
         pin=pin,
-        config=crud.device_config(device),
+        config=device_config(device),
     )
 
 
-def sign_repinned(session: Session, repositories: Repositories, moved: crud.Repinned) -> None:
+def sign_repinned(session: Session, repositories: Repositories, moved: Repinned) -> None:
     """Signs the director targets of a device whose pin in force changed: same releases, new
     generation, the new pin."""
     device = session.get(Device, moved.device_id)
@@ -65,10 +67,10 @@ def sign_repinned(session: Session, repositories: Repositories, moved: crud.Repi
     )
 
 
-def sign_changed(session: Session, repositories: Repositories, changed: Sequence[crud.DeployedTo]) -> None:
+def sign_changed(session: Session, repositories: Repositories, changed: Sequence[DeployedTo]) -> None:
     """Signs each changed device's director targets: all of its models, with the pin in force
     for it and its config."""
-    pins = crud.list_pins(session)
+    pins = list_pins(session)
     for target in changed:
         device = session.get(Device, target.device_id)
         assert device is not None
@@ -78,5 +80,5 @@ def sign_changed(session: Session, repositories: Repositories, changed: Sequence
             device=device,
             generation=target.generation,
             releases=target.releases,
-            pin=pin_message(crud.effective_pin(pins, device)),
+            pin=pin_message(effective_pin(pins, device)),
         )
