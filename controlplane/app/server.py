@@ -1,5 +1,16 @@
-"""Wires the control plane together: store, blobs, broker, telemetry ingestion, gRPC server
-(a TLS port for enrollment and operators, a mutual-TLS port for devices)."""
+"""Wires the control plane together and owns what it starts: store, blobs, broker, telemetry
+ingestion, the Prometheus exporter, the gRPC server (a TLS port for enrollment and operators, a
+mutual-TLS port for devices), periodic upkeep and the rollout engine.
+
+Everything started is registered on one ``AsyncExitStack`` the moment it has started, so a
+failure half-way (a port already taken, the broker failing to start) stops whatever had started
+before the error is raised, and shutdown stops everything in the reverse order of start-up:
+the rollout engine, upkeep and the health watch first, then the gRPC server (health NOT_SERVING,
+in-flight calls given ``grace`` seconds, then the refusal counts still waiting for their window
+written to the audit trail), the revocation tasks, the ingestor (what arrived is written), the
+exporter, the broker, and last the database pool. ``control_plane()`` brackets a control plane
+with ``async with``; ``start_control_plane()`` returns one that ``stop()`` ends.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +18,22 @@ import asyncio
 import logging
 import signal
 import socket
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
 from edgefleet.controlplane.api.device_service import DeviceService
+from edgefleet.controlplane.api.health import ControlPlaneHealth
 from edgefleet.controlplane.api.operator_service import OperatorService
 from edgefleet.controlplane.app.collector import tune_for_serving
+from edgefleet.controlplane.app.lifetime import GrpcServer, ServeError, background
 from edgefleet.controlplane.app.settings import Settings
+from edgefleet.controlplane.app.upkeep import upkeep
 from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier
 from edgefleet.controlplane.fleet.rbac import bootstrap_admin
 from edgefleet.controlplane.rollouts.engine import EngineConfig
@@ -26,9 +41,8 @@ from edgefleet.controlplane.rollouts.runner import RolloutEngine
 from edgefleet.controlplane.store.blobs import BlobStore
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.store.engine import make_engine
-from edgefleet.controlplane.telemetry.broker import DeviceTls, EmbeddedBroker
+from edgefleet.controlplane.telemetry.broker import BrokerStartError, DeviceTls, EmbeddedBroker
 from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor, replica_client_id
-from edgefleet.controlplane.telemetry.retention import RetentionPolicy, apply_retention
 from edgefleet.controlplane.trust.ca import CertificateAuthority, CertificateError, load_ca
 from edgefleet.controlplane.trust.keys import KeyDir, KeyStoreError
 from edgefleet.controlplane.trust.repositories import Repositories
@@ -40,16 +54,18 @@ from edgefleet.protos.fleet.v1 import device_pb2_grpc, operator_pb2_grpc
 if TYPE_CHECKING:
     from edgefleet.controlplane.telemetry.exporter import MetricsServer
 
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SERVER_OPTIONS",
+    "RunningControlPlane",
+    "ServeError",
+    "control_plane",
+    "serve_forever",
+    "start_control_plane",
+]
+
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = ("fleet.v1.DeviceService", "fleet.v1.OperatorService")
-INGESTION_HEALTH = "edgefleet.TelemetryIngestion"
-"""The health service name that says whether telemetry ingestion works: NOT_SERVING while a
-message has waited longer than ``INGESTION_STALL_S`` for the writer, the broker has been out
-of reach that long, or the writer is gone. The overall status ("") and the RPC services stay
-SERVING meanwhile: devices can still enroll, update and report status over gRPC."""
-INGESTION_STALL_S = 60.0
-INGESTION_CHECK_S = 5.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -60,14 +76,20 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+DEFAULT_GRACE_S = 2.0
 
 
-class ServeError(Exception):
-    """The control plane cannot start with these settings."""
+@dataclass
+class _Shutdown:
+    """How long in-flight calls get when the server stops: set by ``stop`` before it unwinds."""
+
+    grace: float = DEFAULT_GRACE_S
 
 
 @dataclass
 class RunningControlPlane:
+    """A started control plane: what tests and the CLI reach into, and ``stop``."""
+
     server: grpc.aio.Server
     port: int
     device_port: int
@@ -78,107 +100,191 @@ class RunningControlPlane:
     mqtt_url: str
     broker: EmbeddedBroker | None
     ingestor: TelemetryIngestor
-    upkeep: asyncio.Task[None]
     rollouts: RolloutEngine
     device_service: DeviceService
     operator_service: OperatorService
+    health: ControlPlaneHealth
     metrics: MetricsServer | None = None  # the Prometheus endpoint, with --metrics-listen
-    ingestion_watch: asyncio.Task[None] | None = None
+    _resources: AsyncExitStack = field(default_factory=AsyncExitStack, repr=False)
+    _shutdown: _Shutdown = field(default_factory=_Shutdown, repr=False)
 
-    async def stop(self, grace: float = 2.0) -> None:
-        self.upkeep.cancel()
-        if self.ingestion_watch is not None:
-            self.ingestion_watch.cancel()
-        await self.rollouts.stop()
-        if self.metrics is not None:
-            await asyncio.to_thread(self.metrics.stop)
-        self.revocations.cancel()
-        await self.server.stop(grace)
-        await self._flush_refusals()
-        await asyncio.to_thread(self.ingestor.stop)
-        if self.broker is not None:
-            await asyncio.to_thread(self.broker.stop)
-
-    async def _flush_refusals(self) -> None:
-        """Writes the refusal counts still waiting for their window to close (the summaries of
-        each service's RefusalLog) to the audit trail, so a stop loses none. Runs once the server
-        has stopped: no call can add a refusal after it. A failure is logged and the stop goes on."""
-        for servicer in (self.device_service, self.operator_service):
-            try:
-                await servicer.guard.refusals.aclose()
-            except Exception:
-                log.exception("could not write %s's pending refusal summaries", type(servicer).__name__)
+    async def stop(self, grace: float = DEFAULT_GRACE_S) -> None:
+        """Stops everything in the reverse order of start-up, giving in-flight calls ``grace``
+        seconds; a second call does nothing."""
+        self._shutdown.grace = grace
+        await self._resources.aclose()
 
 
-async def _upkeep(
-    db: Database,
-    repositories: Repositories,
-    revocations: Revocations,
-    retention: RetentionPolicy,
-    every: float,
+async def start_control_plane(
+    settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
+) -> RunningControlPlane:
+    """Starts everything and returns once the gRPC port accepts calls; with ``metrics_listen``
+    (HOST:PORT) also the Prometheus exporter (controlplane/telemetry/exporter.py). Raises
+    ServeError, having stopped whatever had started, when it cannot start."""
+    async with AsyncExitStack() as stack:
+        shutdown = _Shutdown(grace=0.0)  # a start that fails has no calls worth waiting for
+        running = await _start(
+            stack, shutdown, settings, metrics_listen=metrics_listen, replica_id=replica_id
+        )
+        shutdown.grace = DEFAULT_GRACE_S
+        running._resources = stack.pop_all()  # from here on, stop() owns them
+        running._shutdown = shutdown
+    return running
+
+
+@asynccontextmanager
+async def control_plane(
+    settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
+) -> AsyncIterator[RunningControlPlane]:
+    """A running control plane for the ``async with`` block; stopped at its end."""
+    running = await start_control_plane(settings, metrics_listen=metrics_listen, replica_id=replica_id)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def serve_forever(
+    settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
 ) -> None:
-    """Re-signs timestamps and director metadata before they expire, so online devices never
-    see a freeze that is only the control plane's own neglect; re-issues the CRL likewise;
-    folds telemetry past its retention into hourly rollups. Each job is tried on its own: one
-    that fails (logged) never keeps the others from running, and is retried ``every`` seconds."""
-
-    async def refresh() -> None:
-        refreshed = await db.run(repositories.refresh_expiring)
-        if refreshed:
-            log.info("re-signed %d repositories' expiring metadata", refreshed)
-
-    async def crl() -> None:
-        if revocations.crl_is_stale():
-            await revocations.publish_crl()
-
-    async def retain() -> None:
-        result = await asyncio.to_thread(apply_retention, db.engine, retention)
-        if result.failed:  # apply_retention logged each; its other steps ran
-            log.warning("telemetry retention: %s failed this pass", ", ".join(result.failed))
-
-    while True:
-        for name, job in (
-            ("metadata refresh", refresh),
-            ("CRL re-issue", crl),
-            ("telemetry retention", retain),
-        ):
-            try:
-                await job()
-            except Exception:
-                log.exception("upkeep: %s failed; retrying in %.0fs", name, every)
-        await asyncio.sleep(every)
+    """Runs until SIGINT/SIGTERM, then drains in-flight calls."""
+    async with control_plane(settings, metrics_listen=metrics_listen, replica_id=replica_id) as running:
+        tune_for_serving()
+        host = settings.listen.rsplit(":", 1)[0]
+        device_host = settings.device_listen.rsplit(":", 1)[0]
+        log.info(
+            "control plane listening on %s:%d (TLS: enrollment, operators), "
+            "%s:%d (mutual TLS: devices), MQTT %s",
+            host,
+            running.port,
+            device_host,
+            running.device_port,
+            parse_broker_url(running.mqtt_url).url,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
 
 
-async def watch_ingestion(
-    ingestor: TelemetryIngestor,
-    health_servicer: health.aio.HealthServicer,
+async def _start(
+    stack: AsyncExitStack,
+    shutdown: _Shutdown,
+    settings: Settings,
     *,
-    stall_after_s: float = INGESTION_STALL_S,
-    every: float = INGESTION_CHECK_S,
-) -> None:
-    """Keeps INGESTION_HEALTH in step with the ingestor and logs each change."""
-    serving: bool | None = None
-    while True:
-        healthy = ingestor.healthy(stall_after_s)
-        if healthy != serving:
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if healthy
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            await health_servicer.set(INGESTION_HEALTH, status)
-            if healthy and serving is not None:
-                log.info("telemetry ingestion works again")
-            elif not healthy:
-                log.error(
-                    "telemetry ingestion stalled: writer alive %s, %.0f s since the last write with messages "
-                    "waiting, %.0f s without the broker",
-                    ingestor.writer_alive(),
-                    ingestor.stalled_seconds(),
-                    ingestor.disconnected_seconds(),
-                )
-            serving = healthy
-        await asyncio.sleep(every)
+    metrics_listen: str | None,
+    replica_id: str | None,
+) -> RunningControlPlane:
+    """Starts each part and registers its stop on ``stack`` as soon as it runs."""
+    # One persistent broker session per replica (default: this host's name); replicas share the
+    # telemetry stream through a shared subscription.
+    try:
+        client_id = replica_client_id(replica_id or socket.gethostname())
+    except ValueError as exc:
+        raise ServeError(str(exc)) from exc
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_db_url)
+    stack.callback(engine.dispose)
+    db = Database(engine)
+    repositories = await _repositories(db, settings)
+    ca = _fleet_ca(settings)
+    certificate = ServerCertificate(
+        ca, server_hostnames([settings.listen, settings.device_listen], settings.tls_hostnames)
+    )
+    blobs = BlobStore(settings.blob_dir)
+    notifier = DesiredStateNotifier()
+
+    broker, mqtt_url, device_mqtt_url = await _broker(stack, settings, ca)
+    ingestor = TelemetryIngestor(engine=engine, broker_url=mqtt_url, client_id=client_id)
+    metrics = _start_metrics(metrics_listen, engine, ingestor)
+    if metrics is not None:
+        stack.push_async_callback(asyncio.to_thread, metrics.stop)
+    ingestor.start()
+    stack.push_async_callback(asyncio.to_thread, ingestor.stop)
+    revocations = Revocations(db, ca, settings.crl_path, mqtt_url)
+    stack.callback(revocations.cancel)
+    await revocations.publish_crl()
+
+    grpc_server = GrpcServer(SERVER_OPTIONS)
+    stack.push_async_callback(grpc_server.release)
+    port = grpc_server.listen(
+        settings.listen, certificate.credentials(require_client_certificate=False), "enrollment and operators"
+    )
+    device_port = grpc_server.listen(
+        settings.device_listen, certificate.credentials(require_client_certificate=True), "devices"
+    )
+    device_service = DeviceService(
+        db=db,
+        blobs=blobs,
+        notifier=notifier,
+        chunk_size=settings.chunk_size_bytes,
+        recheck_seconds=settings.desired_state_recheck_seconds,
+        mqtt_url=settings.mqtt_advertise_url or device_mqtt_url or "",
+        repositories=repositories,
+        ca=ca,
+        device_cert_validity=settings.device_cert_validity,
+        device_endpoint=settings.device_advertise or f":{device_port}",
+    )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(device_service, grpc_server.server)
+    rollout_config = EngineConfig(tick_seconds=settings.rollout_tick_seconds)
+    operator_service = OperatorService(
+        db=db,
+        blobs=blobs,
+        notifier=notifier,
+        repositories=repositories,
+        on_device_revoked=revocations.device_revoked,
+        rollout_config=rollout_config,
+    )
+    operator_pb2_grpc.add_OperatorServiceServicer_to_server(operator_service, grpc_server.server)
+    health = ControlPlaneHealth()
+    health.add_to(grpc_server.server)
+    await grpc_server.start()
+    stack.push_async_callback(
+        _drain, grpc_server.server, health, shutdown, (device_service, operator_service)
+    )
+    await health.serving()
+    await stack.enter_async_context(background(health.watch_ingestion(ingestor), "ingestion-health"))
+    await stack.enter_async_context(
+        background(
+            upkeep(db, repositories, revocations, settings.retention, settings.metadata_refresh_seconds),
+            "upkeep",
+        )
+    )
+    rollouts = RolloutEngine(db=db, repositories=repositories, notifier=notifier, config=rollout_config)
+    rollouts.start()
+    stack.push_async_callback(rollouts.stop)
+    return RunningControlPlane(
+        server=grpc_server.server,
+        port=port,
+        device_port=device_port,
+        ca_pem=ca.certificate_pem,
+        crl_path=revocations.crl_path,
+        revocations=revocations,
+        engine=engine,
+        mqtt_url=mqtt_url,
+        broker=broker,
+        ingestor=ingestor,
+        rollouts=rollouts,
+        device_service=device_service,
+        operator_service=operator_service,
+        health=health,
+        metrics=metrics,
+    )
+
+
+async def _repositories(db: Database, settings: Settings) -> Repositories:
+    """The update repositories, bootstrapped, and the first operator if there is none."""
+    keys = KeyDir(settings.effective_keys_dir, passphrase=settings.key_passphrase)
+    repositories = Repositories(keys)
+    try:
+        await db.run(repositories.bootstrap)
+        admin_token = await db.run(lambda s: bootstrap_admin(s, data_dir=settings.data_dir))
+    except KeyStoreError as exc:
+        raise ServeError(f"cannot load keys from {keys.path}: {exc}") from exc
+    if admin_token is not None:
+        log.warning("created operator 'admin'; its token is in %s (keep it secret)", admin_token)
+    return repositories
 
 
 def _fleet_ca(settings: Settings) -> CertificateAuthority:
@@ -193,121 +299,27 @@ def _fleet_ca(settings: Settings) -> CertificateAuthority:
     return ca
 
 
-def _advertised_device_endpoint(settings: Settings, device_port: int) -> str:
-    return settings.device_advertise or f":{device_port}"
-
-
-async def start_control_plane(
-    settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
-) -> RunningControlPlane:
-    """Starts everything and returns once the gRPC port accepts calls; with ``metrics_listen``
-    (HOST:PORT) also the Prometheus exporter (controlplane/telemetry/exporter.py)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.effective_db_url)
-    db = Database(engine)
-    keys = KeyDir(settings.effective_keys_dir, passphrase=settings.key_passphrase)
-    repositories = Repositories(keys)
-    try:
-        await db.run(repositories.bootstrap)
-        admin_token = await db.run(lambda s: bootstrap_admin(s, data_dir=settings.data_dir))
-        if admin_token is not None:
-            log.warning("created operator 'admin'; its token is in %s (keep it secret)", admin_token)
-    except KeyStoreError as exc:
-        raise ServeError(f"cannot load keys from {keys.path}: {exc}") from exc
-    ca = _fleet_ca(settings)
-    certificate = ServerCertificate(
-        ca, server_hostnames([settings.listen, settings.device_listen], settings.tls_hostnames)
+async def _broker(
+    stack: AsyncExitStack, settings: Settings, ca: CertificateAuthority
+) -> tuple[EmbeddedBroker | None, str, str | None]:
+    """The broker the control plane's clients use (URL with its password) and the URL devices
+    are told: ``settings.mqtt_url``, or without one the embedded broker, started here."""
+    if settings.mqtt_url is not None:
+        return None, settings.mqtt_url, parse_broker_url(settings.mqtt_url).url  # never our password
+    # Devices connect over TLS with the certificate the fleet CA gave them, as to Mosquitto,
+    # checked against the CRL Revocations issues (until it exists, no device gets in); the
+    # control plane's own clients with the password in the URL.
+    key_pem, cert_pem = ca.issue_server(server_hostnames(["127.0.0.1:0"]))
+    device_tls = DeviceTls(
+        ca_pem=ca.certificate_pem, cert_pem=cert_pem, key_pem=key_pem, crl_path=settings.crl_path
     )
-    blobs = BlobStore(settings.blob_dir)
-    notifier = DesiredStateNotifier()
-
-    broker: EmbeddedBroker | None = None
-    mqtt_url = settings.mqtt_url
-    device_mqtt_url = parse_broker_url(mqtt_url).url if mqtt_url is not None else None  # never our password
-    if mqtt_url is None:
-        # Devices connect over TLS with the certificate the fleet CA gave them, as to Mosquitto,
-        # checked against the CRL Revocations issues (below: until it exists, no device gets
-        # in); the control plane's own clients with the password in mqtt_url.
-        key_pem, cert_pem = ca.issue_server(server_hostnames(["127.0.0.1:0"]))
-        device_tls = DeviceTls(
-            ca_pem=ca.certificate_pem, cert_pem=cert_pem, key_pem=key_pem, crl_path=settings.crl_path
-        )
-        broker = EmbeddedBroker(device_tls=device_tls)
+    broker = EmbeddedBroker(device_tls=device_tls)
+    try:
         mqtt_url = await asyncio.to_thread(broker.start)
-        device_mqtt_url = broker.device_url
-    # One persistent broker session per replica (default: this host's name); replicas share the
-    # telemetry stream through a shared subscription.
-    try:
-        client_id = replica_client_id(replica_id or socket.gethostname())
-    except ValueError as exc:
-        raise ServeError(str(exc)) from exc
-    ingestor = TelemetryIngestor(engine=engine, broker_url=mqtt_url, client_id=client_id)
-    metrics = _start_metrics(metrics_listen, engine, ingestor)
-    ingestor.start()
-    revocations = Revocations(db, ca, settings.crl_path, mqtt_url)
-    await revocations.publish_crl()
-
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    port = server.add_secure_port(settings.listen, certificate.credentials(require_client_certificate=False))
-    if port == 0:
-        raise ServeError(f"cannot listen on {settings.listen}")
-    device_port = server.add_secure_port(
-        settings.device_listen, certificate.credentials(require_client_certificate=True)
-    )
-    if device_port == 0:
-        raise ServeError(f"cannot listen on {settings.device_listen}")
-    device_service = DeviceService(
-        db=db,
-        blobs=blobs,
-        notifier=notifier,
-        chunk_size=settings.chunk_size_bytes,
-        recheck_seconds=settings.desired_state_recheck_seconds,
-        mqtt_url=settings.mqtt_advertise_url or device_mqtt_url or "",
-        repositories=repositories,
-        ca=ca,
-        device_cert_validity=settings.device_cert_validity,
-        device_endpoint=_advertised_device_endpoint(settings, device_port),
-    )
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(device_service, server)
-    rollout_config = EngineConfig(tick_seconds=settings.rollout_tick_seconds)
-    operator_service = OperatorService(
-        db=db,
-        blobs=blobs,
-        notifier=notifier,
-        repositories=repositories,
-        on_device_revoked=revocations.device_revoked,
-        rollout_config=rollout_config,
-    )
-    operator_pb2_grpc.add_OperatorServiceServicer_to_server(operator_service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await server.start()
-    for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    ingestion_watch = asyncio.create_task(watch_ingestion(ingestor, health_servicer))
-    upkeep = asyncio.create_task(
-        _upkeep(db, repositories, revocations, settings.retention, settings.metadata_refresh_seconds)
-    )
-    rollouts = RolloutEngine(db=db, repositories=repositories, notifier=notifier, config=rollout_config)
-    rollouts.start()
-    return RunningControlPlane(
-        server=server,
-        port=port,
-        device_port=device_port,
-        ca_pem=ca.certificate_pem,
-        crl_path=revocations.crl_path,
-        revocations=revocations,
-        engine=engine,
-        mqtt_url=mqtt_url,
-        broker=broker,
-        ingestor=ingestor,
-        upkeep=upkeep,
-        metrics=metrics,
-        rollouts=rollouts,
-        device_service=device_service,
-        operator_service=operator_service,
-        ingestion_watch=ingestion_watch,
-    )
+    except BrokerStartError as exc:
+        raise ServeError(str(exc)) from exc  # start() joined its thread: nothing is left running
+    stack.push_async_callback(asyncio.to_thread, broker.stop)
+    return broker, mqtt_url, broker.device_url
 
 
 def _start_metrics(listen: str | None, engine: Engine, ingestor: TelemetryIngestor) -> MetricsServer | None:
@@ -325,25 +337,20 @@ def _start_metrics(listen: str | None, engine: Engine, ingestor: TelemetryIngest
     return metrics
 
 
-async def serve_forever(
-    settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
+async def _drain(
+    server: grpc.aio.Server,
+    health: ControlPlaneHealth,
+    shutdown: _Shutdown,
+    servicers: tuple[DeviceService, OperatorService],
 ) -> None:
-    """Runs until SIGINT/SIGTERM, then drains in-flight calls."""
-    running = await start_control_plane(settings, metrics_listen=metrics_listen, replica_id=replica_id)
-    tune_for_serving()
-    host = settings.listen.rsplit(":", 1)[0]
-    device_host = settings.device_listen.rsplit(":", 1)[0]
-    log.info(
-        "control plane listening on %s:%d (TLS: enrollment, operators), %s:%d (mutual TLS: devices), MQTT %s",
-        host,
-        running.port,
-        device_host,
-        running.device_port,
-        parse_broker_url(running.mqtt_url).url,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await running.stop()
+    """Stops the started server: health NOT_SERVING, in-flight calls given the grace period,
+    then each servicer's pending refusal summaries (its RefusalLog) written to the audit trail,
+    so a stop loses none; no call can add a refusal once the server has stopped. A failure to
+    write them is logged and the stop goes on."""
+    await health.shutting_down()
+    await server.stop(shutdown.grace)
+    for servicer in servicers:
+        try:
+            await servicer.guard.refusals.aclose()
+        except Exception:
+            log.exception("could not write %s's pending refusal summaries", type(servicer).__name__)
