@@ -103,9 +103,9 @@ def run(
     from edgefleet.agent.api.auth import is_loopback, load_or_create_api_key
     from edgefleet.agent.device.hardware import HardwareProfileError, load_profile_override, usable_cpus
     from edgefleet.agent.device.identity import IdentityError
+    from edgefleet.agent.errors import AgentError
     from edgefleet.agent.service import run_agent
     from edgefleet.agent.tasks.control import DeviceRevoked
-    from edgefleet.agent.update.errors import AgentError
     from edgefleet.agent.update.state import StateError
     from edgefleet.protos.fleet.release import ReleaseError
 

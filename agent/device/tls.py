@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgefleet.agent.update.errors import AgentError
+from edgefleet.agent.errors import AgentError
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
 
 RENEW_AFTER_FRACTION = 2 / 3

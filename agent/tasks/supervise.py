@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from edgefleet.agent.update.errors import AgentError
+from edgefleet.agent.errors import AgentError
 
 
 class StopRequested(Exception):

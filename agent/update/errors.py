@@ -18,6 +18,7 @@ import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from edgefleet.agent.errors import AgentError
 from edgefleet.protos.fleet.release import Refusal, TransientFailure
 
 __all__ = [
@@ -36,11 +37,6 @@ __all__ = [
     "os_error_family",
     "typed_os_errors",
 ]
-
-
-class AgentError(Exception):
-    """Base of the agent's own errors, for the command line's last-resort report. Not a family:
-    each concrete error is also a Refusal or a TransientFailure, and code decides by those."""
 
 
 class ControlPlaneUnavailable(AgentError, TransientFailure):

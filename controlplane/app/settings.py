@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -12,11 +11,6 @@ from edgefleet.controlplane.trust.ca import DEVICE_VALIDITY
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
 DEFAULT_DEVICE_LISTEN = "127.0.0.1:7444"
-
-
-def default_home() -> Path:
-    """Where fleetctl keeps keys, tokens and a local control plane: $EDGEFLEET_HOME or ~/.edgefleet."""
-    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,8 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from edgefleet.controlplane.app.settings import default_home
 from edgefleet.controlplane.build.bundles import BundleOnDisk, open_bundle
+from edgefleet.controlplane.trust.keys import default_home
 from edgefleet.controlplane.trust.tls import channel_credentials, resolve_tls_ca
 from edgefleet.protos.fleet import uptane
 from edgefleet.protos.fleet.v1 import operator_pb2, operator_pb2_grpc

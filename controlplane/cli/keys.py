@@ -15,11 +15,18 @@ from rich.table import Table
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Targets
 
-from edgefleet.controlplane.app.settings import DEFAULT_LISTEN, default_home
+from edgefleet.controlplane.app.settings import DEFAULT_LISTEN
 from edgefleet.controlplane.cli.client import resign_image_targets
 from edgefleet.controlplane.cli.common import KeysDirOpt, connect, err, fail, rpc_error
 from edgefleet.controlplane.trust.ca import CertificateError, load_ca
-from edgefleet.controlplane.trust.keys import REPOSITORIES, ROLES, KeyDir, KeyStoreError, init_keys
+from edgefleet.controlplane.trust.keys import (
+    REPOSITORIES,
+    ROLES,
+    KeyDir,
+    KeyStoreError,
+    default_home,
+    init_keys,
+)
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
 from edgefleet.protos.fleet.uptane import IMAGE
 from edgefleet.protos.fleet.v1 import operator_pb2, operator_pb2_grpc

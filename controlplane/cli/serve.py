@@ -17,10 +17,11 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.controlplane.app.settings import DEFAULT_DEVICE_LISTEN, DEFAULT_LISTEN, Settings, default_home
+from edgefleet.controlplane.app.settings import DEFAULT_DEVICE_LISTEN, DEFAULT_LISTEN, Settings
 from edgefleet.controlplane.cli.common import DURATION_UNITS, fail
 from edgefleet.controlplane.cli.keys import open_keys
 from edgefleet.controlplane.telemetry.retention import RetentionPolicy
+from edgefleet.controlplane.trust.keys import default_home
 
 
 def parse_duration(text: str, option: str) -> timedelta:

@@ -22,8 +22,7 @@ from typing import Any
 
 from edgefleet.controlplane.rollouts.gates import Evidence, Figures, Interval
 from edgefleet.controlplane.store.models import RolloutDevice, TelemetryRecord
-from edgefleet.controlplane.store.values import as_utc
-from edgefleet.controlplane.telemetry.record_shape import json_number
+from edgefleet.controlplane.store.values import as_utc, json_number
 
 ReleaseKey = tuple[str, int]  # (bundle name, version)
 

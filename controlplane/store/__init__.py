@@ -5,7 +5,6 @@ SQLModel tables (`models`), Alembic migrations (`migrate`, `migrations/`), engin
 (`access`), devices and their certificates (`devices`), bundles (`bundles`), each device's
 assigned releases, config and generation (`deployments`), variant pins (`pins`), labels
 (`labels`), telemetry writes (`telemetry`) and reads (`telemetry_reads`); their refusals
-(`errors`) and shared values (`values`); content-addressed artifact storage (`blobs`). `crud`
-only re-exports three names for importers outside the store. The bottom layer: imports no
-other control-plane package.
+(`errors`) and shared values (`values`); content-addressed artifact storage (`blobs`). The
+bottom layer: imports no other control-plane package.
 """

@@ -71,7 +71,7 @@ class VariantPinRule(SQLModel, table=True):
     """An operator's pin of a variant id or a format for one device or a labelled group.
 
     ``scope`` is the key: "device:<id>" or "labels:<k=v,...>" (sorted), so setting the same
-    scope again replaces its pin. Which pin a device gets is ``crud.effective_pin``'s rule.
+    scope again replaces its pin. Which pin a device gets is ``pins.effective_pin``'s rule.
     """
 
     scope: str = Field(primary_key=True, max_length=512)

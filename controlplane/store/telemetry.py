@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from edgefleet.controlplane.store.models import Device, TelemetryDeadLetter, TelemetryRecord
-from edgefleet.controlplane.telemetry.record_shape import INT64_MAX, json_number
+from edgefleet.controlplane.store.values import INT64_MAX, json_number
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from edgefleet.controlplane.store.telemetry import IngestRecord, PresenceUpdate, StatusUpdate
-from edgefleet.controlplane.telemetry.record_shape import INT64_MAX, BadShape, ShapeProblem, decode_records
+from edgefleet.controlplane.store.values import INT64_MAX
+from edgefleet.controlplane.telemetry.record_shape import BadShape, ShapeProblem, decode_records
 from edgefleet.protos.fleet.topics import (
     MESSAGE_TYPES,
     PRESENCE,

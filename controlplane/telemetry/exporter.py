@@ -33,8 +33,9 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from edgefleet.controlplane.store.crud import Release, as_utc
+from edgefleet.controlplane.store.deployments import Release
 from edgefleet.controlplane.store.models import Bundle, Device, DeviceModel
+from edgefleet.controlplane.store.values import as_utc
 from edgefleet.controlplane.telemetry.decode import RejectReason
 from edgefleet.protos.fleet.v1 import common_pb2
 

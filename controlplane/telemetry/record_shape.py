@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 import sys
 from collections import defaultdict
@@ -42,6 +41,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from edgefleet.controlplane.store.values import INT64_MAX, INT64_MIN
 
 _INT_TYPES = frozenset(
     {
@@ -57,8 +58,6 @@ _INT_TYPES = frozenset(
         FieldDescriptor.TYPE_SFIXED64,
     }
 )
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
 _INT32 = (-(2**31), 2**31 - 1)
 _UINT32 = (0, 2**32 - 1)
 _INT64 = (INT64_MIN, INT64_MAX)
@@ -392,30 +391,3 @@ def _value_fault(field: FieldDescriptor | Any, value: Any, path: str) -> str | N
 def _clip(text: str) -> str:
     """A value or map key short enough for a message: a device chooses them."""
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def json_number(value: Any) -> float:
-    """A number from a stored record (protobuf JSON writes 64-bit integers as strings); 0.0 when
-    absent, not a number or not finite (the JSON mapping's "NaN" and "Infinity" strings): a
-    database column cannot hold those (SQLite stores NaN as NULL)."""
-    try:
-        number = float(value) if value is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
-    return number if math.isfinite(number) else 0.0
-
-
-def json_counter(value: Any) -> int:
-    """A uint64 counter from a stored record (a number or a digit string) as an exact integer
-    within BIGINT: 0 when absent or not a number, at most INT64_MAX. Exact, not through a float:
-    float(2**63 - 1) rounds up to 2**63, which no BIGINT column holds."""
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        number = value
-    else:
-        try:
-            number = int(value) if isinstance(value, str) else int(json_number(value))
-        except ValueError:  # "1.5", "NaN": not protobuf's JSON of an integer, read as a number
-            number = int(json_number(value))
-    return min(max(number, 0), INT64_MAX)

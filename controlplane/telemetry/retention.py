@@ -31,7 +31,7 @@ from sqlalchemy import Connection, delete, select
 from sqlalchemy.engine import Engine
 
 from edgefleet.controlplane.store.models import TelemetryDeadLetter, TelemetryRecord, TelemetryRollup
-from edgefleet.controlplane.telemetry.record_shape import INT64_MAX, json_counter, json_number
+from edgefleet.controlplane.store.values import INT64_MAX, json_counter, json_number
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,12 @@ from edgefleet.controlplane.trust.ca import ca_paths, init_ca
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
 from edgefleet.protos.fleet.uptane import DIRECTOR, IMAGE, TrustAnchors
 
+
+def default_home() -> Path:
+    """Where fleetctl keeps keys, tokens and a local control plane: $EDGEFLEET_HOME or ~/.edgefleet."""
+    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
+
+
 REPOSITORIES = (IMAGE, DIRECTOR)
 ROLES = ("root", "targets", "snapshot", "timestamp")
 KEYRING = "keyring.json"

@@ -24,8 +24,8 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from edgefleet.controlplane.store.crud import as_utc
 from edgefleet.controlplane.store.models import TufMetadata
+from edgefleet.controlplane.store.values import as_utc
 from edgefleet.controlplane.trust.keys import KeyDir
 from edgefleet.protos.fleet import uptane
 from edgefleet.protos.fleet.device_config import InvalidConfig, config_to_json, is_empty, validate_config

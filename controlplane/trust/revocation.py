@@ -27,7 +27,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.controlplane.store import crud
+from edgefleet.controlplane.store import devices as device_queries
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.trust.ca import CertificateAuthority
 from edgefleet.controlplane.trust.crl import CRL_VALIDITY, RevokedCertificate, write_crl
@@ -103,7 +103,9 @@ class Revocations:
     async def publish_crl(self) -> None:
         async with self._lock:
             self._unpublished = True
-            entries = await self.db.run(lambda s: crud.revoked_certificates(s, now=datetime.now(UTC)))
+            entries = await self.db.run(
+                lambda s: device_queries.revoked_certificates(s, now=datetime.now(UTC))
+            )
             revoked = [RevokedCertificate(serial, when) for serial, when in entries]
             await asyncio.to_thread(write_crl, self.crl_path, self.ca, revoked)
             self._unpublished = False

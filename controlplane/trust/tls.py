@@ -23,8 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from edgefleet.controlplane.app.settings import default_home
 from edgefleet.controlplane.trust.ca import SERVER_VALIDITY, CertificateAuthority, ca_paths
+from edgefleet.controlplane.trust.keys import default_home
 
 CA_ENV = "EDGEFLEET_TLS_CA"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})

@@ -16,7 +16,7 @@ from sqlmodel import Session
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.store.models import Device, TelemetryDeadLetter, TelemetryRecord, TelemetryRollup
 from edgefleet.controlplane.store.telemetry import IngestRecord, insert_telemetry
-from edgefleet.controlplane.telemetry.record_shape import INT64_MAX
+from edgefleet.controlplane.store.values import INT64_MAX
 from edgefleet.controlplane.telemetry.retention import RetentionPolicy, apply_retention, hour_of
 
 pytestmark = pytest.mark.integration

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from edgefleet.controlplane.store.telemetry import IngestRecord, _figures
+from edgefleet.controlplane.store.values import json_number
 from edgefleet.controlplane.telemetry.decode import (
     MAX_CLOCK_SKEW,
     MAX_MESSAGE_BYTES,
@@ -18,7 +19,7 @@ from edgefleet.controlplane.telemetry.decode import (
     decode,
     decode_message,
 )
-from edgefleet.controlplane.telemetry.record_shape import MAX_RECORDS_PER_MESSAGE, json_number
+from edgefleet.controlplane.telemetry.record_shape import MAX_RECORDS_PER_MESSAGE
 from edgefleet.protos.fleet.topics import TopicKind, presence_topic, telemetry_topic
 
 DEVICE = "dev-1"
