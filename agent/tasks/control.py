@@ -31,9 +31,13 @@ from edgefleet.agent.device.tls import (
     new_key,
     store_certificate,
 )
-from edgefleet.agent.update.errors import ControlPlaneUnavailable, EnrollmentRefused, NotEnrolled
+from edgefleet.agent.update.errors import (
+    ControlPlaneUnavailable,
+    EnrollmentRefused,
+    NotEnrolled,
+    TransientFailure,
+)
 from edgefleet.agent.update.latest import Latest
-from edgefleet.agent.update.state import StateNotSaved
 from edgefleet.agent.update.updater import Updater
 from edgefleet.agent.update.uptane_client import UptaneVerifier
 from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc
@@ -224,8 +228,9 @@ async def apply_desired(
         wanted = await desired.get()
         try:
             await updater.apply(wanted, verifier, link.stub)
-        except (ControlPlaneUnavailable, StateNotSaved) as exc:
-            # StateNotSaved: a full disk; the models serve as they were, the update waits.
+        except TransientFailure as exc:
+            # The control plane away, a full or busy disk, a model unloaded under the load: the
+            # models serve as they were and the update waits; a refusal was already reported.
             log.warning("generation %d will be retried: %s", wanted.generation, exc)
             await asyncio.sleep(5)
             desired.put_if_empty(wanted)
