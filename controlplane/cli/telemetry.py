@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from types import FrameType
 from typing import Annotated
 
 import grpc
@@ -63,10 +66,22 @@ def telemetry_tail(
         rows = stub.TailTelemetry(
             operator_pb2.TailTelemetryRequest(device_id=device, kind=kind, backlog=backlog)
         )
+        # Ctrl-C (or SIGTERM) cancels the call, which ends the loop below with CANCELLED. A
+        # KeyboardInterrupt raised wherever the main thread happens to be (inside gRPC's own
+        # waiting, between rows) is not relied on to reach this frame.
+        stopping = threading.Event()
+
+        def stop(_signum: int, _frame: FrameType | None) -> None:
+            stopping.set()
+            rows.cancel()
+
+        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             for row in rows:
                 typer.echo(json.dumps(row_json(row)))
-        except KeyboardInterrupt:
-            rows.cancel()
         except grpc.RpcError as exc:
-            raise rpc_error(exc) from exc
+            if not stopping.is_set():
+                raise rpc_error(exc) from exc
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
