@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.serving_sides import Api, Direct, HttpSide, Peer, Run, Settings, serve
+from edgefleet.agent.device.hardware import usable_cpus
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-ctx", type=int, default=N_CTX, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # llama-cpp-python's own default, made explicit so every side gets the same value.
-    threads = args.threads or max((os.cpu_count() or 2) // 2, 1)
+    threads = args.threads or max(usable_cpus() // 2, 1)
     if args.serve:
         serve(args.model_path, n_ctx=args.n_ctx, n_threads=threads)
         return
