@@ -19,9 +19,11 @@ import typer
 
 from edgefleet.controlplane.app.settings import DEFAULT_DEVICE_LISTEN, DEFAULT_LISTEN, Settings
 from edgefleet.controlplane.cli.common import DURATION_UNITS, fail
-from edgefleet.controlplane.cli.keys import open_keys
+from edgefleet.controlplane.cli.keys import PASSPHRASE_ENV, open_keys
 from edgefleet.controlplane.telemetry.retention import RetentionPolicy
 from edgefleet.controlplane.trust.keys import default_home
+
+DEFAULTS = Settings(data_dir=Path())  # the defaults serve shows for the Settings it passes on
 
 
 def parse_duration(text: str, option: str) -> timedelta:
@@ -34,9 +36,13 @@ def parse_duration(text: str, option: str) -> timedelta:
     return timedelta(seconds=int(number) * DURATION_UNITS[unit])
 
 
-DatabaseOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under the data dir)")]
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option(envvar="EDGEFLEET_DB", help="SQLAlchemy URL (default: SQLite under the data dir)"),
+]
 DataDirOpt = Annotated[
-    Path | None, typer.Option(help="state directory (default: $EDGEFLEET_HOME/controlplane)")
+    Path | None,
+    typer.Option(envvar="EDGEFLEET_DATA_DIR", help="state directory (default: $EDGEFLEET_HOME/controlplane)"),
 ]
 
 
@@ -51,7 +57,9 @@ def retention_policy(raw: str, rollups: str) -> RetentionPolicy:
 
 
 def serve(
-    listen: Annotated[str, typer.Option(help="gRPC listen address HOST:PORT")] = DEFAULT_LISTEN,
+    listen: Annotated[
+        str, typer.Option(envvar="EDGEFLEET_LISTEN", help="gRPC listen address HOST:PORT")
+    ] = DEFAULT_LISTEN,
     db: DatabaseOpt = None,
     data_dir: DataDirOpt = None,
     mqtt: Annotated[
@@ -70,14 +78,23 @@ def serve(
         ),
     ] = None,
     keys_dir: Annotated[
-        Path | None, typer.Option(help="roots, online keys and fleet CA (default: $EDGEFLEET_HOME/keys)")
+        Path | None,
+        typer.Option(
+            envvar="EDGEFLEET_KEYS_DIR",
+            help="roots, online keys and fleet CA, the same for every replica (default: "
+            f"$EDGEFLEET_HOME/keys; passphrase from ${PASSPHRASE_ENV})",
+        ),
     ] = None,
     device_listen: Annotated[
-        str, typer.Option(help="mutual-TLS address for device calls HOST:PORT")
+        str,
+        typer.Option(envvar="EDGEFLEET_DEVICE_LISTEN", help="mutual-TLS address for device calls HOST:PORT"),
     ] = DEFAULT_DEVICE_LISTEN,
     device_advertise: Annotated[
         str | None,
-        typer.Option(help="device endpoint told to devices (default ':PORT', the host they enrolled via)"),
+        typer.Option(
+            envvar="EDGEFLEET_DEVICE_ADVERTISE",
+            help="device endpoint told to devices (default ':PORT', the host they enrolled via)",
+        ),
     ] = None,
     tls_san: Annotated[
         list[str] | None,
@@ -87,7 +104,11 @@ def serve(
         ),
     ] = None,
     device_cert_validity: Annotated[
-        str, typer.Option(help="lifetime of device certificates, e.g. 7d, 12h, 30m; renewed at 2/3")
+        str,
+        typer.Option(
+            envvar="EDGEFLEET_DEVICE_CERT_VALIDITY",
+            help="lifetime of device certificates, e.g. 7d, 12h, 30m; renewed at 2/3",
+        ),
     ] = "7d",
     crl_file: Annotated[
         Path | None,
@@ -96,9 +117,16 @@ def serve(
         ),
     ] = None,
     telemetry_retention: Annotated[
-        str, typer.Option(help="keep raw telemetry this long (e.g. 7d), then fold it into hourly rollups")
+        str,
+        typer.Option(
+            envvar="EDGEFLEET_TELEMETRY_RETENTION",
+            help="keep raw telemetry this long (e.g. 7d), then fold it into hourly rollups",
+        ),
     ] = "7d",
-    rollup_retention: Annotated[str, typer.Option(help="keep hourly telemetry rollups this long")] = "365d",
+    rollup_retention: Annotated[
+        str,
+        typer.Option(envvar="EDGEFLEET_ROLLUP_RETENTION", help="keep hourly telemetry rollups this long"),
+    ] = "365d",
     metrics_listen: Annotated[
         str | None,
         typer.Option(
@@ -115,9 +143,43 @@ def serve(
             "edgefleet-controlplane-REPLICA_ID; default: the host name)",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
+    artifact_chunk_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="EDGEFLEET_ARTIFACT_CHUNK_BYTES",
+            min=4096,
+            max=4 * 2**20,
+            help="bytes per artifact chunk sent to devices (agents accept messages up to 8 MiB)",
+        ),
+    ] = DEFAULTS.chunk_size_bytes,
+    desired_state_recheck_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_DESIRED_STATE_RECHECK_SECONDS",
+            min=1.0,
+            help="safety-net re-check of every open desired-state stream against the database",
+        ),
+    ] = DEFAULTS.desired_state_recheck_seconds,
+    metadata_refresh_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_METADATA_REFRESH_SECONDS",
+            min=10.0,
+            help="how often expiring TUF metadata (timestamp, snapshot, director) is re-signed",
+        ),
+    ] = DEFAULTS.metadata_refresh_seconds,
+    rollout_tick_seconds: Annotated[
+        float,
+        typer.Option(envvar="EDGEFLEET_ROLLOUT_TICK_SECONDS", min=0.1, help="how often rollouts step"),
+    ] = DEFAULTS.rollout_tick_seconds,
+    log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL", help="logging level")] = "INFO",
 ) -> None:
-    """Start the control plane: gRPC (TLS) + health service, store, blobs, telemetry ingestion."""
+    """Start the control plane: gRPC (TLS) + health service, store, blobs, telemetry ingestion.
+
+    Every option can also come from the environment variable shown beside it (a command-line
+    flag wins), so container images and Kubernetes manifests configure replicas without a
+    command line of their own.
+    """
     from edgefleet.controlplane.app.server import ServeError, serve_forever
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -136,6 +198,10 @@ def serve(
         device_cert_validity=parse_duration(device_cert_validity, "--device-cert-validity"),
         crl_file=crl_file,
         retention=retention_policy(telemetry_retention, rollup_retention),
+        chunk_size_bytes=artifact_chunk_bytes,
+        desired_state_recheck_seconds=desired_state_recheck_seconds,
+        metadata_refresh_seconds=metadata_refresh_seconds,
+        rollout_tick_seconds=rollout_tick_seconds,
     )
     try:
         asyncio.run(
