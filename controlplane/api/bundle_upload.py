@@ -1,8 +1,8 @@
 """Receives one pushed bundle: the header first, then each artifact's bytes in order.
 
 Every artifact is checked against the release's signed length and hash while it streams in
-and becomes visible in the blob store only once it matched. A refusal is a ``PushRefused``;
-its status is the refusal table's (``refusals``).
+and becomes visible in the blob store only once it matched (on PostgreSQL, to every replica at
+once). A refusal is a ``PushRefused``; its status is the refusal table's (``refusals``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class BundleUpload:
                 raise invalid(f"artifact {part.path!r} sent twice")
             self._current = part.path
             try:
-                self._writer = self.blobs.writer(info)
+                # Off the loop: on PostgreSQL this opens the connection the artifact streams into.
+                self._writer = await asyncio.to_thread(self.blobs.writer, info)
             except BlobError as exc:  # e.g. a signed sha256 that is not 64 hex digits
                 raise invalid(f"artifact {part.path!r}: {type(exc).__name__}: {exc}") from exc
         assert self._writer is not None
@@ -84,12 +85,16 @@ class BundleUpload:
         if self.release is None:
             raise invalid("no release metadata received")
         try:
-            missing = [p for p, info in self.release.artifacts.items() if not self.blobs.exists(info.sha256)]
+            missing = await asyncio.to_thread(self._missing, self.release)
         except BlobError as exc:
             raise invalid(f"{type(exc).__name__}: {exc}") from exc
         if missing:
             raise invalid(first_few(missing, what="artifact(s) missing"))
         return self.release
+
+    def _missing(self, verified: release.VerifiedRelease) -> list[str]:
+        """The release's artifacts the blob store does not hold (queries: run off the loop)."""
+        return [p for p, info in verified.artifacts.items() if not self.blobs.exists(info.sha256)]
 
     def abort(self) -> None:
         if self._writer is not None:

@@ -38,7 +38,7 @@ from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier
 from edgefleet.controlplane.fleet.rbac import bootstrap_admin
 from edgefleet.controlplane.rollouts.engine import EngineConfig
 from edgefleet.controlplane.rollouts.runner import RolloutEngine
-from edgefleet.controlplane.store.blobs import BlobStore
+from edgefleet.controlplane.store.blobs import open_blob_store
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.store.engine import make_engine
 from edgefleet.controlplane.telemetry.broker import BrokerStartError, DeviceTls, EmbeddedBroker
@@ -192,7 +192,8 @@ async def _start(
     certificate = ServerCertificate(
         ca, server_hostnames([settings.listen, settings.device_listen], settings.tls_hostnames)
     )
-    blobs = BlobStore(settings.blob_dir)
+    # By the database: PostgreSQL large objects every replica shares, else the local directory.
+    blobs = await asyncio.to_thread(open_blob_store, engine, settings.blob_dir)
     notifier = DesiredStateNotifier()
 
     broker, mqtt_url, device_mqtt_url = await _broker(stack, settings, ca)

@@ -131,6 +131,19 @@ class BundleArtifact(SQLModel, table=True):
     length: int
 
 
+class StoredBlob(SQLModel, table=True):
+    """An artifact's bytes in a PostgreSQL large object (``store.blob_postgres``), published
+    under its sha256: a row exists only for bytes that matched the signed length and hash, and
+    is written in the transaction that wrote them. Unused on SQLite (blobs are files there)."""
+
+    __tablename__ = "blob"
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    length: int = Field(sa_type=BigInteger)
+    loid: int = Field(sa_type=BigInteger, unique=True)  # the large object's oid
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class Deployment(SQLModel, table=True):
     """Each desired-state change of a device, in generation order."""
 
