@@ -4,6 +4,7 @@ artifact and metadata download."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from edgefleet.controlplane.api.refusals import (
 )
 from edgefleet.controlplane.fleet import audit
 from edgefleet.controlplane.fleet.audit import Outcome
+from edgefleet.controlplane.fleet.changes import ChangeFeed, change_feed
 from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier, wait_event
 from edgefleet.controlplane.fleet.rbac import secret_sha256
 from edgefleet.controlplane.rollouts import store as rollout_store
@@ -160,6 +162,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self.notifier = notifier
         self.chunk_size = chunk_size
         self.recheck_seconds = recheck_seconds
+        self.feed: ChangeFeed | None = None  # while changes() runs
 
     async def Enroll(self, request: device_pb2.EnrollRequest, context: Context) -> device_pb2.EnrollResponse:
         """Every refusal here is a stranger's: audited once per peer and reason a window (the
@@ -274,26 +277,42 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     async def WatchDesiredState(
         self, request: device_pb2.WatchDesiredStateRequest, context: Context
     ) -> AsyncIterator[device_pb2.DesiredState]:
+        """Sends the device's desired state, then again whenever it moves. An idle stream costs
+        the database nothing: it re-reads only when woken, by a change made here, a notice from
+        another replica, or the replica's periodic safety net (``fleet.changes``)."""
         device = await authenticate_device(self.db, context)
-        sent = 0
-        with self.notifier.subscribe(device.id) as changed:
+        with self.notifier.subscribe(device.id) as watch:
             while True:
-                changed.clear()
+                watch.event.clear()
                 try:
                     state = await self.db.run(lambda s: desired_state_of(s, device.id))
                 except Revoked as exc:
                     raise Unauthenticated(f"device {device.id} was revoked", charges=False) from exc
-                if state is not None and state.generation > sent:
-                    sent = state.generation
+                if state is not None and state.generation > watch.sent:
+                    watch.sent = state.generation
                     yield state
-                await wait_event(changed, self.recheck_seconds)
+                await wait_event(watch.event, None)
+
+    @contextlib.asynccontextmanager
+    async def changes(self) -> AsyncIterator[ChangeFeed]:
+        """Runs the replica's change feed (LISTEN with PostgreSQL) and the safety net
+        re-checking all streams every ``recheck_seconds`` (jittered): one registration on the
+        server's exit stack. Without it streams wake only on this process's own changes."""
+        async with change_feed(self.db, self.notifier, interval=self.recheck_seconds) as feed:
+            self.feed = feed
+            try:
+                yield feed
+            finally:
+                self.feed = None
 
     async def ReportStatus(self, request: device_pb2.StatusReport, context: Context) -> device_pb2.StatusAck:
         device = await authenticate_device(self.db, context)
         error = request.error[:MAX_REPORTED_TEXT]
 
         def apply(session: Session) -> None:
-            row = session.get(Device, device.id)
+            # The device row first, then the audit chain's lock: the order a deploy takes them
+            # in, or a report and a deploy to the same device deadlock on PostgreSQL.
+            row = session.get(Device, device.id, with_for_update=True)
             assert row is not None
             event = lifecycle_event(row, request)
             if event is not None:

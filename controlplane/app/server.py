@@ -228,6 +228,7 @@ async def _start(
         device_endpoint=settings.device_advertise or f":{device_port}",
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(device_service, grpc_server.server)
+    await stack.enter_async_context(device_service.changes())  # LISTEN/NOTIFY and the safety net
     rollout_config = EngineConfig(tick_seconds=settings.rollout_tick_seconds)
     operator_service = OperatorService(
         db=db,

@@ -23,6 +23,7 @@ def revoke_device(session: Session, *, actor: str, device_id: str) -> bool:
     device.revoked_at = utcnow()
     session.add(device)
     certificates = devices.revoke_certificates(session, device_id=device.id, when=device.revoked_at)
+    devices.announce_changes(session, [device.id], revoked=True)  # every replica ends its stream
     audit.record(
         session,
         actor=actor,

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from edgefleet.controlplane.store.devices import locked_devices
+from edgefleet.controlplane.store.devices import announce_changes, locked_devices
 from edgefleet.controlplane.store.models import Bundle, BundleArtifact, Deployment, Device, DeviceModel
 from edgefleet.protos.fleet.device_config import config_from_json
 from edgefleet.protos.fleet.v1 import common_pb2
@@ -86,6 +86,7 @@ def deploy(session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None
             Deployment(device_id=device.id, bundle_id=bundle.id, generation=device.desired_generation)
         )
         result.append(DeployedTo(device.id, device.desired_generation, device_releases(session, device.id)))
+    announce_changes(session, [d.device_id for d in result])
     return result
 
 
@@ -117,6 +118,7 @@ def undeploy(session: Session, *, name: str, device_ids: Sequence[str] | None) -
         device.desired_generation += 1
         session.add(device)
         result.append(DeployedTo(device.id, device.desired_generation, device_releases(session, device.id)))
+    announce_changes(session, [d.device_id for d in result])
     return result
 
 
@@ -136,6 +138,7 @@ def next_generation(session: Session, device: Device) -> int:
     deployment of its latest model (when it holds one), and returns it."""
     device.desired_generation += 1
     session.add(device)
+    announce_changes(session, [device.id])
     if device.desired_bundle_id is not None:
         session.add(
             Deployment(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, event, or_, text
 from sqlmodel import Session, col, select
 
 from edgefleet.controlplane.store.errors import DeviceNotFound
@@ -105,3 +105,67 @@ def revoked_certificates(session: Session, *, now: datetime) -> list[tuple[int, 
         )
     ).all()
     return [(int(row.serial, 16), as_utc(row.revoked_at)) for row in rows if row.revoked_at is not None]
+
+
+# Change notices: PostgreSQL LISTEN/NOTIFY carries them to every replica, delivered at commit
+# (and never when the transaction rolls back). See fleet/changes.py for the listening side.
+CHANGES_CHANNEL = "edgefleet_desired_state"
+MAX_NOTICE_BYTES = 7900  # PostgreSQL refuses payloads of 8000 bytes or more
+NOTICE_CHANGED = "g"  # "g:<id>,<id>,...": these devices' desired state moved
+NOTICE_REVOKED = "r"  # "r:<id>,...": these devices were revoked; their streams end
+NOTICE_ALL = "*"  # too many ids for one payload: every replica re-checks all its streams
+_PENDING_NOTICES = "edgefleet.pending_notices"
+
+
+def announce_changes(session: Session, device_ids: Sequence[str], *, revoked: bool = False) -> None:
+    """Queues a notice that these devices' desired state changed (or that they were revoked),
+    sent once when ``session`` commits, in that same transaction, so every replica's listener
+    hears of a change exactly when it becomes visible. SQLite (one node) has no listeners: the
+    in-process notifier is all there is, and nothing is queued."""
+    if not device_ids or session.get_bind().dialect.name != "postgresql":
+        return
+    pending: dict[str, set[str]] | None = session.info.get(_PENDING_NOTICES)
+    if pending is None:
+        pending = {NOTICE_CHANGED: set(), NOTICE_REVOKED: set()}
+        session.info[_PENDING_NOTICES] = pending
+        event.listen(session, "before_commit", _send_notices, once=True)
+        event.listen(session, "after_rollback", _drop_notices, once=True)
+    pending[NOTICE_REVOKED if revoked else NOTICE_CHANGED].update(device_ids)
+
+
+def notice_payloads(kind: str, device_ids: set[str]) -> list[str]:
+    """The payloads announcing ``device_ids``: one, each under MAX_NOTICE_BYTES, or ``*`` when
+    they would not fit in one (a bulk change: listeners resolve it with one query)."""
+    if not device_ids:
+        return []
+    payload = f"{kind}:{','.join(sorted(device_ids))}"
+    return [payload] if len(payload.encode()) <= MAX_NOTICE_BYTES else [NOTICE_ALL]
+
+
+def _send_notices(session: Session) -> None:
+    pending: dict[str, set[str]] = session.info.pop(_PENDING_NOTICES, {})
+    for kind, ids in pending.items():
+        for payload in notice_payloads(kind, ids):
+            session.execute(
+                text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANGES_CHANNEL, "payload": payload}
+            )
+
+
+def _drop_notices(session: Session) -> None:
+    session.info.pop(_PENDING_NOTICES, None)  # rolled back: nothing changed, nothing to tell
+
+
+def desired_generations(session: Session, device_ids: Sequence[str]) -> dict[str, int | None]:
+    """Each listed device's desired generation, None for one revoked; a device removed is
+    missing. One query for all of a replica's connected streams: the periodic safety net."""
+    if not device_ids:
+        return {}
+    rows = session.exec(
+        select(Device.id, Device.desired_generation, Device.revoked_at).where(
+            col(Device.id).in_(list(device_ids))
+        )
+    ).all()
+    return {
+        device_id: None if revoked_at is not None else generation
+        for device_id, generation, revoked_at in rows
+    }
