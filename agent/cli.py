@@ -25,7 +25,13 @@ def split_listen(listen: str) -> tuple[str, int]:
 @app.command()
 def run(
     controlplane: Annotated[
-        str, typer.Option(envvar="EDGEFLEET_CONTROLPLANE", help="control plane HOST:PORT")
+        str,
+        typer.Option(
+            envvar="EDGEFLEET_CONTROLPLANE",
+            help="control plane HOST:PORT; several replicas as IP:PORT,IP:PORT or one DNS name that "
+            "resolves to all of them (dns:///NAME:PORT): the agent spreads over them and moves on "
+            "when one dies",
+        ),
     ],
     trust: Annotated[
         Path, typer.Option(help="trust file from `fleetctl keys trust`: TUF roots and the fleet TLS CA")
@@ -101,6 +107,7 @@ def run(
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
     from edgefleet.agent.api.auth import is_loopback, load_or_create_api_key
+    from edgefleet.agent.device.channel import ChannelTargetError, channel_target, tls_server_name
     from edgefleet.agent.device.hardware import HardwareProfileError, load_profile_override, usable_cpus
     from edgefleet.agent.device.identity import IdentityError
     from edgefleet.agent.errors import AgentError
@@ -111,6 +118,11 @@ def run(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = split_listen(listen)
+    try:
+        channel_target(controlplane)
+        tls_server_name(controlplane)
+    except ChannelTargetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--controlplane") from exc
     if not trust.is_file():
         raise typer.BadParameter(f"trust file {trust} does not exist", param_hint="--trust")
     if hardware_profile is not None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # only named in annotations: the CLI starts without loading p
 class AgentConfig:
     """Everything ``fleet-agent run`` is configured with."""
 
-    controlplane: str
+    controlplane: str  # HOST:PORT, a DNS name, or IP:PORT,IP:PORT (edgefleet.agent.device.channel)
     state_dir: Path
     trust_path: Path
     token: str | None = None

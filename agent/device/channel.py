@@ -129,8 +129,8 @@ def tls_server_name(addresses: str, server_name: str | None = None) -> str | Non
     hosts = {_split(part)[0] for part in parts}
     if len(hosts) > 1:
         raise ChannelTargetError(
-            f"{addresses!r} names several hosts: give the TLS server name their certificates "
-            "share (the control planes' --tls-san)"
+            f"{addresses!r} names several hosts, and no one name to check their certificates "
+            "against: use one DNS name that resolves to every replica and is in their --tls-san"
         )
     return hosts.pop()
 

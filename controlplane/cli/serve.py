@@ -93,7 +93,9 @@ def serve(
         str | None,
         typer.Option(
             envvar="EDGEFLEET_DEVICE_ADVERTISE",
-            help="device endpoint told to devices (default ':PORT', the host they enrolled via)",
+            help="device endpoint told to devices (default ':PORT', the host they enrolled via); for "
+            "agents that know several replicas, their device addresses IP:PORT,IP:PORT or "
+            "dns:///NAME:PORT",
         ),
     ] = None,
     tls_san: Annotated[
