@@ -7,6 +7,7 @@ and cancels it); the database work runs in worker threads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from edgefleet.controlplane.store.database import Database
@@ -15,6 +16,10 @@ from edgefleet.controlplane.trust.repositories import Repositories
 from edgefleet.controlplane.trust.revocation import Revocations
 
 log = logging.getLogger(__name__)
+
+
+class RefreshIncomplete(Exception):
+    """Some repositories' metadata could not be re-signed this pass (each one logged)."""
 
 
 async def upkeep(
@@ -31,9 +36,23 @@ async def upkeep(
     Runs until cancelled."""
 
     async def refresh() -> None:
-        refreshed = await db.run(repositories.refresh_expiring)
+        # One small transaction per repository, each under that repository's lock
+        # (Repositories.refresh_one): replicas re-signing at once wait for each other and the
+        # second finds nothing left to do; one failure skips one repository, not the batch.
+        refreshed = failed = 0
+        for device_id in await db.run(repositories.expiring):
+            try:
+                if await db.run(functools.partial(repositories.refresh_one, device_id=device_id)):
+                    refreshed += 1
+            except Exception:
+                failed += 1
+                log.exception(
+                    "could not re-sign %s; the next pass retries", device_id or "the image repository"
+                )
         if refreshed:
             log.info("re-signed %d repositories' expiring metadata", refreshed)
+        if failed:
+            raise RefreshIncomplete(f"{failed} repositories were not re-signed")
 
     async def crl() -> None:
         if revocations.crl_is_stale():

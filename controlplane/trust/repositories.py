@@ -7,6 +7,13 @@ device runs, with its id, deployment generation, any operator pin of a variant o
 any device config), ``snapshot`` and ``timestamp`` online.
 Every version is stored; devices fetch them through ``DeviceService.FetchMetadata`` by the
 file names python-tuf's updater asks for.
+
+Several control-plane replicas share the repositories. Every change to one repository's
+metadata (the image repository, or one device's director metadata) reads the latest versions,
+signs the next ones and stores them under a PostgreSQL advisory lock on that repository, held
+to the end of the transaction (``lock_repository``): two replicas never allocate the same
+version, the second one waits and then reads what the first committed. SQLite has one writer
+at a time anyway.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from securesystemslib.signer import Signer
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, TargetFile, Targets, Timestamp
@@ -37,6 +45,23 @@ IMAGE_DEVICE = ""  # the image repository is shared by every device
 METADATA_NAME = re.compile(
     r"^(?:(?P<version>[1-9][0-9]*)\.)?(?P<role>root|timestamp|snapshot|targets)\.json$"
 )
+
+
+# Namespace (first key) of the per-repository advisory locks; the second key is the hash of
+# the repository and device. Any constant works, the same in every control plane.
+_REPOSITORY_LOCK_NAMESPACE = 0x65647475  # "edtu"
+
+
+def lock_repository(session: Session, repo: str, device_id: str) -> None:
+    """Holds the repository's advisory lock until the transaction ends (PostgreSQL), so the
+    versions it reads next are the latest committed and the ones it stores are its own."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:name))"),
+        {"namespace": _REPOSITORY_LOCK_NAMESPACE, "name": f"{repo}/{device_id}"},
+    )
 
 
 class RepositoryRefusal(Exception):
@@ -130,6 +155,7 @@ class Repositories:
     def bootstrap(self, session: Session) -> None:
         """Stores the roots from the key directory that the database does not have yet."""
         for repo in (IMAGE, DIRECTOR):
+            lock_repository(session, repo, IMAGE_DEVICE)
             latest = self._latest(session, repo, IMAGE_DEVICE, "root")
             known = latest.version if latest else 0
             for data in self.keys.root_history(repo):
@@ -145,6 +171,7 @@ class Repositories:
             raise RepositoryRefusal(f"not root metadata: {exc}") from exc
         if not isinstance(new.signed, Root):
             raise RepositoryRefusal("not root metadata")
+        lock_repository(session, repo, IMAGE_DEVICE)
         stored = session.get(TufMetadata, (repo, IMAGE_DEVICE, "root", new.signed.version))
         if stored is not None and stored.data == _serialize(new):
             return new.signed.version  # publishing the same root twice is harmless
@@ -185,6 +212,7 @@ class Repositories:
             new = Metadata[Targets].from_bytes(data)
         except Exception as exc:
             raise RepositoryRefusal(f"image targets are not TUF targets metadata: {exc}") from exc
+        lock_repository(session, IMAGE, IMAGE_DEVICE)
         try:
             self.root(session, IMAGE).verify_delegate("targets", new.signed_bytes, new.signatures)
         except UnsignedMetadataError as exc:
@@ -250,6 +278,7 @@ class Repositories:
         self._store(session, repo, device_id, self._sign(repo, timestamp, "timestamp", session))
 
     def _sign_image_snapshot(self, session: Session) -> None:
+        lock_repository(session, IMAGE, IMAGE_DEVICE)
         targets = self._latest(session, IMAGE, IMAGE_DEVICE, "targets")
         assert targets is not None
         self._sign_snapshot_and_timestamp(
@@ -286,6 +315,7 @@ class Repositories:
                 validate_config(config)
             except InvalidConfig as exc:
                 raise RepositoryRefusal(f"device config of {device_id} refused: {exc}") from exc
+        lock_repository(session, DIRECTOR, device_id)
         image = self.image_targets(session)
         if image is None:
             raise RepositoryRefusal("the image repository is empty; push a bundle first")
@@ -323,6 +353,7 @@ class Repositories:
         )
 
     def _resign_director(self, session: Session, device_id: str) -> None:
+        lock_repository(session, DIRECTOR, device_id)
         row = self._latest(session, DIRECTOR, device_id, "targets")
         assert row is not None
         old = Metadata[Targets].from_bytes(row.data).signed
@@ -360,16 +391,45 @@ class Repositories:
         return row.data if row else None
 
     def refresh_expiring(self, session: Session) -> int:
-        """Re-signs online metadata past half its lifetime; returns how many repositories."""
+        """Re-signs online metadata past half its lifetime; returns how many repositories.
+        All in the caller's transaction: upkeep uses ``expiring`` and ``refresh_one`` instead,
+        one small transaction per repository."""
+        return sum(self.refresh_one(session, device_id) for device_id in self.expiring(session))
+
+    def expiring(self, session: Session) -> list[str]:
+        """The repositories whose timestamp is past half its lifetime: IMAGE_DEVICE for the
+        image repository, else a device id (its director metadata)."""
         now = datetime.now(UTC)
-        refreshed = 0
+        due: list[str] = []
         image_ts = self._latest(session, IMAGE, IMAGE_DEVICE, "timestamp")
-        if image_ts is not None and as_utc(image_ts.expires_at) - now < self.expiry.image_timestamp / 2:
-            self._sign_image_snapshot(session)
-            refreshed += 1
+        if image_ts is not None and self._due(image_ts, self.expiry.image_timestamp, now):
+            due.append(IMAGE_DEVICE)
         for device_id in self._director_devices(session):
             ts = self._latest(session, DIRECTOR, device_id, "timestamp")
-            if ts is not None and as_utc(ts.expires_at) - now < self.expiry.director_timestamp / 2:
-                self._resign_director(session, device_id)
-                refreshed += 1
-        return refreshed
+            if ts is not None and self._due(ts, self.expiry.director_timestamp, now):
+                due.append(device_id)
+        return due
+
+    def refresh_one(self, session: Session, device_id: str) -> bool:
+        """Re-signs one repository (IMAGE_DEVICE: the image one) if it is still due once its
+        lock is held: a replica that re-signed it meanwhile leaves nothing to do. Returns
+        whether it re-signed."""
+        now = datetime.now(UTC)
+        repo, lifetime = (
+            (IMAGE, self.expiry.image_timestamp)
+            if device_id == IMAGE_DEVICE
+            else (DIRECTOR, self.expiry.director_timestamp)
+        )
+        lock_repository(session, repo, device_id)
+        ts = self._latest(session, repo, device_id, "timestamp")
+        if ts is None or not self._due(ts, lifetime, now):
+            return False
+        if repo == IMAGE:
+            self._sign_image_snapshot(session)
+        else:
+            self._resign_director(session, device_id)
+        return True
+
+    @staticmethod
+    def _due(timestamp: TufMetadata, lifetime: timedelta, now: datetime) -> bool:
+        return as_utc(timestamp.expires_at) - now < lifetime / 2
