@@ -2,7 +2,9 @@
 
 The overall status ("") and each RPC service (``SERVICE_NAMES``) are SERVING once the server
 has started and NOT_SERVING from the moment it begins to shut down, so a load balancer stops
-sending new calls during the grace period. ``INGESTION_HEALTH`` says whether telemetry
+sending new calls during the grace period; they are also NOT_SERVING while the database does not
+answer (``watch_database``), so traffic goes to a replica that can serve it, and SERVING again
+once it does. ``INGESTION_HEALTH`` says whether telemetry
 ingestion works; it follows the ingestor (``watch_ingestion``) and never changes the others:
 devices can still enroll, update and report status over gRPC while ingestion is stalled.
 
@@ -42,19 +44,46 @@ class IngestionProbe(Protocol):
     def disconnected_seconds(self) -> float: ...
 
 
+class DatabaseProbe(Protocol):
+    """Whether the database answers now; never raises, bounded in time by its maker."""
+
+    async def alive(self) -> bool: ...
+
+
 class ControlPlaneHealth:
     """grpc_health's servicer with the control plane's services on it."""
 
     def __init__(self) -> None:
         self.servicer = health.aio.HealthServicer()
+        self._database_up = True
 
     def add_to(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def serving(self) -> None:
-        """The server has started: the overall status and every RPC service are SERVING."""
+        """The server has started: the overall status and every RPC service are SERVING
+        (unless the database was found down meanwhile)."""
+        await self._set_services(self._database_up)
+
+    async def _set_services(self, up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):
-            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.servicer.set(name, status)  # ignored once shutting down
+
+    async def watch_database(self, probe: DatabaseProbe, *, every: float) -> None:
+        """Probes the database every ``every`` seconds: NOT_SERVING (overall and every RPC
+        service) while it does not answer, SERVING again once it does; logs each change. Runs
+        until cancelled."""
+        while True:
+            up = await probe.alive()
+            if up != self._database_up:
+                self._database_up = up
+                await self._set_services(up)
+                if up:
+                    log.info("the database answers again: SERVING")
+                else:
+                    log.error("the database does not answer: NOT_SERVING until it does")
+            await asyncio.sleep(every)
 
     async def shutting_down(self) -> None:
         """The server is about to stop: every status is NOT_SERVING for good."""

@@ -40,8 +40,10 @@ class GrpcServer:
     for the moment it takes) before stopping it.
     """
 
-    def __init__(self, options: Sequence[tuple[str, Any]]) -> None:
-        self.server = grpc.aio.server(options=options)
+    def __init__(
+        self, options: Sequence[tuple[str, Any]], interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> None:
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self._started = False
 
     def listen(self, address: str, credentials: grpc.ServerCredentials, serves: str) -> int:

@@ -31,11 +31,13 @@ from edgefleet.controlplane.api.device_service import DeviceService
 from edgefleet.controlplane.api.health import ControlPlaneHealth
 from edgefleet.controlplane.api.operator_service import OperatorService
 from edgefleet.controlplane.app.collector import tune_for_serving
+from edgefleet.controlplane.app.dbprobe import SqlProbe
+from edgefleet.controlplane.app.drain import StreamDrain
+from edgefleet.controlplane.app.first_start import KeysDoNotMatch, first_start
 from edgefleet.controlplane.app.lifetime import GrpcServer, ServeError, background
 from edgefleet.controlplane.app.settings import Settings
 from edgefleet.controlplane.app.upkeep import upkeep
 from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier
-from edgefleet.controlplane.fleet.rbac import bootstrap_admin
 from edgefleet.controlplane.rollouts.engine import EngineConfig
 from edgefleet.controlplane.rollouts.runner import RolloutEngine
 from edgefleet.controlplane.store.blobs import open_blob_store
@@ -45,7 +47,7 @@ from edgefleet.controlplane.telemetry.broker import BrokerStartError, DeviceTls,
 from edgefleet.controlplane.telemetry.ingest import TelemetryIngestor, replica_client_id
 from edgefleet.controlplane.trust.ca import CertificateAuthority, CertificateError, load_ca
 from edgefleet.controlplane.trust.keys import KeyDir, KeyStoreError
-from edgefleet.controlplane.trust.repositories import Repositories
+from edgefleet.controlplane.trust.repositories import Repositories, RepositoryRefusal
 from edgefleet.controlplane.trust.revocation import Revocations
 from edgefleet.controlplane.trust.tls import ServerCertificate, server_hostnames
 from edgefleet.protos.fleet.broker_url import parse_broker_url
@@ -76,6 +78,20 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS plus the connection age: gRPC sends GOAWAY to a connection older than
+    ``max_connection_age_seconds`` (+/-10% jitter of its own), gives its calls the grace, and the
+    client reconnects, through its load balancer or name resolution, possibly to a replica
+    added since; a device stream ended this way ends UNAVAILABLE, which agents reconnect on."""
+    return [
+        *SERVER_OPTIONS,
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)),
+    ]
+
+
 DEFAULT_GRACE_S = 2.0
 
 
@@ -148,7 +164,8 @@ async def serve_forever(
     settings: Settings, *, metrics_listen: str | None = None, replica_id: str | None = None
 ) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls."""
-    async with control_plane(settings, metrics_listen=metrics_listen, replica_id=replica_id) as running:
+    running = await start_control_plane(settings, metrics_listen=metrics_listen, replica_id=replica_id)
+    try:
         tune_for_serving()
         host = settings.listen.rsplit(":", 1)[0]
         device_host = settings.device_listen.rsplit(":", 1)[0]
@@ -166,6 +183,11 @@ async def serve_forever(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        log.info(
+            "stopping: device streams end now, calls in flight get %.0fs", settings.shutdown_grace_seconds
+        )
+    finally:
+        await running.stop(settings.shutdown_grace_seconds)
 
 
 async def _start(
@@ -206,8 +228,11 @@ async def _start(
     revocations = Revocations(db, ca, settings.crl_path, mqtt_url)
     stack.callback(revocations.cancel)
     await revocations.publish_crl()
+    if metrics is not None:
+        metrics.serve_crl(revocations.current_crl)
 
-    grpc_server = GrpcServer(SERVER_OPTIONS)
+    drain = StreamDrain()
+    grpc_server = GrpcServer(server_options(settings), interceptors=[drain])
     stack.push_async_callback(grpc_server.release)
     port = grpc_server.listen(
         settings.listen, certificate.credentials(require_client_certificate=False), "enrollment and operators"
@@ -243,9 +268,13 @@ async def _start(
     health.add_to(grpc_server.server)
     await grpc_server.start()
     stack.push_async_callback(
-        _drain, grpc_server.server, health, shutdown, (device_service, operator_service)
+        _drain, grpc_server.server, health, drain, shutdown, (device_service, operator_service)
     )
+    await _watch_database(stack, health, settings)
     await health.serving()
+    await stack.enter_async_context(
+        background(revocations.follow(settings.crl_refresh_seconds), "crl-follow")
+    )
     await stack.enter_async_context(background(health.watch_ingestion(ingestor), "ingestion-health"))
     await stack.enter_async_context(
         background(
@@ -276,13 +305,15 @@ async def _start(
 
 
 async def _repositories(db: Database, settings: Settings) -> Repositories:
-    """The update repositories, bootstrapped, and the first operator if there is none."""
+    """The update repositories, bootstrapped, and the first operator if there is none: once,
+    under the first-start lock (app/first_start.py), however many replicas start together."""
     keys = KeyDir(settings.effective_keys_dir, passphrase=settings.key_passphrase)
     repositories = Repositories(keys)
     try:
-        await db.run(repositories.bootstrap)
-        admin_token = await db.run(lambda s: bootstrap_admin(s, data_dir=settings.data_dir))
-    except KeyStoreError as exc:
+        admin_token = await db.run(lambda s: first_start(s, repositories, data_dir=settings.data_dir))
+    except KeysDoNotMatch as exc:
+        raise ServeError(str(exc)) from exc
+    except (KeyStoreError, RepositoryRefusal) as exc:
         raise ServeError(f"cannot load keys from {keys.path}: {exc}") from exc
     if admin_token is not None:
         log.warning("created operator 'admin'; its token is in %s (keep it secret)", admin_token)
@@ -339,17 +370,29 @@ def _start_metrics(listen: str | None, engine: Engine, ingestor: TelemetryIngest
     return metrics
 
 
+async def _watch_database(stack: AsyncExitStack, health: ControlPlaneHealth, settings: Settings) -> None:
+    """Health follows the database: a probe of its own every ``db_probe_seconds``."""
+    probe = SqlProbe(settings.effective_db_url, timeout=settings.db_probe_timeout_seconds)
+    stack.callback(probe.close)
+    await stack.enter_async_context(
+        background(health.watch_database(probe, every=settings.db_probe_seconds), "database-health")
+    )
+
+
 async def _drain(
     server: grpc.aio.Server,
     health: ControlPlaneHealth,
+    drain: StreamDrain,
     shutdown: _Shutdown,
     servicers: tuple[DeviceService, OperatorService],
 ) -> None:
-    """Stops the started server: health NOT_SERVING, in-flight calls given the grace period,
+    """Stops the started server: health NOT_SERVING, server-streaming calls (device streams)
+    ended UNAVAILABLE so agents reconnect elsewhere, unary calls given the grace period,
     then each servicer's pending refusal summaries (its RefusalLog) written to the audit trail,
     so a stop loses none; no call can add a refusal once the server has stopped. A failure to
     write them is logged and the stop goes on."""
     await health.shutting_down()
+    drain.begin()
     await server.stop(shutdown.grace)
     for servicer in servicers:
         try:

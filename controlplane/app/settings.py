@@ -52,6 +52,19 @@ class Settings:
     # Raw telemetry for days, hourly rollups for a year.
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     rollout_tick_seconds: float = 1.0  # how often the rollout engine steps (controlplane/rollouts)
+    # How often the CRL file is compared with the database's revocations and rewritten when
+    # another replica revoked: the bound on how stale this replica's CRL file can be.
+    crl_refresh_seconds: float = 10.0
+    # Health: the database is probed (SELECT 1 on a connection of its own) this often, each
+    # probe given this long; a failed probe turns the health service NOT_SERVING.
+    db_probe_seconds: float = 5.0
+    db_probe_timeout_seconds: float = 3.0
+    # gRPC max_connection_age (gRPC adds its own +/-10% jitter) and the grace calls get after
+    # it: long-lived device streams move to replicas added later.
+    max_connection_age_seconds: float = 1800.0
+    max_connection_age_grace_seconds: float = 30.0
+    # On SIGTERM: how long unary calls in flight get to finish (device streams end at once).
+    shutdown_grace_seconds: float = 10.0
 
     @property
     def crl_path(self) -> Path:

@@ -174,6 +174,54 @@ def serve(
         float,
         typer.Option(envvar="EDGEFLEET_ROLLOUT_TICK_SECONDS", min=0.1, help="how often rollouts step"),
     ] = DEFAULTS.rollout_tick_seconds,
+    crl_refresh_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_CRL_REFRESH_SECONDS",
+            min=0.1,
+            help="how often the CRL file is compared with the database and rewritten when another "
+            "replica revoked (the bound on how stale this replica's CRL file can be)",
+        ),
+    ] = DEFAULTS.crl_refresh_seconds,
+    db_probe_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_DB_PROBE_SECONDS",
+            min=0.1,
+            help="how often the database is probed; health is NOT_SERVING while it does not answer",
+        ),
+    ] = DEFAULTS.db_probe_seconds,
+    db_probe_timeout_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_DB_PROBE_TIMEOUT_SECONDS", min=0.1, help="how long one probe may take"
+        ),
+    ] = DEFAULTS.db_probe_timeout_seconds,
+    max_connection_age_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_MAX_CONNECTION_AGE_SECONDS",
+            min=1.0,
+            help="connections older than this are asked to reconnect (GOAWAY), so devices spread "
+            "over replicas added later",
+        ),
+    ] = DEFAULTS.max_connection_age_seconds,
+    max_connection_age_grace_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_MAX_CONNECTION_AGE_GRACE_SECONDS",
+            min=0.0,
+            help="how long calls on such a connection get to finish",
+        ),
+    ] = DEFAULTS.max_connection_age_grace_seconds,
+    shutdown_grace_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_SHUTDOWN_GRACE_SECONDS",
+            min=0.0,
+            help="on SIGTERM, how long unary calls in flight get (device streams end at once)",
+        ),
+    ] = DEFAULTS.shutdown_grace_seconds,
     log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL", help="logging level")] = "INFO",
 ) -> None:
     """Start the control plane: gRPC (TLS) + health service, store, blobs, telemetry ingestion.
@@ -204,6 +252,12 @@ def serve(
         desired_state_recheck_seconds=desired_state_recheck_seconds,
         metadata_refresh_seconds=metadata_refresh_seconds,
         rollout_tick_seconds=rollout_tick_seconds,
+        crl_refresh_seconds=crl_refresh_seconds,
+        db_probe_seconds=db_probe_seconds,
+        db_probe_timeout_seconds=db_probe_timeout_seconds,
+        max_connection_age_seconds=max_connection_age_seconds,
+        max_connection_age_grace_seconds=max_connection_age_grace_seconds,
+        shutdown_grace_seconds=shutdown_grace_seconds,
     )
     try:
         asyncio.run(

@@ -74,6 +74,14 @@ class ChangeFeed:
         self.listening = asyncio.Event()
         self._due = asyncio.Event()  # a re-check of every stream is wanted now
         self._random = random.Random()
+        self._on_revoked: list[Callable[[list[str]], None]] = []
+
+    def on_revoked(self, hook: Callable[[list[str]], None]) -> None:
+        """Calls ``hook`` with the device ids of every revocation notice this replica hears
+        (any replica's, its own included): e.g. to rewrite the local CRL file. After every
+        (re)connect it is called with no ids: notices may have been lost, re-read everything.
+        It runs on the event loop and must not block."""
+        self._on_revoked.append(hook)
 
     @property
     def postgres(self) -> bool:
@@ -92,8 +100,17 @@ class ChangeFeed:
         kind, ids = parse_notice(payload)
         if kind == devices.NOTICE_ALL:
             self._due.set()
-        else:
-            self.notifier.notify(ids)
+            return
+        self.notifier.notify(ids)
+        if kind == devices.NOTICE_REVOKED:
+            self._revoked(ids)
+
+    def _revoked(self, ids: list[str]) -> None:
+        for hook in self._on_revoked:
+            try:
+                hook(ids)
+            except Exception:
+                log.exception("a revocation hook failed")
 
     async def safety_net(self) -> None:
         """Re-checks all streams every interval (± JITTER), or at once when asked to."""
@@ -118,6 +135,7 @@ class ChangeFeed:
                     self.backend_pid = conn.info.backend_pid
                     self.listening.set()
                     self._due.set()
+                    self._revoked([])
                     async for notice in conn.notifies():
                         self.deliver(notice.payload)
             except psycopg.OperationalError as exc:

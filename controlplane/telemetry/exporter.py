@@ -11,23 +11,32 @@ release series ``bundle`` and ``version``; revoked devices are dropped from per-
 A database that fails a scrape is reported as ``edgefleet_exporter_database_up 0`` rather than
 an HTTP error, so the ingestion counters are still scraped.
 
-The endpoint has no authentication: listen on loopback or on a network only Prometheus reaches.
+The same listener serves ``GET /crl.pem`` once the control plane hands it the CRL
+(``MetricsServer.serve_crl``): the fleet CA's current CRL, built from the database on each
+request, so every replica answers with every replica's revocations. A broker host pulls it on
+a timer (deploy/systemd/edgefleet-crl.timer). A CRL is public; a database that fails the
+request gets 503.
+
+The endpoint has no authentication: listen on loopback or on a network only Prometheus (and the
+broker host) reaches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
@@ -318,16 +327,68 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+CRL_PATH = "/crl.pem"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Requests are not logged (Prometheus scrapes every few seconds)."""
+
+
+def _http_server(host: str, port: int, app: Any) -> WSGIServer:
+    """A thread-per-request WSGI server on (host, port), IPv4 or IPv6 as the host is, as
+    prometheus_client's start_http_server makes it."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    return make_server(host, port, app, Server, handler_class=_QuietHandler)
+
+
 class MetricsServer:
-    """``GET /metrics`` over HTTP in a daemon thread, with its own registry (no global state)."""
+    """``GET /metrics`` (and ``GET /crl.pem`` once ``serve_crl`` is called) over HTTP in a
+    daemon thread, with its own registry (no global state)."""
 
     def __init__(self, collector: FleetCollector, listen: str) -> None:
         host, port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)  # no database query at registration
         self.registry.register(collector)
-        self._httpd: WSGIServer
-        self._thread: threading.Thread
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self._metrics_app = make_wsgi_app(self.registry)
+        self._crl: Callable[[], bytes] | None = None
+        # prometheus_client's own server (start_http_server), with a dispatch in front of it.
+        self._httpd: WSGIServer = _http_server(host, port, self._app)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def serve_crl(self, crl: Callable[[], bytes]) -> None:
+        """Serves ``crl()`` (a PEM CRL, blocking is fine: a worker thread calls it) at /crl.pem."""
+        self._crl = crl
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        crl = self._crl
+        if environ.get("PATH_INFO") != CRL_PATH or crl is None:
+            body: list[bytes] = self._metrics_app(environ, start_response)
+            return body
+        if environ.get("REQUEST_METHOD") != "GET":
+            start_response("405 Method Not Allowed", [("Allow", "GET")])
+            return [b""]
+        try:
+            pem = crl()
+        except SQLAlchemyError:
+            log.warning("cannot read the revocations for %s", CRL_PATH, exc_info=True)
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"the database does not answer\n"]
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "application/pkix-crl"),
+                ("Content-Length", str(len(pem))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [pem]
 
     @property
     def port(self) -> int:

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlmodel import Session
 
 from edgefleet.controlplane.store import devices as device_queries
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.trust.ca import CertificateAuthority
-from edgefleet.controlplane.trust.crl import CRL_VALIDITY, RevokedCertificate, write_crl
+from edgefleet.controlplane.trust.crl import CRL_VALIDITY, RevokedCertificate, build_crl, write_crl
 from edgefleet.protos.fleet.broker_url import BrokerAddress, configure_client, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -99,16 +100,53 @@ class Revocations:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _unpublished: bool = False
+    _published: frozenset[int] | None = None  # the serials the CRL file lists
+
+    def _revoked(self, session: Session) -> list[RevokedCertificate]:
+        entries = device_queries.revoked_certificates(session, now=datetime.now(UTC))
+        return [RevokedCertificate(serial, when) for serial, when in entries]
 
     async def publish_crl(self) -> None:
         async with self._lock:
             self._unpublished = True
-            entries = await self.db.run(
-                lambda s: device_queries.revoked_certificates(s, now=datetime.now(UTC))
-            )
-            revoked = [RevokedCertificate(serial, when) for serial, when in entries]
+            revoked = await self.db.run(self._revoked)
             await asyncio.to_thread(write_crl, self.crl_path, self.ca, revoked)
+            self._published = frozenset(entry.serial for entry in revoked)
             self._unpublished = False
+
+    def current_crl(self) -> bytes:
+        """The CRL as the database has it now, freshly signed (what ``GET /crl.pem`` serves):
+        whichever replica revoked, every replica answers with the same list. Blocking."""
+        return build_crl(self.ca, self.db.run_sync(self._revoked))
+
+    def heard_revocation(self, device_ids: list[str]) -> None:
+        """A replica (maybe this one) revoked ``device_ids`` (none: notices may have been lost):
+        rewrites the CRL file from the database, in a task of its own, for this is called on the
+        event loop by the change feed and must not block. A failure is logged; ``follow``
+        catches up at its next check."""
+        task = asyncio.create_task(self._republish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _republish(self) -> None:
+        try:
+            await self.publish_crl()
+        except Exception:
+            log.exception("could not re-issue the CRL after a revocation notice; retrying on the timer")
+
+    async def follow(self, every: float) -> None:
+        """Rewrites the CRL file whenever the database's revoked serials differ from the ones
+        it lists (a revocation made through another replica), checked every ``every``
+        seconds with one query; runs until cancelled. A failed check is logged and retried."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                revoked = await self.db.run(self._revoked)
+                if frozenset(entry.serial for entry in revoked) != self._published:
+                    await self.publish_crl()
+                    log.info("re-issued the CRL: the database lists other revocations")
+            except Exception:
+                log.exception("could not compare the CRL with the database; retrying in %.0fs", every)
 
     def crl_is_stale(self) -> bool:
         if self._unpublished:

@@ -106,11 +106,14 @@ async def test_a_deploy_through_a_wakes_the_stream_on_b(
 
 
 async def test_a_revocation_through_a_ends_the_stream_on_b(replicas: Replicas) -> None:
+    heard: list[list[str]] = []
+    replicas.feed(replicas.b).on_revoked(heard.append)
     async with stream_on_b(replicas) as call:
         await replicas.op.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=replicas.device.id))
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await asyncio.wait_for(call.read(), WITHIN)
         assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert heard == [[replicas.device.id]]  # B's hooks (its CRL file) hear A's revocation
 
 
 async def kill_listener(plane: RunningControlPlane, feed: ChangeFeed) -> None:
