@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import psycopg
 from sqlalchemy import Connection, RootTransaction, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
@@ -45,6 +46,7 @@ WRITE_CHUNK = 1 << 20
 _LO_CREATE = text("SELECT lo_create(0)")
 _LO_PUT = text("SELECT lo_put(:loid, :offset, :data)")
 _LO_GET = text("SELECT lo_get(:loid, :offset, :length)")
+_LO_GET_BINARY = "SELECT lo_get(%s, %s, %s)"
 _SWEEP = text(
     "SELECT count(lo_unlink(m.oid)) FROM pg_largeobject_metadata m "
     "WHERE m.lomowner = (SELECT oid FROM pg_roles WHERE rolname = current_user) "
@@ -86,10 +88,22 @@ class LargeObjectBlobs:
         loid, length = found
         while offset < length:
             wanted = min(chunk_size, length - offset)
-            with self.engine.connect() as conn:
-                data = conn.execute(_LO_GET, {"loid": loid, "offset": offset, "length": wanted}).scalar_one()
-            yield bytes(data)
+            yield self._get(loid, offset, wanted)
             offset += wanted
+
+    def _get(self, loid: int, offset: int, length: int) -> bytes:
+        """One chunk, in a short transaction of its own. With psycopg the result comes in binary
+        format: as text, a bytea travels hex-encoded, twice its size, and reads ran 3x slower."""
+        with self.engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            if isinstance(driver, psycopg.Connection):
+                row = driver.execute(_LO_GET_BINARY, (loid, offset, length), binary=True).fetchone()
+                data = None if row is None else row[0]
+            else:
+                data = conn.execute(_LO_GET, {"loid": loid, "offset": offset, "length": length}).scalar_one()
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise BlobNotFound(f"large object {loid} gave no bytes at offset {offset}")
+        return bytes(data)
 
     def sweep_orphans(self) -> int:
         """Unlinks this role's large objects that no blob names; returns how many. Safe while
