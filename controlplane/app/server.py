@@ -253,7 +253,10 @@ async def _start(
         device_endpoint=settings.device_advertise or f":{device_port}",
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(device_service, grpc_server.server)
-    await stack.enter_async_context(device_service.changes())  # LISTEN/NOTIFY and the safety net
+    feed = await stack.enter_async_context(device_service.changes())  # LISTEN/NOTIFY, safety net
+    # Any replica's revocation rewrites this replica's CRL file at once (what a broker on this
+    # host reads); revocations.follow is the slower check behind it.
+    feed.on_revoked(revocations.heard_revocation)
     rollout_config = EngineConfig(tick_seconds=settings.rollout_tick_seconds)
     operator_service = OperatorService(
         db=db,
