@@ -68,6 +68,7 @@ from edgefleet.agent.runtimes.base import (
     collect,
     smoke_generate,
 )
+from edgefleet.agent.runtimes.llama_build import refuse_crashing_build
 from edgefleet.agent.runtimes.prompt import (
     Piece,
     PromptLimit,
@@ -155,6 +156,7 @@ def load(
         raise RuntimeLoadError("llama-cpp-python is not installed (install edgefleet[agent])") from exc
     if not model_path.is_file():
         raise RuntimeLoadError(f"model file not found: {model_path}")
+    refuse_crashing_build(llama_cpp.llama_print_system_info().decode(errors="replace"))
     gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
     thread = _LlamaThread(f"llama-cpp-{model_id}")
 
