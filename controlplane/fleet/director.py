@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from sqlmodel import Session
 
 from edgefleet.controlplane.store.deployments import DeployedTo, Release, device_config
+from edgefleet.controlplane.store.devices import devices_by_id
 from edgefleet.controlplane.store.models import Device, VariantPinRule
 from edgefleet.controlplane.store.pins import Repinned, effective_pin, list_pins
+from edgefleet.controlplane.trust.director_rows import Assignment
 from edgefleet.controlplane.trust.repositories import Repositories
 from edgefleet.protos.fleet import selectors
 from edgefleet.protos.fleet.v1 import common_pb2
@@ -67,18 +69,29 @@ def sign_repinned(session: Session, repositories: Repositories, moved: Repinned)
     )
 
 
-def sign_changed(session: Session, repositories: Repositories, changed: Sequence[DeployedTo]) -> None:
+def sign_changed(
+    session: Session,
+    repositories: Repositories,
+    changed: Sequence[DeployedTo],
+    *,
+    pins: Sequence[VariantPinRule] | None = None,
+) -> None:
     """Signs each changed device's director targets: all of its models, with the pin in force
-    for it and its config."""
-    pins = list_pins(session)
+    for it (of ``pins``, read here when not given) and its config. One batch
+    (``Repositories.assign_many``): what the devices share is read once and every device's new
+    metadata is stored in one bulk write."""
+    rules = list_pins(session) if pins is None else pins
+    devices = devices_by_id(session, [target.device_id for target in changed])
+    assignments = []
     for target in changed:
-        device = session.get(Device, target.device_id)
-        assert device is not None
-        sign(
-            session,
-            repositories,
-            device=device,
-            generation=target.generation,
-            releases=target.releases,
-            pin=pin_message(effective_pin(pins, device)),
+        device = devices[target.device_id]
+        assignments.append(
+            Assignment(
+                device_id=device.id,
+                generation=target.generation,
+                releases=target.releases,
+                pin=pin_message(effective_pin(rules, device)),
+                config=device_config(device),
+            )
         )
+    repositories.assign_many(session, assignments)

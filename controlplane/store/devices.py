@@ -14,6 +14,8 @@ from edgefleet.controlplane.store.errors import DeviceNotFound
 from edgefleet.controlplane.store.models import Device, DeviceCertificate, DeviceModel
 from edgefleet.controlplane.store.values import as_utc, first_few
 
+ID_CHUNK = 5000  # ids per IN list: well under SQLite's and PostgreSQL's bound-parameter limits
+
 
 def create_device(
     session: Session, *, device_id: str, hostname: str, labels: dict[str, str], enrollment_sha256: str = ""
@@ -68,6 +70,15 @@ def locked_devices(
         if missing:
             raise DeviceNotFound(first_few(missing, what="unknown device id(s)"))
     return devices
+
+
+def devices_by_id(session: Session, device_ids: Sequence[str]) -> dict[str, Device]:
+    """The listed devices by id, in one query per ID_CHUNK ids; an unknown id is missing."""
+    found: dict[str, Device] = {}
+    for start in range(0, len(device_ids), ID_CHUNK):
+        chunk = list(device_ids[start : start + ID_CHUNK])
+        found.update((d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(chunk))).all())
+    return found
 
 
 def record_certificate(session: Session, *, device_id: str, serial: int, not_after: datetime) -> None:

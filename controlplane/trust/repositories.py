@@ -30,10 +30,17 @@ from sqlalchemy import text
 from sqlmodel import Session, col, select
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, TargetFile, Targets, Timestamp
-from tuf.api.serialization.json import JSONSerializer
 
 from edgefleet.controlplane.store.models import TufMetadata
 from edgefleet.controlplane.store.values import as_utc
+from edgefleet.controlplane.trust.director_rows import (
+    REPOSITORY_LOCK_NAMESPACE,
+    Assignment,
+    latest_versions,
+    lock_repositories,
+    serialize,
+    store_many,
+)
 from edgefleet.controlplane.trust.keys import KeyDir
 from edgefleet.protos.fleet import uptane
 from edgefleet.protos.fleet.device_config import InvalidConfig, config_to_json, is_empty, validate_config
@@ -47,11 +54,6 @@ METADATA_NAME = re.compile(
 )
 
 
-# Namespace (first key) of the per-repository advisory locks; the second key is the hash of
-# the repository and device. Any constant works, the same in every control plane.
-_REPOSITORY_LOCK_NAMESPACE = 0x65647475  # "edtu"
-
-
 def lock_repository(session: Session, repo: str, device_id: str) -> None:
     """Holds the repository's advisory lock until the transaction ends (PostgreSQL), so the
     versions it reads next are the latest committed and the ones it stores are its own."""
@@ -60,7 +62,7 @@ def lock_repository(session: Session, repo: str, device_id: str) -> None:
         return
     session.execute(
         text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:name))"),
-        {"namespace": _REPOSITORY_LOCK_NAMESPACE, "name": f"{repo}/{device_id}"},
+        {"namespace": REPOSITORY_LOCK_NAMESPACE, "name": f"{repo}/{device_id}"},
     )
 
 
@@ -97,8 +99,7 @@ def director_fields(
     return fields
 
 
-def _serialize(metadata: Metadata[Any]) -> bytes:
-    return metadata.to_bytes(JSONSerializer(compact=True))
+_DIRECTOR_ROLES = ("targets", "snapshot", "timestamp")
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Repositories:
 
     @staticmethod
     def _store(session: Session, repo: str, device_id: str, metadata: Metadata[Any]) -> bytes:
-        data = _serialize(metadata)
+        data = serialize(metadata)
         session.add(
             TufMetadata(
                 repository=repo,
@@ -173,7 +174,7 @@ class Repositories:
             raise RepositoryRefusal("not root metadata")
         lock_repository(session, repo, IMAGE_DEVICE)
         stored = session.get(TufMetadata, (repo, IMAGE_DEVICE, "root", new.signed.version))
-        if stored is not None and stored.data == _serialize(new):
+        if stored is not None and stored.data == serialize(new):
             return new.signed.version  # publishing the same root twice is harmless
         latest = self._latest(session, repo, IMAGE_DEVICE, "root")
         expected = latest.version + 1 if latest else 1
@@ -310,38 +311,107 @@ class Repositories:
         A non-empty ``config`` goes in as "config" the same way, after ``validate_config``: an
         invalid one is refused (RepositoryRefusal) before anything is signed.
         """
-        if config is not None:
-            try:
-                validate_config(config)
-            except InvalidConfig as exc:
-                raise RepositoryRefusal(f"device config of {device_id} refused: {exc}") from exc
-        lock_repository(session, DIRECTOR, device_id)
+        self.assign_many(session, [Assignment(device_id, generation, tuple(releases), pin, config)])
+
+    def assign_many(self, session: Session, assignments: Sequence[Assignment]) -> None:
+        """``assign`` for many devices at once: each device's targets, snapshot and timestamp are
+        signed exactly as ``assign`` signs them, but what they share is read once (the image
+        targets, the director root, its signers), every device's latest versions in one query,
+        and all the new metadata is stored by one bulk insert. Any refusal (an invalid config,
+        a release the image repository lacks) is raised before anything is stored."""
+        if not assignments:
+            return
+        for assignment in assignments:
+            if assignment.config is not None:
+                try:
+                    validate_config(assignment.config)
+                except InvalidConfig as exc:
+                    raise RepositoryRefusal(
+                        f"device config of {assignment.device_id} refused: {exc}"
+                    ) from exc
+        device_ids = sorted({a.device_id for a in assignments})
+        lock_repositories(session, DIRECTOR, device_ids)
         image = self.image_targets(session)
         if image is None:
             raise RepositoryRefusal("the image repository is empty; push a bundle first")
         image_targets = Metadata[Targets].from_bytes(image).signed
+        root = self.root(session, DIRECTOR)
+        signers: dict[str, list[Signer]] = {
+            role: list(self.keys.signers(DIRECTOR, role, root=root)) for role in _DIRECTOR_ROLES
+        }
+        versions = latest_versions(session, DIRECTOR, device_ids)
+        signed: list[Metadata[Any]] = []
+        owners: list[str] = []
+        releases: dict[tuple[str, int], dict[str, TargetFile]] = {}  # each release's targets, read once
+        for assignment in assignments:
+            files = self._director_files(image_targets, assignment.releases, releases)
+            for metadata in self._sign_director(assignment, files, versions, signers):
+                signed.append(metadata)
+                owners.append(assignment.device_id)
+        store_many(session, DIRECTOR, owners, signed)
+
+    @staticmethod
+    def _director_files(
+        image_targets: Targets,
+        releases: Sequence[tuple[str, int]],
+        known: dict[tuple[str, int], dict[str, TargetFile]],
+    ) -> dict[str, TargetFile]:
+        """The director target files listing ``releases``; ``known`` keeps each release's files
+        once found (reading them parses every image target)."""
         files: dict[str, TargetFile] = {}
         for bundle, version in releases:
-            release = uptane.release_targets(image_targets, bundle, version)
-            if not release:
-                raise RepositoryRefusal(f"{bundle}@{version} is not in the image repository")
-            for path, t in release.items():
-                files[path] = TargetFile(t.info.length, {"sha256": t.info.sha256}, path)
+            if (bundle, version) not in known:
+                release = uptane.release_targets(image_targets, bundle, version)
+                if not release:
+                    raise RepositoryRefusal(f"{bundle}@{version} is not in the image repository")
+                known[bundle, version] = {
+                    path: TargetFile(t.info.length, {"sha256": t.info.sha256}, path)
+                    for path, t in release.items()
+                }
+            files.update(known[bundle, version])
+        return files
+
+    def _sign_director(
+        self,
+        assignment: Assignment,
+        files: dict[str, TargetFile],
+        versions: dict[tuple[str, str], int],
+        signers: dict[str, list[Signer]],
+    ) -> list[Metadata[Any]]:
+        """One device's new targets, snapshot and timestamp, signed; ``versions`` (latest per
+        device and role) moves on with them."""
+        device_id = assignment.device_id
+
+        def next_version(role: str) -> int:
+            versions[device_id, role] = versions.get((device_id, role), 0) + 1
+            return versions[device_id, role]
+
+        def sign(signed: Signed) -> Metadata[Any]:
+            metadata: Metadata[Any] = Metadata(signed)
+            for signer in signers[signed.type]:
+                metadata.sign(signer, append=True)
+            return metadata
+
+        now = datetime.now(UTC)
         targets = Targets(
-            version=self._next_version(session, DIRECTOR, device_id, "targets"),
-            expires=datetime.now(UTC) + self.expiry.director_targets,
+            version=next_version("targets"),
+            expires=now + self.expiry.director_targets,
             targets=files,
-            unrecognized_fields=director_fields(device_id, generation, releases, pin, config),
+            unrecognized_fields=director_fields(
+                device_id, assignment.generation, assignment.releases, assignment.pin, assignment.config
+            ),
         )
-        self._store(session, DIRECTOR, device_id, self._sign(DIRECTOR, targets, "targets", session))
-        self._sign_snapshot_and_timestamp(
-            session,
-            DIRECTOR,
-            device_id,
-            targets.version,
-            self.expiry.director_snapshot,
-            self.expiry.director_timestamp,
+        snapshot = Snapshot(
+            version=next_version("snapshot"),
+            expires=now + self.expiry.director_snapshot,
+            meta={"targets.json": MetaFile(version=targets.version)},
         )
+        timestamp = Timestamp(
+            version=next_version("timestamp"),
+            expires=now + self.expiry.director_timestamp,
+            snapshot_meta=MetaFile(version=snapshot.version),
+        )
+        return [sign(targets), sign(snapshot), sign(timestamp)]
 
     def _director_devices(self, session: Session) -> list[str]:
         return list(
