@@ -244,8 +244,41 @@ class RolloutMachine:
         pending = [r for r in step.wave_rows(wave) if r.state == states.PENDING and r.generation == 0]
         limit = step.rollout.max_concurrent
         room = len(pending) if limit <= 0 else max(0, limit - step.counts()[states.UPDATING])
+        starting = pending[:room]
+        if self._start_release(step, starting):
+            assigned = {row.device_id: row.generation for row in starting}
+            step.nudge.extend(assigned)
+        else:
+            assigned = self._start_one_by_one(step, starting)
+        if assigned:
+            _audit(step, "rollout.assign", {"wave": wave, "devices": assigned})
+
+    def _start_release(self, step: Step, rows: list[RolloutDevice]) -> bool:
+        """Assigns a release rollout's change to all of ``rows`` in one batch (one savepoint);
+        False, with nothing changed, when the rollout is a config rollout or any device of the
+        batch cannot be assigned: then each one is tried on its own."""
+        if step.change.bundle is None or not rows:
+            return False
+        try:
+            with step.session.begin_nested():
+                actions.assign_release(
+                    step.session,
+                    self.repositories,
+                    bundle=step.change.bundle,
+                    rows=rows,
+                    pins=step.pins,
+                    now=step.now,
+                )
+        except (RepositoryRefusal, StoreError, SQLAlchemyError) as exc:
+            log.info("rollout %s: batch not assigned (%s); assigning one by one", step.rollout.name, exc)
+            return False
+        return True
+
+    def _start_one_by_one(self, step: Step, rows: list[RolloutDevice]) -> dict[str, int]:
+        """Each row's device in a savepoint of its own, so one that cannot be assigned is FAILED
+        and the others go on; returns the generations of those assigned."""
         assigned: dict[str, int] = {}
-        for row in pending[:room]:
+        for row in rows:
             try:
                 with step.session.begin_nested():
                     actions.assign(
@@ -264,8 +297,7 @@ class RolloutMachine:
                 continue
             assigned[row.device_id] = row.generation
             step.nudge.append(row.device_id)
-        if assigned:
-            _audit(step, "rollout.assign", {"wave": wave, "devices": assigned})
+        return assigned
 
     def _judge(self, step: Step, wave: int) -> gates.Verdict | None:
         """The wave's verdict, or None while it is still open."""

@@ -13,7 +13,8 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from edgefleet.controlplane.store.devices import announce_changes, locked_devices
+from edgefleet.controlplane.store import bulk
+from edgefleet.controlplane.store.devices import ID_CHUNK, announce_changes, locked_devices
 from edgefleet.controlplane.store.models import Bundle, BundleArtifact, Deployment, Device, DeviceModel
 from edgefleet.protos.fleet.device_config import config_from_json
 from edgefleet.protos.fleet.v1 import common_pb2
@@ -59,14 +60,19 @@ def assigned_models(session: Session, *, device_ids: Sequence[str] | None = None
     return result
 
 
-def _assign_model(session: Session, device: Device, bundle: Bundle) -> None:
-    """Adds ``bundle`` to the device's models, replacing the release of the same name."""
-    assert bundle.id is not None
-    row = session.get(DeviceModel, (device.id, bundle.name))
-    if row is None:
-        row = DeviceModel(device_id=device.id, name=bundle.name, bundle_id=bundle.id)
-    row.bundle_id = bundle.id
-    session.add(row)
+def held_bundle_ids(session: Session, *, name: str, device_ids: Sequence[str]) -> dict[str, int]:
+    """The bundle id of the release named ``name`` each listed device holds, in one query per
+    ID_CHUNK devices; a device holding none is missing."""
+    held: dict[str, int] = {}
+    for start in range(0, len(device_ids), ID_CHUNK):
+        chunk = list(device_ids[start : start + ID_CHUNK])
+        rows = session.exec(
+            select(DeviceModel.device_id, DeviceModel.bundle_id).where(
+                DeviceModel.name == name, col(DeviceModel.device_id).in_(chunk)
+            )
+        ).all()
+        held.update((device_id, bundle_id) for device_id, bundle_id in rows)
+    return held
 
 
 def deploy(session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None) -> list[DeployedTo]:
@@ -74,18 +80,25 @@ def deploy(session: Session, *, bundle: Bundle, device_ids: Sequence[str] | None
     the release of the same name and keeping the others; each device gets a new generation.
 
     ``desired_bundle_id`` follows the most recent deployment, which is what the nudge names.
+    The devices are locked and their models read in one query each; the model, device and
+    deployment rows of all of them are written by one bulk statement per table
+    (``store.bulk``), so a deploy to the whole fleet costs a few statements, not a few per
+    device.
     """
     assert bundle.id is not None
-    result = []
-    for device in locked_devices(session, device_ids):
-        _assign_model(session, device, bundle)
-        device.desired_generation += 1
-        device.desired_bundle_id = bundle.id
-        session.add(device)
-        session.add(
-            Deployment(device_id=device.id, bundle_id=bundle.id, generation=device.desired_generation)
-        )
-        result.append(DeployedTo(device.id, device.desired_generation, device_releases(session, device.id)))
+    devices = locked_devices(session, device_ids)
+    held = assigned_models(session, device_ids=None if device_ids is None else [d.id for d in devices])
+    result: list[DeployedTo] = []
+    replaced: list[str] = []  # devices holding a release of this name: their row is updated
+    added: list[str] = []  # devices without one: a row is inserted
+    for device in devices:
+        others = [release for release in held.get(device.id, []) if release[0] != bundle.name]
+        (replaced if len(others) < len(held.get(device.id, [])) else added).append(device.id)
+        releases = sorted([*others, (bundle.name, bundle.version)], key=lambda release: release[0])
+        result.append(DeployedTo(device.id, device.desired_generation + 1, releases))
+    bulk.set_models(session, name=bundle.name, bundle_id=bundle.id, replaced=replaced, added=added)
+    bulk.move_generations(session, devices, {d.device_id: d.generation for d in result}, bundle_id=bundle.id)
+    bulk.record_deployments(session, [(d.device_id, bundle.id, d.generation) for d in result])
     announce_changes(session, [d.device_id for d in result])
     return result
 
