@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from edgefleet.agent.device.channel import device_addresses
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
 
 
@@ -22,15 +23,14 @@ class DeviceIdentity:
     device_id: str
     mqtt_url: str
     controlplane: str
-    device_endpoint: str  # mutual-TLS address; ":PORT" means the control plane's host
+    device_endpoint: str  # mutual-TLS address; ":PORT" means each control-plane host with that port
 
     @property
     def device_target(self) -> str:
-        """HOST:PORT of the device endpoint."""
-        host, _, port = self.device_endpoint.rpartition(":")
-        if host:
-            return self.device_endpoint
-        return f"{self.controlplane.rpartition(':')[0]}:{port}"
+        """The device endpoint's address(es) (``channel.device_addresses``): with a list of
+        control-plane addresses and ``:PORT``, every host in it with that port, never one of
+        their enrollment ports."""
+        return device_addresses(self.controlplane, self.device_endpoint)
 
 
 def load_identity(path: Path) -> DeviceIdentity | None:
