@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import and_, event, or_, text
+from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
 from edgefleet.controlplane.store.errors import DeviceNotFound
@@ -73,10 +74,19 @@ def locked_devices(
 
 
 def devices_by_id(session: Session, device_ids: Sequence[str]) -> dict[str, Device]:
-    """The listed devices by id, in one query per ID_CHUNK ids; an unknown id is missing."""
+    """The listed devices by id; an unknown id is missing. Like ``session.get`` for each, those
+    the session holds already (a deploy's locked devices, say) are taken as they are; the others
+    are read in one query per ID_CHUNK ids."""
     found: dict[str, Device] = {}
-    for start in range(0, len(device_ids), ID_CHUNK):
-        chunk = list(device_ids[start : start + ID_CHUNK])
+    missing: list[str] = []
+    for device_id in device_ids:
+        held = session.identity_map.get(identity_key(Device, device_id))
+        if isinstance(held, Device):
+            found[device_id] = held
+        else:
+            missing.append(device_id)
+    for start in range(0, len(missing), ID_CHUNK):
+        chunk = missing[start : start + ID_CHUNK]
         found.update((d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(chunk))).all())
     return found
 
