@@ -53,6 +53,7 @@ class StreamDrain(grpc.aio.ServerInterceptor):
         async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             responses = inner(request, context)
             stop = asyncio.ensure_future(draining.wait())
+            following: asyncio.Future[Any] | None = None
             try:
                 while True:
                     following = asyncio.ensure_future(anext(responses))
@@ -69,6 +70,11 @@ class StreamDrain(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             finally:
                 stop.cancel()
+                if following is not None and not following.done():
+                    # The call was cancelled (the client went away) while the handler waited
+                    # on it: end the inner stream, and so its subscriptions, before closing it.
+                    following.cancel()
+                    await asyncio.wait({following})
                 await responses.aclose()  # type: ignore[attr-defined]
 
         return handler
