@@ -52,6 +52,8 @@ def test_identity_round_trip_and_errors(tmp_path: Path) -> None:
     assert identity.device_target == "cp.example:7444"  # ":PORT" is the host enrolled through
     elsewhere = DeviceIdentity("dev-1", "mqtt://127.0.0.1:1883", "cp.example:7443", "devices.example:443")
     assert elsewhere.device_target == "devices.example:443"
+    replicas = DeviceIdentity("dev-1", "mqtt://127.0.0.1:1883", "10.0.0.1:7443,10.0.0.2:17443", ":7444")
+    assert replicas.device_target == "10.0.0.1:7444,10.0.0.2:7444"  # never an enrollment port
     path.write_text('{"device_id": "x"}')
     with pytest.raises(IdentityError):
         load_identity(path)
