@@ -48,12 +48,16 @@ ENGINE_ACTOR = "controlplane:rollouts"  # who the audit trail says assigned and 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """How often the engine steps, how far back a device's baseline figures reach, and how many
-    devices one step rolls back (the rest follow on the next steps)."""
+    """How often the engine steps, how far back a device's baseline figures reach, how many
+    devices one step rolls back (the rest follow on the next steps), and how many devices of a
+    release wave are assigned in one batch."""
 
     tick_seconds: float = 1.0
     baseline: timedelta = timedelta(hours=1)
     rollback_batch: int = 500
+    # Devices of a release wave assigned in one batch (one savepoint, a few bulk statements):
+    # bounds each statement's list of ids well under the databases' bound-parameter limits.
+    assign_batch: int = 5000
 
 
 @dataclass
@@ -245,11 +249,14 @@ class RolloutMachine:
         limit = step.rollout.max_concurrent
         room = len(pending) if limit <= 0 else max(0, limit - step.counts()[states.UPDATING])
         starting = pending[:room]
-        if self._start_release(step, starting):
-            assigned = {row.device_id: row.generation for row in starting}
-            step.nudge.extend(assigned)
-        else:
-            assigned = self._start_one_by_one(step, starting)
+        assigned: dict[str, int] = {}
+        for first in range(0, len(starting), self.config.assign_batch):
+            batch = starting[first : first + self.config.assign_batch]
+            if self._start_release(step, batch):
+                assigned.update((row.device_id, row.generation) for row in batch)
+                step.nudge.extend(row.device_id for row in batch)
+            else:
+                assigned.update(self._start_one_by_one(step, batch))
         if assigned:
             _audit(step, "rollout.assign", {"wave": wave, "devices": assigned})
 

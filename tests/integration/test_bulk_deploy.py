@@ -267,7 +267,7 @@ def test_a_refused_batch_stores_no_metadata_for_any_device(
     assert {d: director_versions(engine, d) for d in ("dev-a", "dev-b")} == before
 
 
-def test_a_rollout_wave_whose_batch_is_refused_assigns_the_others_one_by_one(
+def test_a_rollout_wave_is_assigned_in_batches_and_a_refused_batch_one_by_one(
     engine: Engine, repositories: Repositories
 ) -> None:
     ids = [f"dev-{i}" for i in range(6)]
@@ -286,7 +286,9 @@ def test_a_rollout_wave_whose_batch_is_refused_assigns_the_others_one_by_one(
     )
     with Session(engine, expire_on_commit=False) as s, s.begin():
         rollout = rollout_commands.create(s, spec, actor="t")
-    machine = RolloutMachine(repositories, EngineConfig())
+    # Batches of 4: dev-0..dev-3 go in one; dev-4, dev-5 and dev-bad are refused together, then
+    # tried one by one.
+    machine = RolloutMachine(repositories, EngineConfig(assign_batch=4))
     with Session(engine, expire_on_commit=False) as s, s.begin():
         nudged = machine.step(s, rollout_id=rollout.id or 0, now=utcnow())
     assert sorted(nudged) == ids
