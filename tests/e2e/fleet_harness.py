@@ -67,15 +67,16 @@ class Proc:
         self.popen.wait(timeout=20)
 
 
-def spawn(args: list[str], log: Path) -> Proc:
-    """Runs ``python -m ARGS`` from the repository, appending its output to ``log``."""
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
+    """Runs ``python -m ARGS`` from the repository with ``env`` added to ours, appending its
+    output to ``log``."""
     with log.open("ab") as out:
         popen = subprocess.Popen(
             [sys.executable, "-m", *args],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     return Proc(popen, log)
 

@@ -16,7 +16,6 @@ import queue
 import re
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE
 from edgefleet.controlplane.trust.keys import KeyDir
 from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2_grpc
 from tests.conftest import free_port
-from tests.e2e.fleet_harness import REPO, Proc, fleetctl, wait_for
+from tests.e2e.fleet_harness import REPO, Proc, fleetctl, spawn, wait_for
 from tests.mqtt_tls import Probe, TlsBroker
 
 DEPLOY_SYSTEMD = REPO / "deploy" / "systemd"
@@ -43,19 +42,6 @@ CRL_UNIT = DEPLOY_SYSTEMD / "edgefleet-crl.service"
 CRL_TIMER = DEPLOY_SYSTEMD / "edgefleet-crl.timer"
 INSTALLED_CRL = "devices.crl.pem"  # the file name the unit installs, beside Mosquitto's config
 DESIRED_STATE_LINE = "desired state: generation"  # what the agent logs for each message it receives
-
-
-def spawn_with_env(args: list[str], log: Path, env: dict[str, str]) -> Proc:
-    """``python -m ARGS`` from the repository with ``env`` added to ours, output to ``log``."""
-    with log.open("ab") as out:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", *args],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-        )
-    return Proc(popen, log)
 
 
 @dataclass
@@ -109,7 +95,7 @@ class Replica:
     def launch(self, *, db_url: str, keys: KeyDir, broker: TlsBroker) -> None:
         """Starts the process without waiting for it (see ``wait_serving``)."""
         env = self.environment(db_url=db_url, keys=keys, broker=broker)
-        self.proc = spawn_with_env(["edgefleet.controlplane.cli", "serve"], self.log, env)
+        self.proc = spawn(["edgefleet.controlplane.cli", "serve"], self.log, env)
 
     def wait_serving(self, ca_pem: bytes) -> None:
         """Returns once the replica's health service answers SERVING (it reflects the database)."""
@@ -167,7 +153,7 @@ class Agent:
             "--telemetry-interval", "1",
             "--threads", "1",
         ]  # fmt: skip
-        self.proc = spawn_with_env(args, self.log, {})
+        self.proc = spawn(args, self.log, {})
 
     def enrolled_id(self) -> str | None:
         identity = load_identity(self.state_dir / "identity.json")
