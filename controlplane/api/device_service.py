@@ -27,14 +27,14 @@ from edgefleet.controlplane.api.refusals import (
 from edgefleet.controlplane.fleet import audit
 from edgefleet.controlplane.fleet.audit import Outcome
 from edgefleet.controlplane.fleet.changes import ChangeFeed, change_feed
-from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier, wait_event
+from edgefleet.controlplane.fleet.notifier import BatchRead, DesiredStateNotifier, wait_event
 from edgefleet.controlplane.fleet.rbac import secret_sha256
 from edgefleet.controlplane.rollouts import store as rollout_store
 from edgefleet.controlplane.store import access, deployments, devices
 from edgefleet.controlplane.store.blobs import BlobNotFound, BlobStore, InvalidDigest
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.store.errors import TokenRejected
-from edgefleet.controlplane.store.models import Bundle, Device, utcnow
+from edgefleet.controlplane.store.models import Device, utcnow
 from edgefleet.controlplane.trust.ca import (
     CertificateAuthority,
     CertificateError,
@@ -58,25 +58,25 @@ class Revoked(Exception):
     """The device was revoked (or removed) while its stream was open."""
 
 
-def desired_state_of(session: Session, device_id: str) -> device_pb2.DesiredState | None:
-    """The nudge for the device's current generation, or None before its first assignment;
-    raises Revoked.
+def desired_states(session: Session, device_ids: list[str]) -> dict[str, device_pb2.DesiredState]:
+    """The nudge for each listed device's current generation, read in one query per
+    ``devices.ID_CHUNK`` devices; generation 0 before its first assignment (nothing to send).
+    A device revoked or removed is missing: its stream ends.
 
     A device whose last model was undeployed holds none, yet its generation moved: it still
     gets the nudge (without a bundle), or it would keep serving what it no longer may.
     ``bundle`` names the most recently deployed model, a hint only: the agent installs what
     the signed director targets list.
     """
-    device = session.get(Device, device_id)
-    if device is None or device.revoked_at is not None:
-        raise Revoked(device_id)
-    if device.desired_generation <= 0:
-        return None
-    state = device_pb2.DesiredState(generation=device.desired_generation)
-    bundle = session.get(Bundle, device.desired_bundle_id) if device.desired_bundle_id else None
-    if bundle is not None:
-        state.bundle.CopyFrom(common_pb2.BundleRef(name=bundle.name, version=bundle.version))
-    return state
+    states: dict[str, device_pb2.DesiredState] = {}
+    for device_id, row in devices.desired_rows(session, device_ids).items():
+        if row.revoked:
+            continue
+        state = device_pb2.DesiredState(generation=max(row.generation, 0))
+        if row.generation > 0 and row.bundle_name is not None and row.bundle_version is not None:
+            state.bundle.CopyFrom(common_pb2.BundleRef(name=row.bundle_name, version=row.bundle_version))
+        states[device_id] = state
+    return states
 
 
 MAX_REPORTED_MODELS = 64
@@ -163,6 +163,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self.chunk_size = chunk_size
         self.recheck_seconds = recheck_seconds
         self.feed: ChangeFeed | None = None  # while changes() runs
+        # Every woken stream of this replica reads its state through here: one read-only
+        # query for all the streams a change woke, not a transaction each.
+        self.desired: BatchRead[str, device_pb2.DesiredState] = BatchRead(self._read_desired)
+
+    async def _read_desired(self, device_ids: list[str]) -> dict[str, device_pb2.DesiredState]:
+        return await self.db.read(lambda s: desired_states(s, device_ids))
 
     async def Enroll(self, request: device_pb2.EnrollRequest, context: Context) -> device_pb2.EnrollResponse:
         """Every refusal here is a stranger's: audited once per peer and reason a window (the
@@ -279,16 +285,16 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     ) -> AsyncIterator[device_pb2.DesiredState]:
         """Sends the device's desired state, then again whenever it moves. An idle stream costs
         the database nothing: it re-reads only when woken, by a change made here, a notice from
-        another replica, or the replica's periodic safety net (``fleet.changes``)."""
+        another replica, or the replica's periodic safety net (``fleet.changes``). The read
+        is batched (``self.desired``) with those of the other streams woken with it."""
         device = await authenticate_device(self.db, context)
         with self.notifier.subscribe(device.id) as watch:
             while True:
                 watch.event.clear()
-                try:
-                    state = await self.db.run(lambda s: desired_state_of(s, device.id))
-                except Revoked as exc:
-                    raise Unauthenticated(f"device {device.id} was revoked", charges=False) from exc
-                if state is not None and state.generation > watch.sent:
+                state = await self.desired.read(device.id)
+                if state is None:
+                    raise Unauthenticated(f"device {device.id} was revoked", charges=False)
+                if state.generation > watch.sent:
                     watch.sent = state.generation
                     yield state
                 await wait_event(watch.event, None)
@@ -298,12 +304,17 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         """Runs the replica's change feed (LISTEN with PostgreSQL) and the safety net
         re-checking all streams every ``recheck_seconds`` (jittered): one registration on the
         server's exit stack. Without it streams wake only on this process's own changes."""
-        async with change_feed(self.db, self.notifier, interval=self.recheck_seconds) as feed:
-            self.feed = feed
-            try:
-                yield feed
-            finally:
-                self.feed = None
+        try:
+            async with change_feed(self.db, self.notifier, interval=self.recheck_seconds) as feed:
+                self.feed = feed
+                try:
+                    yield feed
+                finally:
+                    self.feed = None
+        finally:
+            # The read threads and the read-only pool close with the server (made again on
+            # use, should a late read come).
+            await asyncio.to_thread(self.db.dispose)
 
     async def ReportStatus(self, request: device_pb2.StatusReport, context: Context) -> device_pb2.StatusAck:
         device = await authenticate_device(self.db, context)

@@ -50,12 +50,14 @@ def parse_notice(payload: str) -> tuple[str, list[str]]:
 
 async def recheck(db: Database, notifier: DesiredStateNotifier) -> int:
     """Wakes every connected stream that is behind the database (or revoked), reading all
-    their generations in one query (per MAX_IDS_PER_QUERY streams); returns how many woke."""
+    their generations in one read-only query (per MAX_IDS_PER_QUERY streams: on SQLite it
+    takes no write lock); returns how many woke. The woken streams read their states
+    together again (``DeviceService.desired``)."""
     connected = notifier.connected()
     woken = 0
     for start in range(0, len(connected), MAX_IDS_PER_QUERY):
         batch = connected[start : start + MAX_IDS_PER_QUERY]
-        generations = await db.run(lambda s, batch=batch: devices.desired_generations(s, batch))  # type: ignore[misc]
+        generations = await db.read(lambda s, batch=batch: devices.desired_generations(s, batch))  # type: ignore[misc]
         behind = notifier.stale({d: generations.get(d) for d in batch})
         notifier.notify(behind)
         woken += len(behind)

@@ -5,6 +5,7 @@ change, and the certificate records revocation and device authentication read.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import and_, event, or_, text
@@ -12,7 +13,7 @@ from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
 from edgefleet.controlplane.store.errors import DeviceNotFound
-from edgefleet.controlplane.store.models import Device, DeviceCertificate, DeviceModel
+from edgefleet.controlplane.store.models import Bundle, Device, DeviceCertificate, DeviceModel
 from edgefleet.controlplane.store.values import as_utc, first_few
 
 ID_CHUNK = 5000  # ids per IN list: well under SQLite's and PostgreSQL's bound-parameter limits
@@ -190,3 +191,49 @@ def desired_generations(session: Session, device_ids: Sequence[str]) -> dict[str
         device_id: None if revoked_at is not None else generation
         for device_id, generation, revoked_at in rows
     }
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredRow:
+    """What a desired-state stream needs of one device: its generation, whether it was revoked,
+    and the name and version of its most recently deployed bundle (None: none)."""
+
+    generation: int
+    revoked: bool
+    bundle_name: str | None
+    bundle_version: int | None
+
+
+def desired_rows(session: Session, device_ids: Sequence[str]) -> dict[str, DesiredRow]:
+    """Each listed device's desired state, read in one query per ID_CHUNK ids, and their
+    bundles' names in one more (a deploy names one or a few); a device removed is missing. The
+    batched read behind every woken desired-state stream of a replica, instead of one
+    transaction per stream."""
+    rows: list[tuple[str, int, bool, int | None]] = []
+    ids = list(dict.fromkeys(device_ids))
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start : start + ID_CHUNK]
+        rows.extend(
+            (device_id, generation, revoked_at is not None, bundle_id)
+            for device_id, generation, revoked_at, bundle_id in session.exec(
+                select(
+                    Device.id, Device.desired_generation, Device.revoked_at, Device.desired_bundle_id
+                ).where(col(Device.id).in_(chunk))
+            ).all()
+        )
+    wanted = {bundle_id for *_, bundle_id in rows if bundle_id is not None}
+    bundles = (
+        {
+            bundle_id: (name, version)
+            for bundle_id, name, version in session.exec(
+                select(Bundle.id, Bundle.name, Bundle.version).where(col(Bundle.id).in_(sorted(wanted)))
+            ).all()
+        }
+        if wanted
+        else {}
+    )
+    found: dict[str, DesiredRow] = {}
+    for device_id, generation, revoked, bundle_id in rows:
+        name, version = bundles.get(bundle_id, (None, None)) if bundle_id is not None else (None, None)
+        found[device_id] = DesiredRow(generation, revoked, name, version)
+    return found
