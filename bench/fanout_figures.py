@@ -33,7 +33,7 @@ class Run:
     cp_rss_enrolled_mib: float = 0.0
     cp_rss_connected_mib: float = 0.0
     cp_rss_after_fanout_mib: float = 0.0
-    fleet_cpu_max: float = 0.0  # the busiest fleet worker's CPU over the deploy's wall time
+    fleet_cpu_max: float = 0.0  # the busiest fleet worker's CPU over the deploy fan-out's wall time
     cp_cpu: float = 0.0  # the control plane's, likewise (2.0 = two cores)
     sim_rss_per_device_kib: float = 0.0  # the fleet workers' RSS growth per device
 
