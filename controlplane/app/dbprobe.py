@@ -2,14 +2,18 @@
 
 A fresh connection per probe (no pool): a probe through the serving pool would wait behind
 busy connections and report the pool's load, not whether the database answers, and a pooled
-connection that died would answer for the first probe only. Each probe is bounded: the connect
-timeout and a statement timeout on the server, and a deadline on the waiting side too.
+connection that died would answer for the first probe only. For the same reason the probe runs
+on a thread of its own, not on the default executor the database work shares: during a burst
+(a deploy to every device) it would queue behind stream reads and status reports, miss its
+deadline and turn a healthy replica NOT_SERVING. Each probe is bounded: the connect timeout and
+a statement timeout on the server, and a deadline on the waiting side too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
@@ -25,10 +29,12 @@ class SqlProbe:
     def __init__(self, url: str, *, timeout: float) -> None:
         self.timeout = timeout
         self._engine = _probe_engine(url, timeout)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="database-probe")
 
     async def alive(self) -> bool:
+        probe = asyncio.get_running_loop().run_in_executor(self._thread, self._select_one)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._select_one), self.timeout + 1.0)
+            return await asyncio.wait_for(probe, self.timeout + 1.0)
         except TimeoutError:
             return False
 
@@ -42,6 +48,7 @@ class SqlProbe:
         return True
 
     def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
         self._engine.dispose()
 
 
