@@ -63,7 +63,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -84,9 +83,9 @@ from bench.replicas_notify import (
     replica_cluster,
     settled,
 )
-from bench.services import postgres_server, start_broker, throwaway_database
+from bench.services import replica_services
 from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle
-from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.controlplane.trust.keys import KeyDir
 
 REPLICAS = 3
 SAFETY_NET_S = 30.0  # fleetctl serve's default
@@ -380,21 +379,25 @@ def main(argv: list[str] | None = None) -> None:
     files = raise_fd_limit()
     model = args.model or default_model()
     load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
-    with tempfile.TemporaryDirectory(prefix="edgefleet-replicas-") as tmp, postgres_server() as admin:
-        work = Path(tmp)
-        keys = init_keys(work / "keys")
+    with replica_services("edgefleet-replicas-") as shared:
         progress(f"building a bundle of {model.name}")
         bundle = build_bundle(
-            model, name="blobbench", version=1, out=work / "blob-bundle", signers=keys.release_signers()
+            model,
+            name="blobbench",
+            version=1,
+            out=shared.work / "blob-bundle",
+            signers=shared.keys.release_signers(),
         )
-        broker = start_broker(work / "mosquitto")
-        try:
-            with throwaway_database(admin) as db_url:
-                results = asyncio.run(
-                    measure(config, db_url=db_url, mqtt_url=broker.url, keys=keys, work=work, bundle=bundle)
-                )
-        finally:
-            broker.stop()
+        results = asyncio.run(
+            measure(
+                config,
+                db_url=shared.db_url,
+                mqtt_url=shared.mqtt_url,
+                keys=shared.keys,
+                work=shared.work,
+                bundle=bundle,
+            )
+        )
     settings = {
         "replicas": REPLICAS,
         "in_process": True,

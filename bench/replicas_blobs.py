@@ -29,7 +29,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,14 +38,14 @@ from typing import Any
 import grpc
 from securesystemslib.signer import Signer
 
-from bench.services import postgres_server, start_broker, throwaway_database
+from bench.services import replica_services
 from edgefleet.agent.device.tls import DeviceCertificate, csr_pem, new_key, store_certificate
 from edgefleet.controlplane.app.server import MAX_MESSAGE_BYTES, RunningControlPlane, start_control_plane
 from edgefleet.controlplane.app.settings import Settings
 from edgefleet.controlplane.build.bundles import BundleOnDisk, build_bundle
 from edgefleet.controlplane.cli.client import operator_stub, publish_bundle
 from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE
-from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.controlplane.trust.keys import KeyDir
 from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc, operator_pb2
 
 TARGET_RATIO = 0.8
@@ -278,31 +277,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sqlite-baseline", action="store_true", help="also one control plane on SQLite")
     args = parser.parse_args(argv)
     model = args.model or default_model()
-    with tempfile.TemporaryDirectory(prefix="edgefleet-blobs-") as tmp, postgres_server() as admin:
-        work = Path(tmp)
-        keys = init_keys(work / "keys")
-        broker = start_broker(work / "mosquitto")
-        try:
-            with throwaway_database(admin) as db_url:
-                result = asyncio.run(
-                    measure(
-                        db_url=db_url,
-                        mqtt_url=broker.url,
-                        keys=keys,
-                        model=model,
-                        work=work / "pg",
-                        rounds=args.rounds,
-                    )
+    with replica_services("edgefleet-blobs-") as shared:
+        result = asyncio.run(
+            measure(
+                db_url=shared.db_url,
+                mqtt_url=shared.mqtt_url,
+                keys=shared.keys,
+                model=model,
+                work=shared.work / "pg",
+                rounds=args.rounds,
+            )
+        )
+        if args.sqlite_baseline:
+            single = asyncio.run(
+                single_node_rate(
+                    mqtt_url=shared.mqtt_url,
+                    keys=shared.keys,
+                    model=model,
+                    work=shared.work / "sqlite",
+                    rounds=args.rounds,
                 )
-            if args.sqlite_baseline:
-                single = asyncio.run(
-                    single_node_rate(
-                        mqtt_url=broker.url, keys=keys, model=model, work=work / "sqlite", rounds=args.rounds
-                    )
-                )
-                result["sqlite_single_node_MiB_s"] = round(single / 2**20, 1)
-        finally:
-            broker.stop()
+            )
+            result["sqlite_single_node_MiB_s"] = round(single / 2**20, 1)
     line = {
         "benchmark": "replicas_blobs",
         "figures": result,

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,8 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from bench.replicas_notify import connected_fleets, replica_cluster
-from bench.services import postgres_server, start_broker, throwaway_database
-from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from bench.services import replica_services
+from edgefleet.controlplane.trust.keys import KeyDir
 
 STATS_SETTLE_S = 12.0  # > PostgreSQL's 10 s flush delay for an idle backend's statistics
 TARGET_COMMITS_PER_DEVICE_S = 0.001
@@ -143,26 +142,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=60.0)
     parser.add_argument("--safety-net", type=float, default=30.0)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-idle-") as tmp, postgres_server() as admin:
-        work = Path(tmp)
-        keys = init_keys(work / "keys")
-        broker = start_broker(work / "mosquitto")
-        try:
-            with throwaway_database(admin) as db_url:
-                result = asyncio.run(
-                    measure_idle_commits(
-                        db_url=db_url,
-                        mqtt_url=broker.url,
-                        keys=keys,
-                        work=work,
-                        devices=args.devices,
-                        replicas=args.replicas,
-                        interval_s=args.interval,
-                        safety_net_s=args.safety_net,
-                    )
-                )
-        finally:
-            broker.stop()
+    with replica_services("edgefleet-idle-") as shared:
+        result = asyncio.run(
+            measure_idle_commits(
+                db_url=shared.db_url,
+                mqtt_url=shared.mqtt_url,
+                keys=shared.keys,
+                work=shared.work,
+                devices=args.devices,
+                replicas=args.replicas,
+                interval_s=args.interval,
+                safety_net_s=args.safety_net,
+            )
+        )
     line = {
         "benchmark": "replicas_idle",
         "figures": result,

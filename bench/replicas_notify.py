@@ -32,21 +32,20 @@ import contextlib
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.services import postgres_server, start_broker, throwaway_database
+from bench.services import replica_services
 from bench.sim_bundle import build_sim_bundle
 from bench.sim_fleet import SimDevice, SimFleet
 from edgefleet.controlplane.app.server import RunningControlPlane, start_control_plane
 from edgefleet.controlplane.app.settings import Settings
 from edgefleet.controlplane.cli.client import operator_stub, publish_bundle
 from edgefleet.controlplane.fleet.rbac import ADMIN_TOKEN_FILE
-from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+from edgefleet.controlplane.trust.keys import KeyDir
 from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 SAFETY_NET_S = 3600.0  # never fires during a run: only notices wake streams
@@ -260,25 +259,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=100)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-notify-") as tmp, postgres_server() as admin:
-        work = Path(tmp)
-        keys = init_keys(work / "keys")
-        broker = start_broker(work / "mosquitto")
-        try:
-            with throwaway_database(admin) as db_url:
-                result = asyncio.run(
-                    measure_notify_latency(
-                        db_url=db_url,
-                        mqtt_url=broker.url,
-                        keys=keys,
-                        work=work,
-                        devices=args.devices,
-                        replicas=args.replicas,
-                        rounds=args.rounds,
-                    )
-                )
-        finally:
-            broker.stop()
+    with replica_services("edgefleet-notify-") as shared:
+        result = asyncio.run(
+            measure_notify_latency(
+                db_url=shared.db_url,
+                mqtt_url=shared.mqtt_url,
+                keys=shared.keys,
+                work=shared.work,
+                devices=args.devices,
+                replicas=args.replicas,
+                rounds=args.rounds,
+            )
+        )
     cross, same = result["cross_replica"], result["same_replica"]
     line = {
         "benchmark": "replicas_notify",

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet.controlplane.trust.keys import KeyDir, init_keys
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -154,3 +156,29 @@ def throwaway_database(admin_dsn: str) -> Iterator[str]:
             yield f"postgresql+psycopg://{admin.info.user}@{host}:{port}/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass(frozen=True)
+class ReplicaServices:
+    """What a multi-replica bench's control planes share: a work dir, fleet keys, a broker and
+    a database."""
+
+    work: Path
+    keys: KeyDir
+    mqtt_url: str
+    db_url: str
+
+
+@contextlib.contextmanager
+def replica_services(prefix: str) -> Iterator[ReplicaServices]:
+    """A temp work dir (``prefix``), keys from ``init_keys``, a Mosquitto of our own and a
+    throwaway PostgreSQL database, all removed at the end."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, postgres_server() as admin:
+        work = Path(tmp)
+        keys = init_keys(work / "keys")
+        broker = start_broker(work / "mosquitto")
+        try:
+            with throwaway_database(admin) as db_url:
+                yield ReplicaServices(work, keys, broker.url, db_url)
+        finally:
+            broker.stop()
