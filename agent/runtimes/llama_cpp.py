@@ -40,7 +40,6 @@ a running generation.
 from __future__ import annotations
 
 import ctypes
-import math
 import secrets
 import threading
 from collections.abc import Callable, Generator, Sequence
@@ -69,6 +68,7 @@ from edgefleet.agent.runtimes.base import (
     smoke_generate,
 )
 from edgefleet.agent.runtimes.llama_build import refuse_crashing_build
+from edgefleet.agent.runtimes.llama_embedder import LlamaEmbedder
 from edgefleet.agent.runtimes.prompt import (
     Piece,
     PromptLimit,
@@ -376,7 +376,7 @@ class LlamaCppRuntime:
         self._is_eog = is_end_of_generation
         self._slot = threading.Lock()  # held by the generation in progress
         self._pooling = embedding_pooling
-        self._embedder: _Embedder | None = None  # created on first use, on the llama thread
+        self._embedder: LlamaEmbedder | None = None  # created on first use, on the llama thread
         self._embedding_window = min(_EMBEDDING_WINDOW, description.n_ctx)
         self._limit = PromptLimit(description.n_ctx, max_token_bytes)
         self._embedding_limit = PromptLimit(self._embedding_window, max_token_bytes)
@@ -456,7 +456,7 @@ class LlamaCppRuntime:
         llama = self._loaded()
         if self._embedder is None:
             assert self._pooling is not None
-            self._embedder = _Embedder(llama, window=self._embedding_window, pooling=self._pooling)
+            self._embedder = LlamaEmbedder(llama, window=self._embedding_window, pooling=self._pooling)
         return self._embedder.embed(tokens)
 
     def smoke_test(self) -> None:
@@ -539,63 +539,3 @@ class LlamaCppRuntime:
         finally:
             tokens.close()
         yield Delta(text.flush(), finish)
-
-
-class _Embedder:
-    """A second llama.cpp context over the generation model's weights, in embedding mode.
-
-    Built on the llama thread and used there only (see the module docstring for why a
-    second context and why a small window). Numerics match llama-cpp-python's own
-    `Llama(embedding=True).embed(normalize=True)` with the same pooling: flash attention
-    is off as the library sets it, and the whole text is one micro-batch (llama.cpp pools
-    within a micro-batch, so a text split across two would be pooled wrongly).
-    """
-
-    def __init__(self, llama: Llama, *, window: int, pooling: int) -> None:
-        import llama_cpp
-
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = window
-        params.n_batch = window
-        params.n_ubatch = window
-        params.n_seq_max = 1
-        params.n_threads = llama.n_threads
-        params.n_threads_batch = llama.n_threads_batch
-        params.embeddings = True
-        params.pooling_type = pooling
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.no_perf = True
-        self._lib: Any = llama_cpp
-        self._window = window
-        self._n_embd = int(llama_cpp.llama_model_n_embd(llama.model))
-        self._ctx: Any = llama_cpp.llama_init_from_model(llama.model, params)
-        if not self._ctx:
-            raise GenerationError("llama.cpp could not create an embedding context (out of memory?)")
-        self._batch: Any = llama_cpp.llama_batch_init(window, 0, 1)
-
-    def embed(self, tokens: list[int]) -> tuple[float, ...]:
-        lib, batch = self._lib, self._batch
-        assert 0 < len(tokens) <= self._window
-        batch.n_tokens = len(tokens)
-        for position, token in enumerate(tokens):
-            batch.token[position] = token
-            batch.pos[position] = position
-            batch.n_seq_id[position] = 1
-            batch.seq_id[position][0] = 0
-            batch.logits[position] = True  # pooling reads every token's output
-        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
-        status = lib.llama_decode(self._ctx, batch)
-        if status != 0:
-            raise GenerationError(f"llama.cpp failed to embed ({status})")
-        pooled = lib.llama_get_embeddings_seq(self._ctx, 0)
-        if not pooled:
-            raise GenerationError("llama.cpp returned no pooled embedding")
-        values: list[float] = pooled[: self._n_embd]
-        norm = math.sqrt(math.fsum(value * value for value in values))
-        if norm == 0.0:
-            return tuple(values)
-        return tuple(value / norm for value in values)
-
-    def close(self) -> None:
-        self._lib.llama_batch_free(self._batch)
-        self._lib.llama_free(self._ctx)
