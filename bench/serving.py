@@ -22,6 +22,9 @@ adds per token), time to first token (TTFT) of the same request, and end-to-end 
 of a non-streamed one. The headline `ratio` is streamed decode tokens/s, API over direct
 (target >= 0.95); the API's added TTFT is its TTFT minus the direct one (target <= 20 ms).
 The peer's same two figures say what a plain wrapper around the same library costs.
+`constrained` is the cost of constrained decoding: the API's streamed chat decode tokens/s
+with a ``json_schema`` response format over the same chat without one, same prompt and
+settings, in the same rounds (bench.serving_constrained; target >= 0.9).
 Progress goes to stderr; the last stdout line is JSON.
 """
 
@@ -35,9 +38,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.serving_constrained import chat_body, chat_streamed
+from bench.serving_constrained import figures as constrained_figures
 from bench.serving_sides import Api, Direct, HttpSide, Peer, Run, Settings, serve
 from edgefleet.agent.device.hardware import usable_cpus
 
@@ -97,6 +103,14 @@ def measure(settings: Settings, path: Path) -> dict[str, Any]:
             server.plain()
             server.streamed(reference.tokens)
         direct.streamed(reference.tokens)
+        # The constrained-decoding pair, through the API (bench.serving_constrained).
+        chats: dict[str, Callable[[], Run]] = {
+            name: partial(chat_streamed, api.base_url, chat_body(settings, constrained=constrained))
+            for name, constrained in (("chat", False), ("chat_json", True))
+        }
+        for run_chat in chats.values():  # the first constrained request builds the grammar tokenizer
+            run_chat()
+        chat_runs: dict[str, list[Run]] = {name: [] for name in chats}
         sides: dict[str, Callable[[], tuple[Run, Run]]] = {
             "direct": lambda: (direct.plain(), direct.streamed(reference.tokens)),
             "api": lambda: (api.plain(), api.streamed(reference.tokens)),
@@ -112,11 +126,17 @@ def measure(settings: Settings, path: Path) -> dict[str, Any]:
                 whole, streamed = sides[name]()
                 plain[name].append(whole)
                 stream[name].append(streamed)
+            pair = list(chats)
+            for name in pair[index % 2 :] + pair[: index % 2]:
+                time.sleep(PAUSE_S)
+                chat_runs[name].append(chats[name]())
             log(
                 f"run {index + 1}/{settings.runs}: stream decode tok/s "
                 + ", ".join(f"{name} {stream[name][-1].decode_tps():.1f}" for name in names)
                 + "; TTFT ms "
                 + ", ".join(f"{name} {stream[name][-1].ttft_ms():.1f}" for name in names)
+                + "; chat decode tok/s "
+                + ", ".join(f"{name} {chat_runs[name][-1].decode_tps():.1f}" for name in chat_runs)
             )
     finally:
         for server in servers:
@@ -163,6 +183,7 @@ def measure(settings: Settings, path: Path) -> dict[str, Any]:
             "ratio_non_streamed": round(theirs["e2e"] / base["e2e"], 4),
             "outputs_identical": identical("peer"),
         },
+        "constrained": constrained_figures(chat_runs["chat"], chat_runs["chat_json"]),
         "ratio": round(ratio, 4),
         "ratio_basis": "streamed decode tokens/s, API over direct llama-cpp-python (medians)",
         "target": TARGET_RATIO,
@@ -204,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     log(
         f"API: decode ratio {result['ratio']:.3f} (target >= {TARGET_RATIO}), "
         f"TTFT added {figures['api_ttft_added_ms']:.1f} ms (target <= {TARGET_TTFT_ADDED_MS:.0f}); "
-        f"peer: decode ratio {peer['ratio_streamed_decode']:.3f}, TTFT added {peer['ttft_added_ms']:.1f} ms"
+        f"peer: decode ratio {peer['ratio_streamed_decode']:.3f}, TTFT added {peer['ttft_added_ms']:.1f} ms; "
+        f"json_schema decode ratio {result['constrained']['ratio_json_schema_decode']:.3f} "
+        f"(target >= {result['constrained']['target']})"
     )
     print(json.dumps(result))
 
