@@ -57,7 +57,12 @@ from edgefleet.agent.runtimes.constraints import json_schema_grammar, lark_gramm
 MAX_PARALLEL_CALLS = 4  # calls one reply may make when parallel_tool_calls allows several
 
 
-def _refuse(message: str, param: str, code: str = "invalid_value") -> APIError:
+# Error codes of refusals no JSON schema can state (so the API's schema cannot either).
+INVALID_SCHEMA = "invalid_schema"  # a schema or grammar the engine cannot compile, or too large
+INVALID_TOOLS = "invalid_tools"  # tool_choice naming no listed tool, duplicate names, ...
+
+
+def _refuse(message: str, param: str, code: str) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -89,7 +94,7 @@ class OutputFormat:
                 return lark_grammar(self.grammar, gbnf=self.gbnf)
             return json_schema_grammar(self.schema, strict=self.strict)
         except ConstraintError as exc:
-            raise _refuse(f"{param}: {exc}", param, "invalid_schema") from exc
+            raise _refuse(f"{param}: {exc}", param, INVALID_SCHEMA) from exc
 
 
 @dataclass(slots=True)
@@ -127,11 +132,13 @@ class ChatPlan:
         if not isinstance(choice, str):
             named = getattr(getattr(choice, "function", None), "name", None) or getattr(choice, "name", None)
             if named not in {tool.function.name for tool in tools}:
-                raise _refuse(f"tool_choice names function {named!r}, which is not in tools", "tool_choice")
+                message = f"tool_choice names function {named!r}, which is not in tools"
+                raise _refuse(message, "tool_choice", INVALID_TOOLS)
         elif choice == "required" and not tools:
-            raise _refuse("tool_choice 'required' needs at least one tool in tools", "tool_choice")
+            message = "tool_choice 'required' needs at least one tool in tools"
+            raise _refuse(message, "tool_choice", INVALID_TOOLS)
         if len({tool.function.name for tool in tools}) != len(tools):
-            raise _refuse("tools: function names must be unique", "tools")
+            raise _refuse("tools: function names must be unique", "tools", INVALID_TOOLS)
         offered = [tool for tool in tools if named is None or tool.function.name == named]
         use_tools = bool(offered) and choice != "none"
         plan = cls(messages=_messages(messages, tools_prompt(tools) if use_tools else None))
@@ -243,7 +250,7 @@ def _compile_calls(tools: Sequence[ToolParam], *, most: int, alternative: dict[s
     try:
         return lark_grammar(calls_lark(tools, most=most, alternative=alternative))
     except ConstraintError as exc:
-        raise _refuse(f"{param}: {exc}", param, "invalid_schema") from exc
+        raise _refuse(f"{param}: {exc}", param, INVALID_SCHEMA) from exc
 
 
 def _messages(messages: Sequence[ChatMessageParam], preamble: str | None) -> list[ChatMessage]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 
 from edgefleet.agent.api.protocol import (
@@ -24,7 +24,7 @@ from edgefleet.agent.api.protocol import (
     OpenAIRequestModel,
     PositiveInteger,
 )
-from edgefleet.agent.api.protocol_tools import FUNCTION_NAME, MAX_TOOL_CALL_ID_CHARS
+from edgefleet.agent.api.protocol_tools import FUNCTION_NAME
 
 
 class InputTextPart(OpenAIRequestModel):
@@ -32,13 +32,37 @@ class InputTextPart(OpenAIRequestModel):
     text: str
 
 
+def _needs(kind: str, *fields: str) -> dict[str, Any]:
+    """JSON schema: an item of ``type`` ``kind`` carries ``fields`` as strings."""
+    return {
+        "if": {"properties": {"type": {"const": kind}}, "required": ["type"]},
+        "then": {"properties": {name: {"type": "string"} for name in fields}, "required": list(fields)},
+    }
+
+
 class InputItem(OpenAIRequestModel):
     """A message (``type`` "message" or absent), a function call the model made, or its output."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                _needs("function_call", "call_id", "name", "arguments"),
+                _needs("function_call_output", "call_id", "output"),
+                {
+                    "if": {
+                        "properties": {"type": {"enum": ["function_call", "function_call_output"]}},
+                        "required": ["type"],
+                    },
+                    "else": {"properties": {"role": {"type": "string"}}, "required": ["role"]},
+                },
+            ]
+        }
+    )
 
     type: Literal["message", "function_call", "function_call_output"] | None = None
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputTextPart] | None = None
-    call_id: str | None = Field(default=None, max_length=MAX_TOOL_CALL_ID_CHARS)
+    call_id: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)
     name: str | None = Field(default=None, max_length=64)
     arguments: str | None = None
     output: str | None = None
@@ -78,6 +102,17 @@ class FunctionChoice(OpenAIRequestModel):
 
 
 class TextFormat(OpenAIRequestModel):
+    model_config = ConfigDict(
+        populate_by_name=True,
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+            "then": {
+                "properties": {"name": {"type": "string"}, "schema": {"type": "object"}},
+                "required": ["name", "schema"],
+            },
+        },
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = Field(default=None, pattern=FUNCTION_NAME)
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -100,7 +135,14 @@ _FALSE_OR_NULL: dict[str, Any] = {"anyOf": [{"const": False}, {"type": "null"}]}
 
 class ResponsesRequest(OpenAIRequestModel):
     model: str = Field(max_length=MAX_NAME_CHARS)
-    input: str | list[InputItem]
+    input: str | list[InputItem] = Field(
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"$ref": "#/components/schemas/InputItem"}, "minItems": 1},
+            ]
+        }
+    )
     instructions: str | None = None
     tools: list[FunctionToolParam] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None

@@ -12,6 +12,37 @@ from edgefleet.agent.api.serving_responses import ServingResponses
 
 router = APIRouter(route_class=BoundedBodyRoute)
 
+# One event of a streamed response: a response.* event (its fields depend on its type), an
+# error, or the closing [DONE]; OpenAPI 3.1's contentSchema says what the JSON data holds.
+_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {
+                        "anyOf": [
+                            {
+                                "type": "object",
+                                "required": ["type", "sequence_number"],
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "sequence_number": {"type": "integer"},
+                                },
+                            },
+                            {"$ref": "#/components/schemas/ErrorResponse"},
+                        ]
+                    },
+                },
+            ]
+        }
+    },
+}
+
 
 def responses_serving(request: Request) -> ServingResponses:
     value = getattr(request.app.state, "serving_responses", None)
@@ -27,6 +58,7 @@ def responses_serving(request: Request) -> ServingResponses:
         200: {
             "model": ResponseObject,
             "description": "The response, or with stream=true response.* events (server-sent events)",
+            "content": {"text/event-stream": {"schema": _EVENT}},
         },
         **MODEL_ERRORS,
     },

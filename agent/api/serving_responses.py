@@ -97,7 +97,9 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
-        raise APIError(400, f"input: {where}: {first.get('msg', 'invalid')}", param="input") from exc
+        raise APIError(
+            400, f"input: {where}: {first.get('msg', 'invalid')}", param="input", code="invalid_value"
+        ) from exc
 
 
 @dataclass(slots=True)
