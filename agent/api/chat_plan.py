@@ -73,7 +73,6 @@ class OutputFormat:
 
     json: bool = False
     schema: dict[str, Any] | None = None
-    strict: bool = False
     grammar: str | None = None
     gbnf: bool = False
 
@@ -83,7 +82,7 @@ class OutputFormat:
             return cls(json=True)
         if isinstance(value, ResponseFormatJSONSchema):
             spec = value.json_schema
-            return cls(json=True, schema=spec.schema_ or {}, strict=bool(spec.strict))
+            return cls(json=True, schema=spec.schema_ or {})
         if isinstance(value, ResponseFormatGrammar):
             return cls(grammar=value.grammar, gbnf=value.syntax == "gbnf")
         return None
@@ -92,7 +91,7 @@ class OutputFormat:
         try:
             if self.grammar is not None:
                 return lark_grammar(self.grammar, gbnf=self.gbnf)
-            return json_schema_grammar(self.schema, strict=self.strict)
+            return json_schema_grammar(self.schema)
         except ConstraintError as exc:
             raise _refuse(f"{param}: {exc}", param, INVALID_SCHEMA) from exc
 

@@ -89,8 +89,7 @@ def calls_lark(tools: Sequence[ToolParam], *, most: int, alternative: dict[str, 
     """A Lark grammar: one to ``most`` calls to ``tools``, or instead the JSON of ``alternative``
     when given (tool_choice auto with a response_format). The bound matters: a small model,
     allowed to, keeps calling until it runs out of tokens, and the last call is then cut."""
-    strict = all(tool.function.strict for tool in tools)
-    options = json_compile_options(strict=strict)
+    options = json_compile_options()
     bodies = [call_schema(tool) for tool in tools]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
     lines = [

@@ -65,13 +65,15 @@ def check_schema_size(schema: Any, *, what: str = "schema") -> None:
             stack.extend((item, depth + 1) for item in value)
 
 
-def json_compile_options(*, strict: bool) -> dict[str, Any]:
-    """Compiler options: ``strict`` refuses schema keywords the engine cannot enforce (a 400
-    naming them) instead of ignoring them."""
-    return {**_COMPACT, "lenient": not strict}
+def json_compile_options() -> dict[str, Any]:
+    """Compiler options. Not lenient: a schema keyword the engine cannot enforce (``not``,
+    ``uniqueItems``, ``if``/``then``, ...) is refused, naming it, rather than ignored, so what
+    is generated always validates against the schema as sent, ``strict`` or not (OpenAI's
+    strict mode is what every schema gets here)."""
+    return {**_COMPACT, "lenient": False}
 
 
-def json_schema_grammar(schema: dict[str, Any] | None, *, strict: bool) -> str:
+def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     """The grammar for ``schema`` (None: any JSON object), validated; raises ConstraintError."""
     if schema is None:
         schema = {"type": "object"}
@@ -80,7 +82,7 @@ def json_schema_grammar(schema: dict[str, Any] | None, *, strict: bool) -> str:
     try:
         grammar = str(
             llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps(schema), overrides=json_compile_options(strict=strict)
+                json.dumps(schema), overrides=json_compile_options()
             )
         )
     except ValueError as exc:

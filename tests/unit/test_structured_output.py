@@ -35,8 +35,8 @@ def nested(depth: int) -> dict[str, Any]:
 
 
 def test_schemas_and_grammars_compile() -> None:
-    assert json_schema_grammar(PERSON, strict=True)
-    assert json_schema_grammar(None, strict=False)  # json_object: any object
+    assert json_schema_grammar(PERSON)
+    assert json_schema_grammar(None)  # json_object: any object
     assert lark_grammar('root ::= "yes" | "no"', gbnf=True)
     assert lark_grammar('start: "yes" | "no"')
 
@@ -46,12 +46,13 @@ def test_schemas_and_grammars_compile() -> None:
     [
         ({"type": "nonsense"}, "cannot be compiled"),
         (nested(MAX_SCHEMA_DEPTH), "nested deeper"),
+        ({"type": "array", "uniqueItems": True}, "uniqueItems"),  # not enforceable: refused, not ignored
         ({"type": "object", "description": "x" * 70_000}, "larger than"),
     ],
 )
 def test_bad_or_oversized_schemas_are_refused(schema: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConstraintError, match=problem):
-        json_schema_grammar(schema, strict=True)
+        json_schema_grammar(schema)
 
 
 def test_bad_grammar_is_refused() -> None:
