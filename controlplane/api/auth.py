@@ -68,7 +68,8 @@ async def authenticate_device(db: Database, context: Context) -> Device:
             "device calls need the device's client certificate, on the device (mutual TLS) endpoint",
             action="device.authenticate",
         )
-    held = await db.run(lambda s: devices.certificate_holder(s, serial=cert.serial_number))
+    # A read beside the writers (on SQLite the read-only pool): every device call starts here.
+    held = await db.read(lambda s: devices.certificate_holder(s, serial=cert.serial_number))
     name = common_name(cert)[:64]
     if held is None or held[1].id != name:
         raise Unauthenticated(

@@ -35,6 +35,7 @@ from edgefleet.controlplane.store.blobs import BlobNotFound, BlobStore, InvalidD
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.store.errors import TokenRejected
 from edgefleet.controlplane.store.models import Device, utcnow
+from edgefleet.controlplane.store.write_batch import WriteBatch
 from edgefleet.controlplane.trust.ca import (
     CertificateAuthority,
     CertificateError,
@@ -166,6 +167,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         # Every woken stream of this replica reads its state through here: one read-only
         # query for all the streams a change woke, not a transaction each.
         self.desired: BatchRead[str, device_pb2.DesiredState] = BatchRead(self._read_desired)
+        # Status reports share transactions (a savepoint each): after a deploy every device
+        # reports twice within seconds, which as a transaction each queue for the write lock.
+        self.reports = WriteBatch(db)
 
     async def _read_desired(self, device_ids: list[str]) -> dict[str, device_pb2.DesiredState]:
         return await self.db.read(lambda s: desired_states(s, device_ids))
@@ -363,7 +367,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 error=error,
             )
 
-        await self.db.run(apply)
+        await self.reports.run(apply)
         return device_pb2.StatusAck()
 
     async def FetchArtifact(
