@@ -77,13 +77,12 @@ class Run:
 
 def summary(runs: list[Run], notes: list[str], settings: dict[str, Any]) -> dict[str, Any]:
     baseline, largest = runs[0], runs[-1]
-    by_rollout = all(r.rollout_fanout_s is not None for r in runs)
-    of = "rollout" if by_rollout else "deploy"
+    # Judged on the deploy's fan-out, the path every change takes; the rollout's adds its
+    # engine's tick (a fixed second or so), which would flatter the per-device ratio.
+    of = "deploy"
 
     def fanout(run: Run) -> float:
-        value = run.rollout_fanout_s if by_rollout else run.deploy_fanout_s
-        assert value is not None
-        return value
+        return run.deploy_fanout_s
 
     base_ms = fanout(baseline) * 1000 / baseline.devices
     top_ms = fanout(largest) * 1000 / largest.devices
@@ -146,6 +145,7 @@ def summary(runs: list[Run], notes: list[str], settings: dict[str, Any]) -> dict
             "ratio_max": TARGET_RATIO,
             "deploy_call_ms_per_device_max": TARGET_DEPLOY_CALL_MS_PER_DEVICE,
             "deploy_fanout_s_max": TARGET_DEPLOY_FANOUT_S,
+            "rollout_fanout_s_max": TARGET_DEPLOY_FANOUT_S,
             "cp_kib_per_connected_device_max": TARGET_KIB_PER_DEVICE,
             "enroll_per_s_min": TARGET_ENROLL_PER_S,
         },
@@ -154,6 +154,8 @@ def summary(runs: list[Run], notes: list[str], settings: dict[str, Any]) -> dict
             "deploy_call_ms_per_device": largest.deploy_call_ms_per_device
             <= TARGET_DEPLOY_CALL_MS_PER_DEVICE,
             "deploy_fanout_s": largest.deploy_fanout_s <= TARGET_DEPLOY_FANOUT_S,
+            "rollout_fanout_s": largest.rollout_fanout_s is not None
+            and largest.rollout_fanout_s <= TARGET_DEPLOY_FANOUT_S,
             "cp_kib_per_connected_device": memory <= TARGET_KIB_PER_DEVICE,
             "enroll_per_s": largest.enroll_per_s >= TARGET_ENROLL_PER_S,
         },

@@ -48,7 +48,7 @@ def test_summary_judges_the_largest_size_against_every_target() -> None:
         run(10_000, fanout_s=12.0, call_s=5.0, enroll_s=125.0, kib=70.0),
     ]
     line = summary(runs, [], {"sizes": [100, 10_000]})
-    assert line["ratio_of"] == "deploy"  # no rollout measured
+    assert line["ratio_of"] == "deploy"
     assert line["ratio"] == pytest.approx((12.0 / 10_000) / (0.1 / 100))
     figures = line["figures"]
     assert figures["deploy_call_ms_per_device"] == pytest.approx(0.5)
@@ -62,7 +62,19 @@ def test_summary_judges_the_largest_size_against_every_target() -> None:
         "ratio": True,
         "deploy_call_ms_per_device": True,
         "deploy_fanout_s": False,  # 12 s > 10 s
+        "rollout_fanout_s": False,  # not measured
         "cp_kib_per_connected_device": False,  # 70 KiB > 64
         "enroll_per_s": False,  # 80/s < 100
     }
     assert line["target"] == line["targets"]["ratio_max"] == 1.5
+
+
+def test_the_ratio_is_the_deploys_even_when_the_rollout_was_measured() -> None:
+    small = run(100, fanout_s=0.5, call_s=0.05, enroll_s=0.5, kib=60.0)
+    large = run(10_000, fanout_s=8.0, call_s=5.0, enroll_s=60.0, kib=60.0)
+    small.rollout_fanout_s, large.rollout_fanout_s = 1.5, 9.0
+    line = summary([small, large], [], {})
+    assert line["ratio_of"] == "deploy"
+    assert line["ratio"] == pytest.approx((8.0 / 10_000) / (0.5 / 100))
+    assert line["met"]["rollout_fanout_s"] is True
+    assert line["figures"]["scaling"]["rollout"] == pytest.approx((9.0 / 10_000) / (1.5 / 100), abs=1e-3)
