@@ -14,12 +14,15 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp
 
 from edgefleet.agent.api import (
+    ollama,
     routes_chat,
     routes_completions,
     routes_embeddings,
     routes_health,
     routes_metrics,
     routes_models,
+    routes_responses,
+    routes_tokenize,
 )
 from edgefleet.agent.api.admission import AdmissionQueue, QueueLimits
 from edgefleet.agent.api.errors import APIError, install_error_handlers
@@ -31,16 +34,19 @@ from edgefleet.agent.api.serving_base import ServingEndpoint
 from edgefleet.agent.api.serving_chat import ServingChat
 from edgefleet.agent.api.serving_completion import ServingCompletion
 from edgefleet.agent.api.serving_embedding import ServingEmbedding
+from edgefleet.agent.api.serving_responses import ServingResponses
 from edgefleet.agent.runtimes.model_table import ModelTable
 from edgefleet.agent.stats import InferenceStats
 
 ROUTERS = (
     routes_models.router,
+    routes_tokenize.router,
     routes_chat.router,
     routes_completions.router,
     routes_embeddings.router,
     routes_health.router,
     routes_metrics.router,
+    routes_responses.router,
 )
 
 
@@ -84,7 +90,7 @@ def create_app(
     app = DeviceAPI(
         request_limits=request_limits,
         title="edgefleet device API",
-        summary="OpenAI-compatible local inference",
+        summary="OpenAI- and Ollama-compatible local inference",
         version="1.0.0",
     )
     queue = AdmissionQueue(limits)
@@ -95,6 +101,8 @@ def create_app(
             ServingChat.endpoint: "/v1/chat/completions",
             ServingCompletion.endpoint: "/v1/completions",
             ServingEmbedding.endpoint: "/v1/embeddings",
+            **ollama.ENDPOINT_PATHS,
+            ServingResponses.endpoint: "/v1/responses",
         },
         release_info=release_info,
     )
@@ -106,6 +114,7 @@ def create_app(
     chat = ServingChat(models=models, queue=queue, observer=observe, limits=request_limits)
     completion = ServingCompletion(models=models, queue=queue, observer=observe, limits=request_limits)
     embedding = ServingEmbedding(models=models, queue=queue, observer=observe, limits=request_limits)
+    responses = ServingResponses(models=models, queue=queue, observer=observe, limits=request_limits)
     app.state.models = models
     app.state.request_limits = request_limits
     app.state.health_probe = health
@@ -114,12 +123,14 @@ def create_app(
     app.state.serving_chat = chat
     app.state.serving_completion = completion
     app.state.serving_embedding = embedding
+    app.state.serving_responses = responses
 
     # Malformed bodies never reach the serving classes; they are still counted per endpoint.
     endpoints: Mapping[str, ServingEndpoint] = {
         "/v1/chat/completions": chat,
         "/v1/completions": completion,
         "/v1/embeddings": embedding,
+        "/v1/responses": responses,
     }
 
     def on_rejected(request: Request, error: APIError) -> None:
@@ -130,6 +141,7 @@ def create_app(
     install_error_handlers(app, on_rejected=on_rejected, max_body_bytes=request_limits.max_body_bytes)
     for router in ROUTERS:
         app.include_router(router)
+    ollama.install(app, models=models, queue=queue, observer=observe, limits=request_limits)
     for route in app.routes:
         path: Any = getattr(route, "path", None)
         if isinstance(path, str):

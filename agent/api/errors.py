@@ -34,6 +34,7 @@ from edgefleet.agent.runtimes.base import (
     CapabilityNotSupported,
     ChatNotSupported,
     ContextLengthExceeded,
+    FieldNotSupported,
     InvalidPromptError,
     RuntimeFailure,
     RuntimeUnloaded,
@@ -106,6 +107,7 @@ _FAILURES: Final[Mapping[type[Exception], _Mapping]] = MappingProxyType(
         ContextLengthExceeded: _Mapping(400, INVALID_REQUEST, "context_length_exceeded"),
         CapabilityNotSupported: _Mapping(400, INVALID_REQUEST, "capability_not_supported", param="model"),
         ChatNotSupported: _Mapping(400, INVALID_REQUEST, "chat_not_supported"),
+        FieldNotSupported: _Mapping(400, INVALID_REQUEST, "unsupported_parameter"),
         InvalidPromptError: _Mapping(400, INVALID_REQUEST, "invalid_prompt"),
         RuntimeUnloaded: _Mapping(503, UNAVAILABLE, "model_unloaded"),
         NoActiveModel: _Mapping(503, UNAVAILABLE, "model_not_loaded"),
@@ -118,7 +120,7 @@ _FAILURES: Final[Mapping[type[Exception], _Mapping]] = MappingProxyType(
 
 def api_error_for(exc: Exception, *, param: str | None = None) -> APIError:
     """The API error a runtime/serving exception stands for; unknown ones are internal errors."""
-    if isinstance(exc, RequestLimitExceeded) and exc.param is not None:
+    if isinstance(exc, RequestLimitExceeded | FieldNotSupported) and exc.param is not None:
         param = exc.param
     for kind, mapping in _FAILURES.items():
         if isinstance(exc, kind):

@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgefleet.agent.runtimes.base import Completion, Delta, FinishReason, Generation, PushingGeneration
+from edgefleet.agent.runtimes.base import (
+    Completion,
+    Delta,
+    FinishReason,
+    Generation,
+    PushingGeneration,
+    TokenLogprob,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +113,15 @@ async def collect(pump: TokenPump, generation: Generation) -> Collected:
     parts: list[str] = []
     finish: FinishReason = "length"
     first_at: float | None = None
+    logprobs: list[TokenLogprob] | None = None  # None unless the generation reports them
     try:
         while (delta := await pump.next()) is not None:
             if first_at is None:
                 first_at = time.perf_counter()
             parts.append(delta.text)
+            if delta.logprobs is not None:
+                logprobs = [] if logprobs is None else logprobs
+                logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
     finally:
@@ -120,5 +131,6 @@ async def collect(pump: TokenPump, generation: Generation) -> Collected:
         finish_reason=finish,
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
+        logprobs=None if logprobs is None else tuple(logprobs),
     )
     return Collected(completion=completion, first_delta_at=first_at, finished_at=time.perf_counter())

@@ -1,20 +1,39 @@
-"""Router for GET /v1/models: every model this device holds (loaded now or on demand)."""
+"""Routers for GET /v1/models (every model this device holds, loaded now or on demand) and
+GET /v1/models/{model} (one of them; an unknown id is a 404 in OpenAI's error shape)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
 from edgefleet.agent.api.deps import model_table
+from edgefleet.agent.api.errors import INVALID_REQUEST, APIError
+from edgefleet.agent.api.openapi import MODEL_ERRORS
 from edgefleet.agent.api.protocol import ModelCard, ModelList
+from edgefleet.agent.runtimes.base import Runtime
 from edgefleet.agent.runtimes.model_table import ModelTable
 
 router = APIRouter()
 
 
+def _card(runtime: Runtime) -> ModelCard:
+    description = runtime.describe()
+    return ModelCard(id=description.model_id, max_model_len=description.n_ctx)
+
+
 @router.get("/v1/models")
 async def list_models(models: ModelTable = Depends(model_table)) -> ModelList:
-    cards = []
-    for runtime in models.runtimes():
-        description = runtime.describe()
-        cards.append(ModelCard(id=description.model_id, max_model_len=description.n_ctx))
-    return ModelList(data=cards)
+    return ModelList(data=[_card(runtime) for runtime in models.runtimes()])
+
+
+@router.get("/v1/models/{model:path}", responses={404: MODEL_ERRORS[404]})
+async def retrieve_model(model: str, models: ModelTable = Depends(model_table)) -> ModelCard:
+    runtime = models.get(model)
+    if runtime is None:
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist on this device.",
+            type=INVALID_REQUEST,
+            code="model_not_found",
+            param="model",
+        )
+    return _card(runtime)

@@ -203,8 +203,10 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
         return await self._complete(raw, pump, generation, timer)
 
     @staticmethod
-    def sampling_params(request: SamplingRequest, *, max_tokens: int | None) -> SamplingParams:
-        """OpenAI's defaults for omitted fields (temperature 1, top_p 1)."""
+    def sampling_params(
+        request: SamplingRequest, *, max_tokens: int | None, logprobs: int | None = None
+    ) -> SamplingParams:
+        """OpenAI's defaults for omitted fields (temperature 1, top_p 1, no top-k cut)."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -213,6 +215,9 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
             stop=request.stop_sequences(),
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
+            top_k=max(0, request.top_k or 0),  # -1 (vLLM) and 0 (llama.cpp) both mean no cut
+            logit_bias=request.token_biases(),
+            logprobs=logprobs,
         )
 
     async def _complete(

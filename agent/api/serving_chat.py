@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+import copy
+import dataclasses
 
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from edgefleet.agent.api.chat_plan import ChatPlan
+from edgefleet.agent.api.errors import APIError
 from edgefleet.agent.api.limits import RequestLimits
 from edgefleet.agent.api.protocol import (
     ChatCompletionChoice,
@@ -15,8 +23,19 @@ from edgefleet.agent.api.protocol import (
     DeltaMessage,
     UsageInfo,
 )
+from edgefleet.agent.api.protocol_logprobs import chat_logprobs
 from edgefleet.agent.api.serving_base import OpenAIServing
-from edgefleet.agent.runtimes.base import Capability, ChatMessage, Completion, Delta, Generation, Runtime
+from edgefleet.agent.runtimes.base import (
+    Capability,
+    ChatMessage,
+    Completion,
+    ConstraintError,
+    Delta,
+    Generation,
+    Runtime,
+    TokenLogprob,
+    require_support,
+)
 
 
 class ServingChat(OpenAIServing[ChatCompletionRequest]):
@@ -25,6 +44,23 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
     capability_name = "chat completions"
     id_prefix = "chatcmpl"
     prompt_param = "messages"
+    plan: ChatPlan | None = None  # set on the per-request copy `handle` makes
+
+    async def handle(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        """Tools and response_format are planned (and refused, naming the field) before the
+        request queues; the plan rides on a shallow copy of this endpoint, one per request,
+        since the stream's tool-call parser keeps state between chunks."""
+        try:
+            plan = await run_in_threadpool(ChatPlan.of, request)
+            runtime = self._models.get(request.model)
+            if runtime is not None:
+                plan.check_runtime(runtime.describe())
+        except APIError as refused:
+            self.rejected(refused, model=request.model)
+            raise
+        per_request = copy.copy(self)
+        per_request.plan = plan
+        return await super(ServingChat, per_request).handle(request, raw)
 
     def check_size(self, limits: RequestLimits, request: ChatCompletionRequest) -> None:
         limits.check_count(
@@ -34,10 +70,30 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
 
     def open_generation(self, runtime: Runtime, request: ChatCompletionRequest) -> Generation:
         messages = [ChatMessage(role=m.template_role(), content=m.text()) for m in request.messages]
-        params = self.sampling_params(request, max_tokens=request.token_limit())
+        params = self.sampling_params(
+            request, max_tokens=request.token_limit(), logprobs=request.logprobs_wanted()
+        )
+        require_support(runtime.describe(), params)  # logprobs, logit_bias: a 400 naming them
+        if self.plan is not None:
+            try:  # checked in `handle` already, unless the model was swapped since
+                self.plan.check_runtime(runtime.describe())
+            except APIError as exc:
+                raise ConstraintError(str(exc)) from exc
+            messages = self.plan.messages
+            params = dataclasses.replace(params, constraint=self.plan.constraint)
         return runtime.chat_stream(messages, params)
 
     def build_response(self, *, request_id: str, model: str, completion: Completion) -> BaseModel:
+        if self.plan is not None and self.plan.tool_names:
+            message, finish = self.plan.reply(completion)
+            return ChatCompletionResponse(
+                id=request_id,
+                model=model,
+                choices=[ChatCompletionChoice(message=message, finish_reason=finish)],
+                usage=UsageInfo.of(
+                    prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
+                ),
+            )
         return ChatCompletionResponse(
             id=request_id,
             model=model,
@@ -45,6 +101,7 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
                 ChatCompletionChoice(
                     message=ChatResponseMessage(content=completion.text),
                     finish_reason=completion.finish_reason,
+                    logprobs=chat_logprobs(completion.logprobs),
                 )
             ],
             usage=UsageInfo.of(
@@ -55,19 +112,33 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
     def build_chunks(
         self, *, request_id: str, created: int, model: str, delta: Delta, first: bool
     ) -> list[BaseModel]:
-        def chunk(message: DeltaMessage, finish: Delta | None = None) -> ChatCompletionChunk:
+        def chunk(
+            message: DeltaMessage,
+            finish: Delta | None = None,
+            logprobs: tuple[TokenLogprob, ...] | None = None,
+        ) -> ChatCompletionChunk:
             choice = ChatCompletionChunkChoice(
-                delta=message, finish_reason=None if finish is None else finish.finish_reason
+                delta=message,
+                finish_reason=None if finish is None else finish.finish_reason,
+                logprobs=chat_logprobs(logprobs),
             )
             return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
 
         chunks: list[BaseModel] = []
         if first:  # OpenAI opens every stream by announcing the role
             chunks.append(chunk(DeltaMessage(role="assistant", content="")))
+        if self.plan is not None and self.plan.tool_names:  # content and tool-call fragments
+            for message, finish in self.plan.stream(delta):
+                choice = ChatCompletionChunkChoice(delta=message, finish_reason=finish)
+                chunks.append(
+                    ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
+                )
+            return chunks
         if delta.text:
-            chunks.append(chunk(DeltaMessage(content=delta.text)))
-        if delta.finish_reason is not None:
-            chunks.append(chunk(DeltaMessage(), finish=delta))
+            chunks.append(chunk(DeltaMessage(content=delta.text), logprobs=delta.logprobs))
+        if delta.finish_reason is not None:  # tokens whose text was held back and dropped come here
+            held_back = None if delta.text else delta.logprobs
+            chunks.append(chunk(DeltaMessage(), finish=delta, logprobs=held_back))
         return chunks
 
     def build_usage_chunk(self, *, request_id: str, created: int, model: str, usage: UsageInfo) -> BaseModel:

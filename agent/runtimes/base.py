@@ -29,6 +29,8 @@ class Capability(enum.StrEnum):
     CHAT = "chat"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    LOGPROBS = "logprobs"  # SamplingParams.logprobs: each generated token's log probability
+    LOGIT_BIAS = "logit_bias"  # SamplingParams.logit_bias: per-token biases added to the logits
 
 
 GENERATIVE = frozenset({Capability.CHAT, Capability.COMPLETIONS})
@@ -88,8 +90,39 @@ class PromptTooLarge(ContextLengthExceeded):
         )
 
 
+class CompletionBudgetExceeded(ContextLengthExceeded):
+    """The prompt fits, but prompt plus the requested completion tokens do not: OpenAI refuses
+    such a request (context_length_exceeded) instead of generating fewer tokens than asked."""
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.n_ctx = n_ctx
+        RuntimeFailure.__init__(
+            self,
+            f"this model's context window is {n_ctx} tokens, but {prompt_tokens + max_tokens} were "
+            f"requested ({prompt_tokens} in the prompt, {max_tokens} for the completion); "
+            f"ask for at most {max(0, n_ctx - prompt_tokens)} completion tokens",
+        )
+
+
+def check_budget(*, prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> None:
+    """Raise CompletionBudgetExceeded when an explicit token limit cannot fit beside the prompt."""
+    if max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
+        raise CompletionBudgetExceeded(prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=n_ctx)
+
+
 class InvalidPromptError(RuntimeFailure, Refusal):
     """The request cannot be turned into a prompt (empty, or refused by the chat template)."""
+
+
+class FieldNotSupported(InvalidPromptError):
+    """A request field this runtime cannot honour (logprobs from a runtime that does not compute
+    them, a logit_bias token outside the vocabulary); ``param`` names the field for the 400."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param = param
+        super().__init__(message)
 
 
 class ChatNotSupported(InvalidPromptError):
@@ -103,6 +136,11 @@ class RuntimeUnloaded(RuntimeFailure, TransientFailure):
 class GenerationError(RuntimeFailure, Refusal):
     """The backend failed while generating (a deterministic backend error on this input:
     the same request fails the same way)."""
+
+
+class ConstraintError(InvalidPromptError):
+    """The output constraint (a grammar or JSON schema) cannot be compiled for this model, or
+    this runtime cannot constrain its decoding at all."""
 
 
 class CapabilityNotSupported(InvalidPromptError):
@@ -129,6 +167,8 @@ class RuntimeDescription:
     format: int  # a fleet.v1.ModelFormat value
     capabilities: frozenset[Capability] = GENERATIVE
     device: str = "cpu"  # where it runs: "cpu", "cuda", "metal", or an ONNX Runtime provider name
+    vocab_size: int | None = None  # token ids are below this (logit_bias keys are checked against it)
+    constrained_decoding: bool = False  # honours SamplingParams.constraint (see runtimes.constraints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +177,15 @@ class ChatMessage:
 
     role: str
     content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """A grammar every generated token must keep the output inside (structured output, forced
+    tool calls). ``grammar`` is in llguidance's serialized form (runtimes.constraints builds it);
+    a runtime without ``constrained_decoding`` must never be handed one."""
+
+    grammar: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +200,27 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k likeliest rivals
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    constraint: Constraint | None = None  # None: unconstrained decoding
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One candidate token at a position: its bytes and log probability."""
+
+    token: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's bytes and log probability under the model (before any logit_bias,
+    penalty or truncation), with the likeliest candidates at its position, best first."""
+
+    token: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +229,9 @@ class Delta:
 
     text: str
     finish_reason: FinishReason | None = None
+    # With SamplingParams.logprobs: the tokens this delta's text came from (None: not asked).
+    # A delta may carry tokens whose text is still held back, or text from earlier tokens.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +242,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # with SamplingParams.logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +312,13 @@ def collect(generation: Generation) -> Completion:
     """Drain a generation into a Completion, so adapters need only one generation path."""
     parts: list[str] = []
     finish: FinishReason = "length"
+    logprobs: list[TokenLogprob] | None = None
     try:
         for delta in generation:
             parts.append(delta.text)
+            if delta.logprobs is not None:
+                logprobs = [] if logprobs is None else logprobs
+                logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
     finally:
@@ -250,7 +328,22 @@ def collect(generation: Generation) -> Completion:
         finish_reason=finish,
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
+        logprobs=None if logprobs is None else tuple(logprobs),
     )
+
+
+def require_support(description: RuntimeDescription, params: SamplingParams) -> None:
+    """Refuse sampling options the runtime cannot honour, naming the field (never ignore one)."""
+    where = f"the {description.runtime} runtime serving {description.model_id!r}"
+    if params.logprobs is not None and Capability.LOGPROBS not in description.capabilities:
+        raise FieldNotSupported("logprobs", f"{where} computes no token log probabilities; omit logprobs")
+    if params.logit_bias and Capability.LOGIT_BIAS not in description.capabilities:
+        raise FieldNotSupported("logit_bias", f"{where} cannot bias token logits; omit logit_bias")
+    limit = description.vocab_size
+    for token, _ in params.logit_bias:
+        if token < 0 or (limit is not None and token >= limit):
+            bound = f" (0..{limit - 1})" if limit is not None else ""
+            raise FieldNotSupported("logit_bias", f"token id {token} is not in the model's vocabulary{bound}")
 
 
 SMOKE_PARAMS = SamplingParams(max_tokens=8, temperature=0.0, seed=0)
@@ -285,3 +378,17 @@ class PushingGeneration(Protocol):
     thread blocks in ``stream_to`` until the end, or until ``cancelled`` is set."""
 
     def stream_to(self, emit: Callable[[Delta], None], cancelled: threading.Event) -> None: ...
+
+
+@runtime_checkable
+class TokenizingRuntime(Protocol):
+    """A runtime that exposes its tokenizer (POST /tokenize and /detokenize)."""
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """The token ids of ``text`` as a completion prompt would have them (with ``add_special``,
+        the BOS/EOS the model adds itself); special-token text in it is matched as such."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (raises FieldNotSupported("tokens", ...) for an unknown id)."""
+        ...

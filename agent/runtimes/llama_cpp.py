@@ -54,6 +54,7 @@ from edgefleet.agent.runtimes.base import (
     ChatMessage,
     ChatNotSupported,
     Completion,
+    ConstraintError,
     ContextLengthExceeded,
     Delta,
     Embeddings,
@@ -64,11 +65,15 @@ from edgefleet.agent.runtimes.base import (
     RuntimeLoadError,
     RuntimeUnloaded,
     SamplingParams,
+    check_budget,
     collect,
+    require_support,
     smoke_generate,
 )
+from edgefleet.agent.runtimes.constraints import LlamaGuidance
 from edgefleet.agent.runtimes.llama_build import refuse_crashing_build
 from edgefleet.agent.runtimes.llama_embedder import LlamaEmbedder
+from edgefleet.agent.runtimes.llama_logprobs import PendingLogprobs, TokenScores, detokenize
 from edgefleet.agent.runtimes.prompt import (
     Piece,
     PromptLimit,
@@ -184,7 +189,7 @@ def load(
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
     add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
     pooling = _embedding_pooling(llama.metadata)
-    capabilities = {Capability.COMPLETIONS}
+    capabilities = {Capability.COMPLETIONS, Capability.LOGPROBS, Capability.LOGIT_BIAS}
     if chat_template is not None:
         capabilities.add(Capability.CHAT)
     if pooling is not None:
@@ -194,11 +199,13 @@ def load(
         model_id=model_id,
         model_path=model_path,
         n_ctx=llama.n_ctx(),
+        vocab_size=int(llama.n_vocab()),
         n_threads=int(llama.n_threads),
         gpu_offload=gpu_offload,
         format=common_pb2.MODEL_FORMAT_GGUF,
         capabilities=frozenset(capabilities),
         device=_device(gpu_offload),
+        constrained_decoding=True,
     )
     tokenizer = _Tokenizer(
         llama_cpp,
@@ -216,7 +223,13 @@ def load(
         tokenizer=tokenizer,
         max_token_bytes=max_token_bytes,
         embedding_pooling=pooling,
+        guidance=LlamaGuidance(llama_cpp, vocab, end_tokens=(llama.token_eos(), _eot(llama_cpp, vocab))),
     )
+
+
+def _eot(llama_cpp: Any, vocab: Any) -> int:
+    """The end-of-turn token (chat models end replies with it), or -1."""
+    return int(llama_cpp.llama_vocab_eot(vocab)) if hasattr(llama_cpp, "llama_vocab_eot") else -1
 
 
 def _vocabulary(llama_cpp: Any, vocab: Any) -> tuple[SpecialTokens, int]:
@@ -367,8 +380,10 @@ class LlamaCppRuntime:
         tokenizer: _Tokenizer,
         max_token_bytes: int,
         embedding_pooling: int | None = None,
+        guidance: LlamaGuidance | None = None,
     ) -> None:
         self._llama: Llama | None = llama  # touched on the llama thread only
+        self._guidance = guidance  # constrained decoding (runtimes.constraints), llama thread only
         self._tokenizer = tokenizer
         self._thread = thread
         self._description = description
@@ -480,14 +495,27 @@ class LlamaCppRuntime:
             raise RuntimeUnloaded(f"{self._description.model_id} was unloaded")
         return self._llama
 
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """As a completion prompt is tokenized (markers written in the text are honoured)."""
+        self._limit.check((text,))
+        pieces = assemble(((text, True),), self._tokenizer.specials)
+        return self._thread.call(lambda: self._tokenizer.pieces(pieces, add_special=add_special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._thread.call(lambda: detokenize(self._loaded(), tokens, self._description.vocab_size))
+
     def _start(self, prompt_tokens: list[int], params: SamplingParams) -> SlotGeneration:
-        return start_generation(
+        require_support(self._description, params)  # logit_bias ids are checked against the vocabulary
+        generation = start_generation(
             slot=self._slot,
             thread=self._thread,
             prompt=prompt_tokens,
             n_ctx=self._description.n_ctx,
             steps=lambda generation: self._generate(generation, params),
         )
+        n_ctx = self._description.n_ctx
+        check_budget(prompt_tokens=len(prompt_tokens), max_tokens=params.max_tokens, n_ctx=n_ctx)
+        return generation
 
     def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
         """The token loop; stepped on the llama thread, with the generation slot held."""
@@ -508,6 +536,14 @@ class LlamaCppRuntime:
             llama.set_seed(secrets.randbits(31))
         text = StopTextBuffer(params.stop)
         finish: FinishReason = "length"
+        guide = None
+        if params.constraint is not None:
+            if self._guidance is None:
+                raise ConstraintError("this runtime was built without constrained decoding")
+            guide = self._guidance.start(params.constraint)
+        scores = TokenScores(params, llama)
+        pending = PendingLogprobs(scores.wanted)
+        processors = [*(guide.processors if guide else ()), *(scores.processors() or ())]
         tokens = llama.generate(
             prompt,
             top_k=params.top_k,  # llama.cpp skips the cut for k <= 0
@@ -517,6 +553,7 @@ class LlamaCppRuntime:
             repeat_penalty=_REPEAT_PENALTY,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
+            logits_processor=processors or None,  # type: ignore[arg-type]
         )
         try:
             while generation.completion_tokens < budget:
@@ -530,12 +567,14 @@ class LlamaCppRuntime:
                     finish = "stop"
                     break
                 generation.completion_tokens += 1
+                pending.add(scores.record(token))
+                complete = guide is not None and guide.advance(token)
                 piece = text.feed(llama.detokenize([token]))
                 if piece:
-                    yield Delta(piece)
-                if text.stopped:
+                    yield Delta(piece, logprobs=pending.take())
+                if text.stopped or complete:  # a finished grammar allows nothing but the end
                     finish = "stop"
                     break
         finally:
             tokens.close()
-        yield Delta(text.flush(), finish)
+        yield Delta(text.flush(), finish, logprobs=pending.take())

@@ -48,13 +48,16 @@ from edgefleet.agent.runtimes.base import (
     Completion,
     Delta,
     Embeddings,
+    FieldNotSupported,
     FinishReason,
     GenerationError,
     RuntimeDescription,
     RuntimeLoadError,
     RuntimeUnloaded,
     SamplingParams,
+    check_budget,
     collect,
+    require_support,
     smoke_generate,
 )
 from edgefleet.agent.runtimes.hf_tokens import TokenizersPieces
@@ -298,13 +301,35 @@ class MlxRuntime:
         return self._loaded
 
     def _start(self, prompt_tokens: list[int], params: SamplingParams) -> SlotGeneration:
-        return start_generation(
+        require_support(self._description, params)  # no logprobs, no logit_bias: refused, not ignored
+        generation = start_generation(
             slot=self._slot,
             thread=self._thread,
             prompt=prompt_tokens,
             n_ctx=self._description.n_ctx,
             steps=lambda generation: self._generate(generation, params),
         )
+        check_budget(
+            prompt_tokens=len(prompt_tokens), max_tokens=params.max_tokens, n_ctx=self._description.n_ctx
+        )
+        return generation
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        self._limit.check((text,))
+        return self._thread.call(
+            lambda: [int(t) for t in self._model().tokenizer.encode(text, add_special_tokens=add_special)]
+        )
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        def decode() -> str:
+            tokenizer = self._model().tokenizer
+            size = len(tokenizer.vocab)
+            for index, token in enumerate(tokens):
+                if not 0 <= token < size:
+                    raise FieldNotSupported("tokens", f"tokens[{index}] = {token} is not a token id here")
+            return str(tokenizer.decode(list(tokens)))
+
+        return self._thread.call(decode)
 
     def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
         """The token loop; stepped on the mlx thread, with the generation slot held."""

@@ -67,6 +67,7 @@ from edgefleet.agent.runtimes.base import (
     ContextLengthExceeded,
     Delta,
     Embeddings,
+    FieldNotSupported,
     FinishReason,
     GenerationError,
     InvalidPromptError,
@@ -76,7 +77,9 @@ from edgefleet.agent.runtimes.base import (
     RuntimeSmokeTestError,
     RuntimeUnloaded,
     SamplingParams,
+    check_budget,
     collect,
+    require_support,
     smoke_generate,
 )
 from edgefleet.agent.runtimes.hf_tokens import TokenizersPieces
@@ -180,6 +183,7 @@ def load(*, model_path: Path, model_id: str, n_ctx: int = 2048, n_threads: int |
         model_id=model_id,
         model_path=model_path,
         n_ctx=context,
+        vocab_size=int(tokenizer.get_vocab_size(with_added_tokens=True)),
         n_threads=threads,
         gpu_offload=provider != CPU_PROVIDER,
         format=common_pb2.MODEL_FORMAT_ONNX,
@@ -303,13 +307,26 @@ class OnnxRuntime:
             raise CapabilityNotSupported(self._description.model_id, asked)
 
     def _start(self, prompt: list[int], params: SamplingParams) -> SlotGeneration:
-        return start_generation(
+        require_support(self._description, params)  # no logprobs, no logit_bias: refused, not ignored
+        generation = start_generation(
             slot=self._slot,
             thread=InlineCalls(),  # ONNX Runtime sessions may be called from any thread
             prompt=prompt,
             n_ctx=self._description.n_ctx,
             steps=lambda generation: self._generate(generation, params),
         )
+        check_budget(prompt_tokens=len(prompt), max_tokens=params.max_tokens, n_ctx=self._description.n_ctx)
+        return generation
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        self._limit.check((text,))
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special).ids)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        for index, token in enumerate(tokens):
+            if not 0 <= token < self._vocab_size:
+                raise FieldNotSupported("tokens", f"tokens[{index}] = {token} is not a token id here")
+        return str(self._tokenizer.decode(list(tokens), skip_special_tokens=False))
 
     def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
         """The token loop; runs with the generation slot held (see SlotGeneration)."""

@@ -32,10 +32,15 @@ pytestmark = pytest.mark.integration
 MODEL_ID = "smollm2-135m-instruct"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKEN_BUDGET = 2
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 EMBEDDING_BATCH = 4
 REQUEST_TIMEOUT_S = 300
-BEYOND_SCHEMA = frozenset({"context_length_exceeded", "prompt_too_large", "too_many_items"})
+# unsupported_parameter: a token id (logit_bias, /detokenize) outside the model's vocabulary.
+BEYOND_SCHEMA = frozenset(
+    {"context_length_exceeded", "prompt_too_large", "too_many_items", "unsupported_parameter"}
+    # A schema or grammar the engine cannot compile; a tool_choice naming no listed tool.
+    | {"invalid_schema", "invalid_tools"}
+)
 
 
 def smollm2_file() -> Path:

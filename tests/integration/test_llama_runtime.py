@@ -66,7 +66,14 @@ def test_describe(runtime: Runtime) -> None:
     assert description.n_ctx == N_CTX
     assert description.n_threads >= 1
     assert description.format == common_pb2.MODEL_FORMAT_GGUF
-    assert description.capabilities == {Capability.CHAT, Capability.COMPLETIONS, Capability.EMBEDDINGS}
+    assert description.capabilities == {
+        Capability.CHAT,
+        Capability.COMPLETIONS,
+        Capability.EMBEDDINGS,
+        Capability.LOGPROBS,
+        Capability.LOGIT_BIAS,
+    }
+    assert description.vocab_size == 49152
 
 
 def test_describe_reports_where_it_runs(runtime: Runtime) -> None:

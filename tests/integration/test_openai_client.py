@@ -394,3 +394,127 @@ def test_concurrent_clients_are_all_served(client: openai.OpenAI) -> None:
         thread.join(120)
     assert errors == []
     assert len(results) == 3 and len(set(results)) == 1
+
+
+# --- logprobs, echo, logit_bias, top_k, n and context limits (real SmolLM2) -------------------
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model=MODEL_ID, messages=QUESTION, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = response.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    content = choice.logprobs.content
+    assert len(content) == response.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(entry.token for entry in content).startswith(choice.message.content or "")
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # Greedy decoding picks the likeliest token, which is therefore the first candidate.
+        assert entry.top_logprobs[0].token == entry.token
+        assert math.isclose(entry.top_logprobs[0].logprob, entry.logprob)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+
+
+def test_chat_logprobs_streamed_match_plain(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {
+        "model": MODEL_ID,
+        "messages": QUESTION,
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+    }
+    plain = client.chat.completions.create(**kwargs).choices[0].logprobs
+    streamed = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            if choice.logprobs is not None and choice.logprobs.content:
+                streamed += choice.logprobs.content
+    assert plain is not None and plain.content
+    assert [e.token for e in streamed] == [e.token for e in plain.content]
+    for got, expected in zip(streamed, plain.content, strict=True):
+        assert math.isclose(got.logprob, expected.logprob, abs_tol=1e-4)
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    response = client.completions.create(
+        model=MODEL_ID, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
+    )
+    choice = response.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.tokens
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert choice.logprobs.text_offset == [
+        sum(len(t) for t in choice.logprobs.tokens[:i]) for i in range(len(choice.logprobs.tokens))
+    ]
+    assert choice.logprobs.token_logprobs and all(
+        lp is not None and lp <= 0 for lp in choice.logprobs.token_logprobs
+    )
+    assert choice.logprobs.top_logprobs and all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+
+
+def test_completion_echo(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    plain = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0)
+    echoed = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, echo=True, logprobs=1)
+    assert raised.value.param == "logprobs"
+
+
+def test_logit_bias_bans_and_forces_tokens(client: openai.OpenAI, device: Device) -> None:
+    prompt = "The capital of France is"
+    plain = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=3, temperature=0)
+    first = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=1, temperature=0, logprobs=0)
+    assert first.choices[0].logprobs is not None and first.choices[0].logprobs.tokens
+    token = first.choices[0].logprobs.tokens[0]
+    token_id = device.runtime.tokenize(token, add_special=False)[0]  # type: ignore[attr-defined]
+    banned = client.completions.create(
+        model=MODEL_ID, prompt=prompt, max_tokens=3, temperature=0, logit_bias={str(token_id): -100}
+    )
+    assert not banned.choices[0].text.startswith(token) and plain.choices[0].text.startswith(token)
+    forced = client.completions.create(
+        model=MODEL_ID, prompt="Hello", max_tokens=3, temperature=1, seed=3, logit_bias={str(token_id): 100}
+    )
+    assert forced.choices[0].text == token * 3
+
+
+def test_null_fields_mean_defaults(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=QUESTION,
+        max_tokens=4,
+        n=None,
+        stream=None,  # type: ignore[call-overload]
+        frequency_penalty=None,
+        presence_penalty=None,
+        extra_body={"top_k": None, "top_logprobs": None, "logit_bias": None},
+    )
+    assert response.choices[0].message.content
+
+
+def test_max_tokens_beyond_the_context_is_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_completion_tokens=5000)
+    assert raised.value.code == "context_length_exceeded"
+    assert "1024" in raised.value.message
+
+
+def test_n_above_one_and_images_are_refused_clearly(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=4, n=2)
+    assert raised.value.param == "n"
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": [image]}],
+            max_tokens=4,  # type: ignore[list-item]
+        )
+    assert "no images" in raised.value.message
+
+
+def test_retrieve_model(client: openai.OpenAI) -> None:
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")

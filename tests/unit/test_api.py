@@ -543,7 +543,7 @@ BAD_BODIES: list[tuple[str, str, dict[str, Any] | bytes, str | None]] = [
     ("completions", "missing prompt", {"model": MODEL}, "missing"),
     ("completions", "two prompts", completion_body(prompt=["a", "b"]), None),
     ("completions", "token prompt", completion_body(prompt=[1, 2, 3]), None),
-    ("completions", "echo", completion_body(echo=True), None),
+    ("completions", "echo with logprobs", completion_body(echo=True, logprobs=1), None),
     ("completions", "logprobs", completion_body(logprobs=2), None),
     ("completions", "suffix", completion_body(suffix="end"), None),
     ("completions", "negative max_tokens", completion_body(max_tokens=-5), None),

@@ -26,7 +26,15 @@ def spec() -> dict[str, Any]:
 
 
 def test_every_route_is_documented(spec: dict[str, Any]) -> None:
-    assert set(spec["paths"]) == {"/v1/models", *MODEL_ROUTES, "/healthz", "/metrics"}
+    assert set(spec["paths"]) >= {
+        "/v1/models",
+        "/v1/models/{model}",
+        *MODEL_ROUTES,
+        "/tokenize",
+        "/detokenize",
+        "/healthz",
+        "/metrics",
+    }
 
 
 @pytest.mark.parametrize("path", MODEL_ROUTES)
@@ -53,13 +61,15 @@ def test_streams_document_their_events(spec: dict[str, Any], path: str) -> None:
 def test_request_schemas_say_what_is_refused(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
     chat = schemas["ChatCompletionRequest"]["properties"]
-    assert (chat["n"]["minimum"], chat["n"]["maximum"]) == (1, 1)
+    assert chat["n"]["enum"] == [None, 1]
+    assert chat["audio"]["enum"] == [None] and chat["store"]["enum"] == [None, False]
     completion = schemas["CompletionRequest"]["properties"]
-    assert completion["echo"]["const"] is False
-    assert completion["suffix"]["anyOf"] == [{"type": "null"}]
+    assert completion["suffix"]["enum"] == [None, ""]
+    assert completion["best_of"]["enum"] == [None, 1]
+    assert {"type": "null"} in completion["echo"]["anyOf"]
     embedding = schemas["EmbeddingRequest"]
     assert embedding["required"] == ["model", "input"]
-    assert embedding["properties"]["encoding_format"]["enum"] == ["float", "base64"]
+    assert embedding["properties"]["encoding_format"]["anyOf"][0]["enum"] == ["float", "base64"]
     assert chat["model"]["maxLength"] == MAX_NAME_CHARS
     stop_string, stop_list, _ = chat["stop"]["anyOf"]
     assert stop_string["maxLength"] == stop_list["items"]["maxLength"] == MAX_STOP_CHARS
