@@ -38,7 +38,16 @@ from edgefleet.agent.runtimes import (
     load_runtime,
     supported_formats,
 )
-from edgefleet.agent.runtimes.base import Capability, CapabilityNotSupported, PromptTooLarge, Runtime, collect
+from edgefleet.agent.runtimes.base import (
+    Capability,
+    CapabilityNotSupported,
+    CompletionBudgetExceeded,
+    FieldNotSupported,
+    PromptTooLarge,
+    Runtime,
+    TokenizingRuntime,
+    collect,
+)
 from edgefleet.agent.runtimes.slot_generation import SlotGeneration
 from edgefleet.protos.fleet.v1 import common_pb2
 from tests.mlx_models import CHAT_TEMPLATE, MAX_POSITIONS, build_llama, mlx_variant, render_chat
@@ -555,3 +564,28 @@ print("generated")
     )
     assert (done.returncode, done.stdout.strip()) == (0, "generated"), done.stderr
     assert "terminate" not in done.stderr
+
+
+def test_fields_mlx_cannot_honour_are_refused_naming_them(runtime: Runtime) -> None:
+    for params, field in (
+        (SamplingParams(max_tokens=2, logprobs=0), "logprobs"),
+        (SamplingParams(max_tokens=2, logit_bias=((5, 1.0),)), "logit_bias"),
+    ):
+        with pytest.raises(FieldNotSupported) as caught:
+            runtime.complete_stream("Hello", params)
+        assert caught.value.param == field
+
+
+def test_max_tokens_beyond_the_context_is_refused(runtime: Runtime) -> None:
+    n_ctx = runtime.describe().n_ctx
+    with pytest.raises(CompletionBudgetExceeded) as caught:
+        runtime.complete_stream("Hello", SamplingParams(max_tokens=n_ctx))
+    assert caught.value.n_ctx == n_ctx
+
+
+def test_tokenize_round_trip(runtime: Runtime) -> None:
+    assert isinstance(runtime, TokenizingRuntime)
+    tokens = runtime.tokenize("hello world", add_special=False)
+    assert tokens and runtime.detokenize(tokens).strip() == "hello world"
+    with pytest.raises(FieldNotSupported):
+        runtime.detokenize([10**7])
