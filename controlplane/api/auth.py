@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from sqlmodel import Session
 
 from edgefleet.controlplane.api.refusals import CALLER, Caller, NotPermitted, Unauthenticated
 from edgefleet.controlplane.fleet.rbac import MAX_TOKEN_CHARS, OperatorIdentity, Role, identify
@@ -58,18 +59,23 @@ def common_name(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else value.decode()
 
 
-async def authenticate_device(db: Database, context: Context) -> Device:
-    """Returns the calling device (and marks the call as its own), or raises Unauthenticated.
-    A caller without a client certificate is a stranger; one whose certificate the fleet CA
-    issued but that is revoked is not (it spends no rate-limit token)."""
+def device_certificate(context: Context) -> x509.Certificate:
+    """The calling device's verified client certificate, or Unauthenticated (a stranger)."""
     cert = peer_certificate(context)
     if cert is None:
         raise Unauthenticated(
             "device calls need the device's client certificate, on the device (mutual TLS) endpoint",
             action="device.authenticate",
         )
-    # A read beside the writers (on SQLite the read-only pool): every device call starts here.
-    held = await db.read(lambda s: devices.certificate_holder(s, serial=cert.serial_number))
+    return cert
+
+
+def device_holding(session: Session, cert: x509.Certificate) -> Device:
+    """The device ``cert`` was issued to, read in ``session``, or Unauthenticated: a serial the
+    CA never issued to a device, or a revoked certificate or device (which spends no
+    rate-limit token: the caller is known). Run it in the transaction of the call's own work
+    where there is one, so the call needs no transaction just to be authenticated."""
+    held = devices.certificate_holder(session, serial=cert.serial_number)
     name = common_name(cert)[:64]
     if held is None or held[1].id != name:
         raise Unauthenticated(
@@ -91,8 +97,22 @@ async def authenticate_device(db: Database, context: Context) -> Device:
             target=device.id,
             actor=f"device:{device.id}",
         )
+    return device
+
+
+def calling_device(device: Device) -> Device:
+    """Marks the call as ``device``'s own (its refusals are audited under its name)."""
     CALLER.set(Caller(actor=f"device:{device.id}", is_operator=False))
     return device
+
+
+async def authenticate_device(db: Database, context: Context) -> Device:
+    """Returns the calling device (and marks the call as its own), or raises Unauthenticated.
+    A caller without a client certificate is a stranger; one whose certificate the fleet CA
+    issued but that is revoked is not (it spends no rate-limit token)."""
+    cert = device_certificate(context)
+    # A read beside the writers (on SQLite the read-only pool): most device calls start here.
+    return calling_device(await db.read(lambda s: device_holding(s, cert)))
 
 
 async def authorize(db: Database, context: Context, needed: Role) -> OperatorIdentity:

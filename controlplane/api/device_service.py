@@ -13,7 +13,14 @@ from typing import Any
 
 from sqlmodel import Session
 
-from edgefleet.controlplane.api.auth import Context, authenticate_device, new_device_id
+from edgefleet.controlplane.api.auth import (
+    Context,
+    authenticate_device,
+    calling_device,
+    device_certificate,
+    device_holding,
+    new_device_id,
+)
 from edgefleet.controlplane.api.guard import CallGuard, guarded
 from edgefleet.controlplane.api.ratelimit import RateLimit
 from edgefleet.controlplane.api.refusals import (
@@ -321,10 +328,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             await asyncio.to_thread(self.db.dispose)
 
     async def ReportStatus(self, request: device_pb2.StatusReport, context: Context) -> device_pb2.StatusAck:
-        device = await authenticate_device(self.db, context)
+        cert = device_certificate(context)
         error = request.error[:MAX_REPORTED_TEXT]
 
-        def apply(session: Session) -> None:
+        def apply(session: Session) -> Device:
+            # Authenticated in the report's own transaction: no read of its own per report.
+            device = device_holding(session, cert)
             # The device row first, then the audit chain's lock: the order a deploy takes them
             # in, or a report and a deploy to the same device deadlock on PostgreSQL.
             row = session.get(Device, device.id, with_for_update=True)
@@ -366,8 +375,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 state=request.state,
                 error=error,
             )
+            return device
 
-        await self.reports.run(apply)
+        calling_device(await self.reports.run(apply))
         return device_pb2.StatusAck()
 
     async def FetchArtifact(
