@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import math
 import socket
 import threading
@@ -315,10 +316,31 @@ def test_options_are_checked(client: ollama.Client, device: Device) -> None:
     assert device.queue.running == 0
 
 
-def test_refused_fields(client: ollama.Client) -> None:
+CAPITAL = {
+    "type": "object",
+    "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+    "required": ["country", "capital"],
+}
+
+
+def test_format_json_and_schema(client: ollama.Client) -> None:
+    ask = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    options = {"temperature": 0, "num_predict": 96}
+    as_json = client.chat(model=MODEL_ID, messages=ask, format="json", options=options)
+    assert as_json.done_reason == "stop"
+    assert isinstance(json.loads(as_json.message.content or ""), dict)
+    shaped = client.generate(model=MODEL_ID, prompt=ask[0]["content"], format=CAPITAL, options=options)
+    assert shaped.done_reason == "stop"
+    assert set(json.loads(shaped.response or "")) == {"country", "capital"}
+    chunks = list(client.chat(model=MODEL_ID, messages=ask, format=CAPITAL, options=options, stream=True))
+    streamed = json.loads("".join(chunk.message.content or "" for chunk in chunks))
+    assert isinstance(streamed["capital"], str)
     with pytest.raises(ollama.ResponseError) as raised:
-        client.chat(model=MODEL_ID, messages=QUESTION, format="json")
+        client.chat(model=MODEL_ID, messages=ask, format={"type": "no-such-type"})
     assert raised.value.status_code == 400 and "format" in raised.value.error
+
+
+def test_refused_fields(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as raised:
         client.chat(model=MODEL_ID, messages=QUESTION, think=True)
     assert raised.value.status_code == 400 and "think" in raised.value.error

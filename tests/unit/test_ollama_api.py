@@ -112,8 +112,7 @@ def test_a_failure_mid_stream_is_an_error_line(seen: list[InferenceStats]) -> No
         ({"options": {"no_such_option": 1}}, "unknown option 'no_such_option'"),
         ({"options": {"temperature": "hot"}}, "options.temperature"),
         ({"options": {"num_gpu": 1}}, "set by the fleet"),
-        ({"format": "json"}, "format"),
-        ({"format": {"type": "object"}}, "format"),
+        ({"format": "xml"}, "format must be 'json' or a JSON schema"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"think": True}, "thinking"),
         ({"logprobs": True}, "logprobs"),
@@ -236,3 +235,22 @@ def test_openapi_documents_the_ollama_api(client: TestClient) -> None:
     assert generate["properties"]["suffix"]["anyOf"] == [{"type": "string", "maxLength": 0}, {"type": "null"}]
     assert "not" in generate  # raw mode takes no system text
     assert schemas["OllamaOptions"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("value", ["json", {"type": "object", "properties": {"a": {"type": "integer"}}}])
+def test_format_needs_a_runtime_that_constrains(
+    client: TestClient, seen: list[InferenceStats], value: object
+) -> None:
+    """The fake runtime cannot constrain its decoding, so a format is refused, not ignored."""
+    response = client.post("/api/chat", json={"model": MODEL, "messages": QUESTION, "format": value})
+    assert response.status_code == 400
+    assert response.json()["code"] == "constrained_decoding_not_supported"
+    assert seen[-1].error == "constrained_decoding_not_supported"
+    assert client.app.state.admission_queue.running == 0  # type: ignore[attr-defined]
+
+
+def test_a_schema_the_engine_cannot_compile_is_refused_before_queueing(client: TestClient) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "format": {"type": "no-such-type"}}
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 400 and response.json()["code"] == "invalid_schema"
+    assert "format" in response.json()["error"]

@@ -3,9 +3,10 @@
 Requests follow the OpenAI side's rules (edgefleet.agent.api.protocol): strict types, unknown
 top-level fields ignored, lone surrogates refused. What this device cannot do is refused with
 a 400 naming the field, never dropped: images (the models read text), `suffix` (fill in the
-middle), a custom `template`, the deprecated `context` token list, `think`, and for now
-`format` (JSON mode, schemas) and `tools`. The JSON schemas in /openapi.json say the same
-(those fields only accept null or an empty value), since clients and the fuzz test trust them.
+middle), a custom `template`, the deprecated `context` token list, `think`, logprobs, and for
+now `tools`. The JSON schemas in /openapi.json say the same (those fields only accept null or
+an empty value), since clients and the fuzz test trust them. `format` ("json" or a JSON
+schema) constrains the output through the grammar engine (see `structured`).
 
 `stream` is true when absent, as in Ollama. `keep_alive` is read as a residency hint only:
 when a model leaves memory is the device's keep-alive policy, which the fleet configures;
@@ -104,18 +105,19 @@ class OllamaGenerationRequest(OllamaModelRequest):
     """What /api/chat and /api/generate share."""
 
     stream: bool = True
-    format: str | dict[str, Any] | None = Field(default=None, json_schema_extra=_EMPTY_TEXT)
+    format: str | dict[str, Any] | None = Field(
+        default=None,
+        json_schema_extra={"anyOf": [{"enum": ["", "json"]}, {"type": "object"}, {"type": "null"}]},
+    )
     think: bool | None = Field(default=None, json_schema_extra=_FALSE_ONLY)
     logprobs: bool | None = Field(default=None, json_schema_extra=_FALSE_ONLY)
     top_logprobs: int | None = Field(default=None, json_schema_extra=_NULL_ONLY)
 
     @field_validator("format")
     @classmethod
-    def _no_format(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if isinstance(value, dict) or value:
-            raise ValueError(
-                "format (JSON mode and JSON schemas) is not supported by this device's Ollama API yet"
-            )
+    def _json_or_schema(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and value not in ("", "json"):
+            raise ValueError("format must be 'json' or a JSON schema")
         return value
 
     @field_validator("think")

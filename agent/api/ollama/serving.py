@@ -7,7 +7,8 @@ in a worker thread before any byte is sent, tokens pumped from their own thread,
 stopped when the client leaves, exactly one InferenceStats reported. Only the framing differs:
 one JSON object (stream: false) or JSON lines (stream true or absent, Ollama's default) with a
 last line that says done, why, and the figures. A failure after the first line arrives as an
-`{"error": ...}` line, which Ollama clients raise as an error.
+`{"error": ...}` line, which Ollama clients raise as an error. A `format` becomes a grammar
+the runtime decodes under (edgefleet.agent.api.ollama.structured), so the reply parses.
 
 The figures partition the request's time, in nanoseconds: load_duration runs from the start to
 the opened generation (queueing, leasing, reloading an unloaded model, templating: what
@@ -17,6 +18,7 @@ eval_duration from it to the end; total_duration is their sum.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
@@ -28,10 +30,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edgefleet.agent.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
-from edgefleet.agent.api.errors import api_error_for
+from edgefleet.agent.api.errors import APIError, api_error_for
 from edgefleet.agent.api.limits import RequestLimits
 from edgefleet.agent.api.offload import TokenPump, collect
-from edgefleet.agent.api.ollama import ndjson
+from edgefleet.agent.api.ollama import ndjson, structured
 from edgefleet.agent.api.ollama.errors import option_error
 from edgefleet.agent.api.ollama.options import OptionRefused
 from edgefleet.agent.api.ollama.protocol import (
@@ -117,14 +119,26 @@ class OllamaGenerating(ServingEndpoint, ABC, Generic[RequestT]):
         timer = self.timer(model=request.model, stream=request.stream)
         self.enforce(timer, lambda limits: self.check_size(limits, request))
         options = request.sampling_options()
+        try:  # compiled before queueing: a schema the engine refuses costs the model nothing
+            constraint = await run_in_threadpool(structured.format_constraint, request.format)
+        except APIError as refused:
+            timer.report(error=error_code(refused))
+            raise
         admission = await self.admit(resolve(self._models, request.model), raw, timer)
         try:
-            options.check_window(admission.runtime.describe().n_ctx)
+            description = admission.runtime.describe()
+            options.check_window(description.n_ctx)
+            if constraint is not None:
+                structured.check_runtime(description)
         except OptionRefused as exc:
             admission.release()
             error = option_error(exc)
             timer.report(error=error_code(error))
             raise error from exc
+        except APIError as refused:
+            admission.release()
+            timer.report(error=error_code(refused))
+            raise
         if self.load_only(request):
             # The model is leased, so it is here; a model its keep-alive unloaded loads again on
             # the first request that uses it, not on this one.
@@ -132,7 +146,8 @@ class OllamaGenerating(ServingEndpoint, ABC, Generic[RequestT]):
             timer.report()
             final = self._final(timer.model, "", "load", None)
             return JSONResponse(final.body())
-        generation = await self._open(admission, request, options.sampling_params(), timer)
+        params = dataclasses.replace(options.sampling_params(), constraint=constraint)
+        generation = await self._open(admission, request, params, timer)
         opened_at = time.perf_counter()
         # From here the pump's thread owns the admission: it releases it once the generation
         # is closed, whatever the outcome, so the slot frees only when the model is idle.
