@@ -1,10 +1,11 @@
 """The tool-call format the model is prompted with, the grammar that forces it, and its parser.
 
 Format: the Hermes convention that Qwen2.5 and NousResearch models are trained on, used for
-every model whose chat template declares no tool format of its own (SmolLM2's does not: its
-template renders role and content only). The tools are listed in a system message as JSON
-inside ``<tools></tools>``; each call is a JSON object on its own between ``<tool_call>`` and
-``</tool_call>``; a tool's result goes back as a user turn inside ``<tool_response>``. So::
+every model (SmolLM2's chat template declares no tool format: it renders role and content only;
+a template that declares its own format is still given this one, its own is not used yet).
+The tools are listed in a system message as JSON inside ``<tools></tools>``; each call is a
+JSON object on its own between ``<tool_call>`` and ``</tool_call>``; a tool's result goes back
+as a user turn inside ``<tool_response>``. So::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}

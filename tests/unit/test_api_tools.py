@@ -128,6 +128,12 @@ def test_required_and_named_choices_compile_a_grammar() -> None:
     assert "# Tools" not in none.messages[0].content
 
 
+def test_auto_choice_with_a_response_format_allows_calls_or_that_json() -> None:
+    plan = ChatPlan.of(chat(tools=[WEATHER], response_format={"type": "json_object"}))
+    assert plan.constraint is not None and plan.constraint_param == "response_format"
+    assert plan.tool_names == ("get_weather",)
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
