@@ -71,7 +71,6 @@ REFUSALS: Final[Mapping[str, Refused]] = MappingProxyType(
         ),
         "verbosity": Refused("the model has no verbosity control"),
         "web_search_options": Refused("this device does not search the web"),
-        "n": Refused("only n=1 is supported: send one request per choice", accepts=(1,)),
         "best_of": Refused(
             "only best_of=1 is supported: one completion is generated per request", accepts=(1,)
         ),
@@ -93,7 +92,7 @@ _SHARED: Final[Mapping[str, Disposition]] = {
     "presence_penalty": Honoured(_SAMPLING),
     "logit_bias": Honoured("SamplingParams.logit_bias, llama.cpp's sampler" + _LLAMA_ONLY),
     "max_tokens": Honoured("SamplingParams.max_tokens; beyond the context window: context_length_exceeded"),
-    "n": Refusal(example=2),
+    "n": Honoured("edgefleet.agent.api.choices: the choices generated one after another (at most 8)"),
     "seed": Honoured(_SAMPLING),
     "stop": Honoured("StopTextBuffer in every runtime's token loop"),
     "stream": Honoured("server-sent events (edgefleet.agent.api.sse)"),

@@ -17,14 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgefleet.agent.runtimes.base import (
-    Completion,
-    Delta,
-    FinishReason,
-    Generation,
-    PushingGeneration,
-    TokenLogprob,
-)
+from edgefleet.agent.api.choices import Choices
+from edgefleet.agent.runtimes.base import Completion, Delta, Generation, PushingGeneration
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,28 +103,18 @@ class TokenPump:
 
 
 async def collect(pump: TokenPump, generation: Generation) -> Collected:
-    """Drain a started pump into one Completion; cancelling this stops the generation."""
-    parts: list[str] = []
-    finish: FinishReason = "length"
+    """Drain a started pump into one Completion (with n > 1, one per choice: see
+    edgefleet.agent.api.choices); cancelling this stops the generation."""
+    choices = Choices()
     first_at: float | None = None
-    logprobs: list[TokenLogprob] | None = None  # None unless the generation reports them
     try:
         while (delta := await pump.next()) is not None:
             if first_at is None:
                 first_at = time.perf_counter()
-            parts.append(delta.text)
-            if delta.logprobs is not None:
-                logprobs = [] if logprobs is None else logprobs
-                logprobs.extend(delta.logprobs)
-            if delta.finish_reason is not None:
-                finish = delta.finish_reason
+            choices.add(delta)
     finally:
         pump.cancel()
-    completion = Completion(
-        text="".join(parts),
-        finish_reason=finish,
-        prompt_tokens=generation.prompt_tokens,
-        completion_tokens=generation.completion_tokens,
-        logprobs=None if logprobs is None else tuple(logprobs),
+    completion = choices.completion(
+        prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens
     )
     return Collected(completion=completion, first_delta_at=first_at, finished_at=time.perf_counter())

@@ -4,17 +4,18 @@ Requests are strict (a string where a number belongs is a 400, as with OpenAI). 
 of OpenAI's chat completions, completions and embeddings requests is either honoured or
 refused with a 400 that names it and says why; edgefleet.agent.api.field_table lists each
 one with what honours it or why it is refused, and a test walks the ``openai`` package's
-request types against that table. Refused: n and best_of above 1, suffix, echo together
+request types against that table. Refused: best_of above 1, suffix, echo together
 with logprobs, token-array prompts, image/audio/file content parts, embedding sizes other
 than the model's, and OpenAI-hosted features (audio output, stored completions, moderation,
 predicted outputs, reasoning effort, web search, service tiers; see field_rules.Refused).
 logprobs / top_logprobs and logit_bias are honoured by runtimes that declare them
 (llama.cpp) and refused naming the field by the others. ``top_k`` is accepted as an
 extension (vLLM and llama.cpp's server take it). A ``null`` means the field's default, as in
-OpenAI's API. Other unknown fields are ignored, as extensions of newer clients.
+OpenAI's API. ``n`` up to 8 choices are generated one after another (api.choices).
+Other unknown fields are ignored, as extensions of newer clients.
 
 The JSON schemas say the same (a refused field's schema lists only the values that ask for
-nothing, n is 1 or null, ...) because /openapi.json is generated from these classes and
+nothing, top_logprobs needs logprobs, ...) because /openapi.json is generated from these classes and
 clients and fuzzers rely on it. Every string a request carries must be Unicode text (JSON
 can spell a lone surrogate; it is refused naming the field), names and stop sequences are
 bounded here, and the prompt as a whole by edgefleet.agent.api.limits.
@@ -39,6 +40,7 @@ from pydantic import (
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 from typing_extensions import TypedDict
 
+from edgefleet.agent.api.choices import MAX_CHOICES
 from edgefleet.agent.api.field_rules import NullMeansDefault, TokenBiases
 from edgefleet.agent.api.field_table import REFUSALS
 
@@ -64,6 +66,7 @@ def _integral(value: Any) -> Any:
 
 Integer = Annotated[int, BeforeValidator(_integral)]
 TopK = Annotated[int, Field(ge=-1, le=MAX_TOKENS), BeforeValidator(_integral)]  # -1 and 0: no cut
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES), BeforeValidator(_integral), NullMeansDefault(1)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(_integral)]
 CompletionLogprobCount = Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), BeforeValidator(_integral)]
 PositiveInteger = Annotated[int, Field(ge=1, le=MAX_TOKENS), BeforeValidator(_integral)]
@@ -200,7 +203,7 @@ class SamplingRequest(OpenAIRequestModel):
             ]
         },
     )
-    n: Annotated[Any, REFUSALS["n"]] = None  # 1 or null: one choice
+    n: Choices = 1  # several: generated one after another (edgefleet.agent.api.choices)
     stream: Annotated[bool, NullMeansDefault(False)] = False
     stream_options: StreamOptions | None = None
     frequency_penalty: Annotated[float, NullMeansDefault(0.0)] = Field(default=0.0, ge=-2.0, le=2.0)

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edgefleet.agent.api.chat_plan import ChatPlan
+from edgefleet.agent.api.choices import for_choice, open_choices
 from edgefleet.agent.api.errors import APIError
 from edgefleet.agent.api.limits import RequestLimits
 from edgefleet.agent.api.protocol import (
@@ -31,6 +32,7 @@ from edgefleet.agent.runtimes.base import (
     Completion,
     ConstraintError,
     Delta,
+    FieldNotSupported,
     Generation,
     Runtime,
     TokenLogprob,
@@ -45,6 +47,7 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
     id_prefix = "chatcmpl"
     prompt_param = "messages"
     plan: ChatPlan | None = None  # set on the per-request copy `handle` makes
+    announced = 0  # the last choice whose role chunk was sent (n > 1), on the per-request copy
 
     async def handle(self, request: ChatCompletionRequest, raw: Request) -> Response:
         """Tools and response_format are planned (and refused, naming the field) before the
@@ -81,7 +84,9 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
                 raise ConstraintError(str(exc)) from exc
             messages = self.plan.messages
             params = dataclasses.replace(params, constraint=self.plan.constraint)
-        return runtime.chat_stream(messages, params)
+            if request.n > 1 and self.plan.tool_names:
+                raise FieldNotSupported("n", "n > 1 together with tools is not supported")
+        return open_choices(lambda index: runtime.chat_stream(messages, for_choice(params, index)), request.n)
 
     def build_response(self, *, request_id: str, model: str, completion: Completion) -> BaseModel:
         if self.plan is not None and self.plan.tool_names:
@@ -99,10 +104,12 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
             model=model,
             choices=[
                 ChatCompletionChoice(
-                    message=ChatResponseMessage(content=completion.text),
-                    finish_reason=completion.finish_reason,
-                    logprobs=chat_logprobs(completion.logprobs),
+                    index=index,
+                    message=ChatResponseMessage(content=choice.text),
+                    finish_reason=choice.finish_reason,
+                    logprobs=chat_logprobs(choice.logprobs),
                 )
+                for index, choice in enumerate((completion, *completion.further_choices))
             ],
             usage=UsageInfo.of(
                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
@@ -118,6 +125,7 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
             logprobs: tuple[TokenLogprob, ...] | None = None,
         ) -> ChatCompletionChunk:
             choice = ChatCompletionChunkChoice(
+                index=delta.index,
                 delta=message,
                 finish_reason=None if finish is None else finish.finish_reason,
                 logprobs=chat_logprobs(logprobs),
@@ -125,7 +133,8 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
             return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
 
         chunks: list[BaseModel] = []
-        if first:  # OpenAI opens every stream by announcing the role
+        if first or delta.index > self.announced:  # OpenAI opens every choice by announcing the role
+            self.announced = delta.index
             chunks.append(chunk(DeltaMessage(role="assistant", content="")))
         if self.plan is not None and self.plan.tool_names:  # content and tool-call fragments
             for message, finish in self.plan.stream(delta):

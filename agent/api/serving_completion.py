@@ -1,8 +1,9 @@
 """POST /v1/completions: raw text in, continuation out (the only mode for base models).
 
-``echo`` puts the prompt ahead of the completion (streamed: as the first chunk); ``logprobs``
-adds OpenAI's completion logprobs, whose ``text_offset`` counts on across the chunks of a
-stream, so each request gets its own copy of this endpoint to keep that count on.
+``echo`` puts the prompt ahead of the completion (streamed: as the first chunk of each
+choice); ``logprobs`` adds OpenAI's completion logprobs, whose ``text_offset`` counts on across
+the chunks of a stream, so each request gets its own copy of this endpoint to keep that count
+(one per choice, with n > 1: see edgefleet.agent.api.choices).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from edgefleet.agent.api.choices import for_choice, open_choices
 from edgefleet.agent.api.limits import RequestLimits
 from edgefleet.agent.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 from edgefleet.agent.api.protocol_logprobs import CompletionOffsets
@@ -36,11 +38,11 @@ class ServingCompletion(OpenAIServing[CompletionRequest]):
     capability_name = "text completions"
     id_prefix = "cmpl"
     prompt_param = "prompt"
-    offsets: CompletionOffsets | None = None  # set on the per-request copy `handle` makes
+    offsets: dict[int, CompletionOffsets] | None = None  # per choice, on the per-request copy
 
     async def handle(self, request: CompletionRequest, raw: Request) -> Response:
         per_request = copy.copy(self)
-        per_request.offsets = CompletionOffsets(0)
+        per_request.offsets = {}
         return await super(ServingCompletion, per_request).handle(request, raw)
 
     def check_size(self, limits: RequestLimits, request: CompletionRequest) -> None:
@@ -49,22 +51,26 @@ class ServingCompletion(OpenAIServing[CompletionRequest]):
     def open_generation(self, runtime: Runtime, request: CompletionRequest) -> Generation:
         params = self.sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
         require_support(runtime.describe(), params)
-        generation = runtime.complete_stream(request.prompt_text(), params)
-        if request.echo:
-            return EchoGeneration(request.prompt_text(), generation)
-        return generation
+        prompt = request.prompt_text()
+
+        def open_choice(index: int) -> Generation:
+            generation = runtime.complete_stream(prompt, for_choice(params, index))
+            return EchoGeneration(prompt, generation) if request.echo else generation
+
+        return open_choices(open_choice, request.n)
 
     def build_response(self, *, request_id: str, model: str, completion: Completion) -> BaseModel:
-        logprobs = None
-        if completion.logprobs is not None:
-            logprobs = CompletionOffsets(0).build(completion.logprobs)
         return CompletionResponse(
             id=request_id,
             model=model,
             choices=[
                 CompletionChoice(
-                    text=completion.text, finish_reason=completion.finish_reason, logprobs=logprobs
+                    index=index,
+                    text=choice.text,
+                    finish_reason=choice.finish_reason,
+                    logprobs=None if choice.logprobs is None else CompletionOffsets(0).build(choice.logprobs),
                 )
+                for index, choice in enumerate((completion, *completion.further_choices))
             ],
             usage=UsageInfo.of(
                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
@@ -78,8 +84,15 @@ class ServingCompletion(OpenAIServing[CompletionRequest]):
             return []
         logprobs = None
         if delta.logprobs is not None:
-            logprobs = (self.offsets or CompletionOffsets(0)).build(delta.logprobs)
-        choice = CompletionChoice(text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs)
+            offsets = (
+                self.offsets.setdefault(delta.index, CompletionOffsets(0))
+                if self.offsets is not None
+                else None
+            )
+            logprobs = (offsets or CompletionOffsets(0)).build(delta.logprobs)
+        choice = CompletionChoice(
+            index=delta.index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
+        )
         return [CompletionResponse(id=request_id, created=created, model=model, choices=[choice])]
 
     def build_usage_chunk(self, *, request_id: str, created: int, model: str, usage: UsageInfo) -> BaseModel:

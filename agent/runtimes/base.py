@@ -232,6 +232,7 @@ class Delta:
     # With SamplingParams.logprobs: the tokens this delta's text came from (None: not asked).
     # A delta may carry tokens whose text is still held back, or text from earlier tokens.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    index: int = 0  # which choice it belongs to, when a request asks for several (n > 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +244,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None  # with SamplingParams.logprobs
+    # With n > 1: choices 1..n-1 (this one is choice 0; completion_tokens counts them all).
+    further_choices: tuple[Completion, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

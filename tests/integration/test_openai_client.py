@@ -263,8 +263,8 @@ def test_malformed_requests_raise_bad_request(client: openai.OpenAI, device: Dev
         client.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=-1)  # type: ignore[arg-type]
     assert raised.value.status_code == 400
     assert raised.value.param == "max_tokens"
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model=MODEL_ID, messages=QUESTION, n=2)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="8"):
+        client.chat.completions.create(model=MODEL_ID, messages=QUESTION, n=9)  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL_ID, messages=[])
     with pytest.raises(openai.BadRequestError) as too_long:
@@ -500,16 +500,33 @@ def test_max_tokens_beyond_the_context_is_refused(client: openai.OpenAI) -> None
     assert "1024" in raised.value.message
 
 
-def test_n_above_one_and_images_are_refused_clearly(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=4, n=2)
-    assert raised.value.param == "n"
+def test_n_choices(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model=MODEL_ID, messages=QUESTION, max_tokens=6, temperature=1, seed=11, n=3
+    )
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    assert all(choice.message.content for choice in response.choices)
+    assert response.usage is not None and response.usage.completion_tokens <= 18
+    again = client.chat.completions.create(
+        model=MODEL_ID, messages=QUESTION, max_tokens=6, temperature=1, seed=11, n=3
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in response.choices]
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(
+        model=MODEL_ID, prompt="Once upon a time", max_tokens=5, temperature=0, n=2, stream=True
+    ):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert set(streamed) == {0, 1} and streamed[0] == streamed[1]  # greedy: the same twice
+
+
+def test_images_are_refused_clearly(client: openai.OpenAI) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(
             model=MODEL_ID,
-            messages=[{"role": "user", "content": [image]}],
-            max_tokens=4,  # type: ignore[list-item]
+            messages=[{"role": "user", "content": [image]}],  # type: ignore[list-item]
+            max_tokens=4,
         )
     assert "no images" in raised.value.message
 

@@ -311,3 +311,66 @@ def test_tokenizer_routes_refuse_bad_requests(
 def test_a_runtime_without_a_tokenizer_says_so(plain: TestClient) -> None:
     error = assert_openai_error(plain.post("/tokenize", json={"model": MODEL, "prompt": "x"}), 400)
     assert error["code"] == "capability_not_supported"
+
+
+# --- n > 1 ---------------------------------------------------------------------------------
+
+
+def test_n_choices_one_after_another() -> None:
+    runtime = FakeRuntime()
+    with client_for(runtime) as client:
+        response = client.post(CHAT, json=chat_body(n=3, seed=7, max_tokens=4))
+    assert response.status_code == 200, response.text
+    parsed = openai.types.chat.ChatCompletion.model_validate(response.json())
+    assert [choice.index for choice in parsed.choices] == [0, 1, 2]
+    assert all(choice.message.content == "Paris is the capital" for choice in parsed.choices)
+    assert parsed.usage is not None and parsed.usage.completion_tokens == 12
+    assert parsed.usage.prompt_tokens == runtime.generations[0].prompt_tokens
+    # Each choice samples with its own seed, so seeded choices differ yet are reproducible.
+    assert [generation.params.seed for generation in runtime.generations] == [7, 8, 9]
+    assert all(generation.closed.is_set() for generation in runtime.generations)
+
+
+def test_n_choices_streamed(plain: TestClient) -> None:
+    _, events = stream(plain, CHAT, chat_body(n=2, stream=True, stream_options={"include_usage": True}))
+    texts: dict[int, str] = {}
+    roles: list[int] = []
+    finished: list[int] = []
+    usage = None
+    for event in events[:-1]:
+        chunk = openai.types.chat.ChatCompletionChunk.model_validate(json.loads(event))
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles.append(choice.index)
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert roles == finished == [0, 1] and texts == {0: REPLY, 1: REPLY}
+    assert usage is not None and usage.completion_tokens == 2 * len(REPLY.split())
+
+
+def test_n_completions_with_echo_and_logprobs(scoring: TestClient) -> None:
+    body = scoring.post(COMPLETIONS, json=completion_body(n=2, logprobs=0, max_tokens=3)).json()
+    parsed = openai.types.Completion.model_validate(body)
+    assert [choice.index for choice in parsed.choices] == [0, 1]
+    for choice in parsed.choices:
+        assert choice.logprobs is not None and "".join(choice.logprobs.tokens or []) == choice.text
+        assert choice.logprobs.text_offset == [0, 5, 8]
+    echoed = scoring.post(COMPLETIONS, json=completion_body(n=2, echo=True, max_tokens=1)).json()
+    assert [choice["text"] for choice in echoed["choices"]] == ["The capital of France isParis"] * 2
+
+
+def test_n_completions_streamed_keep_offsets_per_choice(scoring: TestClient) -> None:
+    _, events = stream(scoring, COMPLETIONS, completion_body(n=2, stream=True, logprobs=0, max_tokens=3))
+    offsets: dict[int, list[int]] = {}
+    for event in events[:-1]:
+        for choice in json.loads(event)["choices"]:
+            if choice["logprobs"]:
+                offsets.setdefault(choice["index"], []).extend(choice["logprobs"]["text_offset"])
+    assert offsets == {0: [0, 5, 8], 1: [0, 5, 8]}
+
+
+@pytest.mark.parametrize("n", [0, 9, 2.5])
+def test_n_out_of_range_is_refused(plain: TestClient, n: float) -> None:
+    assert assert_openai_error(plain.post(CHAT, json=chat_body(n=n)), 400)["param"] == "n"
