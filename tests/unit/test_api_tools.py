@@ -251,3 +251,51 @@ def test_responses_function_call_and_refusals(client: TestClient) -> None:
     ):
         error = assert_openai_error(client.post("/v1/responses", json={**request, **refused}), 400)
         assert error["param"] == param, error
+
+
+def test_responses_stream_events_in_order(client: TestClient) -> None:
+    request = {
+        "model": MODEL,
+        "input": "Weather in Paris?",
+        "stream": True,
+        "tools": [{"type": "function", **WEATHER["function"]}],
+    }
+    response, payloads = stream(client, "/v1/responses", request)
+    assert response.status_code == 200
+    assert payloads[-1] == "[DONE]"
+    events = [json.loads(payload) for payload in payloads[:-1]]
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    kinds = [event["type"] for event in events]
+    deduped = [kind for index, kind in enumerate(kinds) if index == 0 or kinds[index - 1] != kind]
+    assert deduped == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["usage"]["output_tokens"] > 0
+    message, call = final["output"]
+    assert message["content"][0]["text"] == "".join(
+        event["delta"] for event in events if event["type"] == "response.output_text.delta"
+    )
+    arguments = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    assert call["arguments"] == arguments and json.loads(arguments) == {"city": "Paris"}
+
+
+def test_responses_cut_by_the_token_limit_are_incomplete(client: TestClient) -> None:
+    request = {"model": MODEL, "input": "Hi", "max_output_tokens": 1}
+    body = client.post("/v1/responses", json=request).json()
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    _, payloads = stream(client, "/v1/responses", {**request, "stream": True})
+    assert json.loads(payloads[-2])["type"] == "response.incomplete"
