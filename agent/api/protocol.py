@@ -66,7 +66,7 @@ def _integral(value: Any) -> Any:
 
 Integer = Annotated[int, BeforeValidator(_integral)]
 TopK = Annotated[int, Field(ge=-1, le=MAX_TOKENS), BeforeValidator(_integral)]  # -1 and 0: no cut
-Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES), BeforeValidator(_integral), NullMeansDefault(1)]
+ChoiceCount = Annotated[int, Field(ge=1, le=MAX_CHOICES), BeforeValidator(_integral), NullMeansDefault(1)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(_integral)]
 CompletionLogprobCount = Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), BeforeValidator(_integral)]
 PositiveInteger = Annotated[int, Field(ge=1, le=MAX_TOKENS), BeforeValidator(_integral)]
@@ -203,7 +203,7 @@ class SamplingRequest(OpenAIRequestModel):
             ]
         },
     )
-    n: Choices = 1  # several: generated one after another (edgefleet.agent.api.choices)
+    n: ChoiceCount = 1  # several: generated one after another (edgefleet.agent.api.choices)
     stream: Annotated[bool, NullMeansDefault(False)] = False
     stream_options: StreamOptions | None = None
     frequency_penalty: Annotated[float, NullMeansDefault(0.0)] = Field(default=0.0, ge=-2.0, le=2.0)
