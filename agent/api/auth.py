@@ -2,8 +2,9 @@
 
 On 127.0.0.1 the API is open, as Ollama's and Foundry Local's are: only this machine can reach
 it. Bound anywhere else it requires ``Authorization: Bearer <key>`` (the OpenAI convention,
-so every OpenAI client sends it already) on /v1/* and on /metrics (usage figures and the
-model's name are nobody else's business; Prometheus sends a bearer token natively).
+so every OpenAI client sends it already) on /v1/*, on /tokenize and /detokenize (they run on
+the model's thread) and on /metrics (usage figures and the model's name are nobody else's
+business; Prometheus sends a bearer token natively).
 /healthz stays open for load balancers.
 """
 
@@ -21,7 +22,7 @@ from edgefleet.agent.api.errors import APIError
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
 
 PROTECTED_PREFIX = "/v1/"
-PROTECTED_PATHS = frozenset({"/metrics"})
+PROTECTED_PATHS = frozenset({"/metrics", "/tokenize", "/detokenize"})
 
 
 def is_loopback(host: str) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from edgefleet.agent.api import create_app
+from edgefleet.agent.api.auth import require_api_key
 from edgefleet.agent.runtimes.base import (
     GENERATIVE,
     Capability,
@@ -374,3 +375,16 @@ def test_n_completions_streamed_keep_offsets_per_choice(scoring: TestClient) -> 
 @pytest.mark.parametrize("n", [0, 9, 2.5])
 def test_n_out_of_range_is_refused(plain: TestClient, n: float) -> None:
     assert assert_openai_error(plain.post(CHAT, json=chat_body(n=n)), 400)["param"] == "n"
+
+
+def test_tokenizer_routes_need_the_api_key_off_loopback() -> None:
+    app = create_app(models=ModelTable(ScoringRuntime()), observer=lambda stats: None)
+    require_api_key(app, "ef-secret")
+    with TestClient(app) as client:
+        for path, body in (
+            ("/tokenize", {"model": MODEL, "prompt": "a"}),
+            ("/detokenize", {"model": MODEL, "tokens": [1]}),
+        ):
+            assert client.post(path, json=body).status_code == 401
+            keyed = client.post(path, json=body, headers={"Authorization": "Bearer ef-secret"})
+            assert keyed.status_code == 200
