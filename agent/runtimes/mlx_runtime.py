@@ -60,6 +60,7 @@ from edgefleet.agent.runtimes.base import (
     require_support,
     smoke_generate,
 )
+from edgefleet.agent.runtimes.grammar_mask import GrammarMask, TokenizersGuidance
 from edgefleet.agent.runtimes.hf_tokens import TokenizersPieces
 from edgefleet.agent.runtimes.prompt import PromptLimit, assemble, chat_segments, seed32
 from edgefleet.agent.runtimes.slot_generation import SlotGeneration, start_generation, unload_on_own_thread
@@ -140,6 +141,7 @@ class _Loaded:
     model: Module
     tokenizer: TokenizerWrapper
     pieces: TokenizersPieces  # the fast tokenizer behind it, for prompts built from pieces
+    guidance: TokenizersGuidance  # constrained decoding over that same fast tokenizer
 
 
 def load(*, model_path: Path, model_id: str, n_ctx: int = 2048, n_threads: int | None = None) -> MlxRuntime:
@@ -170,7 +172,12 @@ def load(*, model_path: Path, model_id: str, n_ctx: int = 2048, n_threads: int |
         backend = getattr(tokenizer._tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ValueError("the folder has no fast tokenizer (tokenizer.json)")
-        return _Loaded(model, tokenizer, TokenizersPieces(backend)), _device_name(mx)
+        guidance = TokenizersGuidance(
+            backend,
+            vocab_size=int(backend.get_vocab_size(with_added_tokens=True)),
+            end_tokens=sorted(tokenizer.eos_token_ids),
+        )
+        return _Loaded(model, tokenizer, TokenizersPieces(backend), guidance), _device_name(mx)
 
     try:
         loaded, device = thread.call(construct)
@@ -188,6 +195,7 @@ def load(*, model_path: Path, model_id: str, n_ctx: int = 2048, n_threads: int |
         format=common_pb2.MODEL_FORMAT_MLX,
         capabilities=GENERATIVE,
         device=device,
+        constrained_decoding=True,
     )
     return MlxRuntime(loaded, thread=thread, description=description)
 
@@ -227,6 +235,7 @@ class MlxRuntime:
         self._has_chat_template = bool(loaded.tokenizer.has_chat_template)
         self._slot = threading.Lock()  # held by the generation in progress
         self._limit = PromptLimit(description.n_ctx, loaded.pieces.max_token_bytes)
+        self._guidance = loaded.guidance  # no mlx inside: usable from the caller's thread
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -302,12 +311,15 @@ class MlxRuntime:
 
     def _start(self, prompt_tokens: list[int], params: SamplingParams) -> SlotGeneration:
         require_support(self._description, params)  # no logprobs, no logit_bias: refused, not ignored
+        # The matcher starts here, so a constraint that fails for this tokenizer is refused
+        # before any token is generated.
+        guide = self._guidance.start(params.constraint) if params.constraint is not None else None
         generation = start_generation(
             slot=self._slot,
             thread=self._thread,
             prompt=prompt_tokens,
             n_ctx=self._description.n_ctx,
-            steps=lambda generation: self._generate(generation, params),
+            steps=lambda generation: self._generate(generation, params, guide),
         )
         check_budget(
             prompt_tokens=len(prompt_tokens), max_tokens=params.max_tokens, n_ctx=self._description.n_ctx
@@ -331,8 +343,12 @@ class MlxRuntime:
 
         return self._thread.call(decode)
 
-    def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
-        """The token loop; stepped on the mlx thread, with the generation slot held."""
+    def _generate(
+        self, generation: SlotGeneration, params: SamplingParams, guide: GrammarMask | None
+    ) -> Generator[Delta, None, None]:
+        """The token loop; stepped on the mlx thread, with the generation slot held. With a
+        constraint, a logits processor adds the grammar's mask to each step's logits (see
+        `_grammar_processor`) and the generation ends once the grammar is complete."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step, generation_stream, wired_limit
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -350,6 +366,8 @@ class MlxRuntime:
         processors = make_logits_processors(
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty
         )
+        if guide is not None:
+            processors.append(_grammar_processor(guide, len(generation.prompt)))
         end_tokens = loaded.tokenizer.eos_token_ids
         detokenizer = loaded.tokenizer.detokenizer
         finish: FinishReason = "length"
@@ -375,12 +393,13 @@ class MlxRuntime:
                     if token in end_tokens:
                         finish = "stop"
                         break
+                    complete = guide is not None and guide.follow(generation.completion_tokens, int(token))
                     generation.completion_tokens += 1
                     detokenizer.add_token(token)
                     piece = text.feed(detokenizer.last_segment.encode("utf-8"))
                     if piece:
                         yield Delta(piece)
-                    if text.stopped:
+                    if text.stopped or complete:  # a finished grammar allows nothing but the end
                         finish = "stop"
                         break
             finally:
@@ -392,3 +411,22 @@ class MlxRuntime:
             if text.stopped:
                 finish = "stop"
         yield Delta(tail + text.flush(), finish)
+
+
+def _grammar_processor(guide: GrammarMask, prompt_length: int) -> Callable[[Any, Any], Any]:
+    """An mlx-lm logits processor that adds the grammar's mask to the logits.
+
+    `generate_step` builds step t+1 before it hands out token t (its one-token overlap), so the
+    processor, which sees the whole token history, follows the tokens the grammar has not seen
+    yet itself; the token loop then finds them followed (`GrammarMask.follow`). Reading that
+    last token waits for its evaluation: a constrained step cannot overlap with the next one.
+    """
+    import mlx.core as mx
+
+    def process(tokens: Any, logits: Any) -> Any:
+        fresh = tokens[prompt_length + guide.consumed :].tolist()
+        for index, token in enumerate(fresh, start=guide.consumed):
+            guide.follow(index, int(token))
+        return logits + mx.array(guide.additive(int(logits.shape[-1])))
+
+    return process

@@ -82,6 +82,7 @@ from edgefleet.agent.runtimes.base import (
     require_support,
     smoke_generate,
 )
+from edgefleet.agent.runtimes.grammar_mask import GrammarMask, TokenizersGuidance
 from edgefleet.agent.runtimes.hf_tokens import TokenizersPieces
 from edgefleet.agent.runtimes.onnx_folder import (
     TOKENIZER_FILE,
@@ -198,7 +199,7 @@ def load(*, model_path: Path, model_id: str, n_ctx: int = 2048, n_threads: int |
         )
         capabilities = GENERATIVE if template else frozenset({Capability.COMPLETIONS})
         return OnnxRuntime(
-            description=replace(description, capabilities=capabilities),
+            description=replace(description, capabilities=capabilities, constrained_decoding=True),
             tokenizer=tokenizer,
             folder=folder_config,
             decoder=decoder,
@@ -269,6 +270,8 @@ class OnnxRuntime:
         self._limit = PromptLimit(description.n_ctx, self._pieces.max_token_bytes)
         self._slot = threading.Lock()  # held by the generation or embedding batch in progress
         self._unloaded = False
+        # Constrained decoding (runtimes.grammar_mask): the engine's tokenizer is built on first use.
+        self._guidance = TokenizersGuidance(tokenizer, vocab_size=self._vocab_size, end_tokens=folder.eos_ids)
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -308,12 +311,15 @@ class OnnxRuntime:
 
     def _start(self, prompt: list[int], params: SamplingParams) -> SlotGeneration:
         require_support(self._description, params)  # no logprobs, no logit_bias: refused, not ignored
+        # The matcher starts here, so a constraint that fails for this tokenizer is refused
+        # before any token is generated.
+        guide = self._guidance.start(params.constraint) if params.constraint is not None else None
         generation = start_generation(
             slot=self._slot,
             thread=InlineCalls(),  # ONNX Runtime sessions may be called from any thread
             prompt=prompt,
             n_ctx=self._description.n_ctx,
-            steps=lambda generation: self._generate(generation, params),
+            steps=lambda generation: self._generate(generation, params, guide),
         )
         check_budget(prompt_tokens=len(prompt), max_tokens=params.max_tokens, n_ctx=self._description.n_ctx)
         return generation
@@ -328,8 +334,12 @@ class OnnxRuntime:
                 raise FieldNotSupported("tokens", f"tokens[{index}] = {token} is not a token id here")
         return str(self._tokenizer.decode(list(tokens), skip_special_tokens=False))
 
-    def _generate(self, generation: SlotGeneration, params: SamplingParams) -> Generator[Delta, None, None]:
-        """The token loop; runs with the generation slot held (see SlotGeneration)."""
+    def _generate(
+        self, generation: SlotGeneration, params: SamplingParams, guide: GrammarMask | None
+    ) -> Generator[Delta, None, None]:
+        """The token loop; runs with the generation slot held (see SlotGeneration). With a
+        constraint, the grammar's mask is added to each step's logits before sampling and the
+        generation ends once the grammar is complete."""
         decoder = self._loaded(self._decoder)
         budget = self._description.n_ctx - len(generation.prompt)
         if params.max_tokens is not None:
@@ -347,16 +357,19 @@ class OnnxRuntime:
                 raise
             except Exception as exc:  # onnxruntime's errors share no public base class
                 raise GenerationError(f"ONNX Runtime failed while generating: {exc}") from exc
+            if guide is not None:
+                logits = logits + guide.additive(logits.shape[-1])
             token = sampler.choose(logits)
             if token in self._folder.eos_ids:
                 finish = "stop"
                 break
             generation.completion_tokens += 1
+            complete = guide is not None and guide.advance(token)
             pending = [token]
             piece = text.feed(detokenizer.feed(token).encode("utf-8"))
             if piece:
                 yield Delta(piece)
-            if text.stopped:
+            if text.stopped or complete:  # a finished grammar allows nothing but the end
                 finish = "stop"
                 break
         tail = text.feed(detokenizer.flush().encode("utf-8"))
