@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.api.errors import APIError
+from edgefleet.agent.api.gguf_template import model_template
 from edgefleet.agent.api.protocol import (
     ChatCompletionRequest,
     ChatFinishReason,
@@ -38,11 +40,13 @@ from edgefleet.agent.api.tool_calls import (
     CallStart,
     Event,
     ToolCallParser,
+    call_schema,
     calls_lark,
     render_calls,
     render_result,
     tools_prompt,
 )
+from edgefleet.agent.api.tool_formats import HERMES, ToolFormat, format_lark, render_segments, template_format
 from edgefleet.agent.runtimes.base import (
     ChatMessage,
     Completion,
@@ -50,9 +54,11 @@ from edgefleet.agent.runtimes.base import (
     ConstraintError,
     Delta,
     FinishReason,
+    InvalidPromptError,
     RuntimeDescription,
 )
 from edgefleet.agent.runtimes.constraints import json_schema_grammar, lark_grammar
+from edgefleet.agent.runtimes.prompt import RenderedChat
 
 MAX_PARALLEL_CALLS = 4  # calls one reply may make when parallel_tool_calls allows several
 
@@ -103,6 +109,9 @@ class ChatPlan:
     constraint_param: str = "response_format"  # the field a runtime that cannot constrain is refused on
     tool_names: tuple[str, ...] = ()  # non-empty: the reply is parsed for calls
     parser: ToolCallParser | None = field(default=None, repr=False)
+    tool_format: ToolFormat = HERMES  # the generic format until `check_runtime` finds the model's own
+    calls: CallsRequest | None = field(default=None, repr=False)  # what binding to a model needs
+    bound_to: Path | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, request: ChatCompletionRequest) -> ChatPlan:
@@ -145,6 +154,19 @@ class ChatPlan:
             plan.tool_names = tuple(tool.function.name for tool in offered)
         # A named function is called once; otherwise parallel calls are bounded (see calls_lark).
         most = 1 if named is not None or not parallel else MAX_PARALLEL_CALLS
+        if use_tools:
+            forced = choice != "auto"
+            alternative = None
+            if not forced and output is not None and output.json:
+                alternative = output.schema if output.schema else {"type": "object"}
+            plan.calls = CallsRequest(
+                messages=tuple(messages),
+                tools=tuple(tools),
+                offered=tuple(offered),
+                most=most,
+                forced=forced,
+                alternative=alternative,
+            )
         if use_tools and choice != "auto":  # required or named: a call is forced
             plan.constraint = Constraint(_compile_calls(offered, most=most, alternative=None))
             plan.constraint_param = "tool_choice"
@@ -157,7 +179,8 @@ class ChatPlan:
         return plan
 
     def check_runtime(self, description: RuntimeDescription) -> None:
-        """Refuse a constraint the runtime would have to ignore."""
+        """Refuse a constraint the runtime would have to ignore; then, with tools, switch to
+        the tool format the model's own chat template declares, if it declares one."""
         if self.constraint is not None and not description.constrained_decoding:
             raise _refuse(
                 f"{self.constraint_param}: the {description.runtime} runtime serving "
@@ -166,6 +189,33 @@ class ChatPlan:
                 self.constraint_param,
                 "constrained_decoding_not_supported",
             )
+        if self.calls is not None and self.bound_to != description.model_path:
+            self._bind(description.model_path)
+
+    def _bind(self, model_path: Path) -> None:
+        calls = self.calls
+        assert calls is not None
+        native = model_template(model_path)
+        fmt = template_format(native.template if native is not None else None)
+        self.bound_to = model_path
+        if native is None or fmt is None:
+            return
+        try:
+            segments = render_segments(
+                native.template,
+                calls.messages,
+                calls.offered,
+                bos_token=native.bos_token,
+                eos_token=native.eos_token,
+            )
+        except InvalidPromptError as exc:
+            raise _refuse(str(exc), "messages", "invalid_prompt") from exc
+        text = "".join(message.text() for message in calls.messages)
+        self.messages = [RenderedChat(role="user", content=text, segments=tuple(segments))]
+        self.tool_format = fmt
+        if calls.forced or calls.alternative is not None:
+            grammar = _compile_calls(calls.offered, most=calls.most, alternative=calls.alternative, fmt=fmt)
+            self.constraint = Constraint(grammar)
 
     # --- replies ---------------------------------------------------------------------
 
@@ -173,7 +223,7 @@ class ChatPlan:
         """The non-streamed message and finish reason."""
         if not self.tool_names:
             return ChatResponseMessage(content=completion.text), completion.finish_reason
-        parser = ToolCallParser(self.tool_names)
+        parser = ToolCallParser(self.tool_names, self.tool_format)
         parser.feed(completion.text)
         parser.finish()
         if not parser.calls:
@@ -201,7 +251,7 @@ class ChatPlan:
                 out.append((DeltaMessage(), delta.finish_reason))
             return out
         if self.parser is None:
-            self.parser = ToolCallParser(self.tool_names)
+            self.parser = ToolCallParser(self.tool_names, self.tool_format)
         events = self.parser.feed(delta.text)
         if delta.finish_reason is not None:
             events += self.parser.finish()
@@ -244,12 +294,44 @@ def _delta_message(event: Event) -> DeltaMessage:
     )
 
 
-def _compile_calls(tools: Sequence[ToolParam], *, most: int, alternative: dict[str, Any] | None) -> str:
+@dataclass(frozen=True, slots=True)
+class CallsRequest:
+    """A request's tool part as sent, kept to render it again in a model's own format."""
+
+    messages: tuple[ChatMessageParam, ...]
+    tools: tuple[ToolParam, ...]
+    offered: tuple[ToolParam, ...]  # the tools a call may name (one, for a named choice)
+    most: int
+    forced: bool  # required or named: a call must be made
+    alternative: dict[str, Any] | None  # auto with a JSON response format: calls or that JSON
+
+
+def _compile_calls(
+    tools: Sequence[ToolParam],
+    *,
+    most: int,
+    alternative: dict[str, Any] | None,
+    fmt: ToolFormat | None = None,
+) -> str:
     param = "tools"
     try:
-        return lark_grammar(calls_lark(tools, most=most, alternative=alternative))
+        if fmt is None:
+            return lark_grammar(calls_lark(tools, most=most, alternative=alternative))
+        bodies = [_call_schema(tool, fmt.arguments_key) for tool in tools]
+        body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
+        return lark_grammar(format_lark(fmt, body, most=most, alternative=alternative))
     except ConstraintError as exc:
         raise _refuse(f"{param}: {exc}", param, INVALID_SCHEMA) from exc
+
+
+def _call_schema(tool: ToolParam, key: str) -> dict[str, Any]:
+    """`call_schema` with the arguments under ``key`` (Llama's templates say "parameters")."""
+    schema = call_schema(tool)
+    if key == "arguments":
+        return schema
+    properties = dict(schema["properties"])
+    properties[key] = properties.pop("arguments")
+    return {**schema, "properties": properties, "required": ["name", key]}
 
 
 def _messages(messages: Sequence[ChatMessageParam], preamble: str | None) -> list[ChatMessage]:

@@ -32,13 +32,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.agent.api.protocol_tools import ToolCallParam, ToolParam
+from edgefleet.agent.api.tool_formats import HERMES, ToolFormat
 from edgefleet.agent.runtimes.constraints import check_schema_size, json_compile_options
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 # The call's opening up to the first character of its arguments (so none of the space before
 # them is taken for part of them while the text is still arriving).
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+# A Mistral array's "[" may come first; Llama calls name their arguments "parameters".
+_HEAD = re.compile(
+    r'\s*\[?\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)'
+)
 _MAX_HEAD_CHARS = 512  # text after <tool_call> that still has not named the function: not a call
 _NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -135,12 +139,15 @@ Event = str | CallStart | ArgumentsPiece  # str: a piece of content
 
 
 class ToolCallParser:
-    """Generated text in, content and call fragments out (see the module docstring)."""
+    """Generated text in, content and call fragments out (see the module docstring), for the
+    generic format or a model's own (edgefleet.agent.api.tool_formats)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], fmt: ToolFormat = HERMES) -> None:
         self._names = frozenset(names)
+        self._format = fmt
         self._buffer = ""
         self._state = "text"  # text -> head -> arguments -> close -> text ...
+        self._opener = ""  # the marker the current call region opened with
         self._arguments = ""  # the current call's argument text so far
         self._sent = 0  # how much of it has been handed out
         self.calls: list[ParsedCall] = []
@@ -158,8 +165,8 @@ class ToolCallParser:
         events: list[Event] = []
         if self._state == "text" and self._buffer and not self.calls:
             self._content(events, self._buffer)
-        elif self._state == "head":
-            self._content(events, CALL_OPEN + self._buffer)
+        elif self._state == "head" and not self.calls:
+            self._content(events, self._opener + self._buffer)
         elif self._state == "arguments":
             self._arguments += self._buffer
             self._pieces(events, len(self._arguments))
@@ -179,36 +186,61 @@ class ToolCallParser:
             self.calls[-1].arguments.append(piece)
             events.append(ArgumentsPiece(len(self.calls) - 1, piece))
 
+    def _not_a_call(self, events: list[Event], buffer: str) -> bool:
+        if not self.calls:
+            self._content(events, self._opener + buffer)
+        self._buffer = ""
+        self._state = "text"
+        return False
+
+    def _text(self, events: list[Event], buffer: str) -> bool:
+        fmt = self._format
+        if fmt.bare and (not self.content or self.calls):  # a reply (or what follows a call) may be JSON
+            stripped = buffer.lstrip(" \t\r\n;" if self.calls else " \t\r\n")
+            if not stripped:
+                self._buffer = buffer
+                return False
+            if stripped.startswith("{"):
+                self._buffer = stripped
+                self._opener, self._state = "", "head"
+                return True
+        found = [(buffer.find(marker), marker) for marker in fmt.opens]
+        found = [(at, marker) for at, marker in found if at >= 0]
+        if not found:
+            keep = max(_partial_suffix(buffer, marker) for marker in fmt.opens)
+            if not self.calls:  # text after the calls is not part of the reply
+                self._content(events, buffer[: len(buffer) - keep])
+            self._buffer = buffer[len(buffer) - keep :]
+            return False
+        at, marker = min(found)
+        if not self.calls:
+            self._content(events, buffer[:at])
+        self._buffer = buffer[at + len(marker) :]
+        self._opener, self._state = marker, "head"
+        return True
+
     def _step(self, events: list[Event]) -> bool:
         """One state's worth of progress; False when it needs more text."""
         buffer = self._buffer
+        fmt = self._format
         if self._state == "text":
-            at = buffer.find(CALL_OPEN)
-            if at < 0:
-                keep = _partial_suffix(buffer, CALL_OPEN)
-                if not self.calls:  # text after the calls is not part of the reply
-                    self._content(events, buffer[: len(buffer) - keep])
-                self._buffer = buffer[len(buffer) - keep :]
+            return self._text(events, buffer)
+        if self._state == "between":  # after an array item: another one, or the array's end
+            stripped = buffer.lstrip()
+            if not stripped:
                 return False
-            if not self.calls:
-                self._content(events, buffer[:at])
-            self._buffer = buffer[at + len(CALL_OPEN) :]
-            self._state = "head"
+            self._buffer = stripped[1:] if stripped.startswith(",") else stripped
+            self._state = "head" if stripped.startswith(",") else "text"
             return True
         if self._state == "head":
             match = _HEAD.match(buffer)
             if match is None:
-                if len(buffer) > _MAX_HEAD_CHARS or CALL_CLOSE in buffer:  # not a call after all
-                    self._content(events, CALL_OPEN + buffer)
-                    self._buffer = ""
-                    self._state = "text"
+                if len(buffer) > _MAX_HEAD_CHARS or fmt.close in buffer or not _may_start_call(buffer):
+                    return self._not_a_call(events, buffer)
                 return False
             name = _json_string(match.group(1))
             if name is None or name not in self._names:
-                self._content(events, CALL_OPEN + buffer)
-                self._buffer = ""
-                self._state = "text"
-                return False
+                return self._not_a_call(events, buffer)
             call = ParsedCall(id=new_call_id(), name=name)
             self.calls.append(call)
             events.append(CallStart(len(self.calls) - 1, call.id, name))
@@ -228,13 +260,19 @@ class ToolCallParser:
             self._arguments = self._arguments[:end]
             self._state = "close"
             return True
-        at = buffer.find(CALL_CLOSE)  # close: the rest of the call up to </tool_call>
+        at = buffer.find(fmt.close)  # close: the rest of the call up to its end
         if at < 0:
-            self._buffer = buffer[-len(CALL_CLOSE) :]
+            self._buffer = buffer[-len(fmt.close) :]
             return False
-        self._buffer = buffer[at + len(CALL_CLOSE) :]
-        self._state = "text"
+        self._buffer = buffer[at + len(fmt.close) :]
+        self._state = "between" if fmt.array else "text"
         return True
+
+
+def _may_start_call(text: str) -> bool:
+    """Whether ``text`` (after a call marker) could still be the opening of a call's JSON."""
+    stripped = text.lstrip()
+    return not stripped or stripped[0] in "[{"
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -124,10 +124,21 @@ def assemble(segments: Sequence[tuple[str, bool]], specials: SpecialTokens) -> l
     return pieces
 
 
+@dataclass(frozen=True, slots=True)
+class RenderedChat(ChatMessage):
+    """A conversation the API already rendered through the model's own chat template, as
+    ``(text, is_template)`` segments: used when the runtime's template call cannot take what
+    the template needs (``tools``, structured ``tool_calls``; see api.tool_formats).
+    ``content`` is all of the messages' text, for the size checks made before rendering."""
+
+    segments: tuple[tuple[str, bool], ...] = ()
+
+
 def chat_segments(
     render: Callable[[list[dict[str, str]]], str], messages: Sequence[ChatMessage]
 ) -> list[tuple[str, bool]]:
     """The rendered chat as ``(text, is_template)`` segments, message contents kept verbatim.
+    A lone `RenderedChat` is its own segments.
 
     Each non-empty content is replaced by a placeholder made of private-use characters and a
     per-request random nonce (a message cannot forge it), so the template's text can be told
@@ -137,6 +148,8 @@ def chat_segments(
     Raises InvalidPromptError when the template refuses the messages or a role is not a
     plain name (roles are written into the template's text).
     """
+    if len(messages) == 1 and isinstance(messages[0], RenderedChat):
+        return list(messages[0].segments)
     nonce = secrets.token_hex(8)
     contents: dict[int, str] = {}
     conversation: list[dict[str, str]] = []
