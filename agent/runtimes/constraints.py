@@ -12,10 +12,12 @@ cores); bench.serving reports the measured ratio. It also reads Lark and llama.c
 grammars and takes Lark grammars with inline JSON schemas (``%json {...}``), which is how
 forced tool calls are written (edgefleet.agent.api.tool_calls).
 
-Only the llama.cpp runtime hooks it in today (``LlamaGuidance``): its logits go through a
+The llama.cpp runtime hooks it in here (``LlamaGuidance``): its logits go through a
 llama-cpp-python logits processor that sets every token the grammar forbids to -inf. ONNX
-Runtime and MLX do not say ``constrained_decoding`` in their descriptions, so the API refuses
-constrained requests for them with a 400 instead of ignoring the constraint.
+Runtime and MLX build the engine's tokenizer from their ``tokenizers`` JSON and add the mask
+to their logits as a 0/-inf row (runtimes.grammar_mask). A runtime that does not say
+``constrained_decoding`` in its description gets constrained requests refused with a 400
+instead of the constraint being ignored.
 
 JSON is generated compactly (``", "`` and ``": "`` separators, no free whitespace): a small
 model allowed free whitespace inside JSON tends to emit newlines until it runs out of tokens.
