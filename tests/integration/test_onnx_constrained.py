@@ -228,3 +228,29 @@ def test_completions_obey_a_grammar(runtime: Runtime) -> None:
     params = SamplingParams(max_tokens=40, temperature=1.0, seed=2, constraint=grammar)
     result = collect(runtime.complete_stream("The capital", params))
     assert result.finish_reason == "stop" and GBNF_TEXT.fullmatch(result.text)
+
+
+def test_a_reply_cut_by_max_tokens_is_a_length_finish(runtime: Runtime) -> None:
+    """The token limit still applies under a grammar: the reply is the grammar's prefix so far."""
+    params = SamplingParams(
+        max_tokens=5, temperature=1.0, seed=3, constraint=Constraint(json_schema_grammar(PERSON))
+    )
+    result = runtime.chat([ChatMessage(role="user", content="Say hello.")], params)
+    assert (result.finish_reason, result.completion_tokens) == ("length", 5)
+    assert result.text.startswith('{"')
+
+
+def test_penalties_and_top_k_stay_inside_the_grammar(runtime: Runtime) -> None:
+    params = SamplingParams(
+        max_tokens=200,
+        temperature=1.3,
+        top_k=20,
+        top_p=0.9,
+        presence_penalty=1.5,
+        frequency_penalty=1.0,
+        seed=6,
+        constraint=Constraint(json_schema_grammar(PERSON)),
+    )
+    result = runtime.chat([ChatMessage(role="user", content="Say hello.")], params)
+    assert result.finish_reason == "stop"
+    jsonschema.validate(json.loads(result.text), PERSON)
