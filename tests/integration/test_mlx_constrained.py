@@ -257,3 +257,16 @@ def test_penalties_and_top_k_stay_inside_the_grammar(runtime: Runtime) -> None:
     result = runtime.chat([ChatMessage(role="user", content="Say hello.")], params)
     assert result.finish_reason == "stop"
     jsonschema.validate(json.loads(result.text), PERSON)
+
+
+def test_a_prompt_prefilled_in_chunks_keeps_the_grammar_aligned(runtime: Runtime) -> None:
+    """mlx-lm prefills a long prompt in 512-token chunks; the grammar's processor must still
+    tell the prompt from the generated tokens in the history it is handed."""
+    message = ChatMessage(role="user", content=" ".join(f"word{i}" for i in range(150)))
+    params = SamplingParams(
+        max_tokens=100, temperature=1.0, seed=1, constraint=Constraint(json_schema_grammar(PERSON))
+    )
+    result = runtime.chat([message], params)
+    assert result.prompt_tokens > 512
+    assert result.finish_reason == "stop"
+    jsonschema.validate(json.loads(result.text), PERSON)
