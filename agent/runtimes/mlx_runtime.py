@@ -13,7 +13,9 @@ partial characters are held back by `StopTextBuffer`; and a consumer that stops 
 stops the model. `generate_step` evaluates the next token asynchronously while the current
 one is handed out (that overlap is where mlx gets its speed), so closing a stream discards
 at most that one token. Sampling is mlx-lm's own (`make_sampler`, `make_logits_processors`
-with its default 20-token penalty window), so outputs match what the library gives.
+with its default 20-token penalty window), so outputs match what the library gives. A
+constraint adds the grammar engine's mask through one more logits processor
+(`_grammar_processor`, :mod:`edgefleet.agent.runtimes.grammar_mask`).
 
 Threads: every mlx call for one runtime (load, tokenize, each token, unload) runs on that
 runtime's own long-lived thread. mlx streams belong to the thread that made them, and

@@ -19,6 +19,8 @@ What the model is comes from the graph: a ``logits`` output makes a causal LM, a
   then one token per step; graphs without cache inputs rerun the whole sequence every step,
   which is correct but quadratic. Sampling is numpy over the last logits: greedy at
   temperature 0, else temperature, top-k, top-p, frequency/presence penalties, and a seed.
+  A constraint (structured output, forced tool calls) adds the grammar engine's mask to each
+  step's logits before sampling (:mod:`edgefleet.agent.runtimes.grammar_mask`).
 - Encoders give one vector per text: mean of the token vectors over the attention mask,
   then L2-normalised, as sentence-transformers does for its MiniLM / MPNet models (a graph
   that already outputs ``sentence_embedding`` is only normalised). A text longer than the
