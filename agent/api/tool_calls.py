@@ -1,8 +1,9 @@
-"""The tool-call format the model is prompted with, the grammar that forces it, and its parser.
+"""The generic tool-call format, the grammar that forces it, and the parser of every format.
 
-Format: the Hermes convention that Qwen2.5 and NousResearch models are trained on, used for
-every model (SmolLM2's chat template declares no tool format: it renders role and content only;
-a template that declares its own format is still given this one, its own is not used yet).
+Generic format: the Hermes convention that Qwen2.5 and NousResearch models are trained on,
+used for every model whose chat template declares no tool format of its own (SmolLM2's
+renders role and content only). A GGUF whose template does declare one is prompted through
+that template and parsed in its family's format instead (edgefleet.agent.api.tool_formats).
 The tools are listed in a system message as JSON inside ``<tools></tools>``; each call is a
 JSON object on its own between ``<tool_call>`` and ``</tool_call>``; a tool's result goes back
 as a user turn inside ``<tool_response>``. So::
@@ -200,7 +201,9 @@ class ToolCallParser:
             if not stripped:
                 self._buffer = buffer
                 return False
-            if stripped.startswith("{"):
+            if stripped.startswith("{") or (
+                fmt.array and _may_start_call(stripped) and not _opens(stripped, fmt)
+            ):
                 self._buffer = stripped
                 self._opener, self._state = "", "head"
                 return True
@@ -272,7 +275,15 @@ class ToolCallParser:
 def _may_start_call(text: str) -> bool:
     """Whether ``text`` (after a call marker) could still be the opening of a call's JSON."""
     stripped = text.lstrip()
-    return not stripped or stripped[0] in "[{"
+    if stripped.startswith("["):  # an array of calls: its first item must be an object
+        stripped = stripped[1:].lstrip()
+        return not stripped or stripped[0] == "{"
+    return not stripped or stripped[0] == "{"
+
+
+def _opens(text: str, fmt: ToolFormat) -> bool:
+    """Whether ``text`` is, or may still become, one of the format's call markers."""
+    return any(marker.startswith(text[: len(marker)]) for marker in fmt.opens)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -11,7 +11,11 @@ is picked from the markers the template's string constants mention:
   also the generic format every other model is prompted with (edgefleet.agent.api.tool_calls);
 * ``llama3_json``: ``{"name": ..., "parameters": ...}``, possibly after ``<|python_tag|>``
   (Llama 3.1 / 3.2; one call per reply, as their templates allow);
-* ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": ...}, ...]``.
+* ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": ...}, ...]`` (the marker may be
+  missing from the text when the vocabulary makes it a control token).
+
+Forcing a call writes the marker as text: a vocabulary whose marker is a control token gets
+it spelled in ordinary tokens, which the parser reads the same.
 
 A template that handles tools in none of these is not used for them: the generic format is.
 
@@ -63,7 +67,8 @@ HERMES = ToolFormat("hermes", opens=("<tool_call>",), close="</tool_call>")
 LLAMA3_JSON = ToolFormat(
     "llama3_json", opens=("<|python_tag|>",), close="}", arguments_key="parameters", bare=True, most=1
 )
-MISTRAL = ToolFormat("mistral", opens=("[TOOL_CALLS]",), close="}", array=True)
+# bare: a vocabulary whose [TOOL_CALLS] is a control token may leave it out of the text.
+MISTRAL = ToolFormat("mistral", opens=("[TOOL_CALLS]",), close="}", bare=True, array=True)
 
 
 @dataclass(frozen=True, slots=True)

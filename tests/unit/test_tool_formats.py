@@ -339,6 +339,11 @@ FAMILY_OUTPUTS = [
         [("get_weather", '{"city": "Paris"}'), ("get_time", '{"city": "Oslo"}')],
     ),
     (
+        MISTRAL,
+        '[{"name": "get_time", "arguments": {"city": "Oslo"}}]',
+        [("get_time", '{"city": "Oslo"}')],
+    ),
+    (
         HERMES,
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
         [("get_weather", '{"city": "Paris"}')],
@@ -358,7 +363,7 @@ def test_each_family_parses_whole_or_streamed(
 
 @pytest.mark.parametrize("fmt", [LLAMA3_JSON, MISTRAL])
 def test_plain_text_stays_content(fmt: ToolFormat) -> None:
-    text = "The weather is {sunny} today."
+    text = "The weather is {sunny} today [really]."
     assert parse(fmt, [text[i : i + 2] for i in range(0, len(text), 2)]) == (text, [])
 
 
