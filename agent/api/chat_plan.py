@@ -112,6 +112,7 @@ class ChatPlan:
     tool_format: ToolFormat = HERMES  # the generic format until `check_runtime` finds the model's own
     calls: CallsRequest | None = field(default=None, repr=False)  # what binding to a model needs
     bound_to: Path | None = field(default=None, repr=False)
+    generic: tuple[tuple[ChatMessage, ...], Constraint | None] = field(default=((), None), repr=False)
 
     @classmethod
     def of(cls, request: ChatCompletionRequest) -> ChatPlan:
@@ -176,6 +177,7 @@ class ChatPlan:
         elif output is not None:
             plan.constraint = Constraint(output.compile(format_param))
             plan.constraint_param = format_param
+        plan.generic = (tuple(plan.messages), plan.constraint)
         return plan
 
     def check_runtime(self, description: RuntimeDescription) -> None:
@@ -198,7 +200,9 @@ class ChatPlan:
         native = model_template(model_path)
         fmt = template_format(native.template if native is not None else None)
         self.bound_to = model_path
-        if native is None or fmt is None:
+        if native is None or fmt is None:  # the generic format (again, if the model was swapped)
+            self.messages, self.constraint = list(self.generic[0]), self.generic[1]
+            self.tool_format = HERMES
             return
         try:
             segments = render_segments(

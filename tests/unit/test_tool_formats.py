@@ -402,10 +402,15 @@ def test_a_plan_bound_to_a_model_uses_its_template_and_forces_its_shape(
 def test_smollm2_template_keeps_the_generic_format(tmp_path: Path) -> None:
     path = template_gguf(tmp_path / "model.gguf", SMOLLM2_TEMPLATE)
     plan = ChatPlan.of(request(tool_choice="required"))
-    before = list(plan.messages)
+    before, constraint = list(plan.messages), plan.constraint
     plan.check_runtime(description(path))
     assert plan.tool_format is HERMES and plan.messages == before
     assert "<tools>" in plan.messages[0].content  # the generic format's system prompt
+    # Bound to a model with its own format, then to one without: back to the generic one.
+    plan.check_runtime(description(template_gguf(tmp_path / "llama.gguf", LLAMA32_TEMPLATE)))
+    assert plan.tool_format is LLAMA3_JSON and plan.constraint != constraint
+    plan.check_runtime(description(path))
+    assert (plan.tool_format, plan.messages, plan.constraint) == (HERMES, before, constraint)
 
 
 def description(path: Path) -> RuntimeDescription:
