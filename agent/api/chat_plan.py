@@ -46,7 +46,14 @@ from edgefleet.agent.api.tool_calls import (
     render_result,
     tools_prompt,
 )
-from edgefleet.agent.api.tool_formats import HERMES, ToolFormat, format_lark, render_segments, template_format
+from edgefleet.agent.api.tool_formats import (
+    HERMES,
+    ToolFormat,
+    ToolTextError,
+    format_lark,
+    render_segments,
+    template_format,
+)
 from edgefleet.agent.runtimes.base import (
     ChatMessage,
     Completion,
@@ -212,6 +219,8 @@ class ChatPlan:
                 bos_token=native.bos_token,
                 eos_token=native.eos_token,
             )
+        except ToolTextError as exc:
+            raise _refuse(f"tools: {exc}", "tools", INVALID_TOOLS) from exc
         except InvalidPromptError as exc:
             raise _refuse(str(exc), "messages", "invalid_prompt") from exc
         text = "".join(message.text() for message in calls.messages)

@@ -44,6 +44,9 @@ from edgefleet.agent.runtimes.base import InvalidPromptError
 
 _MAX_ROLE_CHARS = 64
 _HTML_SAFE = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027"))
+# Texts shaped like control tokens (<|eot_id|>, [INST], </s>): a tool's strings may not hold the
+# ones the template writes, since a template may write those strings as they are.
+_MARKER = re.compile(r"<\|[^|<>\s]{1,40}\|>|\[/?[A-Z][A-Z_]{1,30}\]|</?s>")
 _PLAIN_RULE = "may hold only letters, digits and _.:- (64 at most)"
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # call ids a template may write out as they are
 
@@ -79,6 +82,7 @@ class TemplateTools:
     renders_calls: bool
     renders_results: bool
     format: ToolFormat | None  # None: no known format's markers
+    markers: frozenset[str] = frozenset()  # control-token-like texts the template writes
 
     @property
     def handles_tools(self) -> bool:
@@ -109,7 +113,8 @@ def inspect_template(template: str) -> TemplateTools:
         found = MISTRAL
     elif "<|python_tag|>" in strings or '"parameters"' in strings:
         found = LLAMA3_JSON
-    return TemplateTools(reads_tools, renders_calls, renders_results, found)
+    markers = frozenset(_MARKER.findall(strings))
+    return TemplateTools(reads_tools, renders_calls, renders_results, found, markers)
 
 
 def template_format(template: str | None) -> ToolFormat | None:
@@ -213,6 +218,26 @@ def conversation(
     return out, contents
 
 
+class ToolTextError(InvalidPromptError):
+    """A tool definition or earlier call holds one of the model's control markers."""
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (keys too) inside a JSON value."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.extend(str(key) for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return out
+
+
 def render_segments(
     template: str,
     messages: Sequence[ChatMessageParam],
@@ -226,6 +251,12 @@ def render_segments(
     nonce = secrets.token_hex(8)
     turns, contents = conversation(messages, nonce)
     listed = [tool.model_dump(mode="json", exclude_none=True) for tool in tools]
+    markers = inspect_template(template).markers | {bos_token, eos_token} - {""}
+    calls = [turn["tool_calls"] for turn in turns if "tool_calls" in turn]
+    for text in _strings([listed, calls]):
+        for marker in markers:
+            if marker in text:
+                raise ToolTextError(f"tools and tool calls may not contain the model's marker {marker!r}")
     try:
         rendered = str(
             _compiled(template).render(
