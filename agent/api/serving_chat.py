@@ -56,8 +56,8 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
         try:
             plan = await run_in_threadpool(ChatPlan.of, request)
             runtime = self._models.get(request.model)
-            if runtime is not None:
-                plan.check_runtime(runtime.describe())
+            if runtime is not None:  # may read the model's template and compile a grammar
+                await run_in_threadpool(plan.check_runtime, runtime.describe())
         except APIError as refused:
             self.rejected(refused, model=request.model)
             raise
