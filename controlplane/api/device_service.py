@@ -177,6 +177,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         # Status reports share transactions (a savepoint each): after a deploy every device
         # reports twice within seconds, which as a transaction each queue for the write lock.
         self.reports = WriteBatch(db)
+        # Enrollments likewise: a fleet enrolling at once shares commits (a refused one rolls
+        # back its own savepoint: its token unspent, no device behind).
+        self.enrollments = WriteBatch(db)
 
     async def _read_desired(self, device_ids: list[str]) -> dict[str, device_pb2.DesiredState]:
         return await self.db.read(lambda s: desired_states(s, device_ids))
@@ -240,7 +243,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             return device_id, issued
 
         try:
-            device_id, issued = await self.db.run(enroll)
+            device_id, issued = await self.enrollments.run(enroll)
         except CertificateError as exc:
             raise enroll_refused(f"csr refused: {exc}") from exc
         except selectors.InvalidLabels as exc:

@@ -27,7 +27,10 @@ from edgefleet.controlplane.store.database import Database
 
 T = TypeVar("T")
 
-MAX_BATCH = 500  # works per transaction: bounds how long one batch holds the write lock
+# Works per transaction: bounds how long one batch holds SQLite's write lock, which every
+# other writer (a deploy, the rollout engine's tick, an enrollment) waits for. 500 reports per
+# batch held it for seconds on a loaded 2-core host, past other writers' busy timeout.
+MAX_BATCH = 64
 
 
 class BatchWriteFailed(Exception):
