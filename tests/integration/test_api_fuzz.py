@@ -33,6 +33,7 @@ MODEL_ID = "smollm2-135m-instruct"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKEN_BUDGET = 2
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+OLLAMA_GENERATION = ("/api/chat", "/api/generate")  # their token budget is options.num_predict
 EMBEDDING_BATCH = 4
 REQUEST_TIMEOUT_S = 300
 # unsupported_parameter: a token id (logit_bias, /detokenize) outside the model's vocabulary.
@@ -93,6 +94,16 @@ def nudge(case: schemathesis.Case, served: Runtime) -> None:
     model = body.get("model")
     if isinstance(model, str) and len(model) <= MAX_NAME_CHARS:
         body["model"] = MODEL_ID
+    if case.path == "/api/embed":
+        if is_text_list(body.get("input")):
+            body["input"] = body["input"][:EMBEDDING_BATCH]
+        return
+    if case.path in OLLAMA_GENERATION:
+        options = body["options"] if body.get("options") is not None else body.setdefault("options", {})
+        value = options.get("num_predict") if isinstance(options, dict) else 0
+        if value is None or value in (-1, -2) or (is_count(value) and value > TOKEN_BUDGET):
+            options["num_predict"] = TOKEN_BUDGET  # -1, -2: until the context is full
+        return
     if case.path == "/v1/embeddings":
         # The size is the model's to choose; only the served size is accepted.
         if is_count(body.get("dimensions")):
@@ -127,4 +138,8 @@ def beyond_schema(status: int, content: bytes) -> bool:
     schema-valid body may meet one, and must then get exactly this answer."""
     if status != 400:
         return False
-    return json.loads(content)["error"]["code"] in BEYOND_SCHEMA
+    body = json.loads(content)
+    error = body["error"]
+    # OpenAI's error is an object holding the code; Ollama's is a string, with the code beside it
+    code = error["code"] if isinstance(error, dict) else body.get("code")
+    return code in BEYOND_SCHEMA
