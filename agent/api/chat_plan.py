@@ -364,7 +364,8 @@ def _messages(messages: Sequence[ChatMessageParam], preamble: str | None) -> lis
                 ChatMessage(role="assistant", content=render_calls(message.text(), message.tool_calls))
             )
         else:
-            out.append(ChatMessage(role=message.template_role(), content=message.text()))
+            role, name = message.template_role(), message.participant()
+            out.append(ChatMessage(role=role, content=message.text(), name=name))
     if results:
         out.append(ChatMessage(role="user", content="\n".join(results)))
     if preamble is not None:

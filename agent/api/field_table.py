@@ -105,7 +105,9 @@ _SHARED: Final[Mapping[str, Disposition]] = {
 CHAT: Final[Mapping[str, Disposition]] = MappingProxyType(
     {
         **_SHARED,
-        "messages": Honoured("the model's chat template; image, audio and file parts are refused"),
+        "messages": Honoured(
+            "the model's chat template (a message's name too); image, audio and file parts are refused"
+        ),
         "audio": Refusal(example={"voice": "alloy", "format": "wav"}),
         "logprobs": Honoured("chat logprobs.content (llama.cpp's logits)" + _LLAMA_ONLY),
         "top_logprobs": Honoured("top_logprobs of each logprobs.content entry" + _LLAMA_ONLY),

@@ -152,7 +152,8 @@ class ChatMessageParam(OpenAIRequestModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
-    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    # OpenAI's rule: letters, digits, _ and -, at most 64; passed to the chat template.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     tool_calls: list[ToolCallParam] | None = None  # assistant turns only (api.tool_calls renders them)
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)  # role "tool"
 
@@ -171,6 +172,10 @@ class ChatMessageParam(OpenAIRequestModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def participant(self) -> str | None:
+        """The name a chat template may show for this turn (a tool message's name is the tool's)."""
+        return None if self.role == "tool" else self.name
 
     def template_role(self) -> str:
         """OpenAI's newer "developer" role is a system prompt to chat templates."""

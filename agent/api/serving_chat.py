@@ -72,7 +72,10 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
         limits.check_chars("messages", (message.text() for message in request.messages))
 
     def open_generation(self, runtime: Runtime, request: ChatCompletionRequest) -> Generation:
-        messages = [ChatMessage(role=m.template_role(), content=m.text()) for m in request.messages]
+        messages = [
+            ChatMessage(role=m.template_role(), content=m.text(), name=m.participant())
+            for m in request.messages
+        ]
         params = self.sampling_params(
             request, max_tokens=request.token_limit(), logprobs=request.logprobs_wanted()
         )

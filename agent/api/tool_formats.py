@@ -186,6 +186,8 @@ def conversation(
             contents[index] = text
             content = f"\ue000{nonce}.{index}\ue001"
         turn: dict[str, Any] = {"role": role, "content": content}
+        if role != "tool" and getattr(message, "name", None) is not None:
+            turn["name"] = message.name  # the protocol's pattern keeps it plain
         calls = getattr(message, "tool_calls", None) if role == "assistant" else None
         if calls:
             for call in calls:

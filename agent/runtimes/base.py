@@ -173,10 +173,12 @@ class RuntimeDescription:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One chat turn, already reduced to plain text."""
+    """One chat turn, already reduced to plain text; ``name`` tells participants of one role
+    apart (OpenAI's message name), passed to the chat template, which may use it or not."""
 
     role: str
     content: str
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ Piece = int | str
 
 _ASCII_SPACE = " \t\n\v\f\r"  # what C's isspace() strips around llama.cpp's lstrip/rstrip tokens
 _MAX_ROLE_CHARS = 64
+_PARTICIPANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a message name
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +162,12 @@ def chat_segments(
         if content:
             contents[index] = content
             content = f"\ue000{nonce}.{index}\ue001"
-        conversation.append({"role": role, "content": content})
+        turn = {"role": role, "content": content}
+        if message.name is not None:
+            if not _PARTICIPANT_NAME.fullmatch(message.name):  # written into the template's text
+                raise InvalidPromptError(f"message {index} has an invalid name")
+            turn["name"] = message.name
+        conversation.append(turn)
     try:
         rendered = render(conversation)
     except Exception as exc:  # the template is model-supplied Jinja: any failure is a bad prompt
