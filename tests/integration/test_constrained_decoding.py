@@ -1,19 +1,27 @@
-"""Constrained decoding on the MLX adapter: structured output and forced tool calls through
-the official `openai` client against a real agent serving a tiny random Llama converted and
-4-bit quantized by mlx-lm (tests.mlx_models), and the adapter itself.
+"""Constrained decoding on the ONNX Runtime and MLX adapters: structured output and forced
+tool calls through the official `openai` client against a real agent, and the adapter itself.
+Every case runs once per runtime (the test id names it), so the two adapters are held to the
+same promises by the same code.
 
-The model's weights are random: left alone it writes gibberish, so every reply that parses
-and validates does so because the grammar's mask left it no other choice. mlx-lm's
-``generate_step`` builds the next step before handing out a token, which is the path the
-grammar's logits processor has to get right (MlxRuntime._generate).
+- onnx: a small ONNX decoder built here (tests.onnx_models), a bigram-with-attention toy fitted
+  to a few English sentences that left alone writes prose, never JSON.
+- mlx: a tiny random Llama converted and 4-bit quantized by mlx-lm (tests.mlx_models) that left
+  alone writes gibberish. mlx-lm's ``generate_step`` builds the next step before handing out a
+  token, which is the path the grammar's logits processor has to get right
+  (MlxRuntime._generate).
+
+So every reply that parses and validates does so because the grammar's mask left it no other
+choice.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -35,15 +43,13 @@ from edgefleet.agent.runtimes.model_table import ModelTable
 from edgefleet.protos.fleet.v1 import common_pb2
 from tests.integration.test_openai_client import Recorder, serving
 from tests.mlx_models import CHAT_TEMPLATE, build_llama, mlx_variant
+from tests.onnx_models import build_decoder_folder
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(find_spec("mlx_lm") is None, reason="needs mlx-lm (pip install 'mlx[cpu]' mlx-lm)"),
-]
+pytestmark = pytest.mark.integration
 
-MODEL_ID = "tiny-mlx"
-N_CTX = 1024  # room for the tool-call system prompt and a JSON object
-WEIGHT_STD = 0.1  # peaked logits: the unconstrained text varies token by token
+MODEL_ID = "tiny"
+N_CTX = 1024  # byte-level ONNX tokens too: room for the tool-call system prompt and a JSON object
+MLX_WEIGHT_STD = 0.1  # peaked logits: the unconstrained MLX text varies token by token
 PERSON = {
     "type": "object",
     "properties": {
@@ -77,12 +83,47 @@ WEATHER_TOOL: Any = {
 }
 
 
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    root = tmp_path_factory.mktemp("mlx-constrained")
-    source = build_llama(root / "chat-src", chat_template=CHAT_TEMPLATE, weight_std=WEIGHT_STD)
+def load_onnx(root: Path) -> Runtime:
+    folder = build_decoder_folder(root / "chat", kv_cache=True, max_positions=N_CTX)
+    return load_runtime(
+        fmt=common_pb2.MODEL_FORMAT_ONNX, model_path=folder, model_id=MODEL_ID, n_ctx=N_CTX, n_threads=1
+    )
+
+
+def load_mlx(root: Path) -> Runtime:
+    source = build_llama(root / "chat-src", chat_template=CHAT_TEMPLATE, weight_std=MLX_WEIGHT_STD)
     folder = mlx_variant(source, root / "chat-q4")
-    loaded = load_runtime(fmt=common_pb2.MODEL_FORMAT_MLX, model_path=folder, model_id=MODEL_ID, n_ctx=N_CTX)
+    return load_runtime(fmt=common_pb2.MODEL_FORMAT_MLX, model_path=folder, model_id=MODEL_ID, n_ctx=N_CTX)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One runtime under test and the little that differs between them."""
+
+    name: str
+    load: Callable[[Path], Runtime]
+    tool_call_max_tokens: int  # the ONNX toy's byte-level tokens need more room for a call
+
+
+BACKENDS = {
+    "onnx": Backend("onnx", load_onnx, tool_call_max_tokens=380),
+    "mlx": Backend("mlx", load_mlx, tool_call_max_tokens=300),
+}
+NEEDS_MLX = pytest.mark.skipif(
+    find_spec("mlx_lm") is None, reason="needs mlx-lm (pip install 'mlx[cpu]' mlx-lm)"
+)
+ONNX = pytest.param("onnx", id="onnx")
+MLX = pytest.param("mlx", id="mlx", marks=NEEDS_MLX)
+
+
+@pytest.fixture(scope="module", params=[ONNX, MLX])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return BACKENDS[request.param]
+
+
+@pytest.fixture(scope="module")
+def runtime(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    loaded = backend.load(tmp_path_factory.mktemp(f"{backend.name}-constrained"))
     try:
         yield loaded
     finally:
@@ -107,7 +148,7 @@ def test_the_runtime_says_it_constrains(runtime: Runtime) -> None:
 
 
 def test_unconstrained_text_is_not_json(client: openai.OpenAI) -> None:
-    """The premise of the tests below: without a grammar this model writes gibberish, not JSON."""
+    """The premise of the tests below: without a grammar neither model writes JSON."""
     response = client.chat.completions.create(
         model=MODEL_ID,
         messages=ASK,  # type: ignore[arg-type]
@@ -178,13 +219,13 @@ def test_grammar_is_obeyed(client: openai.OpenAI, syntax: str) -> None:
         assert shape.fullmatch(response.choices[0].message.content or "")
 
 
-def test_forced_tool_call_is_well_formed(client: openai.OpenAI) -> None:
+def test_forced_tool_call_is_well_formed(client: openai.OpenAI, backend: Backend) -> None:
     response = client.chat.completions.create(
         model=MODEL_ID,
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tools=[WEATHER_TOOL],
         tool_choice="required",
-        max_tokens=300,
+        max_tokens=backend.tool_call_max_tokens,
         temperature=1.0,
         seed=4,
     )
@@ -259,6 +300,7 @@ def test_penalties_and_top_k_stay_inside_the_grammar(runtime: Runtime) -> None:
     jsonschema.validate(json.loads(result.text), PERSON)
 
 
+@pytest.mark.parametrize("backend", [MLX], indirect=True)
 def test_a_prompt_prefilled_in_chunks_keeps_the_grammar_aligned(runtime: Runtime) -> None:
     """mlx-lm prefills a long prompt in 512-token chunks; the grammar's processor must still
     tell the prompt from the generated tokens in the history it is handed."""
