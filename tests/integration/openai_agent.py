@@ -1,32 +1,41 @@
 """A real agent API serving the real SmolLM2 GGUF, for the official `openai` client's tests of
-tools, structured output and the Responses API (the fixture approach of test_openai_client)."""
+tools, structured output and the Responses API (built from tests.integration.api_server)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
 
 from edgefleet.agent.api import create_app
-from edgefleet.agent.runtimes import load_runtime
 from edgefleet.agent.runtimes.base import Runtime
 from edgefleet.agent.runtimes.model_table import ModelTable
-from edgefleet.protos.fleet.v1 import common_pb2
-from tests.integration.test_openai_client import MODEL_ID, Recorder, serving, smollm2_file
+from tests.integration.api_server import MODEL_ID, Recorder, loaded_smollm2, serving
 
-__all__ = ["MODEL_ID", "openai_client", "smollm2_runtime"]
+__all__ = ["GET_TIME", "MODEL_ID", "openai_client", "smollm2_runtime"]
+
+# A second tool beside each test's weather tool, so a call must pick the right one.
+GET_TIME: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current local time in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def smollm2_runtime() -> Iterator[Runtime]:
-    loaded = load_runtime(
-        fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id=MODEL_ID, n_ctx=2048
-    )
-    try:
+    with loaded_smollm2(n_ctx=2048) as loaded:
         yield loaded
-    finally:
-        loaded.unload()
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from edgefleet.agent.runtimes.base import (
 from edgefleet.agent.runtimes.constraints import json_schema_grammar, lark_grammar
 from edgefleet.agent.runtimes.model_table import ModelTable
 from edgefleet.protos.fleet.v1 import common_pb2
-from tests.integration.test_openai_client import Recorder, serving
+from tests.integration.api_server import Recorder, serving
 from tests.mlx_models import CHAT_TEMPLATE, build_llama, mlx_variant
 from tests.onnx_models import build_decoder_folder
 

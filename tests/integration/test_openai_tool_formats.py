@@ -24,27 +24,15 @@ from edgefleet.agent.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL, ToolF
 from edgefleet.agent.runtimes import load_runtime
 from edgefleet.agent.runtimes.model_table import ModelTable
 from edgefleet.protos.fleet.v1 import common_pb2
-from tests.integration.test_openai_client import Recorder, serving, smollm2_file
+from tests.integration.api_server import Recorder, serving, smollm2_file
+from tests.integration.openai_agent import GET_TIME
 from tests.unit.test_tool_formats import HISTORY, LLAMA32_TEMPLATE, MISTRAL_TEMPLATE, QWEN25_TEMPLATE, WEATHER
 
 pytestmark = pytest.mark.integration
 
 TEMPLATES = {"qwen25": QWEN25_TEMPLATE, "llama32": LLAMA32_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
 FORMATS: dict[str, ToolFormat] = {"qwen25": HERMES, "llama32": LLAMA3_JSON, "mistral": MISTRAL}
-TIME: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "Current local time in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 40}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS: Any = [WEATHER, TIME]
+TOOLS: Any = [WEATHER, GET_TIME]
 ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 

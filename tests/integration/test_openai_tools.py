@@ -12,7 +12,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.integration.openai_agent import MODEL_ID, openai_client, smollm2_runtime
+from tests.integration.openai_agent import GET_TIME, MODEL_ID, openai_client, smollm2_runtime
 
 pytestmark = pytest.mark.integration
 __all__ = ["openai_client", "smollm2_runtime"]
@@ -35,19 +35,7 @@ TOOLS: Any = [
             "parameters": WEATHER_PARAMETERS,
         },
     },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "Current local time in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 40}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    },
+    GET_TIME,
 ]
 ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 SETTINGS: dict[str, Any] = {"model": MODEL_ID, "max_tokens": 120, "temperature": 0}
