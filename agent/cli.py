@@ -106,6 +106,9 @@ def run(
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
+    from edgefleet.agent.tasks.signals import block_stop_signals
+
+    block_stop_signals()  # before the imports below start any thread (see the function)
     from edgefleet.agent.api.auth import is_loopback, load_or_create_api_key
     from edgefleet.agent.device.channel import ChannelTargetError, channel_target, tls_server_name
     from edgefleet.agent.device.hardware import HardwareProfileError, load_profile_override, usable_cpus

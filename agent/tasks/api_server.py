@@ -11,8 +11,10 @@ does not hold the stop until the process deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
+from collections.abc import Generator
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -48,6 +50,16 @@ def bind_api_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _AgentOwnedSignals(uvicorn.Server):
+    """uvicorn without its SIGTERM/SIGINT handlers: the agent owns the stop
+    (edgefleet.agent.tasks.signals) and stops the API through ``ApiServer.stop``. Were uvicorn to
+    hear a signal itself, it would stop the API alone and leave the rest of the agent running."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
 class ApiServer:
     """uvicorn serving an app on a bound socket, as a task of the agent's task group."""
 
@@ -62,7 +74,7 @@ class ApiServer:
             http="h11",
             timeout_graceful_shutdown=math.ceil(grace_seconds),  # uvicorn takes whole seconds
         )
-        self._server = uvicorn.Server(config)
+        self._server = _AgentOwnedSignals(config)
         self._sock = sock
         self._grace_seconds = grace_seconds
         self._task: asyncio.Task[None] | None = None

@@ -42,7 +42,7 @@ class StopSignals:
         self._thread = threading.Thread(target=self._listen, name="stop-signals", daemon=True)
 
     def start(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        block_stop_signals()
         self._thread.start()
 
     def _listen(self) -> None:
@@ -54,6 +54,16 @@ class StopSignals:
         self._request_stop()
         second = signal.sigwait(self.SIGNALS)
         exit_now(f"a second signal ({signal.Signals(second).name})")
+
+
+def block_stop_signals() -> None:
+    """Blocks SIGTERM and SIGINT in this thread and so in every thread started after it.
+
+    Call it before importing what may start threads at import time (numpy's OpenBLAS pool,
+    for one): a thread started with the signals unblocked would be where the kernel delivers
+    them, and the stop-signals thread, waiting in ``sigwait``, would never hear the stop.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
 
 
 def exit_now(why: str) -> None:
