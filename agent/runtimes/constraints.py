@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.runtimes.base import Constraint, ConstraintError
+
+if TYPE_CHECKING:  # numpy is imported where a guide is made: the agent's API imports this module
+    import numpy as np
+    import numpy.typing as npt
 
 MAX_SCHEMA_BYTES = 64 * 1024  # a schema's JSON text
 MAX_SCHEMA_DEPTH = 24  # nested objects/arrays inside a schema
@@ -147,7 +148,10 @@ class LlamaGuide:
     def __init__(self, matcher: Any, *, vocab_size: int) -> None:
         self._matcher = matcher
         self._vocab_size = vocab_size
-        self._mask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        import numpy
+
+        self._np = numpy
+        self._mask = numpy.zeros((vocab_size + 31) // 32, dtype=numpy.int32)
         self._pointer = int(self._mask.ctypes.data)
         self._nbytes = int(self._mask.nbytes)
 
@@ -157,6 +161,7 @@ class LlamaGuide:
         return [self._apply]
 
     def _apply(self, input_ids: npt.NDArray[Any], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        np = self._np
         self._matcher.unsafe_compute_mask_ptr(self._pointer, self._nbytes)
         allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")
         size = min(len(scores), self._vocab_size)
