@@ -34,6 +34,7 @@ from edgefleet.controlplane.api.refusals import (
 from edgefleet.controlplane.fleet import audit
 from edgefleet.controlplane.fleet.audit import Outcome
 from edgefleet.controlplane.fleet.changes import ChangeFeed, change_feed
+from edgefleet.controlplane.fleet.desired_state import desired_states
 from edgefleet.controlplane.fleet.notifier import BatchRead, DesiredStateNotifier, wait_event
 from edgefleet.controlplane.fleet.rbac import secret_sha256
 from edgefleet.controlplane.rollouts import store as rollout_store
@@ -64,27 +65,6 @@ METADATA_FILE_NAME = re.compile(r"(?:[1-9][0-9]{0,17}\.)?[a-z]{1,16}\.json")
 
 class Revoked(Exception):
     """The device was revoked (or removed) while its stream was open."""
-
-
-def desired_states(session: Session, device_ids: list[str]) -> dict[str, device_pb2.DesiredState]:
-    """The nudge for each listed device's current generation, read in one query per
-    ``devices.ID_CHUNK`` devices; generation 0 before its first assignment (nothing to send).
-    A device revoked or removed is missing: its stream ends.
-
-    A device whose last model was undeployed holds none, yet its generation moved: it still
-    gets the nudge (without a bundle), or it would keep serving what it no longer may.
-    ``bundle`` names the most recently deployed model, a hint only: the agent installs what
-    the signed director targets list.
-    """
-    states: dict[str, device_pb2.DesiredState] = {}
-    for device_id, row in devices.desired_rows(session, device_ids).items():
-        if row.revoked:
-            continue
-        state = device_pb2.DesiredState(generation=max(row.generation, 0))
-        if row.generation > 0 and row.bundle_name is not None and row.bundle_version is not None:
-            state.bundle.CopyFrom(common_pb2.BundleRef(name=row.bundle_name, version=row.bundle_version))
-        states[device_id] = state
-    return states
 
 
 MAX_REPORTED_MODELS = 64
@@ -312,6 +292,18 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     watch.sent = state.generation
                     yield state
                 await wait_event(watch.event, None)
+
+    async def GetDesiredState(
+        self, request: device_pb2.GetDesiredStateRequest, context: Context
+    ) -> device_pb2.DesiredState:
+        """The device's desired state, once: what an agent that hears of changes through the
+        broker asks when it (re)subscribes and on its slow poll. Batched with the other
+        devices' reads (``self.desired``): a fleet polling at once costs one query per batch."""
+        device = await authenticate_device(self.db, context)
+        state = await self.desired.read(device.id)
+        if state is None:
+            raise Unauthenticated(f"device {device.id} was revoked", charges=False)
+        return state
 
     @contextlib.asynccontextmanager
     async def changes(self) -> AsyncIterator[ChangeFeed]:

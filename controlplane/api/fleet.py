@@ -44,7 +44,7 @@ class FleetRpcs(OperatorParts):
             action="deploy",
             target=f"{name}@{version}",
         )
-        self.notifier.notify([d.device_id for d in deployed])
+        self.notifier.changed([d.device_id for d in deployed])
         return operator_pb2.DeployResponse(
             device_ids=[d.device_id for d in deployed],
             max_generation=max((d.generation for d in deployed), default=0),
@@ -68,7 +68,7 @@ class FleetRpcs(OperatorParts):
             action="undeploy",
             target=request.name,
         )
-        self.notifier.notify([d.device_id for d in changed])
+        self.notifier.changed([d.device_id for d in changed])
         return operator_pb2.UndeployResponse(
             device_ids=[d.device_id for d in changed],
             max_generation=max((d.generation for d in changed), default=0),
@@ -107,7 +107,7 @@ class FleetRpcs(OperatorParts):
             action="device.revoke",
             target=request.device_id,
         )
-        self.notifier.notify([request.device_id])  # its open stream re-checks and ends
+        self.notifier.changed([request.device_id])  # its open stream re-checks and ends
         if revoked and self.on_device_revoked is not None:
             await self.on_device_revoked(request.device_id)
         return operator_pb2.RevokeDeviceResponse(revoked=revoked)
@@ -138,7 +138,7 @@ class FleetRpcs(OperatorParts):
             target=pins.pin_target(device_id=request.device_id, selector=selector),
         )
         ids = [m.device_id for m in change.repinned]
-        self.notifier.notify(ids)
+        self.notifier.changed(ids)
         return operator_pb2.SetVariantPinResponse(
             device_ids=ids,
             max_generation=max((m.generation for m in change.repinned), default=0),
@@ -166,5 +166,5 @@ class FleetRpcs(OperatorParts):
 
         change = await self.command(label, action="device.labels", target=request.device_id)
         if change.repinned is not None:
-            self.notifier.notify([request.device_id])
+            self.notifier.changed([request.device_id])
         return operator_pb2.SetDeviceLabelsResponse(labels=change.labels)

@@ -87,7 +87,7 @@ class RolloutRpcs(OperatorParts):
             return commands.describe(session, rollout), nudge
 
         described, nudge = await self.command(control, action=action, target=_target(request.rollout))
-        self.notifier.notify(nudge)
+        self.notifier.changed(nudge)
         return bounded_devices(described)
 
 

@@ -37,6 +37,7 @@ from edgefleet.controlplane.app.first_start import KeysDoNotMatch, first_start
 from edgefleet.controlplane.app.lifetime import GrpcServer, ServeError, background
 from edgefleet.controlplane.app.settings import Settings
 from edgefleet.controlplane.app.upkeep import upkeep
+from edgefleet.controlplane.fleet.broker_notices import BrokerNotices
 from edgefleet.controlplane.fleet.notifier import DesiredStateNotifier
 from edgefleet.controlplane.rollouts.engine import EngineConfig
 from edgefleet.controlplane.rollouts.runner import RolloutEngine
@@ -122,6 +123,7 @@ class RunningControlPlane:
     mqtt_url: str
     broker: EmbeddedBroker | None
     ingestor: TelemetryIngestor
+    notices: BrokerNotices
     rollouts: RolloutEngine
     device_service: DeviceService
     operator_service: OperatorService
@@ -231,6 +233,12 @@ async def _start(
         stack.push_async_callback(asyncio.to_thread, metrics.stop)
     ingestor.start()
     stack.push_async_callback(asyncio.to_thread, ingestor.stop)
+    # Desired-state changes this replica commits reach devices through the broker too: a
+    # device that listens there holds no connection here while idle.
+    notices = BrokerNotices(db=db, broker_url=mqtt_url, client_id=f"{client_id}-notices")
+    notices.start()
+    stack.push_async_callback(notices.stop)
+    notifier.on_change(notices.announce)
     revocations = Revocations(db, ca, settings.crl_path, mqtt_url)
     stack.callback(revocations.cancel)
     await revocations.publish_crl()
@@ -305,6 +313,7 @@ async def _start(
         mqtt_url=mqtt_url,
         broker=broker,
         ingestor=ingestor,
+        notices=notices,
         rollouts=rollouts,
         device_service=device_service,
         operator_service=operator_service,

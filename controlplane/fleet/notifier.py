@@ -4,6 +4,11 @@ Within one process a change wakes the device's stream at once (``notify``). Chan
 through another replica arrive as PostgreSQL notices (``fleet.changes``), which call the same
 ``notify``; ``stale`` tells the periodic safety net which streams are behind the database.
 
+A change this replica committed goes through ``changed``: it wakes the streams here and tells
+the listeners (``on_change``), which announce it to devices over the broker
+(``fleet.broker_notices``). Only the committing replica announces: the others hear of it by
+LISTEN and only wake their own streams.
+
 A change may wake thousands of streams at once; each then asks a ``BatchRead`` for its state,
 which reads the state of every stream asking within a few milliseconds in one go, instead of
 one transaction per stream (on SQLite each would queue for the write lock).
@@ -39,6 +44,19 @@ class DesiredStateNotifier:
 
     def __init__(self) -> None:
         self._watches: defaultdict[str, set[Watch]] = defaultdict(set)
+        self._listeners: list[Callable[[list[str]], None]] = []
+
+    def on_change(self, listener: Callable[[list[str]], None]) -> None:
+        """Calls ``listener`` (on the event loop, so it must not block) with the device ids of
+        every change this replica commits (``changed``)."""
+        self._listeners.append(listener)
+
+    def changed(self, device_ids: list[str]) -> None:
+        """This replica committed a change of these devices' desired state (or revoked them):
+        wakes their streams here and tells the listeners."""
+        self.notify(device_ids)
+        for listener in self._listeners:
+            listener(device_ids)
 
     def notify(self, device_ids: list[str]) -> None:
         for device_id in device_ids:

@@ -67,7 +67,7 @@ class RolloutEngine:
                 log.exception("rollout %d: step failed; retrying next tick", rollout_id)
                 continue
             self.steps += 1
-            self.notifier.notify(nudge)
+            self.notifier.changed(nudge)
 
     async def _run(self) -> None:
         while True:

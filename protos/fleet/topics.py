@@ -42,6 +42,7 @@ expire them (MQTT v5 message expiry). Deployment events are neither dropped earl
 
 PRESENCE = "presence"
 STATUS = "status"
+DESIRED = "desired"
 SHARED_GROUP = "controlplane"
 """The shared-subscription group every control-plane replica joins, so each message reaches one."""
 
@@ -79,6 +80,14 @@ def presence_topic(device_id: str) -> str:
 def status_topic(device_id: str) -> str:
     """Retained DeviceStatus of one device: its latest state, models and generation."""
     return f"{device_prefix(device_id)}/{STATUS}"
+
+
+def desired_topic(device_id: str) -> str:
+    """Where the control plane announces a change of one device's desired state (a DesiredState
+    in protobuf's JSON mapping, QoS 1, not retained): the device learns of changes over the
+    connection it keeps to the broker anyway. A hint only, like the stream's: the agent installs
+    what signed metadata says, and polls the control plane when (re)subscribing."""
+    return f"{device_prefix(device_id)}/{DESIRED}"
 
 
 def presence_subscription() -> str:

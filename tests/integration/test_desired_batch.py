@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from bench.sim_bundle import build_sim_bundle
-from edgefleet.controlplane.api.device_service import desired_states
+from edgefleet.controlplane.fleet.desired_state import desired_states
 from edgefleet.controlplane.app.server import RunningControlPlane
 from edgefleet.controlplane.store import devices
 from edgefleet.controlplane.store.database import Database

@@ -24,6 +24,7 @@ import pytest
 from edgefleet.controlplane.trust.ca import init_ca
 from edgefleet.protos.fleet.topics import (
     TopicKind,
+    desired_topic,
     device_prefix,
     presence_subscription,
     presence_topic,
@@ -208,6 +209,25 @@ def test_device_cannot_read_another_devices_topics(
     assert all(code.value in (1, NOT_AUTHORIZED) for code in foreign), foreign
     # a's own subtree and the telemetry wildcard both match a's marker: one copy each.
     assert {payload for _, payload in received} == {b"a's own"}, received
+
+
+def test_the_control_plane_announces_desired_state_to_each_device_alone(
+    broker: TlsBroker, device_a: DeviceIdentity, device_b: DeviceIdentity
+) -> None:
+    """Desired-state notices (controlplane/fleet/broker_notices.py): the control plane's user
+    may publish on every device's desired topic, and each device receives its own only."""
+    announcer = controlplane_probe(broker)
+    device = device_probe(broker, device_a)
+    try:
+        assert not device.subscribe(desired_topic(device_a.device_id)).is_failure
+        device.subscribe(desired_topic(device_b.device_id))  # granted on 2.0.11; delivery is checked
+        assert not announcer.publish(desired_topic(device_b.device_id), b"b's notice").is_failure
+        assert not announcer.publish(desired_topic(device_a.device_id), b"a's notice").is_failure
+        received = device.receive_until(b"a's notice")
+    finally:
+        device.close()
+        announcer.close()
+    assert received == [(desired_topic(device_a.device_id), b"a's notice")], received
 
 
 # --- presence and status: retained messages and the Last Will ---

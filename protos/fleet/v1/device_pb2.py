@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgefleet.protos.fleet.v1 import common_pb2 as edgefleet_dot_protos_dot_fleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&edgefleet/protos/fleet/v1/device.proto\x12\x08\x66leet.v1\x1a&edgefleet/protos/fleet/v1/common.proto\"N\n\x14\x46\x65tchMetadataRequest\x12(\n\nrepository\x18\x01 \x01(\x0e\x32\x14.fleet.v1.Repository\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1c\n\x0cMetadataFile\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xab\x01\n\rEnrollRequest\x12\x17\n\x0f\x62ootstrap_token\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.fleet.v1.EnrollRequest.LabelsEntry\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11mqtt_topic_prefix\x18\x03 \x01(\t\x12\x10\n\x08mqtt_url\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\x12\x17\n\x0f\x64\x65vice_endpoint\x18\x06 \x01(\tJ\x04\x08\x02\x10\x03\"&\n\x17RenewCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"/\n\x18RenewCertificateResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\"4\n\x18WatchDesiredStateRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\x04\"S\n\x0c\x44\x65siredState\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12#\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x13.fleet.v1.BundleRefJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\xa2\x02\n\x0cStatusReport\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12*\n\ractive_bundle\x18\x03 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07\x61pi_url\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_kind\x18\x06 \x01(\t\x12\x0f\n\x07variant\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12-\n\tselection\x18\t \x01(\x0b\x32\x1a.fleet.v1.VariantSelection\x12(\n\x06models\x18\n \x03(\x0b\x32\x18.fleet.v1.InstalledModel\"\x0b\n\tStatusAck\"6\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"C\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x04*W\n\nRepository\x12\x1a\n\x16REPOSITORY_UNSPECIFIED\x10\x00\x12\x14\n\x10REPOSITORY_IMAGE\x10\x01\x12\x17\n\x13REPOSITORY_DIRECTOR\x10\x02\x32\xcc\x03\n\rDeviceService\x12;\n\x06\x45nroll\x12\x17.fleet.v1.EnrollRequest\x1a\x18.fleet.v1.EnrollResponse\x12Y\n\x10RenewCertificate\x12!.fleet.v1.RenewCertificateRequest\x1a\".fleet.v1.RenewCertificateResponse\x12Q\n\x11WatchDesiredState\x12\".fleet.v1.WatchDesiredStateRequest\x1a\x16.fleet.v1.DesiredState0\x01\x12;\n\x0cReportStatus\x12\x16.fleet.v1.StatusReport\x1a\x13.fleet.v1.StatusAck\x12J\n\rFetchArtifact\x12\x1e.fleet.v1.FetchArtifactRequest\x1a\x17.fleet.v1.ArtifactChunk0\x01\x12G\n\rFetchMetadata\x12\x1e.fleet.v1.FetchMetadataRequest\x1a\x16.fleet.v1.MetadataFileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&edgefleet/protos/fleet/v1/device.proto\x12\x08\x66leet.v1\x1a&edgefleet/protos/fleet/v1/common.proto\"N\n\x14\x46\x65tchMetadataRequest\x12(\n\nrepository\x18\x01 \x01(\x0e\x32\x14.fleet.v1.Repository\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1c\n\x0cMetadataFile\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xab\x01\n\rEnrollRequest\x12\x17\n\x0f\x62ootstrap_token\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.fleet.v1.EnrollRequest.LabelsEntry\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11mqtt_topic_prefix\x18\x03 \x01(\t\x12\x10\n\x08mqtt_url\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\x12\x17\n\x0f\x64\x65vice_endpoint\x18\x06 \x01(\tJ\x04\x08\x02\x10\x03\"&\n\x17RenewCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"/\n\x18RenewCertificateResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\"4\n\x18WatchDesiredStateRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\x04\"2\n\x16GetDesiredStateRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\x04\"S\n\x0c\x44\x65siredState\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12#\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x13.fleet.v1.BundleRefJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\xa2\x02\n\x0cStatusReport\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fleet.v1.DeviceState\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12*\n\ractive_bundle\x18\x03 \x01(\x0b\x32\x13.fleet.v1.BundleRef\x12\x0f\n\x07\x61pi_url\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_kind\x18\x06 \x01(\t\x12\x0f\n\x07variant\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12-\n\tselection\x18\t \x01(\x0b\x32\x1a.fleet.v1.VariantSelection\x12(\n\x06models\x18\n \x03(\x0b\x32\x18.fleet.v1.InstalledModel\"\x0b\n\tStatusAck\"6\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"C\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x04*W\n\nRepository\x12\x1a\n\x16REPOSITORY_UNSPECIFIED\x10\x00\x12\x14\n\x10REPOSITORY_IMAGE\x10\x01\x12\x17\n\x13REPOSITORY_DIRECTOR\x10\x02\x32\x99\x04\n\rDeviceService\x12;\n\x06\x45nroll\x12\x17.fleet.v1.EnrollRequest\x1a\x18.fleet.v1.EnrollResponse\x12Y\n\x10RenewCertificate\x12!.fleet.v1.RenewCertificateRequest\x1a\".fleet.v1.RenewCertificateResponse\x12Q\n\x11WatchDesiredState\x12\".fleet.v1.WatchDesiredStateRequest\x1a\x16.fleet.v1.DesiredState0\x01\x12K\n\x0fGetDesiredState\x12 .fleet.v1.GetDesiredStateRequest\x1a\x16.fleet.v1.DesiredState\x12;\n\x0cReportStatus\x12\x16.fleet.v1.StatusReport\x1a\x13.fleet.v1.StatusAck\x12J\n\rFetchArtifact\x12\x1e.fleet.v1.FetchArtifactRequest\x1a\x17.fleet.v1.ArtifactChunk0\x01\x12G\n\rFetchMetadata\x12\x1e.fleet.v1.FetchMetadataRequest\x1a\x16.fleet.v1.MetadataFileb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENROLLREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_REPOSITORY']._serialized_start=1170
-  _globals['_REPOSITORY']._serialized_end=1257
+  _globals['_REPOSITORY']._serialized_start=1222
+  _globals['_REPOSITORY']._serialized_end=1309
   _globals['_FETCHMETADATAREQUEST']._serialized_start=92
   _globals['_FETCHMETADATAREQUEST']._serialized_end=170
   _globals['_METADATAFILE']._serialized_start=172
@@ -52,16 +52,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=598
   _globals['_WATCHDESIREDSTATEREQUEST']._serialized_start=600
   _globals['_WATCHDESIREDSTATEREQUEST']._serialized_end=652
-  _globals['_DESIREDSTATE']._serialized_start=654
-  _globals['_DESIREDSTATE']._serialized_end=737
-  _globals['_STATUSREPORT']._serialized_start=740
-  _globals['_STATUSREPORT']._serialized_end=1030
-  _globals['_STATUSACK']._serialized_start=1032
-  _globals['_STATUSACK']._serialized_end=1043
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1045
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1099
-  _globals['_ARTIFACTCHUNK']._serialized_start=1101
-  _globals['_ARTIFACTCHUNK']._serialized_end=1168
-  _globals['_DEVICESERVICE']._serialized_start=1260
-  _globals['_DEVICESERVICE']._serialized_end=1720
+  _globals['_GETDESIREDSTATEREQUEST']._serialized_start=654
+  _globals['_GETDESIREDSTATEREQUEST']._serialized_end=704
+  _globals['_DESIREDSTATE']._serialized_start=706
+  _globals['_DESIREDSTATE']._serialized_end=789
+  _globals['_STATUSREPORT']._serialized_start=792
+  _globals['_STATUSREPORT']._serialized_end=1082
+  _globals['_STATUSACK']._serialized_start=1084
+  _globals['_STATUSACK']._serialized_end=1095
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1097
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1151
+  _globals['_ARTIFACTCHUNK']._serialized_start=1153
+  _globals['_ARTIFACTCHUNK']._serialized_end=1220
+  _globals['_DEVICESERVICE']._serialized_start=1312
+  _globals['_DEVICESERVICE']._serialized_end=1849
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,12 @@ class WatchDesiredStateRequest(_message.Message):
     known_generation: int
     def __init__(self, known_generation: _Optional[int] = ...) -> None: ...
 
+class GetDesiredStateRequest(_message.Message):
+    __slots__ = ("known_generation",)
+    KNOWN_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    known_generation: int
+    def __init__(self, known_generation: _Optional[int] = ...) -> None: ...
+
 class DesiredState(_message.Message):
     __slots__ = ("generation", "bundle")
     GENERATION_FIELD_NUMBER: _ClassVar[int]

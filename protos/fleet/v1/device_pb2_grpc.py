@@ -49,6 +49,11 @@ class DeviceServiceStub:
                 request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
                 _registered_method=True)
+        self.GetDesiredState = channel.unary_unary(
+                '/fleet.v1.DeviceService/GetDesiredState',
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.GetDesiredStateRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
+                _registered_method=True)
         self.ReportStatus = channel.unary_unary(
                 '/fleet.v1.DeviceService/ReportStatus',
                 request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.StatusReport.SerializeToString,
@@ -85,6 +90,15 @@ class DeviceServiceServicer:
 
     def WatchDesiredState(self, request, context):
         """Sends the current desired state at once, then every change, for as long as it is open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDesiredState(self, request, context):
+        """Answers the device's current desired state once. Devices that learn of changes through the
+        broker (topics.desired_topic) call it when they (re)subscribe and as a slow poll, and hold
+        no connection to the control plane while idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +142,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
             'WatchDesiredState': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchDesiredState,
                     request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.SerializeToString,
+            ),
+            'GetDesiredState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDesiredState,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.GetDesiredStateRequest.FromString,
                     response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.SerializeToString,
             ),
             'ReportStatus': grpc.unary_unary_rpc_method_handler(
@@ -226,6 +245,33 @@ class DeviceService:
             target,
             '/fleet.v1.DeviceService/WatchDesiredState',
             edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.WatchDesiredStateRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDesiredState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.DeviceService/GetDesiredState',
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.GetDesiredStateRequest.SerializeToString,
             edgefleet_dot_protos_dot_fleet_dot_v1_dot_device__pb2.DesiredState.FromString,
             options,
             channel_credentials,
