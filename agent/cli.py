@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from edgefleet.agent.config import AgentConfig
+
+
+class DesiredVia(StrEnum):
+    """How the agent learns of desired-state changes (AgentConfig.desired_via)."""
+
+    BROKER = "broker"
+    STREAM = "stream"
+
 
 app = typer.Typer(help="The edgefleet device agent.", no_args_is_help=True)
 
@@ -103,6 +112,14 @@ def run(
     request_body_timeout: Annotated[
         float, typer.Option(min=0.1, help="seconds to receive an API request body; slower: HTTP 408")
     ] = 60.0,
+    desired_via: Annotated[
+        DesiredVia,
+        typer.Option(
+            help="learn of desired-state changes from notices on the broker connection (polling "
+            "slowly while the broker is away; no idle connection to the control plane), or over "
+            "a gRPC stream held open"
+        ),
+    ] = DesiredVia.BROKER,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
@@ -164,6 +181,7 @@ def run(
         request_body_timeout_seconds=request_body_timeout,
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
         hardware_profile_path=hardware_profile,
+        desired_via=desired_via.value,
     )
     try:
         run_agent(config)

@@ -25,6 +25,13 @@ class AgentConfig:
     mqtt_ca_path: Path | None = None  # CA of an mqtts:// broker; None: the fleet CA from the trust file
     heartbeat_interval_seconds: float = 15.0
     telemetry_interval_seconds: float = 15.0  # inference figures leave as one summary per model this often
+    # How the device learns of desired-state changes (edgefleet.agent.tasks.desired_notices):
+    # "broker": notices on its MQTT connection, a poll when (re)subscribing and a slow poll, and
+    # no connection to the control plane while idle; "stream": one WatchDesiredState held open.
+    desired_via: str = "broker"
+    desired_poll_seconds: float = 900.0  # the safety-net poll while the broker subscription holds
+    desired_poll_without_broker_seconds: float = 60.0  # the poll while it does not
+    controlplane_idle_seconds: float = 300.0  # with "broker": an unused connection closes after this
     n_ctx: int = 2048
     n_threads: int | None = None
     hostname: str = ""

@@ -49,6 +49,7 @@ from edgefleet.agent.tasks.control import (
     usable_certificate,
     watch_desired,
 )
+from edgefleet.agent.tasks.desired_notices import DesiredNotices, follow_notices
 from edgefleet.agent.tasks.signals import SHUTDOWN_DEADLINE_SECONDS, LateBound, StopSignals
 from edgefleet.agent.tasks.status import (
     device_status,
@@ -110,6 +111,7 @@ class AgentService:
         self.updater: Updater
         self.telemetry: Telemetry | None = None
         self.publisher: TelemetryPublisher | None = None
+        self.notices: DesiredNotices | None = None  # with desired_via "broker" and a broker
         # Requests served before telemetry exists (model restore, enrollment) wait here and go
         # out in the first summary, instead of being dropped.
         self.inference = InferenceAggregator()
@@ -188,12 +190,22 @@ class AgentService:
                 # the installed model is not: keep serving it until someone re-enrolls the device.
                 log.error("%s; serving the installed model offline", exc)
                 await until_stopped(self.stop_event)
-            link = DeviceLink(identity.device_target, ca_pem, certificate)
-            stack.push_async_callback(link.close)
             broker_url = config.mqtt_url or identity.mqtt_url
+            # With notices on the broker connection, the control-plane connection is let go when
+            # unused: an idle device costs the control plane nothing.
+            via_broker = config.desired_via == "broker" and bool(broker_url)
+            link = DeviceLink(
+                identity.device_target,
+                ca_pem,
+                certificate,
+                idle_seconds=config.controlplane_idle_seconds if via_broker else None,
+            )
+            stack.push_async_callback(link.close)
+            self.device_id = identity.device_id
+            if via_broker:
+                self.notices = DesiredNotices(identity.device_id, self.desired, asyncio.get_running_loop())
             broker_ca = config.mqtt_ca_path.read_bytes() if config.mqtt_ca_path else ca_pem
             self.credentials = Credentials(config, certificate, broker_tls_context(broker_ca, certificate))
-            self.device_id = identity.device_id
             stack.push_async_callback(self._stop_telemetry)
             try:
                 opened: OpenedOutbox | None = await asyncio.to_thread(open_outbox, config.outbox_path)
@@ -214,7 +226,18 @@ class AgentService:
                 device_id=identity.device_id,
             )
             loops = await stack.enter_async_context(asyncio.TaskGroup())
-            start_essential(loops, watch_desired(link, self.updater, self.desired), "watch")
+            if self.notices is not None:
+                follow = follow_notices(
+                    link,
+                    self.updater,
+                    self.desired,
+                    self.notices,
+                    every_listening=config.desired_poll_seconds,
+                    every_deaf=config.desired_poll_without_broker_seconds,
+                )
+                start_essential(loops, follow, "watch")
+            else:
+                start_essential(loops, watch_desired(link, self.updater, self.desired), "watch")
             start_essential(loops, apply_desired(self.updater, self.desired, verifier, link), "updater")
             start_essential(loops, report_status(link, self.reports), "reporter")
             start_essential(loops, self._heartbeat_loop(), "heartbeat")
@@ -265,6 +288,7 @@ class AgentService:
             broker_url=broker_url,
             outbox=opened.outbox,
             tls_context=self.credentials.broker_tls,
+            listener=self.notices,
         )
         telemetry = Telemetry(
             device_id=self.device_id,

@@ -43,6 +43,7 @@ SERVICE_CONFIG = {
                 {"service": "fleet.v1.DeviceService", "method": "ReportStatus"},
                 {"service": "fleet.v1.DeviceService", "method": "FetchArtifact"},
                 {"service": "fleet.v1.DeviceService", "method": "FetchMetadata"},
+                {"service": "fleet.v1.DeviceService", "method": "GetDesiredState"},
             ],
             "retryPolicy": RETRY_POLICY,
             "timeout": "600s",
@@ -135,12 +136,26 @@ def tls_server_name(addresses: str, server_name: str | None = None) -> str | Non
     return hosts.pop()
 
 
-def channel_options(addresses: str, server_name: str | None = None) -> list[tuple[str, str | int]]:
-    """CHANNEL_OPTIONS, plus the certificate name to check when it is not the target's."""
+def channel_options(
+    addresses: str, server_name: str | None = None, *, idle_seconds: float | None = None
+) -> list[tuple[str, str | int]]:
+    """CHANNEL_OPTIONS, plus the certificate name to check when it is not the target's.
+
+    ``idle_seconds``: the channel lets its connection go after that long without a call (gRPC's
+    client idle timeout) and sends no keepalive pings meanwhile, so a device that learns of
+    changes through the broker costs the control plane nothing while idle; the next call
+    reconnects. None: the connection stays, for a desired-state stream."""
+    options = list(CHANNEL_OPTIONS)
+    if idle_seconds is not None:
+        options = [(k, v) for k, v in options if k != "grpc.keepalive_permit_without_calls"]
+        options += [
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.client_idle_timeout_ms", max(1000, int(idle_seconds * 1000))),
+        ]
     name = tls_server_name(addresses, server_name)
-    if name is None:
-        return list(CHANNEL_OPTIONS)
-    return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)]
+    if name is not None:
+        options.append(("grpc.ssl_target_name_override", name))
+    return options
 
 
 def device_addresses(controlplane: str, device_endpoint: str) -> str:
@@ -174,12 +189,19 @@ class DeviceLink:
     """
 
     def __init__(
-        self, target: str, ca_pem: bytes, certificate: DeviceCertificate, server_name: str | None = None
+        self,
+        target: str,
+        ca_pem: bytes,
+        certificate: DeviceCertificate,
+        server_name: str | None = None,
+        *,
+        idle_seconds: float | None = None,
     ) -> None:
+        """``idle_seconds``: see ``channel_options`` (None: keep the connection)."""
         self.target = target
         self.ca_pem = ca_pem
         self._grpc_target = channel_target(target)
-        self._options = channel_options(target, server_name)
+        self._options = channel_options(target, server_name, idle_seconds=idle_seconds)
         self._retired: list[tuple[grpc.aio.Channel, grpc.Channel]] = []
         self._open(certificate)
 

@@ -13,6 +13,11 @@ outside the outbox because only the latest of each matters: the Last Will says "
 connection lost", every connect says "online, connected", a clean stop says "offline, agent
 stopped"; the latest DeviceStatus is published when set and again after every reconnect.
 
+The same connection carries what the control plane tells this device (``listener``: its
+desired-state notices, agent/tasks/desired_notices.py): subscribed again after every connect
+(the session starts clean), each message on that topic handed to the listener, and the
+listener told when the subscription holds and when the connection is lost.
+
 Threads: paho's network thread (``loop_start``) runs the callbacks and paho's own reconnect
 backoff; one drain thread of ours reads the outbox, hands batches to paho and applies the
 broker's acknowledgements. The callbacks only queue what happened and wake the drain thread,
@@ -41,7 +46,7 @@ import threading
 import time
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -72,6 +77,23 @@ GOODBYE_ACK_WAIT_S = 1.0
 MAX_WINDOW = 10_000  # far below the 65535 message ids paho cycles through
 
 
+class BrokerListener(Protocol):
+    """Receives one topic's messages on the publisher's connection. Called on paho's network
+    thread: each method must only hand over what happened, never block."""
+
+    @property
+    def topic(self) -> str: ...
+
+    def subscribed(self) -> None:
+        """The broker granted the subscription: messages arrive from now on."""
+
+    def lost(self) -> None:
+        """The connection (or the subscription) is gone: messages may be missed."""
+
+    def received(self, payload: bytes) -> None:
+        """A message on ``topic``."""
+
+
 class TelemetryPublisher:
     """Publishes one device's outbox to the broker; ``start()``/``stop()`` bracket its life."""
 
@@ -90,6 +112,7 @@ class TelemetryPublisher:
         keepalive_s: int = 30,
         poll_interval_s: float = 1.0,
         tls_context: ssl.SSLContext | None = None,
+        listener: BrokerListener | None = None,
     ) -> None:
         """Raises BrokerUrlError or TopicError for bad configuration; never for an absent broker.
 
@@ -114,6 +137,7 @@ class TelemetryPublisher:
         self._keepalive_s = keepalive_s
         self._poll_interval_s = poll_interval_s
         self._tls_context = tls_context
+        self._listener = listener
         self._reconnected = threading.Event()  # on_connect: re-read the outbox from the start
         self._drain = OutboxDrain(outbox, self._reconnected)
         self._status_due = threading.Event()  # the latest status still has to be published
@@ -257,6 +281,8 @@ class TelemetryPublisher:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
         return client
 
     def _presence(self, *, online: bool, reason: str, timed: bool = True) -> bytes:
@@ -287,6 +313,8 @@ class TelemetryPublisher:
         client.publish(
             self._presence_topic, self._presence(online=True, reason="connected"), qos=1, retain=True
         )
+        if self._listener is not None:
+            client.subscribe(self._listener.topic, qos=1)
         self._reconnected.set()
         self._status_due.set()
         self._connected.set()
@@ -313,6 +341,8 @@ class TelemetryPublisher:
     ) -> None:
         self._connected.clear()
         self._wake.set()
+        if self._listener is not None:
+            self._listener.lost()
         if not self._stopping.is_set():
             logger.warning("telemetry lost the broker (%s); paho reconnects with backoff", reason_code)
 
@@ -327,6 +357,27 @@ class TelemetryPublisher:
         # Runs under paho's message lock: no lock of ours here, only a thread-safe append.
         self._drain.acknowledge(mid, reason_code)
         self._wake.set()
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        if self._listener is None:
+            return
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            logger.warning("broker refused the subscription to %s: %s", self._listener.topic, refused[0])
+            self._listener.lost()
+        else:
+            self._listener.subscribed()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._listener is not None and message.topic == self._listener.topic:
+            self._listener.received(bytes(message.payload))
 
     # drain thread ------------------------------------------------------------------------------
 

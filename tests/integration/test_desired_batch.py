@@ -15,8 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from bench.sim_bundle import build_sim_bundle
-from edgefleet.controlplane.fleet.desired_state import desired_states
 from edgefleet.controlplane.app.server import RunningControlPlane
+from edgefleet.controlplane.fleet.desired_state import desired_states
 from edgefleet.controlplane.store import devices
 from edgefleet.controlplane.store.database import Database
 from edgefleet.controlplane.store.engine import make_engine
