@@ -120,6 +120,18 @@ def run(
             "a gRPC stream held open"
         ),
     ] = DesiredVia.BROKER,
+    desired_poll_seconds: Annotated[
+        float, typer.Option(min=5.0, help="with broker notices: ask the control plane this often anyway")
+    ] = 900.0,
+    desired_poll_without_broker_seconds: Annotated[
+        float, typer.Option(min=1.0, help="with broker notices: ask this often while the broker is away")
+    ] = 60.0,
+    controlplane_idle_seconds: Annotated[
+        float,
+        typer.Option(
+            min=1.0, help="with broker notices: close the control-plane connection after this long unused"
+        ),
+    ] = 300.0,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Enroll (once), serve the installed model, and follow the control plane's desired state."""
@@ -182,6 +194,9 @@ def run(
         artifact_budget_bytes=disk_budget_mb * 2**20 if disk_budget_mb else None,
         hardware_profile_path=hardware_profile,
         desired_via=desired_via.value,
+        desired_poll_seconds=desired_poll_seconds,
+        desired_poll_without_broker_seconds=desired_poll_without_broker_seconds,
+        controlplane_idle_seconds=controlplane_idle_seconds,
     )
     try:
         run_agent(config)

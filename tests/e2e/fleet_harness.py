@@ -112,6 +112,7 @@ class Fleet:
     agent_ports: list[int]
     device_port: int = field(default_factory=free_port)  # kept across restarts: agents remember it
     serve_options: list[str] = field(default_factory=list)
+    agent_options: list[str] = field(default_factory=list)  # added to every agent's command line
     agents: list[Proc] = field(default_factory=list)
     controlplane: Proc = field(init=False)
 
@@ -200,7 +201,7 @@ class Fleet:
         ]
         if token:
             args += ["--token", token]
-        return spawn(args, self.agent_log(i))
+        return spawn([*args, *self.agent_options], self.agent_log(i))
 
     def stop_all(self) -> None:
         for agent in self.agents:
