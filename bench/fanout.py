@@ -2,15 +2,19 @@
 what each connected device costs it in memory, and how fast devices enroll.
 
     python -m bench.fanout [--quick] [--sizes 100,1000,10000] [--db sqlite|postgres]
-                           [--devices-per-worker 2500]
+                           [--via broker|stream] [--devices-per-worker 2500]
 
 For each fleet size (default 100, 1000 and 2000 devices; --quick: 100 and 200; the first size
 is the baseline) a fresh control plane runs as a child process (``fleetctl serve`` on SQLite
 under a temp dir, or with ``--db postgres`` on a throwaway PostgreSQL database of its own; a
 Mosquitto of our own or the embedded broker; device certificates valid 30 days), and worker
 processes play the fleet (bench.sim_pool: bench.sim_fleet in each): every device enrolls with a
-token and a CSR, holds its desired-state stream over its own mutual-TLS channel and reports
-VERIFYING then ACTIVE on every nudge. The simulated devices load, verify and download nothing,
+token and a CSR and reports VERIFYING then ACTIVE on every nudge over its own mutual-TLS
+channel. How it hears of a nudge (``--via``): ``broker`` (the agent's default) — each device
+holds its own MQTT connection to the benchmark's Mosquitto, subscribed to its desired topic,
+and its gRPC channel lets the connection go after IDLE_SECONDS unused, so an idle device holds
+nothing on the control plane; ``stream`` — each holds a desired-state stream open.
+The simulated devices load, verify and download nothing,
 so this measures the control plane's fan-out and state tracking, not agents. The control plane
 is alone in its child, so the child's RSS is the control plane's own.
 
@@ -50,8 +54,11 @@ which adds the engine's fixed tick, and the reports' are under ``scaling``). Tar
 <= 1 ms per device; every device holds the new desired state <= 10 s after the Deploy call,
 and after CreateRollout for one wave of every device;
 <= 64 KiB of control-plane RSS per idle connected device; enrollment >= 100 devices/s.
-Most of a connection's memory is gRPC core's, not the control plane's code (TLS, transport
-and read buffers): the server's channel arguments (controlplane/app/server.py) bound it.
+Most of a stream's memory is gRPC core's, not the control plane's code (TLS, transport and
+read buffers, ~80 KiB: bench.connection_memory); with ``--via broker`` there is none while idle
+(``cp_connections_connected`` and ``cp_connections_after_fanout`` count the established device
+connections), and ``broker_kib_per_connection`` is what a device costs Mosquitto instead (its
+RSS growth over N; plain MQTT here, TLS adds the broker's OpenSSL buffers).
 Progress goes to stderr; the last stdout line is JSON.
 """
 
@@ -92,6 +99,8 @@ DEVICES_PER_WORKER = 2500
 CERT_VALIDITY = "30d"  # no simulated device renews during a run
 BUNDLE = "simlm"
 DATABASES = ("sqlite", "postgres")
+VIAS = ("broker", "stream")
+IDLE_SECONDS = 5.0  # a simulated device's unused channel lets its connection go after this
 
 
 def progress(message: str) -> None:
@@ -111,6 +120,16 @@ def rss_mib(pid: int | None = None) -> float:
     return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
+def device_connections(cp: ControlPlane) -> int:
+    """Established TCP connections on the control plane's device port: what devices hold open."""
+    port = int(cp.device_target.rpartition(":")[2])
+    return sum(
+        1
+        for c in psutil.Process(cp.pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
+    )
+
+
 def cpu_s(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
@@ -128,6 +147,8 @@ class Setup:
     keys: KeyDir
     bundles: tuple[Path, ...]  # v1 warms up, v2 is deployed, v3 rolled out
     mqtt_url: str | None  # None: the control plane's embedded broker
+    broker_pid: int | None  # our Mosquitto's, to measure what device connections cost it
+    via: str  # how devices hear of changes: "broker" (notices) or "stream"
     database: Database
     devices_per_worker: int
     settle_s: float
@@ -135,15 +156,16 @@ class Setup:
 
 
 @contextmanager
-def broker(work: Path) -> Iterator[str | None]:
-    """A Mosquitto of our own when installed; else None, and the control plane embeds one."""
+def broker(work: Path) -> Iterator[tuple[str, int | None] | None]:
+    """A Mosquitto of our own (its URL and pid) when installed; else None, and the control
+    plane embeds one."""
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         progress("mosquitto not installed: the control plane runs its embedded broker")
         yield None
         return
     own = start_broker(work / "mosquitto")
     try:
-        yield own.url
+        yield own.url, own.proc.pid if own.proc is not None else None
     finally:
         own.stop()
 
@@ -219,8 +241,15 @@ async def fan_out(run: Run, setup: Setup, cp: ControlPlane) -> list[str]:
     """The fleet's part: enroll and connect, warm up, then the measured deploy and rollout."""
     ca_pem = setup.keys.tls_ca_path.read_bytes()
     spec = FleetSpec(
-        target=cp.target, device_target=cp.device_target, ca_pem=ca_pem, token=cp.token, size=run.devices
+        target=cp.target,
+        device_target=cp.device_target,
+        ca_pem=ca_pem,
+        token=cp.token,
+        size=run.devices,
+        notices=setup.via == "broker",
+        idle_seconds=IDLE_SECONDS,
     )
+    broker_pid = setup.broker_pid
     async with (
         FleetPool(spec, workers_for(run.devices, setup.devices_per_worker)) as fleet,
         grpc.aio.secure_channel(cp.target, channel_credentials(ca_pem)) as channel,
@@ -230,6 +259,7 @@ async def fan_out(run: Run, setup: Setup, cp: ControlPlane) -> list[str]:
         run.enroll_s = await fleet.enroll()
         await asyncio.sleep(setup.settle_s)
         run.cp_rss_enrolled_mib = rss_mib(cp.pid)
+        run.broker_rss_idle_mib = rss_mib(broker_pid) if broker_pid else None
         run.connect_s = await fleet.connect()
         progress(
             f"  {fleet.workers} fleet worker(s): enrolled in {run.enroll_s:.1f}s "
@@ -237,6 +267,8 @@ async def fan_out(run: Run, setup: Setup, cp: ControlPlane) -> list[str]:
         )
         await asyncio.sleep(setup.settle_s)
         run.cp_rss_connected_mib = rss_mib(cp.pid)
+        run.cp_connections_connected = device_connections(cp)
+        run.broker_rss_connected_mib = rss_mib(broker_pid) if broker_pid else None
         run.sim_rss_per_device_kib = (
             (sum(s.rss_mib for s in await fleet.stats()) - sim_before) * 1024 / run.devices
         )
@@ -267,8 +299,10 @@ async def fan_out(run: Run, setup: Setup, cp: ControlPlane) -> list[str]:
         )
 
         notes = await roll_out(run, fleet, op, auth, rolled, setup.within_s)
-        await asyncio.sleep(setup.settle_s)
+        # With notices the devices' channels let their connections go once idle: wait for that.
+        await asyncio.sleep(setup.settle_s + (IDLE_SECONDS if setup.via == "broker" else 0.0))
         run.cp_rss_after_fanout_mib = rss_mib(cp.pid)
+        run.cp_connections_after_fanout = device_connections(cp)
     return notes
 
 
@@ -369,6 +403,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--db", choices=DATABASES, default="sqlite", help="the control plane's store")
     parser.add_argument(
+        "--via",
+        choices=VIAS,
+        default="broker",
+        help="how devices hear of changes: notices on their own MQTT connection (the agent's "
+        "default) or a desired-state stream each holds open (default %(default)s)",
+    )
+    parser.add_argument(
         "--devices-per-worker",
         type=int,
         default=DEVICES_PER_WORKER,
@@ -386,12 +427,19 @@ def main(argv: list[str] | None = None) -> None:
             build_sim_bundle(work / "bundles", keys.release_signers(), name=BUNDLE, version=v).path
             for v in (1, 2, 3)
         )
-        with broker(work) as mqtt_url, databases(args.db) as database:
+        with broker(work) as own_broker, databases(args.db) as database:
+            via = args.via
+            if own_broker is None and via == "broker":
+                # Simulated listeners speak plain MQTT; the embedded broker wants device TLS.
+                progress("no Mosquitto: devices hold desired-state streams instead of listening")
+                via = "stream"
             setup = Setup(
                 work=work,
                 keys=keys,
                 bundles=bundles,
-                mqtt_url=mqtt_url,
+                mqtt_url=own_broker[0] if own_broker else None,
+                broker_pid=own_broker[1] if own_broker else None,
+                via=via,
                 database=database,
                 devices_per_worker=args.devices_per_worker,
                 settle_s=2.0 if args.quick else 5.0,
@@ -403,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             "open_files_limit": files,
             "broker": "mosquitto" if setup.mqtt_url else "embedded",
             "database": args.db,
+            "via": setup.via,
             "devices_per_worker": args.devices_per_worker,
             "device_cert_validity": CERT_VALIDITY,
             "settle_s": setup.settle_s,

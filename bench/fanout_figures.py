@@ -36,6 +36,10 @@ class Run:
     fleet_cpu_max: float = 0.0  # the busiest fleet worker's CPU over the deploy fan-out's wall time
     cp_cpu: float = 0.0  # the control plane's, likewise (2.0 = two cores)
     sim_rss_per_device_kib: float = 0.0  # the fleet workers' RSS growth per device
+    cp_connections_connected: int = 0  # device connections the control plane holds, all connected
+    cp_connections_after_fanout: int = 0  # and once the fan-outs are over and devices idle
+    broker_rss_idle_mib: float | None = None  # our Mosquitto's, before any device connected
+    broker_rss_connected_mib: float | None = None  # with every device connected to it
 
     def _per_device_kib(self, mib: float) -> float:
         return mib * 1024 / self.devices
@@ -72,7 +76,15 @@ class Run:
             "cp_kib_per_device_after_fanout": round(
                 self._per_device_kib(self.cp_rss_after_fanout_mib - self.cp_rss_idle_mib), 1
             ),
+            "broker_kib_per_connection": self.broker_kib_per_connection,
         }
+
+    @property
+    def broker_kib_per_connection(self) -> float | None:
+        """What a device's MQTT connection costs the broker (None: not measured)."""
+        if self.broker_rss_idle_mib is None or self.broker_rss_connected_mib is None:
+            return None
+        return round(self._per_device_kib(self.broker_rss_connected_mib - self.broker_rss_idle_mib), 1)
 
 
 def summary(runs: list[Run], notes: list[str], settings: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +135,7 @@ def summary(runs: list[Run], notes: list[str], settings: dict[str, Any]) -> dict
             "cp_kib_per_connected_device": round(memory, 1),
             "cp_kib_per_added_device": None if marginal is None else round(marginal, 1),
             "cp_kib_per_connection": largest.figures()["cp_kib_per_connection"],
+            "broker_kib_per_connection": largest.broker_kib_per_connection,
             "enroll_per_s": round(largest.enroll_per_s, 1),
             "fleet_cpu_max": round(max(r.fleet_cpu_max for r in runs), 3),
             "scaling": {

@@ -4,7 +4,10 @@ gRPC protocol to a real control plane.
 Each simulated device does what the agent does on the wire (agent/service.py): it makes one
 P-256 key, enrolls over TLS with the bootstrap token and a CSR (edgefleet.agent.device.tls), opens its
 own mutual-TLS channel with the certificate it got, holds ``WatchDesiredState`` open (and
-reopens it with jittered backoff), and answers every nudge with ``ReportStatus``: VERIFYING,
+reopens it with jittered backoff) — or, with ``notices=True``, listens for desired-state
+notices on an MQTT connection of its own (bench.sim_notices) while its channel lets its
+connection go when unused, as the agent does with ``--desired-via broker`` — and answers
+every nudge with ``ReportStatus``: VERIFYING,
 then, after its behaviour's delay, ACTIVE at that generation with the nudge's release among
 its models, or FAILED with an error and error kind (a release that fails to load; the previous
 one keeps "serving", as with the agent). It can publish InferenceSummary telemetry on its
@@ -46,8 +49,9 @@ import grpc
 
 from bench.sim_bundle import build_sim_bundle, write_tiny_gguf
 from bench.sim_device import ANY_RELEASE, VARIANT, Behaviour, SimDevice, backoff, release_name
+from bench.sim_notices import NoticeListeners
 from bench.sim_telemetry import TelemetryLink, inference_summary
-from edgefleet.agent.device.channel import CHANNEL_OPTIONS, open_enrollment_channel
+from edgefleet.agent.device.channel import CHANNEL_OPTIONS, channel_options, open_enrollment_channel
 from edgefleet.agent.device.identity import DeviceIdentity
 from edgefleet.agent.device.tls import csr_pem, key_pem, new_key
 from edgefleet.agent.telemetry.outbox import encode_batch, encode_message
@@ -60,6 +64,14 @@ ENROLL_ATTEMPTS = 3
 DEVICE_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 """The agent's options (retries, keepalive), and a connection of each channel's own: channels
 with different client certificates must never be pooled into one."""
+
+
+def idle_options(idle_seconds: float) -> list[tuple[str, str | int]]:
+    """The agent's options with ``--desired-via broker`` (edgefleet.agent.device.channel), and
+    a connection of each channel's own."""
+    options = channel_options("127.0.0.1:1", idle_seconds=idle_seconds)
+    return [*options, ("grpc.use_local_subchannel_pool", 1)]
+
 
 Labels = Mapping[str, str] | Callable[[int], Mapping[str, str]]
 """Enrollment labels: the same for every device, or per device index (e.g. canary rings)."""
@@ -105,6 +117,8 @@ class SimFleet:
         connect_timeout: float = 120.0,
         mqtt_url: str | None = None,
         hostname_prefix: str = "sim",
+        notices: bool = False,
+        idle_seconds: float = 5.0,
     ) -> None:
         self.target = target
         self.ca_pem = ca_pem
@@ -117,6 +131,11 @@ class SimFleet:
         self.connect_timeout = connect_timeout
         self.mqtt_url = mqtt_url
         self.hostname_prefix = hostname_prefix
+        # With notices, devices hear of changes on their own MQTT connection (bench.sim_notices)
+        # and their gRPC channels let the connection go after ``idle_seconds`` unused.
+        self.notices = notices
+        self.idle_seconds = idle_seconds
+        self._listeners: NoticeListeners | None = None
         self.enrolled_s = 0.0
         self.connected_s = 0.0
         self._devices: dict[str, SimDevice] = {}
@@ -166,6 +185,10 @@ class SimFleet:
         """Starts every enrolled device's stream and returns once every channel is connected
         (``connected_s``)."""
         started = time.monotonic()
+        if self.notices:
+            await self._listen()
+            self.connected_s = time.monotonic() - started
+            return
         for device in self._devices.values():
             if device.watch is None:
                 device.watch = asyncio.create_task(self._watch(device), name=f"watch-{device.device_id}")
@@ -175,8 +198,23 @@ class SimFleet:
         )
         self.connected_s = time.monotonic() - started
 
+    async def _listen(self) -> None:
+        if not self.mqtt_url:
+            raise RuntimeError("no broker URL for notices: pass mqtt_url, or enroll first")
+        if self._listeners is None:
+            self._listeners = NoticeListeners(self.mqtt_url, self._noticed)
+        await self._listeners.connect(self._devices, self.connect_timeout)
+
+    def _noticed(self, device_id: str, desired: device_pb2.DesiredState) -> None:
+        device = self._devices.get(device_id)
+        if device is not None:
+            self._nudged(device, desired)
+
     async def close(self) -> None:
         """Ends every stream and closes every channel and the broker connection."""
+        if self._listeners is not None:
+            await self._listeners.close()
+            self._listeners = None
         tasks = [t for d in self._devices.values() for t in (d.watch, d.applying) if t is not None]
         for task in tasks:
             task.cancel()
@@ -231,8 +269,9 @@ class SimFleet:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.ca_pem, private_key=key_pem(key), certificate_chain=response.certificate
         )
+        options = idle_options(self.idle_seconds) if self.notices else DEVICE_CHANNEL_OPTIONS
         channel = grpc.aio.secure_channel(
-            self.device_target or identity.device_target, credentials, options=DEVICE_CHANNEL_OPTIONS
+            self.device_target or identity.device_target, credentials, options=options
         )
         return SimDevice(
             device_id=response.device_id,

@@ -55,6 +55,8 @@ class FleetSpec:
     token: str
     size: int
     enroll_concurrency: int = 32
+    notices: bool = False  # devices hear of changes on the broker (bench.sim_notices), not a stream
+    idle_seconds: float = 5.0  # with notices: an unused device channel lets its connection go
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ async def _serve(pipe: Connection, spec: FleetSpec, share: int, prefix: str) -> 
         size=share,
         enroll_concurrency=spec.enroll_concurrency,
         hostname_prefix=prefix,
+        notices=spec.notices,
+        idle_seconds=spec.idle_seconds,
     )
     worker = _Worker(fleet)
     try:

@@ -1,5 +1,6 @@
 """The simulated fleet spread over worker processes (bench/sim_pool.py) against a real control
-plane: devices in two spawned processes enroll, hold their streams over mutual TLS and report,
+plane: devices in two spawned processes enroll, hold their streams over mutual TLS (or listen
+for notices on the broker) and report,
 and what the pool says it waited for is what the control plane stores."""
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     broker.stop()
 
 
+@pytest.mark.parametrize("notices", [False, True], ids=["stream", "broker-notices"])
 async def test_devices_in_two_workers_enroll_receive_and_report(
-    controlplane: RunningControlPlane, op: operator_pb2_grpc.OperatorServiceStub, keys: KeyDir, tmp_path: Path
+    controlplane: RunningControlPlane,
+    op: operator_pb2_grpc.OperatorServiceStub,
+    keys: KeyDir,
+    tmp_path: Path,
+    notices: bool,
 ) -> None:
+    """With ``notices`` each device hears of the deploy on its own MQTT connection (the
+    control plane's broker, which it named at enrollment) instead of a stream."""
     bundle = build_sim_bundle(tmp_path / "bundles", keys.release_signers())
     channel, stub = operator_stub(
         f"127.0.0.1:{controlplane.port}", admin_token(tmp_path), ca_pem=controlplane.ca_pem
@@ -49,6 +57,7 @@ async def test_devices_in_two_workers_enroll_receive_and_report(
         ca_pem=controlplane.ca_pem,
         token=token,
         size=SIZE,
+        notices=notices,
     )
     async with FleetPool(spec, workers=2) as pool:
         assert pool.shares == [SIZE // 2, SIZE // 2] and len(pool.pids) == 2
