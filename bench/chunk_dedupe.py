@@ -17,7 +17,8 @@ Baseline: whole-file transfer (every figure's ratio is fetched bytes / whole fil
 a release that changed ~10% of the bytes costs at most 0.15 of the artifact; ``ratio`` is the
 worse of the two version-2 shapes for the strategy that dedupes best, ``met`` whether it is
 under the target. ``--quick`` measures each strategy at its default sizes; the full run adds
-CDC at 64 KiB and 1 MiB average and tensor pieces of 4 MiB. Progress goes to stderr; the last
+CDC at 256 KiB and 1 MiB average and tensor pieces of 4 MiB. The figures are byte counts of
+deterministic files: they do not depend on the machine. Progress goes to stderr; the last
 stdout line is JSON.
 """
 
@@ -45,7 +46,7 @@ from edgefleet.protos.fleet.chunking import (
     hash_spans,
     missing_chunks,
 )
-from edgefleet.protos.fleet.chunking_gguf import tensor_spans
+from edgefleet.protos.fleet.chunking_gguf import PIECE_BYTES, tensor_spans
 
 TARGET = 0.15
 LADDER = ("q4_0", "q5_1", "q8_0")
@@ -72,8 +73,13 @@ def tensors(piece: int) -> Chunker:
 
 
 def chunkers(quick: bool) -> list[Chunker]:
-    chosen = [cdc(CdcParams().avg_size), tensors(MIB)]
-    return chosen if quick else [*chosen, cdc(64 * KIB), cdc(MIB), tensors(4 * MIB)]
+    """Each strategy at its default sizes; the full run adds the other sizes they were chosen from."""
+    default_avg, default_piece = CdcParams().avg_size, PIECE_BYTES
+    chosen = [cdc(default_avg), tensors(default_piece)]
+    if quick:
+        return chosen
+    others = [cdc(avg) for avg in (64 * KIB, 256 * KIB, MIB) if avg != default_avg]
+    return [*chosen, *others, *(tensors(piece) for piece in (MIB, 4 * MIB) if piece != default_piece)]
 
 
 def size_of(chunks: list[Chunk]) -> int:
