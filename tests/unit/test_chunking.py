@@ -9,6 +9,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgefleet.protos.fleet.chunking import (
     KIB,
@@ -94,6 +96,19 @@ def test_cdc_boundaries_survive_an_insertion(tmp_path: Path) -> None:
     assert len(reappear) >= len(after_edit) - 2, "more than the chunks next to the edit changed"
     fetched = sum(c.length for c in missing_chunks(before, after))
     assert fetched <= 3 * SMALL.max_size
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(min_value=1, max_value=120 * KIB), seed=st.integers(min_value=0, max_value=2**16))
+def test_cdc_chunks_any_length_within_their_sizes(
+    tmp_path_factory: pytest.TempPathFactory, length: int, seed: int
+) -> None:
+    path = tmp_path_factory.mktemp("cdc") / "blob"
+    path.write_bytes(random_bytes(length, seed))
+    chunks = chunk_cdc(path, params=SMALL)
+    assert_covers(path, chunks)
+    assert all(c.length <= SMALL.max_size for c in chunks)
+    assert all(c.length >= SMALL.min_size for c in chunks[:-1])
 
 
 def test_cdc_same_bytes_same_chunks(tmp_path: Path) -> None:
