@@ -11,6 +11,7 @@ thread that generates and the event loop that serves.
 from __future__ import annotations
 
 import enum
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Capability(enum.StrEnum):
     EMBEDDINGS = "embeddings"
     LOGPROBS = "logprobs"  # SamplingParams.logprobs: each generated token's log probability
     LOGIT_BIAS = "logit_bias"  # SamplingParams.logit_bias: per-token biases added to the logits
+    LORA = "lora"  # SamplingParams.lora: LoRA adapters loaded over the model, chosen per request
 
 
 GENERATIVE = frozenset({Capability.CHAT, Capability.COMPLETIONS})
@@ -190,6 +192,18 @@ class Constraint:
     grammar: str
 
 
+MAX_LORA_SCALE = 8.0  # a per-request LoRA scale beyond this is refused (trained adapters use ~0..2)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraRequest:
+    """Generate with the LoRA adapter loaded under ``name`` (see `edgefleet.agent.runtimes.lora`),
+    its low-rank product multiplied by ``scale`` (1: as trained; 0: the base model alone)."""
+
+    name: str
+    scale: float = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to sample; defaults follow the OpenAI API so an omitted field means the same thing."""
@@ -205,6 +219,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k likeliest rivals
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     constraint: Constraint | None = None  # None: unconstrained decoding
+    lora: LoraRequest | None = None  # None: the base model alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +359,11 @@ def require_support(description: RuntimeDescription, params: SamplingParams) -> 
         raise FieldNotSupported("logprobs", f"{where} computes no token log probabilities; omit logprobs")
     if params.logit_bias and Capability.LOGIT_BIAS not in description.capabilities:
         raise FieldNotSupported("logit_bias", f"{where} cannot bias token logits; omit logit_bias")
+    if params.lora is not None:
+        if Capability.LORA not in description.capabilities:
+            raise FieldNotSupported("lora", f"{where} cannot apply LoRA adapters")
+        if not math.isfinite(params.lora.scale) or abs(params.lora.scale) > MAX_LORA_SCALE:
+            raise FieldNotSupported("lora", f"a LoRA scale must be finite and within +-{MAX_LORA_SCALE:g}")
     limit = description.vocab_size
     for token, _ in params.logit_bias:
         if token < 0 or (limit is not None and token >= limit):

@@ -39,7 +39,6 @@ a running generation.
 
 from __future__ import annotations
 
-import ctypes
 import secrets
 import threading
 from collections.abc import Callable, Generator, Sequence
@@ -71,9 +70,11 @@ from edgefleet.agent.runtimes.base import (
     smoke_generate,
 )
 from edgefleet.agent.runtimes.constraints import LlamaGuidance
-from edgefleet.agent.runtimes.llama_build import refuse_crashing_build
+from edgefleet.agent.runtimes.llama_adapters import LlamaLoras
+from edgefleet.agent.runtimes.llama_build import accelerator, refuse_crashing_build
 from edgefleet.agent.runtimes.llama_embedder import LlamaEmbedder
 from edgefleet.agent.runtimes.llama_logprobs import PendingLogprobs, TokenScores, detokenize
+from edgefleet.agent.runtimes.lora import LoraInfo
 from edgefleet.agent.runtimes.prompt import (
     Piece,
     PromptLimit,
@@ -105,23 +106,6 @@ _POOLING_MEAN = 1
 _POOLING_CLS = 2
 _POOLING_LAST = 3
 _POOLING_RANK = 4
-
-# ggml backend registry names of accelerators, as the `device` they put in a description.
-_ACCELERATOR_NAMES = {
-    "CUDA": "cuda",
-    "ROCm": "rocm",
-    "HIP": "rocm",
-    "MUSA": "musa",
-    "Metal": "metal",
-    "MTL": "metal",
-    "Vulkan": "vulkan",
-    "SYCL": "sycl",
-    "OpenCL": "opencl",
-    "CANN": "cann",
-}
-# Backends that compute on the host CPU (or elsewhere, for RPC), never a local accelerator.
-_HOST_BACKENDS = frozenset({"CPU", "BLAS", "RPC", "AMX"})
-
 
 T = TypeVar("T")
 
@@ -189,7 +173,7 @@ def load(
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
     add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
     pooling = _embedding_pooling(llama.metadata)
-    capabilities = {Capability.COMPLETIONS, Capability.LOGPROBS, Capability.LOGIT_BIAS}
+    capabilities = {Capability.COMPLETIONS, Capability.LOGPROBS, Capability.LOGIT_BIAS, Capability.LORA}
     if chat_template is not None:
         capabilities.add(Capability.CHAT)
     if pooling is not None:
@@ -204,7 +188,7 @@ def load(
         gpu_offload=gpu_offload,
         format=common_pb2.MODEL_FORMAT_GGUF,
         capabilities=frozenset(capabilities),
-        device=_device(gpu_offload),
+        device=accelerator(gpu_offload),
         constrained_decoding=True,
     )
     tokenizer = _Tokenizer(
@@ -315,32 +299,6 @@ def _embedding_pooling(metadata: dict[str, str]) -> int | None:
     return kind if kind in (_POOLING_MEAN, _POOLING_CLS, _POOLING_LAST) else _POOLING_MEAN
 
 
-def _device(gpu_offload: bool) -> str:
-    """Where the layers run, as far as this llama.cpp build can tell: the ggml registry name
-    of the first accelerator device it found ("cuda", "metal", "vulkan", ...), "cpu" when the
-    build cannot offload, "gpu" when it can but does not say which (an older ggml)."""
-    if not gpu_offload:
-        return "cpu"
-    try:
-        from llama_cpp._ggml import libggml  # the library's own handle on ggml; no public API
-
-        libggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        libggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        libggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-        libggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-        libggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-        libggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
-        libggml.ggml_backend_reg_name.restype = ctypes.c_char_p
-        for index in range(int(libggml.ggml_backend_dev_count())):
-            registry = libggml.ggml_backend_dev_backend_reg(libggml.ggml_backend_dev_get(index))
-            name = bytes(libggml.ggml_backend_reg_name(registry) or b"").decode("utf-8", "replace")
-            if name and name not in _HOST_BACKENDS:
-                return _ACCELERATOR_NAMES.get(name, name.lower())
-    except (ImportError, AttributeError, OSError):
-        pass
-    return "gpu"
-
-
 def _chat_template(llama: Llama, llama_cpp: Any, vocab: Any) -> Callable[[list[dict[str, str]]], str] | None:
     """The GGUF's own chat template as a function, or None for base models without one."""
     template = llama.metadata.get("tokenizer.chat_template")
@@ -367,7 +325,8 @@ def _chat_template(llama: Llama, llama_cpp: Any, vocab: Any) -> Callable[[list[d
 
 
 class LlamaCppRuntime:
-    """A loaded GGUF model; implements `edgefleet.agent.runtimes.base.Runtime`."""
+    """A loaded GGUF model; implements `edgefleet.agent.runtimes.base.Runtime` and, with LoRA
+    adapters over it (`edgefleet.agent.runtimes.llama_adapters`), `lora.LoraRuntime`."""
 
     def __init__(
         self,
@@ -395,6 +354,7 @@ class LlamaCppRuntime:
         self._embedding_window = min(_EMBEDDING_WINDOW, description.n_ctx)
         self._limit = PromptLimit(description.n_ctx, max_token_bytes)
         self._embedding_limit = PromptLimit(self._embedding_window, max_token_bytes)
+        self._loras = LlamaLoras(thread=thread, loaded=self._loaded, base_path=description.model_path)
 
     def describe(self) -> RuntimeDescription:
         return self._description
@@ -477,6 +437,15 @@ class LlamaCppRuntime:
     def smoke_test(self) -> None:
         smoke_generate(self, chat=self._chat_template is not None)
 
+    def load_lora(self, name: str, path: Path) -> LoraInfo:
+        return self._loras.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._loras.unload(name)
+
+    def loras(self) -> tuple[LoraInfo, ...]:
+        return self._loras.infos()
+
     def unload(self) -> None:
         def close() -> bool:
             llama, self._llama = self._llama, None
@@ -485,6 +454,7 @@ class LlamaCppRuntime:
             embedder, self._embedder = self._embedder, None
             if embedder is not None:  # before the model it borrows the weights from
                 embedder.close()
+            self._loras.close(llama)  # adapters too
             llama.close()
             return True
 
@@ -506,6 +476,7 @@ class LlamaCppRuntime:
 
     def _start(self, prompt_tokens: list[int], params: SamplingParams) -> SlotGeneration:
         require_support(self._description, params)  # logit_bias ids are checked against the vocabulary
+        self._loras.require(params.lora)
         generation = start_generation(
             slot=self._slot,
             thread=self._thread,
@@ -544,6 +515,7 @@ class LlamaCppRuntime:
         scores = TokenScores(params, llama)
         pending = PendingLogprobs(scores.wanted)
         processors = [*(guide.processors if guide else ()), *(scores.processors() or ())]
+        lora = self._loras.begin(llama, params.lora)  # its adapter on the context, a cache computed under it
         tokens = llama.generate(
             prompt,
             top_k=params.top_k,  # llama.cpp skips the cut for k <= 0
@@ -577,4 +549,5 @@ class LlamaCppRuntime:
                     break
         finally:
             tokens.close()
+            lora.end()
         yield Delta(text.flush(), finish, logprobs=pending.take())

@@ -72,6 +72,7 @@ def test_describe(runtime: Runtime) -> None:
         Capability.EMBEDDINGS,
         Capability.LOGPROBS,
         Capability.LOGIT_BIAS,
+        Capability.LORA,
     }
     assert description.vocab_size == 49152
 
