@@ -394,12 +394,22 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 f"offset {request.offset} is past the artifact's {total} bytes",
                 action="artifact.fetch",
             )
-        chunks = self.blobs.read(digest, offset=request.offset, chunk_size=self.chunk_size)
+        # A range (delta transfers fetch the chunks a device lacks) ends where it says; none
+        # runs to the end of the artifact.
+        end = request.offset + request.length if request.length else total
+        if end > total:
+            raise OutOfRange(
+                f"range {request.offset}+{request.length} is past the artifact's {total} bytes",
+                action="artifact.fetch",
+            )
+        read_size = max(1, min(self.chunk_size, end - request.offset))
+        chunks = self.blobs.read(digest, offset=request.offset, chunk_size=read_size)
         offset = request.offset
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        while offset < end and (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             if context.cancelled() or context.done():
                 log.info("device %s stopped downloading %s at byte %d", device.id, digest[:12], offset)
                 return  # the device went away; it resumes from this offset next time
+            chunk = chunk[: end - offset]
             yield device_pb2.ArtifactChunk(offset=offset, data=chunk, total_length=total)
             offset += len(chunk)
 

@@ -112,7 +112,8 @@ class DeviceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchArtifact(self, request, context):
-        """Streams an artifact's bytes from `offset`, in chunks, so downloads resume.
+        """Streams an artifact's bytes from `offset`, in chunks, so downloads resume; with a
+        `length`, only that range (a delta transfer fetches the chunks a device lacks).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
