@@ -2,12 +2,15 @@
 
 A bundle directory holds ``release.json`` (TUF targets metadata signed by the release key,
 with the manifest embedded, see :mod:`edgefleet.protos.fleet.release`) and ``artifacts/<path>`` for
-every target the metadata names.
+every target the metadata names. Each target's custom data carries the artifact's chunk list
+(:mod:`edgefleet.protos.fleet.chunk_list`), signed with its length and hash, so devices that
+hold part of it already fetch only the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -21,9 +24,12 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
 from edgefleet.controlplane.build.gguf_info import read_gguf_info
-from edgefleet.protos.fleet import release
+from edgefleet.protos.fleet import chunk_list, release
+from edgefleet.protos.fleet.chunking import TooManyChunks
 from edgefleet.protos.fleet.fsio import atomic_write_bytes
 from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2
+
+log = logging.getLogger(__name__)
 
 RELEASE_FILE = "release.json"
 ARTIFACT_DIR = "artifacts"
@@ -105,6 +111,7 @@ def build_bundle(
     signers: Sequence[Signer],
     expires_in: timedelta = timedelta(days=90),
     description: str = "",
+    chunk_lists: bool = True,
 ) -> BundleOnDisk:
     """Writes a signed single-variant bundle for a GGUF model into ``out``."""
     check_bundle_name(name)
@@ -119,6 +126,7 @@ def build_bundle(
         signers=signers,
         expires_in=expires_in,
         description=description,
+        chunk_lists=chunk_lists,
     )
 
 
@@ -131,8 +139,10 @@ def write_bundle(
     signers: Sequence[Signer],
     expires_in: timedelta = timedelta(days=90),
     description: str = "",
+    chunk_lists: bool = True,
 ) -> BundleOnDisk:
-    """Writes a signed bundle of one or more variants into ``out``."""
+    """Writes a signed bundle of one or more variants into ``out``; ``chunk_lists=False`` signs
+    no chunk lists (devices then fetch every artifact whole, as for releases built before them)."""
     check_bundle_name(name)
     if version < 1:
         raise BundleError(f"version must be a positive integer, got {version}")
@@ -152,7 +162,10 @@ def write_bundle(
         length = target_path.stat().st_size
         variant.size_bytes = length
         targets[artifact] = TargetFile(
-            length=length, hashes={"sha256": sha256_file(target_path)}, path=artifact
+            length=length,
+            hashes={"sha256": sha256_file(target_path)},
+            path=artifact,
+            unrecognized_fields=_chunk_fields(target_path) if chunk_lists else {},
         )
         described.append(variant)
     manifest = bundle_pb2.BundleManifest(
@@ -175,6 +188,17 @@ def write_bundle(
     data = metadata.to_bytes(JSONSerializer(compact=False))
     atomic_write_bytes(out / RELEASE_FILE, data)
     return BundleOnDisk(path=out, release=release.read_release_unverified(data))
+
+
+def _chunk_fields(path: Path) -> dict[str, object]:
+    """The target's custom data holding its chunk list; none for a file that would need more
+    chunks than a release may sign (it is fetched whole)."""
+    try:
+        chunks = chunk_list.chunk_artifact(path)
+    except TooManyChunks as exc:
+        log.warning("%s is published without a chunk list: %s", path.name, exc)
+        return {}
+    return {"custom": {release.MANIFEST_FIELD: {chunk_list.CHUNKS_FIELD: chunk_list.encode_chunks(chunks)}}}
 
 
 def open_bundle(path: Path, *, root: Root | None = None) -> BundleOnDisk:

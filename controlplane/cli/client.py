@@ -176,7 +176,9 @@ def extend_image_targets(
             info.length,
             {"sha256": info.sha256},
             path,
-            unrecognized_fields={"custom": uptane.image_target_custom(rel.name, rel.version, variant)},
+            unrecognized_fields={
+                "custom": uptane.image_target_custom(rel.name, rel.version, variant, info.chunks)
+            },
         )
     metadata = Metadata(Targets(version=version, expires=datetime.now(UTC) + expires_in, targets=targets))
     for signer in signers:

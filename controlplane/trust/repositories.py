@@ -250,6 +250,9 @@ class Repositories:
             same_bytes = (parsed.info.length, parsed.info.sha256) == (info.length, info.sha256)
             if not same_bytes or (parsed.bundle, parsed.version) != (release.name, release.version):
                 raise RepositoryRefusal(f"image target {path!r} differs from the release it carries")
+            # A target may omit the release's chunk list (its devices fetch it whole), not change it.
+            if None not in (parsed.info.chunks, info.chunks) and parsed.info.chunks != info.chunks:
+                raise RepositoryRefusal(f"image target {path!r} signs another chunk list than its release")
 
     def _next_version(self, session: Session, repo: str, device_id: str, role: str) -> int:
         row = self._latest(session, repo, device_id, role)

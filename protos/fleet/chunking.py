@@ -54,7 +54,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
-from edgefleet.protos.fleet.release import Refusal, TransientFailure
+from edgefleet.protos.fleet.release import Refusal, ReleaseError, TransientFailure
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -78,8 +78,9 @@ class TooManyChunks(ChunkingError, Refusal):
     """The file would need more chunks than :class:`ChunkLimits` allows."""
 
 
-class MalformedChunkList(ChunkingError, Refusal):
-    """A chunk list that does not cover its artifact exactly, once, in order, within limits."""
+class MalformedChunkList(ChunkingError, ReleaseError):
+    """A chunk list that does not cover its artifact exactly, once, in order, within limits: a
+    release refusal, since a signed chunk list is part of what a release promises."""
 
 
 class ChunkingUnavailable(ChunkingError, Refusal):

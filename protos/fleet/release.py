@@ -17,15 +17,18 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Root, Targets
 
 from edgefleet.protos.fleet.v1 import bundle_pb2
+
+if TYPE_CHECKING:
+    from edgefleet.protos.fleet.chunk_list import ChunkList
 
 MANIFEST_FIELD = "edgefleet"
 RELEASE_ROLE = "targets"
@@ -116,11 +119,14 @@ class ArtifactHashMismatch(ArtifactError):
 
 @dataclass(frozen=True, slots=True)
 class ArtifactInfo:
-    """What the signature promises about one artifact."""
+    """What the signature promises about one artifact. ``chunks``, when the release signed a
+    chunk list, lets a device fetch only the chunks it lacks; it takes no part in comparisons
+    (the director lists length and hash only, and those are what must agree)."""
 
     path: str
     length: int
     sha256: str
+    chunks: ChunkList | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +212,12 @@ def _describe(md: Metadata[Targets], data: bytes) -> VerifiedRelease:
         digest = target.hashes.get("sha256")
         if digest is None:
             raise MalformedMetadata(f"artifact {path!r} has no sha256 hash")
-        artifacts[path] = ArtifactInfo(path=path, length=target.length, sha256=digest.lower())
+        artifacts[path] = ArtifactInfo(
+            path=path,
+            length=target.length,
+            sha256=digest.lower(),
+            chunks=_signed_chunks(target.unrecognized_fields.get("custom"), target.length, path),
+        )
 
     manifest = manifest_from_targets(targets)
     if manifest.version != targets.version:
@@ -231,6 +242,15 @@ def _describe(md: Metadata[Targets], data: bytes) -> VerifiedRelease:
         artifacts=artifacts,
         metadata=data,
     )
+
+
+def _signed_chunks(custom: object, length: int, path: str) -> ChunkList | None:
+    """The chunk list signed in a target's custom data, if any (imported here: the chunker
+    builds on this module's error families)."""
+    from edgefleet.protos.fleet.chunk_list import signed_chunks
+
+    fields = custom.get(MANIFEST_FIELD) if isinstance(custom, dict) else None
+    return signed_chunks(fields, length, where=f"artifact {path!r}")
 
 
 def read_release_unverified(data: bytes) -> VerifiedRelease:

@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf import json_format
 from tuf.api.metadata import TargetFile, Targets
 
+from edgefleet.protos.fleet.chunk_list import ChunkList, encode_chunks, signed_chunks
 from edgefleet.protos.fleet.device_config import config_from_json
 from edgefleet.protos.fleet.release import ArtifactInfo, MalformedMetadata, check_target_path
 from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2
@@ -79,8 +80,19 @@ class ImageTarget:
     info: ArtifactInfo
 
 
-def image_target_custom(bundle: str, version: int, variant: bundle_pb2.Variant) -> dict[str, Any]:
-    return {CUSTOM_KEY: {"bundle": bundle, "version": version, "variant": json_format.MessageToDict(variant)}}
+def image_target_custom(
+    bundle: str, version: int, variant: bundle_pb2.Variant, chunks: ChunkList | None = None
+) -> dict[str, Any]:
+    """The custom data of an image target; ``chunks``, the artifact's chunk list, is signed with
+    the rest so a device can fetch only the chunks it lacks (see :mod:`.chunk_list`)."""
+    fields: dict[str, Any] = {
+        "bundle": bundle,
+        "version": version,
+        "variant": json_format.MessageToDict(variant),
+    }
+    if chunks is not None:
+        fields["chunks"] = encode_chunks(chunks)
+    return {CUSTOM_KEY: fields}
 
 
 def artifact_info(path: str, target: TargetFile) -> ArtifactInfo:
@@ -100,7 +112,12 @@ def parse_image_target(path: str, target: TargetFile) -> ImageTarget:
         bundle, version = str(raw["bundle"]), int(raw["version"])
     except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
         raise MalformedMetadata(f"image target {path!r} has a malformed custom field: {exc}") from exc
-    return ImageTarget(bundle=bundle, version=version, variant=variant, info=artifact_info(path, target))
+    info = artifact_info(path, target)
+    # A chunk list that does not cover the signed length exactly is refused (MalformedChunkList).
+    chunks = signed_chunks(raw, info.length, where=f"image target {path!r}")
+    if chunks is not None:
+        info = ArtifactInfo(path=info.path, length=info.length, sha256=info.sha256, chunks=chunks)
+    return ImageTarget(bundle=bundle, version=version, variant=variant, info=info)
 
 
 def release_targets(targets: Targets, bundle: str, version: int) -> dict[str, ImageTarget]:
