@@ -3,6 +3,12 @@
 Layout under the state dir: ``downloads/<sha256>.part`` while bytes arrive, then
 ``artifacts/<sha256>`` (read-only) once length and hash matched the signed target info.
 Nothing under ``artifacts/`` was ever unverified, so the runtime only ever sees checked bytes.
+
+An artifact whose release signed a chunk list is assembled chunk by chunk instead
+(:mod:`.delta_fetch`): what the device already holds in other artifacts is copied, the rest
+fetched by range, and the chunk lists of stored artifacts are kept in ``artifacts-chunks/``
+(:mod:`.chunk_index`) for the next release. Either way the part file is published only once
+the whole artifact matched its signed length and hash.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,12 +28,20 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from edgefleet.agent.update.chunk_index import ChunkIndex
+from edgefleet.agent.update.delta_fetch import assemble
 from edgefleet.agent.update.errors import (
-    ArtifactUnavailable,
     ControlPlaneUnavailable,
     InsufficientDisk,
     TransientFailure,
     typed_os_errors,
+)
+from edgefleet.agent.update.transfer import (
+    TRANSIENT_CODES,
+    SourceLengthMismatch,
+    TransferCounters,
+    check_served_length,
+    rpc_failure,
 )
 from edgefleet.protos.fleet.fsio import fsync_dir
 from edgefleet.protos.fleet.release import (
@@ -43,17 +57,7 @@ log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
 DISK_HEADROOM_BYTES = 64 * 1024 * 1024
-TRANSIENT_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
+__all__ = ["TRANSIENT_CODES", "ArtifactStore", "SourceLengthMismatch", "TransferCounters"]
 
 Progress = Callable[[int, int], None]
 
@@ -61,11 +65,6 @@ Progress = Callable[[int, int], None]
 class EmptyArtifact(ArtifactError):
     """The signed target is 0 bytes long: no model fits in nothing, so it is refused before
     any download (a hash of no bytes would "verify" and leave nothing to load)."""
-
-
-class SourceLengthMismatch(ArtifactLengthMismatch):
-    """The control plane serves the artifact with a length other than the signed one: every
-    byte it could send would fail verification, so the download is refused, not retried."""
 
 
 class InstalledArtifactMissing(ArtifactError):
@@ -92,6 +91,13 @@ class ArtifactStore:
     artifact_dir: Path
     download_dir: Path
     unpacked_dir: Path | None = None  # folder variants (ONNX, MLX), extracted per artifact
+    index_dir: Path | None = None  # chunk lists of stored artifacts; default: beside artifact_dir
+    counters: TransferCounters = field(default_factory=TransferCounters, compare=False)
+
+    @property
+    def chunk_index(self) -> ChunkIndex:
+        index_dir = self.index_dir or self.artifact_dir.with_name(f"{self.artifact_dir.name}-chunks")
+        return ChunkIndex(index_dir, self.artifact_dir)
 
     def path(self, sha256: str) -> Path:
         return self.artifact_dir / sha256
@@ -129,7 +135,8 @@ class ArtifactStore:
         """
         wanted = set(keep)
         removed = []
-        places = [(self.artifact_dir, "")] + ([] if keep_partial else [(self.download_dir, ".part")])
+        places = [(self.artifact_dir, ""), (self.chunk_index.index_dir, ".json")]
+        places += [] if keep_partial else [(self.download_dir, ".part")]
         if self.unpacked_dir is not None:
             places.append((self.unpacked_dir, ""))
         for directory, suffix in places:
@@ -146,14 +153,19 @@ class ArtifactStore:
                 removed.append(entry.name)
         return removed
 
-    def _resume(self, info: ArtifactInfo) -> tuple[ArtifactVerifier, int]:
-        """Re-hashes a partial download so it continues where it stopped."""
+    def _regular_part(self, info: ArtifactInfo) -> Path:
+        """The part file's path, after removing whatever else was planted there."""
         part = self.part_path(info.sha256)
-        verifier = ArtifactVerifier(info)
         if part.is_symlink() or (part.exists() and not part.is_file()):
             # Never follow a link or write into a device planted where a download goes.
             log.warning("removing %s: not a regular file", part)
             part.unlink()
+        return part
+
+    def _resume(self, info: ArtifactInfo) -> tuple[ArtifactVerifier, int]:
+        """Re-hashes a partial download so it continues where it stopped."""
+        part = self._regular_part(info)
+        verifier = ArtifactVerifier(info)
         if not part.exists():
             return verifier, 0
         if part.stat().st_size > info.length:
@@ -190,6 +202,8 @@ class ArtifactStore:
         if self.has(info.sha256):
             stored = self.path(info.sha256)
             if stored.stat().st_size == info.length:
+                with typed_os_errors():
+                    self._index(info)
                 return stored
             log.warning("stored artifact %s has the wrong size; downloading it again", info.sha256[:12])
             stored.unlink()
@@ -213,6 +227,9 @@ class ArtifactStore:
         *,
         progress: Progress | None,
     ) -> None:
+        if info.chunks is not None:
+            await self._assemble_once(stub, info, progress=progress)
+            return
         verifier, offset = self._resume(info)
         self._check_disk(info.length - offset)
         part = self.part_path(info.sha256)
@@ -226,6 +243,27 @@ class ArtifactStore:
             verifier.finish()
         except ArtifactHashMismatch:
             part.unlink(missing_ok=True)  # wrong bytes: the next attempt starts clean
+            raise
+
+    async def _assemble_once(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        info: ArtifactInfo,
+        *,
+        progress: Progress | None,
+    ) -> None:
+        """One attempt at a chunked download (see :mod:`.delta_fetch`)."""
+        part = self._regular_part(info)
+        self._check_disk(info.length - (part.stat().st_size if part.exists() else 0))
+        verifier = ArtifactVerifier(info)
+        held = self.chunk_index.held(exclude=info.sha256)
+        await assemble(stub, info, part, verifier, held=held, counters=self.counters, progress=progress)
+        if verifier.received < info.length:
+            raise ControlPlaneUnavailable(f"artifact assembled to {verifier.received} of {info.length} bytes")
+        try:
+            verifier.finish()
+        except ArtifactHashMismatch:
+            part.unlink(missing_ok=True)  # every chunk matched a list the hash disagrees with
             raise
 
     async def _stream_into(
@@ -242,11 +280,8 @@ class ArtifactStore:
             fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "ab") as out:
                 async for chunk in stub.FetchArtifact(request):
-                    if chunk.total_length and chunk.total_length != info.length:
-                        raise SourceLengthMismatch(
-                            f"the control plane serves artifact {info.path!r} ({info.sha256[:12]}) with "
-                            f"{chunk.total_length} bytes, its signed length is {info.length}"
-                        )
+                    self.counters.fetched_bytes += len(chunk.data)
+                    check_served_length(chunk, info)
                     if chunk.offset != verifier.received:
                         raise ControlPlaneUnavailable(
                             f"artifact chunk at offset {chunk.offset}, expected {verifier.received}"
@@ -258,15 +293,7 @@ class ArtifactStore:
                 out.flush()
                 os.fsync(out.fileno())
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
-                # Our partial copy (never longer than the signed length) is longer than theirs.
-                raise SourceLengthMismatch(
-                    f"the control plane's copy of artifact {info.path!r} ({info.sha256[:12]}) is shorter "
-                    f"than the {verifier.received} bytes already verified; its signed length is {info.length}"
-                ) from exc
-            if exc.code() in TRANSIENT_CODES:
-                raise ControlPlaneUnavailable(f"artifact download interrupted: {exc.details()}") from exc
-            raise ArtifactUnavailable(f"artifact {info.sha256}: {exc.code().name}: {exc.details()}") from exc
+            raise rpc_failure(exc, info, verifier.received) from exc
 
     def _publish(self, info: ArtifactInfo) -> Path:
         part = self.part_path(info.sha256)
@@ -274,4 +301,10 @@ class ArtifactStore:
         os.chmod(part, 0o444)
         os.replace(part, final)
         fsync_dir(final.parent)
+        self._index(info)
         return final
+
+    def _index(self, info: ArtifactInfo) -> None:
+        """Keeps a stored artifact's signed chunk list for the releases after it."""
+        if info.chunks is not None and not self.chunk_index.has(info.sha256):
+            self.chunk_index.record(info.sha256, info.chunks)
