@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import BinaryIO
 
@@ -119,18 +120,20 @@ class ChunkAssembler:
     async def _fetch(self, step: Fetch, out: BinaryIO) -> None:
         pending = list(step.chunks)
         buffer = bytearray()
-        async for piece in fetch_range(self.stub, self.info, step.offset, step.length, self.counters):
-            buffer += piece
-            while pending and len(buffer) >= pending[0].length:
-                chunk = pending.pop(0)
-                data = bytes(buffer[: chunk.length])
-                del buffer[: chunk.length]
-                if hashlib.sha256(data).hexdigest() != chunk.sha256:
-                    raise ChunkHashMismatch(
-                        f"artifact {self.info.path!r}: the control plane's bytes at {chunk.offset} do not "
-                        f"hash to the signed chunk {chunk.sha256[:12]}"
-                    )
-                self._write(out, data)
+        pieces = fetch_range(self.stub, self.info, step.offset, step.length, self.counters)
+        async with aclosing(pieces):  # a refusal mid-range ends the call now, not at collection
+            async for piece in pieces:
+                buffer += piece
+                while pending and len(buffer) >= pending[0].length:
+                    chunk = pending.pop(0)
+                    data = bytes(buffer[: chunk.length])
+                    del buffer[: chunk.length]
+                    if hashlib.sha256(data).hexdigest() != chunk.sha256:
+                        raise ChunkHashMismatch(
+                            f"artifact {self.info.path!r}: the control plane's bytes at {chunk.offset} do "
+                            f"not hash to the signed chunk {chunk.sha256[:12]}"
+                        )
+                    self._write(out, data)
 
     def _write(self, out: BinaryIO, data: bytes) -> None:
         self.verifier.update(data)  # raises before writing past the signed length

@@ -8,7 +8,7 @@ telemetry can report what delta transfers save without anyone re-measuring it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -76,7 +76,7 @@ async def fetch_range(
     offset: int,
     length: int,
     counters: TransferCounters,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The bytes ``[offset, offset + length)`` of the artifact, in the pieces they arrive in.
 
     Asks for the range (``length``); a control plane that predates ranges sends the rest of
@@ -90,14 +90,14 @@ async def fetch_range(
         async for chunk in call:
             counters.fetched_bytes += len(chunk.data)
             check_served_length(chunk, info)
+            if position >= end:
+                break  # a control plane that ignores the length keeps sending: stop it here
             if chunk.offset != position:
                 raise ControlPlaneUnavailable(f"artifact chunk at offset {chunk.offset}, expected {position}")
             data = chunk.data[: end - position]
             position += len(data)
             if data:
                 yield data
-            if position >= end:
-                break
     except grpc.aio.AioRpcError as exc:
         raise rpc_failure(exc, info, position) from exc
     finally:

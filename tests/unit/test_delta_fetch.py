@@ -76,13 +76,15 @@ def test_verified_prefix_keeps_matching_chunks_and_cuts_a_torn_or_wrong_one(tmp_
 class Server:
     """Serves ``data`` as FetchArtifact does, honouring offset and length; records each range."""
 
-    def __init__(self, data: bytes, *, piece: int = 700, corrupt_at: int | None = None) -> None:
-        self.data, self.piece, self.corrupt_at = data, piece, corrupt_at
+    def __init__(
+        self, data: bytes, *, piece: int = 700, corrupt_at: int | None = None, ranges: bool = True
+    ) -> None:
+        self.data, self.piece, self.corrupt_at, self.honours_length = data, piece, corrupt_at, ranges
         self.ranges: list[tuple[int, int]] = []
 
     def FetchArtifact(self, request: device_pb2.FetchArtifactRequest) -> Stream:
         self.ranges.append((request.offset, request.length))
-        end = request.offset + request.length if request.length else len(self.data)
+        end = request.offset + request.length if request.length and self.honours_length else len(self.data)
         return Stream(self, request.offset, end)
 
 
@@ -162,3 +164,11 @@ async def test_a_corrupt_index_file_costs_a_fetch_not_a_wrong_byte(tmp_path: Pat
     assert (await store.fetch(server, info_of(v1 + b"x"))).read_bytes() == v1 + b"x"  # type: ignore[arg-type]
     assert store.counters.fetched_bytes == len(v1) + 1
     assert store.collect_garbage([]) and not any(store.chunk_index.index_dir.iterdir())
+
+
+async def test_a_control_plane_that_ignores_the_range_is_cut_off_after_it(tmp_path: Path) -> None:
+    v1 = os.urandom(10 * PIECE)
+    v2 = v1[:3000] + os.urandom(PIECE) + v1[4000:]
+    store = store_holding(tmp_path, v1)
+    assert (await store.fetch(Server(v2, ranges=False), info_of(v2))).read_bytes() == v2  # type: ignore[arg-type]
+    assert PIECE <= store.counters.fetched_bytes <= PIECE + 2 * 700  # at most one piece past the range
