@@ -16,9 +16,10 @@ llama thread only.
 
 Per request: a generation sets its adapter (or none) on the context before it decodes
 (`begin`), and the KV cache's prompt prefix is reused only when it was computed under the
-same adapter and scale; otherwise the cache is dropped, since keys and values computed under
-one adapter are wrong under another. Scale 0 is the base itself: no adapter is set and the
-base's cached prefix stays usable.
+same adapter and scale, since keys and values computed under one adapter are wrong under
+another. The cache of the adapter giving way is set aside and the incoming one's put back,
+if it was kept (`llama_prompt_states`); otherwise the request starts from an empty cache.
+Scale 0 is the base itself: no adapter is set and the base's cached prefix stays usable.
 
 Unloading removes the name at once; the adapter is freed when no generation uses it, on the
 llama thread (cleared from the context first, which must never point at freed weights).
@@ -49,6 +50,7 @@ from edgefleet.agent.runtimes.gguf_tensors import (
     TensorInfo,
     read_layout,
 )
+from edgefleet.agent.runtimes.llama_prompt_states import DEFAULT_MAX_BYTES, CacheKey, PromptStates
 from edgefleet.agent.runtimes.lora import (
     LoraFileInvalid,
     LoraInfo,
@@ -198,6 +200,7 @@ class LlamaLoras:
         base_path: Path,
         max_loras: int = DEFAULT_MAX_LORAS,
         max_bytes: int | None = None,  # default: the base file's size (no low-rank delta is larger)
+        max_prompt_bytes: int = DEFAULT_MAX_BYTES,  # for the caches of adapters not in use
     ) -> None:
         self._thread = thread
         self._loaded = loaded
@@ -212,7 +215,8 @@ class LlamaLoras:
         # Llama thread only:
         self._live: list[_Adapter] = []  # initialised and not yet freed (retired ones included)
         self._on_context: tuple[int, float] | None = None  # (serial, scale) set on the context
-        self._cache_under: tuple[int, float] | None = None  # what computed the KV cache's tokens
+        self._cache_under: CacheKey = None  # what computed the KV cache's tokens
+        self._prompts = PromptStates(max_prompt_bytes)  # other adapters' caches, set aside
 
     def infos(self) -> tuple[LoraInfo, ...]:
         with self._lock:
@@ -267,7 +271,9 @@ class LlamaLoras:
             self._set_context(llama, adapter, 0.0 if request is None else request.scale)
             self._on_context = key
         if key != self._cache_under:
-            llama.reset()  # type: ignore[no-untyped-call]  # the next eval drops every cached token
+            self._prompts.save(llama, self._cache_under)
+            if not self._prompts.restore(llama, key):
+                llama.reset()  # type: ignore[no-untyped-call]  # the next eval drops every cached token
             self._cache_under = key
         if adapter is not None:
             adapter.users += 1
@@ -279,6 +285,7 @@ class LlamaLoras:
             self._by_name.clear()
         self._set_context(llama, None, 0.0)
         self._on_context = None
+        self._prompts.clear()
         import llama_cpp
 
         for adapter in self._live:
@@ -345,3 +352,4 @@ class LlamaLoras:
 
         llama_cpp.llama_adapter_lora_free(adapter.handle)
         self._live.remove(adapter)
+        self._prompts.drop_adapter(adapter.serial)

@@ -495,16 +495,6 @@ class LlamaCppRuntime:
         budget = self._description.n_ctx - len(prompt)
         if params.max_tokens is not None:
             budget = min(budget, params.max_tokens)
-        if params.seed is not None:
-            # A seeded request evaluates its whole prompt from an empty cache, in the same
-            # batches every time. Reusing a cached prefix would evaluate only the new tail
-            # (often just the last prompt token, as a 1-token batch), and llama.cpp's logits
-            # are not bit-identical across batch sizes on every CPU backend: the same seed
-            # then samples different text depending on what ran before.
-            llama.reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
-            llama.set_seed(seed32(params.seed))
-        else:
-            llama.set_seed(secrets.randbits(31))
         text = StopTextBuffer(params.stop)
         finish: FinishReason = "length"
         guide = None
@@ -515,7 +505,18 @@ class LlamaCppRuntime:
         scores = TokenScores(params, llama)
         pending = PendingLogprobs(scores.wanted)
         processors = [*(guide.processors if guide else ()), *(scores.processors() or ())]
-        lora = self._loras.begin(llama, params.lora)  # its adapter on the context, a cache computed under it
+        # Its adapter on the context, and the cache computed under it (another's is set aside).
+        lora = self._loras.begin(llama, params.lora)
+        if params.seed is not None:
+            # A seeded request evaluates its whole prompt from an empty cache, in the same
+            # batches every time. Reusing a cached prefix would evaluate only the new tail
+            # (often just the last prompt token, as a 1-token batch), and llama.cpp's logits
+            # are not bit-identical across batch sizes on every CPU backend: the same seed
+            # then samples different text depending on what ran before.
+            llama.reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
+            llama.set_seed(seed32(params.seed))
+        else:
+            llama.set_seed(secrets.randbits(31))
         tokens = llama.generate(
             prompt,
             top_k=params.top_k,  # llama.cpp skips the cut for k <= 0
