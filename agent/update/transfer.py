@@ -101,6 +101,7 @@ async def fetch_range(
     except grpc.aio.AioRpcError as exc:
         raise rpc_failure(exc, info, position) from exc
     finally:
-        call.cancel()  # a no-op once the stream ended; stops an old control plane's overshoot
+        if isinstance(call, grpc.aio.Call):
+            call.cancel()  # a no-op once the stream ended; stops an old control plane's overshoot
     if position < end:
         raise ControlPlaneUnavailable(f"artifact range ended at {position} of {end} bytes; resuming")
