@@ -156,6 +156,9 @@ async def follow_notices(
             log.warning("the control plane predates desired-state notices; holding a stream instead")
             await watch_desired(link, updater, desired)
             return
+        log.info(  # worded as the stream's line: one thing to look for in an agent's log
+            "desired state: generation %d, %s@%d", state.generation, state.bundle.name, state.bundle.version
+        )
         desired.put(state)
         await _until_next_poll(notices, every_listening=every_listening, every_deaf=every_deaf)
 

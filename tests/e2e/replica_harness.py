@@ -124,8 +124,9 @@ class Agent:
 
     index: int
     controlplane: str  # what --controlplane says: one replica, or a list
-    home: str  # the replica its desired-state stream was opened on
+    home: str  # the replica its desired-state stream was opened on (or it enrolled through)
     work: Path
+    desired_via: str = "broker"  # --desired-via: notices on the broker, or a stream
     api_port: int = field(default_factory=free_port)
     proc: Proc | None = None
 
@@ -152,6 +153,7 @@ class Agent:
             "--heartbeat-seconds", "1",
             "--telemetry-interval", "1",
             "--threads", "1",
+            "--desired-via", self.desired_via,
         ]  # fmt: skip
         self.proc = spawn(args, self.log, {})
 
@@ -236,8 +238,8 @@ class ReplicaFleet:
         with channel:
             yield stub
 
-    def start_agent(self, controlplane: str, token: str, *, home: str) -> Agent:
-        agent = Agent(len(self.agents), controlplane, home, self.work)
+    def start_agent(self, controlplane: str, token: str, *, home: str, desired_via: str = "broker") -> Agent:
+        agent = Agent(len(self.agents), controlplane, home, self.work, desired_via=desired_via)
         self.agents.append(agent)
         agent.start(self.keys, token)
         return agent

@@ -5,9 +5,11 @@ with the fleet CA, a ``crlfile`` the broker host's CRL timer installs from repli
 the real SmolLM2 GGUF.
 
 C starts first, alone: the two agents enrolled through it know every replica
-(``--controlplane C,A,B``, and C advertises the device addresses C,A,B), and because C was the
-only one up when they connected, their desired-state streams are on C (gRPC's pick_first keeps
-a working connection). A and B start next, each with one agent that knows only it.
+(``--controlplane C,A,B``, and C advertises the device addresses C,A,B) and hold desired-state
+streams (``--desired-via stream``); because C was the only one up when they connected, their
+streams are on C (gRPC's pick_first keeps a working connection). A and B start next, each with
+one agent that knows only it and hears of changes through the broker (the default), announced
+by whichever replica committed them: B for the deploy, the rollout's leader for its waves.
 
 The tests run in order and continue one story:
 1. a bundle pushed through A and deployed through B is installed and served by C's agents;
@@ -114,7 +116,7 @@ def start_fleet(fleet: ReplicaFleet) -> None:
     fleet.start_replicas("c")  # alone on the empty database: it stores the roots and the admin
     token = fleet.fleetctl("token", "create", "--uses", "2", via="c").strip()
     every_replica = ",".join(fleet.replicas[n].target for n in "cab")
-    on_c = [fleet.start_agent(every_replica, token, home="c") for _ in range(2)]
+    on_c = [fleet.start_agent(every_replica, token, home="c", desired_via="stream") for _ in range(2)]
     wait_for(
         "C's agents to enroll and connect to C's device port",
         lambda: all(a.enrolled_id() and c.device_port in a.connected_ports() for a in on_c),
