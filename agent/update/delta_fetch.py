@@ -27,7 +27,7 @@ from typing import BinaryIO
 from edgefleet.agent.update.delta_plan import Copy, Fetch, HeldChunk, Plan, plan_chunks
 from edgefleet.agent.update.transfer import TransferCounters, fetch_range
 from edgefleet.protos.fleet.chunking import Chunk
-from edgefleet.protos.fleet.release import ArtifactError, ArtifactInfo, ArtifactVerifier
+from edgefleet.protos.fleet.release import ArtifactError, ArtifactHashMismatch, ArtifactInfo, ArtifactVerifier
 from edgefleet.protos.fleet.v1 import device_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
-class ChunkHashMismatch(ArtifactError):
-    """Bytes the control plane served for a chunk do not hash to the chunk's signed sha256."""
+class ChunkHashMismatch(ArtifactHashMismatch):
+    """Bytes the control plane served for a chunk do not hash to the chunk's signed sha256: the
+    artifact's bytes are wrong, found before the whole file is."""
 
 
 class HeldChunkMismatch(ArtifactError):
@@ -131,7 +132,7 @@ class ChunkAssembler:
                     if hashlib.sha256(data).hexdigest() != chunk.sha256:
                         raise ChunkHashMismatch(
                             f"artifact {self.info.path!r}: the control plane's bytes at {chunk.offset} do "
-                            f"not hash to the signed chunk {chunk.sha256[:12]}"
+                            f"not hash to the chunk's signed sha256 {chunk.sha256[:12]}"
                         )
                     self._write(out, data)
 

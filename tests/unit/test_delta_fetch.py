@@ -146,7 +146,7 @@ async def test_a_fetched_chunk_that_does_not_hash_is_refused_and_the_verified_pr
 ) -> None:
     v2 = os.urandom(4 * PIECE)
     store = ArtifactStore(tmp_path / "artifacts", tmp_path / "downloads")
-    with pytest.raises(ChunkHashMismatch, match="do not hash to the signed chunk"):
+    with pytest.raises(ChunkHashMismatch, match="do not hash to the chunk's signed sha256"):
         await store.fetch(Server(v2, corrupt_at=2500), info_of(v2))  # type: ignore[arg-type]
     assert store.part_path(info_of(v2).sha256).read_bytes() == v2[:2000]
     # A later attempt resumes at chunk 2: the chunks written and verified are not fetched again.
