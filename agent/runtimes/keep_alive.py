@@ -6,16 +6,22 @@ A device that answers a few requests a day should not hold a model in memory all
 them all at once (memory_budget.py). The wrapper is a Runtime: the API leases it like any
 other; loading again happens inside the calls the API already makes off the event loop
 (opening a generation, embedding), so only the first request after an unload waits.
+LoRA adapters loaded through the wrapper (`lora.LoraRuntime`) belong to it, not to one load
+of the model: each reload loads them again, so a request naming one never finds it gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from edgefleet.agent.runtimes.base import (
+    Capability,
+    CapabilityNotSupported,
     ChatMessage,
     Completion,
     Delta,
@@ -24,10 +30,12 @@ from edgefleet.agent.runtimes.base import (
     PushingGeneration,
     Runtime,
     RuntimeDescription,
+    RuntimeFailure,
     RuntimeUnloaded,
     SamplingParams,
     collect,
 )
+from edgefleet.agent.runtimes.lora import LoraInfo, LoraRuntime, UnknownLora
 from edgefleet.agent.runtimes.memory_budget import MemoryBudget
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ class KeepAliveRuntime:
         self._in_use = 0
         self._last_used = time.monotonic()
         self._closed = False
+        self._loras: dict[str, LoraInfo] = {}  # adapters over the model, loaded again with it
         self._idle = threading.Event()
         self._reaper_lock = threading.Lock()  # not self._lock: that one is held across a reload
         self._reaping = False
@@ -160,6 +169,49 @@ class KeepAliveRuntime:
         inner.unload()
         return True
 
+    # -- LoRA adapters, kept across unloads -----------------------------------------------
+
+    def load_lora(self, name: str, path: Path) -> LoraInfo:
+        """Loads the model first if it was unloaded: an adapter is checked against its base."""
+        runtime = self._acquire()
+        try:
+            info = self._lora_runtime(runtime).load_lora(name, path)
+            with self._lock:
+                self._loras[name] = info
+            return info
+        finally:
+            self._release()
+
+    def unload_lora(self, name: str) -> None:
+        """Never loads the model: an unloaded one forgets the adapter without it."""
+        with self._lock:
+            known = self._loras.pop(name, None)
+            inner = self._inner
+            if known is None:
+                raise UnknownLora(name, sorted(self._loras))
+        if inner is not None:
+            # UnknownLora, RuntimeUnloaded: an eviction got there first, and freed it.
+            with contextlib.suppress(UnknownLora, RuntimeUnloaded):
+                self._lora_runtime(inner).unload_lora(name)
+
+    def loras(self) -> tuple[LoraInfo, ...]:
+        with self._lock:
+            return tuple(self._loras[name] for name in sorted(self._loras))
+
+    def _lora_runtime(self, runtime: Runtime) -> LoraRuntime:
+        if Capability.LORA not in self._description.capabilities or not isinstance(runtime, LoraRuntime):
+            raise CapabilityNotSupported(self._description.model_id, Capability.LORA)
+        return runtime
+
+    def _load_loras_again(self, runtime: Runtime) -> None:
+        """Under ``_lock``, right after a reload; an adapter that no longer loads is dropped."""
+        for name, info in list(self._loras.items()):
+            try:
+                self._lora_runtime(runtime).load_lora(name, info.path)
+            except RuntimeFailure as exc:
+                log.warning("LoRA adapter %s over %s was not loaded again: %s", name, self.name, exc)
+                del self._loras[name]
+
     # -- use counting ---------------------------------------------------------------------
 
     def _generation(self, open_: Callable[[Runtime], Generation]) -> Generation:
@@ -185,6 +237,7 @@ class KeepAliveRuntime:
                         factory=self._reload,
                         requester=self,
                     )
+                self._load_loras_again(self._inner)
             self._in_use += 1
             return self._inner
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.lora_build import build_lora, mismatched_lora
-from edgefleet.agent.runtimes import ChatMessage, SamplingParams, load_runtime
+from edgefleet.agent.runtimes import ChatMessage, Runtime, SamplingParams, load_runtime
 from edgefleet.agent.runtimes.base import Capability, FieldNotSupported, LoraRequest
+from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
 from edgefleet.agent.runtimes.llama_adapters import DEFAULT_MAX_LORAS
 from edgefleet.agent.runtimes.llama_cpp import LlamaCppRuntime
 from edgefleet.agent.runtimes.lora import (
@@ -289,3 +290,41 @@ def test_unloading_the_runtime_frees_its_adapters(smollm2_path: Path, adapters: 
     loaded.unload()
     assert loaded.loras() == ()
     loaded.unload()  # idempotent
+
+
+def test_adapters_outlive_a_keep_alive_unload(smollm2_path: Path, adapters: dict[str, Path]) -> None:
+    """Adapters loaded through the keep-alive wrapper are loaded again with the model."""
+
+    def load() -> Runtime:
+        return load_runtime(
+            fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_path, model_id="smollm2", n_ctx=N_CTX
+        )
+
+    runtime = KeepAliveRuntime(load(), reload=load, keep_alive_s=0.3)
+    try:
+        assert isinstance(runtime, LoraRuntime)
+        runtime.load_lora("style0", adapters["style0"])
+        styled = runtime.complete(PROMPT, with_lora(SEEDED, "style0"))
+        assert until(lambda: not runtime.loaded)
+        assert [info.name for info in runtime.loras()] == ["style0"]  # listed while unloaded
+        assert runtime.complete(PROMPT, with_lora(SEEDED, "style0")) == styled  # loaded again with it
+        runtime.unload_lora("style0")
+        with pytest.raises(UnknownLora):
+            runtime.complete(PROMPT, with_lora(SEEDED, "style0"))
+        runtime.load_lora("style1", adapters["style1"])
+        assert until(lambda: not runtime.loaded)
+        runtime.unload_lora("style1")  # forgotten without loading the model
+        assert not runtime.loaded and runtime.loras() == ()
+        with pytest.raises(UnknownLora):
+            runtime.unload_lora("style1")
+    finally:
+        runtime.unload()
+
+
+def until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -56,3 +56,22 @@ def test_a_model_in_use_is_not_unloaded() -> None:
         assert until(lambda: not runtime.loaded)
     finally:
         runtime.unload()
+
+
+def test_a_runtime_without_lora_refuses_adapters() -> None:
+    from pathlib import Path
+
+    import pytest
+
+    from edgefleet.agent.runtimes.base import CapabilityNotSupported
+    from edgefleet.agent.runtimes.lora import UnknownLora
+
+    runtime = KeepAliveRuntime(FakeRuntime(), reload=FakeRuntime, keep_alive_s=None)
+    try:
+        with pytest.raises(CapabilityNotSupported):
+            runtime.load_lora("style", Path("style.gguf"))
+        assert runtime.loras() == ()
+        with pytest.raises(UnknownLora):
+            runtime.unload_lora("style")
+    finally:
+        runtime.unload()
