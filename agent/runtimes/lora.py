@@ -72,7 +72,10 @@ class UnknownLora(InvalidPromptError, LookupError):
 
 
 def check_name(name: str) -> None:
-    """Raises LoraNameRefused unless ``name`` is 1-64 letters, digits, '.', '_' or '-' (not first)."""
+    """Raises LoraNameRefused unless ``name`` is 1-64 letters, digits, '.', '_' or '-' (not first),
+    and not "latest" (Ollama's default tag: ``model:latest`` is the model itself)."""
+    if name.lower() == "latest":
+        raise LoraNameRefused("a LoRA adapter may not be named 'latest': model:latest is the model itself")
     if not _NAME.fullmatch(name):
         raise LoraNameRefused(
             f"invalid LoRA adapter name {name[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-', "

@@ -9,6 +9,11 @@ so activating a new model never cuts a response short and never frees a model mi
 Safety without `retire`: a runtime's own lock already makes `unload()` wait for the
 generation in progress; requests that leased the old runtime but had not started
 generating then fail with RuntimeUnloaded (HTTP 503, retryable).
+
+LoRA adapters loaded over a model are served as models of their own, named
+``<model>:<adapter>`` (`lease_model`, `served_names`): the model's lease, and the adapter
+for the request's `SamplingParams.lora`. Ollama reads the part after ':' as a tag, one
+variant of a model, which is what an adapter is; no adapter may be named "latest".
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import threading
 import time
 from types import TracebackType
 
-from edgefleet.agent.runtimes.base import Runtime
+from edgefleet.agent.runtimes.base import Capability, LoraRequest, Runtime
+from edgefleet.agent.runtimes.lora import LoraRuntime
+
+ADAPTER_SEPARATOR = ":"  # "<model>:<adapter>" names a LoRA adapter loaded over a model
 
 
 class NoActiveModel(Exception):
@@ -113,6 +121,34 @@ class ModelTable:
             self._leases[key] = self._leases.get(key, 0) + 1
             return Lease(self, runtime)
 
+    def lease_model(self, name: str) -> tuple[Lease, LoraRequest | None]:
+        """Like `lease`; ``<model>:<adapter>`` leases the model and names the adapter to apply.
+
+        Raises NoActiveModel, or ModelNotServed (listing `served_names`) when the model or the
+        adapter is not here. The adapter may still be unloaded before the request generates;
+        the runtime then refuses it (UnknownLora)."""
+        base, separator, adapter = name.partition(ADAPTER_SEPARATOR)
+        whole = not separator or not adapter or self.get(name) is not None
+        try:
+            lease = self.lease(name if whole else base)
+        except ModelNotServed as exc:
+            raise ModelNotServed(name, self.served_names()) from exc
+        if whole:
+            return lease, None
+        if adapter not in _adapter_names(lease.runtime):
+            lease.release()
+            raise ModelNotServed(name, self.served_names())
+        return lease, LoraRequest(adapter)
+
+    def served_names(self) -> list[str]:
+        """Every name `lease_model` takes: the models and their adapters, sorted."""
+        names = []
+        for runtime in self.runtimes():
+            model = runtime.describe().model_id
+            names.append(model)
+            names.extend(f"{model}{ADAPTER_SEPARATOR}{adapter}" for adapter in _adapter_names(runtime))
+        return sorted(names)
+
     def in_flight(self, runtime: Runtime) -> int:
         """Outstanding leases on `runtime`, for health reports and tests."""
         with self._cond:
@@ -154,3 +190,9 @@ class ModelTable:
             else:
                 self._leases.pop(key, None)
             self._cond.notify_all()
+
+
+def _adapter_names(runtime: Runtime) -> list[str]:
+    if Capability.LORA not in runtime.describe().capabilities or not isinstance(runtime, LoraRuntime):
+        return []
+    return [info.name for info in runtime.loras()]
