@@ -68,6 +68,7 @@ class KeepAliveRuntime:
         self._last_used = time.monotonic()
         self._closed = False
         self._loras: dict[str, LoraInfo] = {}  # adapters over the model, loaded again with it
+        self._lora_bytes = 0  # their files' sizes, summed (read without the lock)
         self._idle = threading.Event()
         self._reaper_lock = threading.Lock()  # not self._lock: that one is held across a reload
         self._reaping = False
@@ -86,7 +87,8 @@ class KeepAliveRuntime:
 
     @property
     def footprint_bytes(self) -> int:
-        return self._footprint_bytes
+        """The model's estimate plus its adapters' files (their weights take about as much)."""
+        return self._footprint_bytes + self._lora_bytes
 
     @property
     def last_used(self) -> float:
@@ -178,6 +180,7 @@ class KeepAliveRuntime:
             info = self._lora_runtime(runtime).load_lora(name, path)
             with self._lock:
                 self._loras[name] = info
+                self._lora_bytes = sum(known.size_bytes for known in self._loras.values())
             return info
         finally:
             self._release()
@@ -189,6 +192,7 @@ class KeepAliveRuntime:
             inner = self._inner
             if known is None:
                 raise UnknownLora(name, sorted(self._loras))
+            self._lora_bytes = sum(kept.size_bytes for kept in self._loras.values())
         if inner is not None:
             # UnknownLora, RuntimeUnloaded: an eviction got there first, and freed it.
             with contextlib.suppress(UnknownLora, RuntimeUnloaded):
@@ -211,6 +215,7 @@ class KeepAliveRuntime:
             except RuntimeFailure as exc:
                 log.warning("LoRA adapter %s over %s was not loaded again: %s", name, self.name, exc)
                 del self._loras[name]
+        self._lora_bytes = sum(kept.size_bytes for kept in self._loras.values())
 
     # -- use counting ---------------------------------------------------------------------
 
@@ -233,7 +238,7 @@ class KeepAliveRuntime:
                 else:
                     self._inner = self._budget.load(
                         name=self.name,
-                        footprint_bytes=self._footprint_bytes,
+                        footprint_bytes=self.footprint_bytes,
                         factory=self._reload,
                         requester=self,
                     )

@@ -300,10 +300,11 @@ def test_adapters_outlive_a_keep_alive_unload(smollm2_path: Path, adapters: dict
             fmt=common_pb2.MODEL_FORMAT_GGUF, model_path=smollm2_path, model_id="smollm2", n_ctx=N_CTX
         )
 
-    runtime = KeepAliveRuntime(load(), reload=load, keep_alive_s=0.3)
+    runtime = KeepAliveRuntime(load(), reload=load, keep_alive_s=0.3, footprint_bytes=1000)
     try:
         assert isinstance(runtime, LoraRuntime)
         runtime.load_lora("style0", adapters["style0"])
+        assert runtime.footprint_bytes == 1000 + adapters["style0"].stat().st_size  # the budget counts it
         styled = runtime.complete(PROMPT, with_lora(SEEDED, "style0"))
         assert until(lambda: not runtime.loaded)
         assert [info.name for info in runtime.loras()] == ["style0"]  # listed while unloaded
@@ -314,7 +315,7 @@ def test_adapters_outlive_a_keep_alive_unload(smollm2_path: Path, adapters: dict
         runtime.load_lora("style1", adapters["style1"])
         assert until(lambda: not runtime.loaded)
         runtime.unload_lora("style1")  # forgotten without loading the model
-        assert not runtime.loaded and runtime.loras() == ()
+        assert not runtime.loaded and runtime.loras() == () and runtime.footprint_bytes == 1000
         with pytest.raises(UnknownLora):
             runtime.unload_lora("style1")
     finally:
