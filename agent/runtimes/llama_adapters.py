@@ -38,7 +38,7 @@ import ctypes
 import itertools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +182,7 @@ class LoraUse:
     """One generation's hold on its adapter (or on none); `end` exactly once, on the llama thread."""
 
     owner: LlamaLoras
-    adapter: _Adapter | None = field(default=None)
+    adapter: _Adapter | None = None
 
     def end(self) -> None:
         if self.adapter is not None:
