@@ -91,11 +91,14 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     """SERVER_OPTIONS plus the connection age: gRPC sends GOAWAY to a connection older than
     ``max_connection_age_seconds`` (+/-10% jitter of its own), gives its calls the grace, and the
     client reconnects, through its load balancer or name resolution, possibly to a replica
-    added since; a device stream ended this way ends UNAVAILABLE, which agents reconnect on."""
+    added since; a device stream ended this way ends UNAVAILABLE, which agents reconnect on.
+    A connection with no call for ``max_connection_idle_seconds`` is closed (GOAWAY): an idle
+    device holds no connection here."""
     return [
         *SERVER_OPTIONS,
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_seconds * 1000)),
     ]
 
 

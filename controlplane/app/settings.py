@@ -63,6 +63,10 @@ class Settings:
     # it: long-lived device streams move to replicas added later.
     max_connection_age_seconds: float = 1800.0
     max_connection_age_grace_seconds: float = 30.0
+    # gRPC max_connection_idle: a connection without a call this long is closed, so a device
+    # that hears of changes through the broker costs nothing here while idle whatever its client
+    # does (a desired-state stream is a call: its connection is never idle).
+    max_connection_idle_seconds: float = 300.0
     # On SIGTERM: how long unary calls in flight get to finish (device streams end at once).
     shutdown_grace_seconds: float = 10.0
 

@@ -214,6 +214,14 @@ def serve(
             help="how long calls on such a connection get to finish",
         ),
     ] = DEFAULTS.max_connection_age_grace_seconds,
+    max_connection_idle_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFLEET_MAX_CONNECTION_IDLE_SECONDS",
+            min=1.0,
+            help="connections without a call this long are closed, so idle devices cost nothing",
+        ),
+    ] = DEFAULTS.max_connection_idle_seconds,
     shutdown_grace_seconds: Annotated[
         float,
         typer.Option(
@@ -257,6 +265,7 @@ def serve(
         db_probe_timeout_seconds=db_probe_timeout_seconds,
         max_connection_age_seconds=max_connection_age_seconds,
         max_connection_age_grace_seconds=max_connection_age_grace_seconds,
+        max_connection_idle_seconds=max_connection_idle_seconds,
         shutdown_grace_seconds=shutdown_grace_seconds,
     )
     try:

@@ -84,7 +84,7 @@ def status_topic(device_id: str) -> str:
 
 def desired_topic(device_id: str) -> str:
     """Where the control plane announces a change of one device's desired state (a DesiredState
-    in protobuf's JSON mapping, QoS 1, not retained): the device learns of changes over the
+    in protobuf's JSON mapping, QoS 0, not retained): the device learns of changes over the
     connection it keeps to the broker anyway. A hint only, like the stream's: the agent installs
     what signed metadata says, and polls the control plane when (re)subscribing."""
     return f"{device_prefix(device_id)}/{DESIRED}"
