@@ -39,6 +39,7 @@ from edgefleet.agent.runtimes.base import (
     RuntimeFailure,
     RuntimeUnloaded,
 )
+from edgefleet.agent.runtimes.lora import UnknownLora
 from edgefleet.agent.runtimes.memory_budget import ModelMemoryExhausted
 from edgefleet.agent.runtimes.model_table import ModelNotServed, NoActiveModel
 
@@ -108,6 +109,7 @@ _FAILURES: Final[Mapping[type[Exception], _Mapping]] = MappingProxyType(
         CapabilityNotSupported: _Mapping(400, INVALID_REQUEST, "capability_not_supported", param="model"),
         ChatNotSupported: _Mapping(400, INVALID_REQUEST, "chat_not_supported"),
         FieldNotSupported: _Mapping(400, INVALID_REQUEST, "unsupported_parameter"),
+        UnknownLora: _Mapping(404, INVALID_REQUEST, "model_not_found", param="model"),  # unloaded since
         InvalidPromptError: _Mapping(400, INVALID_REQUEST, "invalid_prompt"),
         RuntimeUnloaded: _Mapping(503, UNAVAILABLE, "model_unloaded"),
         NoActiveModel: _Mapping(503, UNAVAILABLE, "model_not_loaded"),

@@ -2,7 +2,10 @@
 
 `ServingEndpoint` owns the steps before any work starts: lease the model named, refuse
 models without the endpoint's capability, and wait for a slot in the admission queue (or
-be turned away with 429, or give up when the client leaves). `OpenAIServing` adds what
+be turned away with 429, or give up when the client leaves). A name ``<model>:<adapter>``
+leases the model and carries the LoRA adapter on the admission, for that request's
+`SamplingParams.lora` only (vLLM's and Ollama's way to name a variant of a model); the
+request is reported, and answered, under that name. `OpenAIServing` adds what
 chat and text completions share: validate the prompt before any byte is sent (so prompt
 errors get a real status code), generate in a worker thread, stop when the client leaves,
 release the lease and slot, and report exactly one InferenceStats per request.
@@ -35,10 +38,17 @@ from edgefleet.agent.runtimes.base import (
     ContextLengthExceeded,
     Delta,
     Generation,
+    LoraRequest,
     Runtime,
     SamplingParams,
 )
-from edgefleet.agent.runtimes.model_table import Lease, ModelNotServed, ModelTable, NoActiveModel
+from edgefleet.agent.runtimes.model_table import (
+    ADAPTER_SEPARATOR,
+    Lease,
+    ModelNotServed,
+    ModelTable,
+    NoActiveModel,
+)
 from edgefleet.agent.stats import InferenceStats
 
 RequestT = TypeVar("RequestT", bound=SamplingRequest)
@@ -48,17 +58,25 @@ CLIENT_DISCONNECTED = "client_disconnected"  # InferenceStats.error when the cli
 
 
 class Admission:
-    """A request's lease on the model plus its queue slot; `release` frees both, from any thread."""
+    """A request's lease on the model plus its queue slot; `release` frees both, from any thread.
 
-    __slots__ = ("lease", "slot")
+    `lora` is the adapter the request named (``<model>:<adapter>``), None for the model itself."""
 
-    def __init__(self, lease: Lease, slot: Slot) -> None:
+    __slots__ = ("lease", "lora", "slot")
+
+    def __init__(self, lease: Lease, slot: Slot, lora: LoraRequest | None = None) -> None:
         self.lease = lease
         self.slot = slot
+        self.lora = lora
 
     @property
     def runtime(self) -> Runtime:
         return self.lease.runtime
+
+    @property
+    def model(self) -> str:
+        """The name the request is served, answered and counted under."""
+        return served_name(self.runtime, self.lora)
 
     def release(self) -> None:
         try:
@@ -73,6 +91,7 @@ class ServingEndpoint:
     endpoint: ClassVar[str]  # InferenceStats.endpoint
     capability: ClassVar[Capability]  # what the model must be able to do
     capability_name: ClassVar[str]  # the capability as error messages name it
+    applies_lora: ClassVar[bool] = True  # False: a request naming an adapter is refused (embeddings)
 
     def __init__(
         self,
@@ -106,11 +125,11 @@ class ServingEndpoint:
     async def admit(self, requested: str, raw: Request, timer: RequestTimer) -> Admission:
         """Lease the model, check its capability and wait for a slot; failures are reported."""
         try:
-            lease = self._lease(requested)
+            lease, lora = self._lease(requested)
         except APIError as refused:
             timer.report(error=error_code(refused))
             raise
-        timer.model = lease.runtime.describe().model_id
+        timer.model = served_name(lease.runtime, lora)  # one of served_names(): a bounded label
         try:
             slot = await unless_disconnected(raw, self._queue.admit())
         except QueueFull as full:
@@ -129,17 +148,34 @@ class ServingEndpoint:
             if isinstance(exc, ClientDisconnected):
                 timer.report(error=CLIENT_DISCONNECTED)
             raise
-        return Admission(lease, slot)
+        return Admission(lease, slot, lora)
 
-    def _lease(self, requested: str) -> Lease:
+    def _lease(self, requested: str) -> tuple[Lease, LoraRequest | None]:
+        """The lease and the adapter named; every refusal is decided before anything queues."""
         try:
-            lease = self._models.lease(requested)
+            lease, lora = self._models.lease_model(requested)
         except (NoActiveModel, ModelNotServed) as exc:
             raise api_error_for(exc) from exc
-        description = lease.runtime.describe()
-        served = description.model_id
-        if self.capability not in description.capabilities:
+        try:
+            self._check(lease.runtime, lora)
+        except APIError:
             lease.release()
+            raise
+        return lease, lora
+
+    def _check(self, runtime: Runtime, lora: LoraRequest | None) -> None:
+        description = runtime.describe()
+        served = description.model_id
+        if lora is not None and not self.applies_lora:
+            raise APIError(
+                400,
+                f"`{served_name(runtime, lora)}` is a LoRA adapter over `{served}`, and "
+                f"{self.capability_name} never apply an adapter; name the model `{served}`.",
+                type=INVALID_REQUEST,
+                code="adapter_not_supported",
+                param="model",
+            )
+        if self.capability not in description.capabilities:
             can = ", ".join(sorted(c.value for c in description.capabilities)) or "nothing"
             raise APIError(
                 400,
@@ -148,7 +184,15 @@ class ServingEndpoint:
                 code="capability_not_supported",
                 param="model",
             )
-        return lease
+        if lora is not None and Capability.LORA not in description.capabilities:
+            raise APIError(
+                400,
+                f"The model `{served}` cannot apply LoRA adapters, so `{served_name(runtime, lora)}` "
+                "cannot be served.",
+                type=INVALID_REQUEST,
+                code="capability_not_supported",
+                param="model",
+            )
 
 
 class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
@@ -162,8 +206,9 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
         """Refuse a prompt beyond `limits` (raises RequestLimitExceeded); nothing is tokenized yet."""
 
     @abstractmethod
-    def open_generation(self, runtime: Runtime, request: RequestT) -> Generation:
-        """Validate the prompt and return a generation not yet started (runs in a worker thread)."""
+    def open_generation(self, runtime: Runtime, request: RequestT, lora: LoraRequest | None) -> Generation:
+        """Validate the prompt and return a generation not yet started (runs in a worker thread);
+        `lora` is the admission's adapter, for `sampling_params`."""
 
     @abstractmethod
     def build_response(self, *, request_id: str, model: str, completion: Completion) -> BaseModel:
@@ -184,7 +229,9 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
         self.enforce(timer, lambda limits: self.check_size(limits, request))
         admission = await self.admit(request.model, raw, timer)
         try:
-            generation = await run_in_threadpool(self.open_generation, admission.runtime, request)
+            generation = await run_in_threadpool(
+                self.open_generation, admission.runtime, request, admission.lora
+            )
         except Exception as exc:
             admission.release()
             error = api_error_for(exc, param=self.prompt_param)
@@ -204,9 +251,14 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
 
     @staticmethod
     def sampling_params(
-        request: SamplingRequest, *, max_tokens: int | None, logprobs: int | None = None
+        request: SamplingRequest,
+        *,
+        max_tokens: int | None,
+        logprobs: int | None = None,
+        lora: LoraRequest | None = None,
     ) -> SamplingParams:
-        """OpenAI's defaults for omitted fields (temperature 1, top_p 1, no top-k cut)."""
+        """OpenAI's defaults for omitted fields (temperature 1, top_p 1, no top-k cut); `lora`
+        applies the admission's adapter to this request only."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -218,6 +270,7 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
             top_k=max(0, request.top_k or 0),  # -1 (vLLM) and 0 (llama.cpp) both mean no cut
             logit_bias=request.token_biases(),
             logprobs=logprobs,
+            lora=lora,
         )
 
     async def _complete(
@@ -334,3 +387,9 @@ class OpenAIServing(ServingEndpoint, ABC, Generic[RequestT]):
 
 def error_code(error: APIError) -> str:
     return error.info.code or error.info.type
+
+
+def served_name(runtime: Runtime, lora: LoraRequest | None) -> str:
+    """``<model>`` or ``<model>:<adapter>``, as `ModelTable.served_names` lists it."""
+    model = runtime.describe().model_id
+    return model if lora is None else f"{model}{ADAPTER_SEPARATOR}{lora.name}"

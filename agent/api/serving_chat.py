@@ -34,10 +34,12 @@ from edgefleet.agent.runtimes.base import (
     Delta,
     FieldNotSupported,
     Generation,
+    LoraRequest,
     Runtime,
     TokenLogprob,
     require_support,
 )
+from edgefleet.agent.runtimes.model_table import ADAPTER_SEPARATOR
 
 
 class ServingChat(OpenAIServing[ChatCompletionRequest]):
@@ -55,7 +57,8 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
         since the stream's tool-call parser keeps state between chunks."""
         try:
             plan = await run_in_threadpool(ChatPlan.of, request)
-            runtime = self._models.get(request.model)
+            base = request.model.partition(ADAPTER_SEPARATOR)[0]  # an adapter uses its model's template
+            runtime = self._models.get(request.model) or self._models.get(base)
             if runtime is not None:  # may read the model's template and compile a grammar
                 await run_in_threadpool(plan.check_runtime, runtime.describe())
         except APIError as refused:
@@ -71,13 +74,15 @@ class ServingChat(OpenAIServing[ChatCompletionRequest]):
         )
         limits.check_chars("messages", (message.text() for message in request.messages))
 
-    def open_generation(self, runtime: Runtime, request: ChatCompletionRequest) -> Generation:
+    def open_generation(
+        self, runtime: Runtime, request: ChatCompletionRequest, lora: LoraRequest | None
+    ) -> Generation:
         messages = [
             ChatMessage(role=m.template_role(), content=m.text(), name=m.participant())
             for m in request.messages
         ]
         params = self.sampling_params(
-            request, max_tokens=request.token_limit(), logprobs=request.logprobs_wanted()
+            request, max_tokens=request.token_limit(), logprobs=request.logprobs_wanted(), lora=lora
         )
         require_support(runtime.describe(), params)  # logprobs, logit_bias: a 400 naming them
         if self.plan is not None:

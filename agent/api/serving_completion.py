@@ -26,6 +26,7 @@ from edgefleet.agent.runtimes.base import (
     Completion,
     Delta,
     Generation,
+    LoraRequest,
     PushingGeneration,
     Runtime,
     require_support,
@@ -48,8 +49,12 @@ class ServingCompletion(OpenAIServing[CompletionRequest]):
     def check_size(self, limits: RequestLimits, request: CompletionRequest) -> None:
         limits.check_chars("prompt", [request.prompt_text()])
 
-    def open_generation(self, runtime: Runtime, request: CompletionRequest) -> Generation:
-        params = self.sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
+    def open_generation(
+        self, runtime: Runtime, request: CompletionRequest, lora: LoraRequest | None
+    ) -> Generation:
+        params = self.sampling_params(
+            request, max_tokens=request.max_tokens, logprobs=request.logprobs, lora=lora
+        )
         require_support(runtime.describe(), params)
         prompt = request.prompt_text()
 

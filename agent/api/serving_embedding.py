@@ -28,6 +28,7 @@ class ServingEmbedding(ServingEndpoint):
     endpoint = "embeddings"
     capability = Capability.EMBEDDINGS
     capability_name = "embeddings"
+    applies_lora = False  # an adapter changes generation; a vector is always the model's own
 
     async def handle(self, request: EmbeddingRequest, raw: Request) -> Response:
         timer = self.timer(model=request.model, stream=False)

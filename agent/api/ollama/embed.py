@@ -42,6 +42,7 @@ class OllamaEmbedding(ServingEndpoint):
     endpoint = "ollama.embed"
     capability = Capability.EMBEDDINGS
     capability_name = "embeddings"
+    applies_lora = False  # an adapter changes generation; a vector is always the model's own
 
     async def embed(
         self, *, model: str, texts: Sequence[str], options: OllamaOptions, raw: Request, param: str

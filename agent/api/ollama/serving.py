@@ -146,7 +146,7 @@ class OllamaGenerating(ServingEndpoint, ABC, Generic[RequestT]):
             timer.report()
             final = self._final(timer.model, "", "load", None)
             return JSONResponse(final.body())
-        params = dataclasses.replace(options.sampling_params(), constraint=constraint)
+        params = dataclasses.replace(options.sampling_params(), constraint=constraint, lora=admission.lora)
         generation = await self._open(admission, request, params, timer)
         opened_at = time.perf_counter()
         # From here the pump's thread owns the admission: it releases it once the generation
