@@ -516,6 +516,7 @@ class ModelCard(OpenAIBaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "edgefleet"
     max_model_len: int | None = None
+    parent: str | None = None  # a LoRA adapter's model (as vLLM lists adapters); None for a model
 
 
 class ModelList(OpenAIBaseModel):

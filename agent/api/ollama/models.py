@@ -10,6 +10,10 @@ left empty rather than guessed. Two fields are this device's own reading of Olla
   update path already verified every byte of it against the signed release;
 - `expires_at` in /api/ps is when the keep-alive policy will unload an idle model, or, for a
   model that stays loaded, the far future (as Ollama says for keep_alive < 0).
+
+A LoRA adapter over a model is listed right after it as ``<model>:<adapter>`` (Ollama's tag: a
+variant of the model), its details naming the model as `parent_model`, its size and digest
+those of the adapter's file; /api/ps lists it while its model is in memory.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from edgefleet.agent.api.ollama.protocol import (
     OllamaVersionResponse,
     RunningModel,
 )
+from edgefleet.agent.api.served_adapters import ServedAdapter, adapters_of
 from edgefleet.agent.runtimes.base import Capability, Runtime, RuntimeDescription, format_name
 from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
 from edgefleet.agent.runtimes.model_table import ModelTable
@@ -78,6 +83,16 @@ def digest(description: RuntimeDescription, file: ModelFile) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()
 
 
+def adapter_details(adapter: ServedAdapter) -> ModelDetails:
+    """The model's details, naming it as the parent: an adapter runs only over its model."""
+    return details(adapter.runtime.describe()).model_copy(update={"parent_model": adapter.parent})
+
+
+def adapter_digest(adapter: ServedAdapter, file: ModelFile) -> str:
+    identity = f"{adapter.name}\0{adapter.info.path}\0{file.size}\0{file.modified_ns}"
+    return hashlib.sha256(identity.encode()).hexdigest()
+
+
 def listed(runtime: Runtime) -> ListedModel:
     description = runtime.describe()
     file = ModelFile.of(description.model_path)
@@ -91,8 +106,24 @@ def listed(runtime: Runtime) -> ListedModel:
     )
 
 
+def listed_adapter(adapter: ServedAdapter) -> ListedModel:
+    file = ModelFile.of(adapter.info.path)
+    return ListedModel(
+        name=adapter.name,
+        model=adapter.name,
+        modified_at=rfc3339(datetime.fromtimestamp(file.modified_ns / 1e9, UTC)),
+        size=file.size,
+        digest=adapter_digest(adapter, file),
+        details=adapter_details(adapter),
+    )
+
+
 def tags(models: ModelTable) -> OllamaTagsResponse:
-    return OllamaTagsResponse(models=[listed(runtime) for runtime in models.runtimes()])
+    listing = []
+    for runtime in models.runtimes():
+        listing.append(listed(runtime))
+        listing.extend(listed_adapter(adapter) for adapter in adapters_of(runtime))
+    return OllamaTagsResponse(models=listing)
 
 
 def expires_at(runtime: Runtime, now: datetime) -> datetime:
@@ -113,6 +144,7 @@ def ps(models: ModelTable) -> OllamaPsResponse:
         file = ModelFile.of(description.model_path)
         footprint = runtime.footprint_bytes if isinstance(runtime, KeepAliveRuntime) else 0
         size = footprint or file.size
+        expires = rfc3339(expires_at(runtime, now))
         running.append(
             RunningModel(
                 name=description.model_id,
@@ -120,15 +152,30 @@ def ps(models: ModelTable) -> OllamaPsResponse:
                 size=size,
                 digest=digest(description, file),
                 details=details(description),
-                expires_at=rfc3339(expires_at(runtime, now)),
+                expires_at=expires,
                 size_vram=size if description.gpu_offload else 0,
                 context_length=description.n_ctx,
             )
         )
+        for adapter in adapters_of(runtime):
+            adapter_file = ModelFile.of(adapter.info.path)
+            running.append(
+                RunningModel(
+                    name=adapter.name,
+                    model=adapter.name,
+                    size=adapter_file.size,
+                    digest=adapter_digest(adapter, adapter_file),
+                    details=adapter_details(adapter),
+                    expires_at=expires,  # it leaves memory with its model
+                    size_vram=adapter_file.size if description.gpu_offload else 0,
+                    context_length=description.n_ctx,
+                )
+            )
     return OllamaPsResponse(models=running)
 
 
-def show(runtime: Runtime) -> OllamaShowResponse:
+def show(runtime: Runtime, adapter: ServedAdapter | None = None) -> OllamaShowResponse:
+    """`runtime`'s model, or `adapter` over it (its details naming the model as parent)."""
     description = runtime.describe()
     file = ModelFile.of(description.model_path)
     parameters = {
@@ -139,10 +186,11 @@ def show(runtime: Runtime) -> OllamaShowResponse:
     }
     capabilities = sorted({_CAPABILITIES[c] for c in description.capabilities if c in _CAPABILITIES})
     return OllamaShowResponse(
-        modelfile=f"# Installed by the fleet; not changed here.\nFROM {description.model_path}\n",
+        modelfile=f"# Installed by the fleet; not changed here.\nFROM {description.model_path}\n"
+        + ("" if adapter is None else f"ADAPTER {adapter.info.path}\n"),  # the Modelfile's own word
         parameters="\n".join(f"{name:<30} {value}" for name, value in parameters.items()),
         template="",
-        details=details(description),
+        details=details(description) if adapter is None else adapter_details(adapter),
         model_info={
             "edgefleet.runtime": description.runtime,
             "edgefleet.context_length": description.n_ctx,

@@ -39,6 +39,7 @@ from edgefleet.agent.api.ollama.state import (
     OllamaState,
     ollama_state,
 )
+from edgefleet.agent.api.served_adapters import find_adapter
 
 router = APIRouter(route_class=OllamaRoute, dependencies=[Depends(check_api_key)], tags=["ollama"])
 
@@ -97,9 +98,12 @@ async def running(state: OllamaState = Depends(ollama_state)) -> OllamaPsRespons
 )
 async def show(request: OllamaShowRequest, state: OllamaState = Depends(ollama_state)) -> OllamaShowResponse:
     runtime = state.models.get(resolve(state.models, request.model))
-    if runtime is None:
+    if runtime is not None:
+        return listing.show(runtime)
+    adapter = find_adapter(state.models, request.model)
+    if adapter is None:
         raise APIError(404, f"model '{request.model}' not found", code="model_not_found", param="model")
-    return listing.show(runtime)
+    return listing.show(adapter.runtime, adapter)
 
 
 @router.post(
