@@ -50,11 +50,12 @@ def _read_exactly(stream: BinaryIO, length: int) -> bytes:
     return data if len(data) == length else b""
 
 
-def verified_prefix(part: Path, chunks: Sequence[Chunk], verifier: ArtifactVerifier) -> int:
+def verified_prefix(part: Path, chunks: Sequence[Chunk], verifier: ArtifactVerifier) -> int | None:
     """How many leading ``chunks`` the part file holds with matching hashes (their bytes are
-    fed to ``verifier``); the file is cut after them, so a torn or wrong chunk is written again."""
+    fed to ``verifier``), None when there is no part file; the file is cut after them, so a torn
+    or wrong chunk is written again."""
     if not part.is_file():
-        return 0
+        return None
     size = part.stat().st_size
     done = 0
     with part.open("r+b") as stream:
@@ -69,8 +70,6 @@ def verified_prefix(part: Path, chunks: Sequence[Chunk], verifier: ArtifactVerif
         keep = chunks[done - 1].end if done else 0
         if keep != size:
             stream.truncate(keep)
-    if done:
-        log.info("resuming chunked download of %s after %d of %d chunks", part.name, done, len(chunks))
     return done
 
 
@@ -159,11 +158,13 @@ async def assemble(
     assert info.chunks is not None
     chunks = info.chunks.chunks
     done = verified_prefix(part, chunks, verifier)
-    plan = plan_chunks(chunks, held, done=done)
+    if done is not None:  # the same line as a whole-file resume: where the verified bytes end
+        log.info("resuming download of %s at byte %d of %d", info.sha256[:12], verifier.received, info.length)
+    plan = plan_chunks(chunks, held, done=done or 0)
     log.info(
         "artifact %s: %d of %d chunks to assemble, %d bytes to fetch, %d to copy",
         info.sha256[:12],
-        len(chunks) - done,
+        len(chunks) - plan.done,
         len(chunks),
         plan.fetch_bytes,
         plan.copy_bytes,

@@ -65,7 +65,8 @@ STATE_FILES = {
     "outbox.sqlite-shm",
     "outbox.sqlite.seq",  # the outbox's reserved sequence numbers (agent/telemetry/outbox.py)
 }
-STATE_DIRS = {"artifacts", "downloads", "models", "tuf"}
+STATE_DIRS = {"artifacts", "artifacts-chunks", "downloads", "models", "tuf"}
+INDEX_NAME = re.compile(r"^[0-9a-f]{64}\.json$")  # a stored artifact's signed chunk list
 NOT_SEEN = "NOT_SEEN"  # the agent had not persisted anything about the new deployment
 ACTIVATED = "ACTIVATED"  # the new release was already active (killed during retire/cleanup or idle)
 ACTIVE = common_pb2.DEVICE_STATE_ACTIVE
@@ -76,6 +77,15 @@ class Release:
     version: int
     sha256: str
     length: int
+    chunk_ends: tuple[int, ...] = ()  # where its signed chunks end; none: downloaded whole
+
+    def resume_point(self, part_bytes: int) -> int:
+        """Where a download killed with ``part_bytes`` written resumes: right there for a
+        whole-file download, after the last whole chunk for a chunked one (a SIGKILL can cut a
+        write short, and a torn chunk is written again)."""
+        if not self.chunk_ends:
+            return part_bytes
+        return max([0, *(end for end in self.chunk_ends if end <= part_bytes)])
 
 
 @dataclass
@@ -276,8 +286,9 @@ class CrashRig:
             # The partial file survived the crash: the download must continue from its end.
             assert resumes, f"{kill}: the partial download was not resumed"
             kill.resumed_at = resumes[0]
-            assert kill.resumed_at == kill.part_bytes, f"{kill}: resumed at {resumes[0]}"
-            assert all(at >= kill.part_bytes for at in resumes), f"{kill}: a retry went backwards: {resumes}"
+            expected = release.resume_point(kill.part_bytes)
+            assert kill.resumed_at == expected, f"{kill}: resumed at {resumes[0]}, not {expected}"
+            assert all(at >= kill.resumed_at for at in resumes), f"{kill}: a retry went backwards: {resumes}"
         assert all(at <= release.length for at in resumes)
         self.check_disk(kill, full_hash=full_hash)
         self.check_health()
@@ -304,8 +315,8 @@ def temp_files(state_dir: Path) -> list[str]:
             else:
                 top_level = (path.is_dir() and name in STATE_DIRS) or (path.is_file() and name in STATE_FILES)
                 assert top_level, f"stray entry {relative}"
-        elif parts[0] in ("artifacts", "downloads"):
-            pattern = SHA256_NAME if parts[0] == "artifacts" else PART_NAME
+        elif parts[0] in ("artifacts", "artifacts-chunks", "downloads"):
+            pattern = {"artifacts": SHA256_NAME, "artifacts-chunks": INDEX_NAME}.get(parts[0], PART_NAME)
             assert len(parts) == 2 and path.is_file() and pattern.match(name), f"stray entry {relative}"
         else:  # tuf/<repo>/...
             assert parts[1] in TUF_REPOS, f"stray entry {relative}"
@@ -332,7 +343,8 @@ def padded_release(model: Path, *, keys: KeyDir, version: int, pad: int, work: P
 
 def release_of(bundle: BundleOnDisk) -> Release:
     (info,) = bundle.release.artifacts.values()
-    return Release(version=bundle.release.version, sha256=info.sha256, length=info.length)
+    ends = tuple(c.end for c in info.chunks.chunks) if info.chunks else ()
+    return Release(version=bundle.release.version, sha256=info.sha256, length=info.length, chunk_ends=ends)
 
 
 def timed_install(rig: CrashRig, version: int) -> float:
@@ -485,7 +497,7 @@ def test_kill_mid_download_twice_resumes_each_time(rig: CrashRig) -> None:
     assert second.phase == "FETCHING" and second.part_bytes is not None
     assert first.part_bytes < second.part_bytes < release.length
     resumed = RESUME_LINE.findall(rig.log_since(offset))
-    assert resumed and int(resumed[0][1]) == first.part_bytes, resumed
+    assert resumed and int(resumed[0][1]) == release.resume_point(first.part_bytes), resumed
     first.resumed_at = int(resumed[0][1])
 
     rig.recover(second, full_hash=True)
@@ -555,4 +567,8 @@ def test_the_kills_covered_the_update_and_resumed_downloads(rig: CrashRig) -> No
     phases = Counter(k.phase for k in rig.kills)
     assert {NOT_SEEN, "VERIFYING", "FETCHING", "TESTING", ACTIVATED} <= set(phases), phases
     assert [k for k in rig.kills if k.resumed_at], "no kill interrupted a download later resumed"
-    assert all(k.resumed_at == k.part_bytes for k in rig.kills if k.part_bytes is not None)
+    assert all(
+        k.resumed_at == rig.releases[k.version].resume_point(k.part_bytes)
+        for k in rig.kills
+        if k.part_bytes is not None
+    )
