@@ -36,7 +36,7 @@ from edgefleet.agent.device.channel import DeviceLink
 from edgefleet.agent.device.identity import load_identity
 from edgefleet.agent.device.tls import CertificateProblem, broker_tls_context
 from edgefleet.agent.runtimes.memory_budget import MemoryBudget
-from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.runtimes.model_table import ADAPTER_SEPARATOR, ModelTable
 from edgefleet.agent.stats import InferenceStats
 from edgefleet.agent.tasks.api_server import ApiServer, bind_api_socket
 from edgefleet.agent.tasks.boot import boot_state
@@ -360,8 +360,14 @@ class AgentService:
             self.inference.add(stats, self._served_release(stats.model))
 
     def _served_release(self, model: str) -> ServedRelease | None:
-        """The release serving `model` now: the bundle and variant its inference summary names."""
-        record = self.updater.state.model(model)
+        """The release serving `model` now: the bundle and variant its inference summary names.
+
+        Requests to a LoRA adapter are summarised under its own name, ``<model>:<adapter>``,
+        with the release of the model it runs over."""
+        state = self.updater.state
+        record = state.model(model)
+        if record is None and ADAPTER_SEPARATOR in model:
+            record = state.model(model.partition(ADAPTER_SEPARATOR)[0])
         if record is None:
             return None
         return ServedRelease(bundle=record.bundle, version=record.version, variant=record.variant)

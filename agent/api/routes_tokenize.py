@@ -73,7 +73,7 @@ async def _with_tokenizer(
     models: ModelTable, name: str, param: str, call: Callable[[TokenizingRuntime], T]
 ) -> tuple[Runtime, T]:
     try:
-        lease = models.lease(name)
+        lease, _ = models.lease_model(name)  # an adapter, <model>:<adapter>, has its model's tokenizer
     except (NoActiveModel, ModelNotServed) as exc:
         raise api_error_for(exc) from exc
     try:

@@ -133,6 +133,17 @@ def test_embeddings_never_apply_an_adapter(device: Device) -> None:
     assert response.status_code == 400 and "never apply an adapter" in response.json()["error"]
 
 
+def test_an_adapter_tokenizes_as_its_model(device: Device) -> None:
+    def tokens(model: str) -> list[int]:
+        response = httpx.post(
+            f"{device.base_url}/tokenize", json={"model": model, "prompt": "Hello"}, timeout=60
+        )
+        assert response.status_code == 200
+        return list(response.json()["tokens"])
+
+    assert tokens(STYLED) == tokens(BASE)
+
+
 def test_ollama_chats_with_the_adapter_and_lists_it(device: Device) -> None:
     client = ollama.Client(host=device.base_url, timeout=120)
     options = {"temperature": 0, "seed": 1, "num_predict": 16}

@@ -501,6 +501,17 @@ def test_service_attributes_requests_to_the_serving_release(service: AgentServic
     assert service.requests.total == 2
 
 
+def test_service_summarises_an_adapter_under_its_name_with_its_models_release(
+    service: AgentService, outbox: Outbox
+) -> None:
+    service._observe(request(model="smollm2:style0"))
+    assert service.telemetry is not None
+    service.telemetry.flush_inference()
+    ((_, body),) = bodies(outbox)
+    assert body["model"] == "smollm2:style0"
+    assert body["bundle"] == {"name": "smollm2", "version": "3"} and body["variant"] == "gguf-q4"
+
+
 def test_service_holds_requests_seen_before_telemetry_started(service: AgentService) -> None:
     telemetry, service.telemetry = service.telemetry, None
     service._observe(request())
