@@ -209,6 +209,7 @@ class ArtifactStore:
             stored.unlink()
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        fetched, copied = self.counters.fetched_bytes, self.counters.copied_bytes
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientFailure),
             wait=wait_random_exponential(multiplier=0.5, max=10),
@@ -218,7 +219,15 @@ class ArtifactStore:
             with attempt, typed_os_errors():
                 await self._download_once(stub, info, progress=progress)
         with typed_os_errors():
-            return self._publish(info)
+            published = self._publish(info)
+        log.info(
+            "artifact %s verified: %d bytes fetched, %d copied from artifacts already here, of %d",
+            info.sha256[:12],
+            self.counters.fetched_bytes - fetched,
+            self.counters.copied_bytes - copied,
+            info.length,
+        )
+        return published
 
     async def _download_once(
         self,
