@@ -20,6 +20,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgefleet.agent.api.admission import AdmissionQueue
+from edgefleet.agent.api.served_adapters import adapters_of
 from edgefleet.agent.runtimes.base import format_name
 from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
 from edgefleet.agent.runtimes.model_table import ModelTable
@@ -165,10 +166,17 @@ class _LiveCollector:
             "Each model the device serves and the release it came from.",
             labels=["model", "runtime", "format", "device", "capabilities", *RELEASE_LABELS],
         )
+        adapters = GaugeMetricFamily(
+            "edgefleet_lora_adapter_bytes",
+            "Each LoRA adapter served over a model (requests name it <model>:<adapter>): its file's size.",
+            labels=["model", "adapter"],
+        )
         for runtime in runtimes:
             description = runtime.describe()
             resident = not isinstance(runtime, KeepAliveRuntime) or runtime.loaded
             loaded.add_metric([description.model_id], int(resident))
+            for adapter in adapters_of(runtime):  # bounded: a runtime holds a few at most
+                adapters.add_metric([adapter.parent, adapter.info.name], adapter.info.size_bytes)
             release = self._release(description.model_id) or {}
             info.add_metric(
                 [
@@ -183,6 +191,7 @@ class _LiveCollector:
             )
         yield loaded
         yield info
+        yield adapters
 
     def _release(self, model: str) -> Mapping[str, str] | None:
         if self._release_info is None:

@@ -54,7 +54,10 @@ def test_the_adapter_reaches_the_runtime_for_its_request_only(
     generated = client.post("/api/generate", json={"model": "smol:style", "prompt": "hi", "stream": False})
     assert generated.json()["model"] == "smol:style"
     assert smol.generations[-1].params.lora == LoraRequest("style")
-    assert [stats.model for stats in recorder.stats] == ["smol:style", "smol", "smol:style", "smol:style"]
+    responded = client.post("/v1/responses", json={"model": "smol:style", "input": "hi"})
+    assert responded.status_code == 200 and responded.json()["model"] == "smol:style"
+    assert smol.generations[-1].params.lora == LoraRequest("style")
+    assert [stats.model for stats in recorder.stats] == ["smol:style", "smol"] + ["smol:style"] * 3
 
 
 def test_unknown_adapters_are_not_found(client: TestClient, recorder: Recorder) -> None:
@@ -99,3 +102,10 @@ def test_listings_name_the_adapter_and_its_model(client: TestClient) -> None:
     assert running == ["plain", "smol", "smol:style"]
     shown = client.post("/api/show", json={"model": "smol:style"}).json()
     assert shown["details"]["parent_model"] == "smol" and "ADAPTER style.gguf" in shown["modelfile"]
+
+
+def test_metrics_list_each_adapter_over_its_model(client: TestClient, smol: FakeLoraRuntime) -> None:
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("edgefleet_lora")]
+    assert lines == ['edgefleet_lora_adapter_bytes{adapter="style",model="smol"} 1.0']
+    smol.unload_lora("style")
+    assert "edgefleet_lora_adapter_bytes{" not in client.get("/metrics").text
