@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
 import sys
@@ -188,9 +189,9 @@ def start_control_plane(procs: Processes, size: int, setup: Setup, db_url: str |
     ca_pem = setup.keys.tls_ca_path.read_bytes()
     target, device_target = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     extra = ["--device-cert-validity", CERT_VALIDITY, "--log-level", "WARNING"]
-    # Idle connections close after IDLE_SECONDS (default five minutes), so a run sees devices
-    # go idle; a stream is a call, so its connection is never idle.
-    extra += ["--max-connection-idle-seconds", str(IDLE_SECONDS)]
+    # The control plane's backstop behind the devices' own idle timeout, scaled down as that is
+    # (default ten minutes); a stream is a call, so its connection is never idle.
+    extra += ["--max-connection-idle-seconds", str(2 * IDLE_SECONDS)]
     if setup.mqtt_url is not None:
         extra += ["--mqtt", setup.mqtt_url]
     if db_url is not None:
@@ -303,8 +304,9 @@ async def fan_out(run: Run, setup: Setup, cp: ControlPlane) -> list[str]:
 
         notes = await roll_out(run, fleet, op, auth, rolled, setup.within_s)
         # With notices the devices' channels let their connections go once idle: wait for that
-        # (gRPC's idle timers fire between one and two idle periods after the last call).
-        await asyncio.sleep(setup.settle_s + (2 * IDLE_SECONDS if setup.via == "broker" else 0.0))
+        # (gRPC's idle timers fire between one and two idle periods after the last call; the
+        # control plane's backstop at two to four).
+        await asyncio.sleep(setup.settle_s + (4 * IDLE_SECONDS if setup.via == "broker" else 0.0))
         run.cp_rss_after_fanout_mib = rss_mib(cp.pid)
         run.cp_connections_after_fanout = device_connections(cp)
     return notes
@@ -424,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--devices-per-worker must be positive")
     sizes: tuple[int, ...] = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     files = raise_fd_limit()
+    # gRPC core logs every GOAWAY at INFO; idle connections closing are expected here.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     with tempfile.TemporaryDirectory(prefix="edgefleet-fanout-") as tmp:
         work = Path(tmp)
         keys = init_keys(work / "keys")

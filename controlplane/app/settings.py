@@ -65,8 +65,9 @@ class Settings:
     max_connection_age_grace_seconds: float = 30.0
     # gRPC max_connection_idle: a connection without a call this long is closed, so a device
     # that hears of changes through the broker costs nothing here while idle whatever its client
-    # does (a desired-state stream is a call: its connection is never idle).
-    max_connection_idle_seconds: float = 300.0
+    # does (a desired-state stream is a call: its connection is never idle). Longer than the
+    # agent's own idle timeout (300 s), which normally lets the connection go first.
+    max_connection_idle_seconds: float = 600.0
     # On SIGTERM: how long unary calls in flight get to finish (device streams end at once).
     shutdown_grace_seconds: float = 10.0
 

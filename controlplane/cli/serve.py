@@ -219,7 +219,8 @@ def serve(
         typer.Option(
             envvar="EDGEFLEET_MAX_CONNECTION_IDLE_SECONDS",
             min=1.0,
-            help="connections without a call this long are closed, so idle devices cost nothing",
+            help="connections without a call this long are closed, so idle devices cost nothing "
+            "(agents let theirs go after 300 s themselves)",
         ),
     ] = DEFAULTS.max_connection_idle_seconds,
     shutdown_grace_seconds: Annotated[
