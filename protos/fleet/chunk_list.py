@@ -22,6 +22,7 @@ against the signed length and hash, so a list cannot make a device accept other 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 from edgefleet.protos.fleet.chunking import (
     Chunk,
     ChunkLimits,
+    MalformedArtifact,
     MalformedChunkList,
     Strategy,
     check_chunk_list,
@@ -37,6 +39,8 @@ from edgefleet.protos.fleet.chunking import (
     open_artifact,
 )
 from edgefleet.protos.fleet.chunking_gguf import GGUF_MAGIC
+
+log = logging.getLogger(__name__)
 
 CHUNKS_FIELD = "chunks"
 MAX_SIGNED_CHUNKS = 8192
@@ -61,9 +65,20 @@ def strategy_for(path: Path) -> Strategy:
 
 def chunk_artifact(path: Path) -> ChunkList:
     """The chunk list a release signs for the file at ``path``; raises :class:`.chunking.TooManyChunks`
-    when it would exceed :data:`MAX_SIGNED_CHUNKS` (the caller publishes the artifact without one)."""
+    when it would exceed :data:`MAX_SIGNED_CHUNKS` (the caller publishes the artifact without one).
+
+    A file that starts like a GGUF file but whose tensors cannot be located (a truncated one) is
+    cut by content instead: whether it is a model is for the device's runtime to find out, and
+    a release that signs it still needs a list that covers it."""
     strategy = strategy_for(path)
-    chunks = chunk_file(path, strategy, limits=SIGNED_LIMITS)
+    try:
+        chunks = chunk_file(path, strategy, limits=SIGNED_LIMITS)
+    except MalformedArtifact:
+        if strategy is not Strategy.GGUF_TENSORS:
+            raise
+        log.warning("%s is not a well-formed GGUF file: cutting it by content", path.name)
+        strategy = Strategy.CDC
+        chunks = chunk_file(path, strategy, limits=SIGNED_LIMITS)
     return ChunkList(strategy=strategy.value, chunks=tuple(chunks))
 
 

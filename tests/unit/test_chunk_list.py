@@ -17,6 +17,7 @@ from edgefleet.protos.fleet import release, uptane
 from edgefleet.protos.fleet.chunk_list import (
     MAX_SIGNED_CHUNKS,
     ChunkList,
+    chunk_artifact,
     decode_chunks,
     encode_chunks,
 )
@@ -115,3 +116,10 @@ def test_a_built_release_signs_each_artifacts_chunk_list_and_the_image_target_ca
 
 def test_a_release_built_without_chunk_lists_has_none(tmp_path: Path, keydir: KeyDir) -> None:
     assert built(tmp_path, keydir, chunk_lists=False).artifacts["model.onnx.tar"].chunks is None
+
+
+def test_a_truncated_gguf_file_is_cut_by_content(tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + bytes(100_000))
+    chunks = chunk_artifact(truncated)
+    assert chunks.strategy == "cdc" and sum(c.length for c in chunks.chunks) == 100_016
