@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,12 @@ from edgefleet.protos.fleet.v1 import operator_pb2, operator_pb2_grpc
 
 PUSH_CHUNK = 1 << 20
 IMAGE_TARGETS_EXPIRY = timedelta(days=90)
+# Every device reads the whole image targets (python-tuf's default limit is 5 MB, the agent's
+# gRPC messages 8 MiB), and they list every release ever pushed. Chunk lists (~23 KB for a
+# 98 MB GGUF) are what could make them grow past that, so a release whose lists would take the
+# targets past this budget is published without them: its devices fetch it whole.
+IMAGE_TARGETS_CHUNK_BUDGET_BYTES = 2 * 1024 * 1024
+log = logging.getLogger(__name__)
 SERVICE_CONFIG = {
     "methodConfig": [
         {
@@ -157,10 +164,13 @@ def extend_image_targets(
     signers: Sequence[Signer],
     *,
     expires_in: timedelta = IMAGE_TARGETS_EXPIRY,
+    chunk_budget_bytes: int = IMAGE_TARGETS_CHUNK_BUDGET_BYTES,
 ) -> bytes:
     """The image repository's next targets: everything it lists plus this release, signed.
 
     This is where the release keys sign: on the operator's machine, never on the control plane.
+    The release's chunk lists go in unless they would take the targets past
+    ``chunk_budget_bytes`` (see :data:`IMAGE_TARGETS_CHUNK_BUDGET_BYTES`).
     """
     targets: dict[str, TargetFile] = {}
     version = 1
@@ -168,22 +178,43 @@ def extend_image_targets(
         previous = Metadata[Targets].from_bytes(current).signed
         targets = dict(previous.targets)
         version = previous.version + 1
+    expires = datetime.now(UTC) + expires_in
+    release_targets = _release_targets(bundle, chunk_lists=True)
+    listed = Targets(version=version, expires=expires, targets={**targets, **release_targets})
+    size = len(Metadata(listed).to_bytes(JSONSerializer(compact=True)))
+    has_lists = any(info.chunks is not None for info in bundle.release.artifacts.values())
+    if size > chunk_budget_bytes and has_lists:
+        log.warning(
+            "%s@%s is published without chunk lists: the image targets would be %d bytes, over %d",
+            bundle.release.name,
+            bundle.release.version,
+            size,
+            chunk_budget_bytes,
+        )
+        release_targets = _release_targets(bundle, chunk_lists=False)
+    metadata = Metadata(Targets(version=version, expires=expires, targets={**targets, **release_targets}))
+    for signer in signers:
+        metadata.sign(signer, append=True)
+    return metadata.to_bytes(JSONSerializer(compact=True))
+
+
+def _release_targets(bundle: BundleOnDisk, *, chunk_lists: bool) -> dict[str, TargetFile]:
+    """The image targets of one release's artifacts, with their signed chunk lists or without."""
     rel = bundle.release
+    targets: dict[str, TargetFile] = {}
     for variant in rel.manifest.variants:
         info = rel.artifacts[variant.artifact]
         path = uptane.image_target_path(rel.name, rel.version, variant.artifact)
+        chunks = info.chunks if chunk_lists else None
         targets[path] = TargetFile(
             info.length,
             {"sha256": info.sha256},
             path,
             unrecognized_fields={
-                "custom": uptane.image_target_custom(rel.name, rel.version, variant, info.chunks)
+                "custom": uptane.image_target_custom(rel.name, rel.version, variant, chunks)
             },
         )
-    metadata = Metadata(Targets(version=version, expires=datetime.now(UTC) + expires_in, targets=targets))
-    for signer in signers:
-        metadata.sign(signer, append=True)
-    return metadata.to_bytes(JSONSerializer(compact=True))
+    return targets
 
 
 def resign_image_targets(

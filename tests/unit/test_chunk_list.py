@@ -123,3 +123,15 @@ def test_a_truncated_gguf_file_is_cut_by_content(tmp_path: Path) -> None:
     truncated.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + bytes(100_000))
     chunks = chunk_artifact(truncated)
     assert chunks.strategy == "cdc" and sum(c.length for c in chunks.chunks) == 100_016
+
+
+def test_a_release_whose_lists_would_overgrow_the_image_targets_is_listed_without_them(
+    tmp_path: Path, keydir: KeyDir
+) -> None:
+    built(tmp_path, keydir, chunk_lists=True)
+    bundle = open_bundle(tmp_path / "bundle")
+    within = extend_image_targets(None, bundle, keydir.release_signers())
+    over = extend_image_targets(None, bundle, keydir.release_signers(), chunk_budget_bytes=500)
+    (target,) = uptane.release_targets(Metadata[Targets].from_bytes(over).signed, "m", 1).values()
+    assert target.info.chunks is None  # fetched whole; the release itself still signs its list
+    assert len(over) < len(within)
