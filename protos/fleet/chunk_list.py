@@ -10,10 +10,11 @@ ended), so a list cannot have gaps or overlaps by construction, only a wrong tot
 
 Why inline and bounded: the list is covered by the same signature as the artifact's hash, with
 no extra round trip, but it grows the image repository's targets metadata that every device
-reads, so a list is at most :data:`MAX_SIGNED_CHUNKS` chunks (~80 bytes each: ~650 KB at the
-bound, ~25 KB for a 92 MB GGUF cut into 1 MiB pieces). An artifact that would need more is
-published without a list and is fetched whole, as artifacts of releases built before chunk
-lists existed are.
+reads, so a list is at most :data:`MAX_SIGNED_CHUNKS` chunks (~75 bytes each: ~620 KB at the
+bound, 22.8 KB for the 98 MB SmolLM2 GGUF cut into 1 MiB pieces). An artifact that would need
+more is published without a list and is fetched whole, as artifacts of releases built before
+chunk lists existed are; so is a release whose lists would take the image targets past
+``fleetctl``'s budget (``controlplane.cli.client.IMAGE_TARGETS_CHUNK_BUDGET_BYTES``).
 
 A chunk list only decides which bytes a device may copy from what it already holds; every
 chunk is checked against its hash as it is copied or fetched, and the assembled artifact
