@@ -172,3 +172,27 @@ async def test_a_control_plane_that_ignores_the_range_is_cut_off_after_it(tmp_pa
     store = store_holding(tmp_path, v1)
     assert (await store.fetch(Server(v2, ranges=False), info_of(v2))).read_bytes() == v2  # type: ignore[arg-type]
     assert PIECE <= store.counters.fetched_bytes <= PIECE + 2 * 700  # at most one piece past the range
+
+
+class DroppingServer(Server):
+    """Ends its first stream early, after ``drop_after`` bytes, as a dropped connection does."""
+
+    def __init__(self, data: bytes, drop_after: int) -> None:
+        super().__init__(data)
+        self.drop_after: int | None = drop_after
+
+    def FetchArtifact(self, request: device_pb2.FetchArtifactRequest) -> Stream:
+        stream = super().FetchArtifact(request)
+        if self.drop_after is not None:
+            stream.end, self.drop_after = request.offset + self.drop_after, None
+        return stream
+
+
+async def test_an_interrupted_download_resumes_after_the_chunks_it_wrote(tmp_path: Path) -> None:
+    v1 = os.urandom(10 * PIECE)
+    v2 = v1[:2000] + os.urandom(5 * PIECE) + v1[7000:]
+    store = store_holding(tmp_path, v1)
+    server = DroppingServer(v2, drop_after=2 * PIECE + 400)  # chunks 2 and 3 arrive, 4 is torn
+    assert (await store.fetch(server, info_of(v2))).read_bytes() == v2  # type: ignore[arg-type]
+    assert server.ranges == [(2000, 5 * PIECE), (4000, 3 * PIECE)]  # chunks 2-3 not fetched again
+    assert store.counters.copied_bytes == 5 * PIECE
