@@ -115,14 +115,16 @@ class EffectiveSettings:
     max_waiting_requests: int
     telemetry_interval_seconds: float
     keep_alive_seconds: float | None  # None: never unload an idle model
+    mirrors: tuple[str, ...] = ()  # HTTP(S) mirrors tried before the control plane, in order
+    max_download_rate: int = 0  # artifact bytes per second from all sources; 0: unlimited
 
     @property
     def load(self) -> LoadSettings:
         return LoadSettings(n_ctx=self.n_ctx, n_threads=self.n_threads)
 
     def to_dict(self) -> dict[str, object]:
-        """For /healthz."""
-        return asdict(self)
+        """For /healthz (JSON: the mirrors as a list)."""
+        return {**asdict(self), "mirrors": list(self.mirrors)}
 
 
 def effective_settings(config: AgentConfig, device: common_pb2.DeviceConfig | None) -> EffectiveSettings:
@@ -155,4 +157,6 @@ def effective_settings(config: AgentConfig, device: common_pb2.DeviceConfig | No
         keep_alive_seconds=(
             (device.keep_alive_seconds or None) if has("keep_alive_seconds") else base.keep_alive_seconds
         ),
+        mirrors=tuple(device.mirrors),
+        max_download_rate=device.max_download_rate if has("max_download_rate") else base.max_download_rate,
     )

@@ -14,9 +14,10 @@ Every field is optional: unset means "the agent's own setting" (its command line
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 
@@ -58,8 +59,14 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("max_waiting", 0, 10_000),
     Bound("telemetry_interval_seconds", 1, 3600),
     Bound("keep_alive_seconds", 1, 604_800, zero_means="never unload"),
+    Bound("max_download_rate", 1024, 100_000_000_000, zero_means="unlimited"),
 )
 """The ranges of fleet.v1.DeviceConfig's numeric fields, as its proto comments state them."""
+
+MAX_MIRRORS = 8
+MAX_MIRROR_URL = 512
+"""Bounds of ``mirrors``: each is tried in turn for every download, and the list is signed into
+every targets file of the device, so it stays short."""
 
 
 def known_formats() -> dict[int, str]:
@@ -87,6 +94,34 @@ def validate_config(config: common_pb2.DeviceConfig) -> None:
             raise InvalidConfig(bound.field, f"must be {bound.describe()}, got {show_number(value)}")
     if config.HasField("pin"):
         _validate_pin(config.pin)
+    validate_mirrors(config.mirrors)
+
+
+def validate_mirrors(mirrors: Sequence[str]) -> None:
+    """Mirrors are at most MAX_MIRRORS distinct http(s) base URLs with a host, of at most
+    MAX_MIRROR_URL characters, without credentials, query or fragment (a blob path is appended
+    to each, and a URL is logged: a password in it would leak)."""
+    if len(mirrors) > MAX_MIRRORS:
+        raise InvalidConfig("mirrors", f"at most {MAX_MIRRORS} mirrors, got {len(mirrors)}")
+    if len(set(mirrors)) != len(mirrors):
+        raise InvalidConfig("mirrors", "a mirror is listed twice")
+    for index, url in enumerate(mirrors):
+        where = f"mirrors[{index}]"
+        if len(url) > MAX_MIRROR_URL:
+            raise InvalidConfig(where, f"at most {MAX_MIRROR_URL} characters, got {len(url)}")
+        if not url.isprintable() or any(c.isspace() for c in url):
+            raise InvalidConfig(where, "must not contain spaces or control characters")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  (raises ValueError on a bad port)
+        except ValueError as exc:
+            raise InvalidConfig(where, f"not a URL: {exc}") from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidConfig(where, f"must be an http:// or https:// URL with a host, got {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise InvalidConfig(where, "must not carry credentials")
+        if parts.query or parts.fragment:
+            raise InvalidConfig(where, "must not have a query or fragment: a blob path is appended to it")
 
 
 def _validate_pin(pin: common_pb2.VariantPin) -> None:
@@ -140,8 +175,12 @@ def describe_config(config: common_pb2.DeviceConfig | None) -> str:
         return "no device config"
     assert config is not None
     parts = [
-        f"{field.name}={show_number(value)}" for field, value in config.ListFields() if field.name != "pin"
+        f"{field.name}={show_number(value)}"
+        for field, value in config.ListFields()
+        if field.name not in ("pin", "mirrors")
     ]
+    if config.mirrors:
+        parts.append(f"mirrors={','.join(config.mirrors)}")
     if config.HasField("pin"):
         pin = config.pin
         parts.append(f"pin={pin.variant_id or known_formats().get(pin.format, str(pin.format))}")

@@ -40,6 +40,7 @@ RANGES = [
     ("max_waiting", 0, 10_000, None, 10_001),  # uint32: nothing below 0 to try
     ("telemetry_interval_seconds", 1, 3600, 0.999, 3600.5),
     ("keep_alive_seconds", 1, 604_800, 0.5, 604_801),
+    ("max_download_rate", 1024, 100_000_000_000, 1023, 100_000_000_001),
 ]
 
 
@@ -54,7 +55,7 @@ def one(field: str, value: Any) -> common_pb2.DeviceConfig:
 
 
 def test_the_bounds_table_covers_every_numeric_field_of_the_message() -> None:
-    numeric = {f.name for f in Config.DESCRIPTOR.fields if f.name != "pin"}
+    numeric = {f.name for f in Config.DESCRIPTOR.fields if f.name not in ("pin", "mirrors")}
     assert {b.field for b in BOUNDS} == numeric
     assert [r[0] for r in RANGES] == [b.field for b in BOUNDS]
 
@@ -90,6 +91,48 @@ def test_keep_alive_zero_means_never_and_is_allowed_where_other_zeros_are_not() 
     for field in ("n_threads", "n_ctx", "max_running", "telemetry_interval_seconds"):
         with pytest.raises(InvalidConfig, match=f"^{field}:"):
             validate_config(one(field, 0))
+
+
+def test_download_rate_zero_means_unlimited() -> None:
+    validate_config(Config(max_download_rate=0))
+    with pytest.raises(InvalidConfig, match=r"^max_download_rate: must be 0 \(unlimited\) or 1024\.\."):
+        validate_config(Config(max_download_rate=1))
+
+
+def test_mirrors_are_a_short_list_of_plain_http_base_urls() -> None:
+    good = ["http://mirror.local:8080/blobs", "https://cdn.example.com", "http://[::1]:81/a/b/"]
+    validate_config(Config(mirrors=good))
+    validate_config(Config(mirrors=[f"http://m{i}.local" for i in range(8)]))
+    refused = {
+        "mirrors": [[f"http://m{i}.local" for i in range(9)], ["http://a", "http://a"]],
+        "mirrors[0]": [
+            ["ftp://mirror.local"],
+            ["mirror.local/blobs"],
+            ["http://"],
+            ["http://user:secret@mirror.local"],
+            ["http://mirror.local/?x=1"],
+            ["http://mirror.local/#top"],
+            ["http://mirror.local:99999"],
+            ["http://mirror .local"],
+            ["http://mirror.local/\n"],
+            ["http://m.local/" + "a" * 500],
+        ],
+    }
+    for field, cases in refused.items():
+        for mirrors in cases:
+            with pytest.raises(InvalidConfig) as raised:
+                validate_config(Config(mirrors=mirrors))
+            assert raised.value.field == field, mirrors
+
+
+def test_mirrors_and_rate_travel_as_json_and_reach_the_settings(tmp_path: Path) -> None:
+    config = Config(mirrors=["http://a.local", "https://b.local/x"], max_download_rate=1 << 20)
+    assert config_from_json(json.loads(json.dumps(config_to_json(config)))) == config
+    assert "mirrors=http://a.local,https://b.local/x" in describe_config(config)
+    settings = effective_settings(agent_config(tmp_path), config)
+    assert settings.mirrors == ("http://a.local", "https://b.local/x")
+    assert settings.max_download_rate == 1 << 20
+    assert effective_settings(agent_config(tmp_path), Config(n_ctx=512)).mirrors == ()
 
 
 def test_unset_fields_and_the_empty_config_are_valid() -> None:

@@ -610,6 +610,8 @@ def test_healthz_shows_the_config_in_force_and_the_settings_it_results_in(tmp_pa
         "max_waiting_requests": 0,
         "telemetry_interval_seconds": 15.0,
         "keep_alive_seconds": None,
+        "mirrors": [],
+        "max_download_rate": 0,
     }
     service.updater.state = AgentState()  # type: ignore[misc]
     assert service._health()["device_config"] is None

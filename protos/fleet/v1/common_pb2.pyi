@@ -124,7 +124,7 @@ class VariantPin(_message.Message):
     def __init__(self, variant_id: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., scope: _Optional[str] = ...) -> None: ...
 
 class DeviceConfig(_message.Message):
-    __slots__ = ("n_threads", "n_ctx", "max_running", "max_waiting", "telemetry_interval_seconds", "keep_alive_seconds", "pin")
+    __slots__ = ("n_threads", "n_ctx", "max_running", "max_waiting", "telemetry_interval_seconds", "keep_alive_seconds", "pin", "mirrors", "max_download_rate")
     N_THREADS_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class DeviceConfig(_message.Message):
     TELEMETRY_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    MIRRORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOWNLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
     n_threads: int
     n_ctx: int
     max_running: int
@@ -139,7 +141,9 @@ class DeviceConfig(_message.Message):
     telemetry_interval_seconds: float
     keep_alive_seconds: float
     pin: VariantPin
-    def __init__(self, n_threads: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_running: _Optional[int] = ..., max_waiting: _Optional[int] = ..., telemetry_interval_seconds: _Optional[float] = ..., keep_alive_seconds: _Optional[float] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ...) -> None: ...
+    mirrors: _containers.RepeatedScalarFieldContainer[str]
+    max_download_rate: int
+    def __init__(self, n_threads: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_running: _Optional[int] = ..., max_waiting: _Optional[int] = ..., telemetry_interval_seconds: _Optional[float] = ..., keep_alive_seconds: _Optional[float] = ..., pin: _Optional[_Union[VariantPin, _Mapping]] = ..., mirrors: _Optional[_Iterable[str]] = ..., max_download_rate: _Optional[int] = ...) -> None: ...
 
 class VariantRejection(_message.Message):
     __slots__ = ("variant", "reason")
