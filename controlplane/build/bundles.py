@@ -140,9 +140,11 @@ def write_bundle(
     expires_in: timedelta = timedelta(days=90),
     description: str = "",
     chunk_lists: bool = True,
+    adapter_base: bundle_pb2.AdapterBase | None = None,
 ) -> BundleOnDisk:
     """Writes a signed bundle of one or more variants into ``out``; ``chunk_lists=False`` signs
-    no chunk lists (devices then fetch every artifact whole, as for releases built before them)."""
+    no chunk lists (devices then fetch every artifact whole, as for releases built before them).
+    ``adapter_base`` makes it a LoRA adapter release over that base (see ``adapter_bundles``)."""
     check_bundle_name(name)
     if version < 1:
         raise BundleError(f"version must be a positive integer, got {version}")
@@ -174,6 +176,7 @@ def write_bundle(
         version=version,
         variants=described,
         description=description,
+        adapter_base=adapter_base,
     )
     metadata = Metadata(
         Targets(

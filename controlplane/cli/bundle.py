@@ -14,6 +14,12 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from edgefleet.controlplane.build.adapter_bundles import (
+    adapter_base,
+    base_from_bundle,
+    build_adapter_bundle,
+    parse_base_ref,
+)
 from edgefleet.controlplane.build.bundles import (
     BundleError,
     BundleOnDisk,
@@ -35,16 +41,13 @@ from edgefleet.controlplane.cli.common import (
 )
 from edgefleet.controlplane.cli.keys import open_keys
 from edgefleet.controlplane.trust.keys import KeyStoreError
-from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2
+from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2, operator_pb2
 
 bundle_app = typer.Typer(help="Build, inspect, push and list signed model bundles.", no_args_is_help=True)
 
 
 @bundle_app.command("build")
 def bundle_build(
-    model: Annotated[
-        Path, typer.Argument(help="source model: a GGUF file, an ONNX file or an MLX/HF folder")
-    ],
     name: Annotated[str, typer.Option(help="bundle name")],
     version: Annotated[int, typer.Option(help="release version, increasing")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output bundle directory")],
@@ -67,8 +70,25 @@ def bundle_build(
     keys_dir: KeysDirOpt = None,
     expires_days: Annotated[int, typer.Option(help="days until the release metadata expires")] = 90,
     description: Annotated[str, typer.Option(help="free text shown to operators")] = "",
+    model: Annotated[
+        Path | None,
+        typer.Argument(
+            help="source model: a GGUF file, an ONNX file or an MLX/HF folder (not with --adapter)"
+        ),
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="a LoRA adapter GGUF: the release is this adapter over --base")
+    ] = None,
+    base: Annotated[str, typer.Option(help="the adapter's base release, NAME@VERSION")] = "",
+    base_bundle: Annotated[
+        Path | None, typer.Option(help="the base's bundle directory, to read its artifact's sha256 from")
+    ] = None,
+    base_sha256: Annotated[
+        str, typer.Option(help="the base's GGUF artifact sha256, when its bundle directory is not at hand")
+    ] = "",
 ) -> None:
-    """Write a signed bundle: release metadata (signed by the release key) and its variants."""
+    """Write a signed bundle: release metadata (signed by the release key) and its variants.
+    With --adapter, a LoRA adapter release over the base release --base names."""
     from edgefleet.controlplane.build.ladder import (
         LadderError,
         QualityGateError,
@@ -78,7 +98,23 @@ def bundle_build(
 
     try:
         signers = open_keys(keys_dir).release_signers()
-        if not quantize:
+        if adapter is not None or base:
+            if model is not None or quantize:
+                raise BundleError("--adapter builds an adapter release: give no model and no --quantize")
+            reference = _adapter_base(adapter, base, base_bundle, base_sha256)
+            bundle = build_adapter_bundle(
+                adapter or Path(),
+                base=reference,
+                name=name,
+                version=version,
+                out=out,
+                signers=signers,
+                expires_in=timedelta(days=expires_days),
+                description=description,
+            )
+        elif model is None:
+            raise BundleError("give a source model, or --adapter with --base")
+        elif not quantize:
             bundle = build_bundle(
                 model,
                 name=name,
@@ -117,8 +153,24 @@ def bundle_build(
     typer.echo(str(out))
 
 
+def _adapter_base(
+    adapter: Path | None, base: str, base_bundle: Path | None, base_sha256: str
+) -> bundle_pb2.AdapterBase:
+    """fleetctl bundle build --adapter: the base's digest from its bundle directory or as given."""
+    if adapter is None or not base:
+        raise BundleError("an adapter release needs both --adapter FILE and --base NAME@VERSION")
+    base_name, base_version = parse_base_ref(base)
+    if (base_bundle is None) == (not base_sha256):
+        raise BundleError("name the base's artifact digest with one of --base-bundle and --base-sha256")
+    if base_bundle is not None:
+        return base_from_bundle(base_bundle, name=base_name, version=base_version)
+    return adapter_base(base_name, base_version, base_sha256)
+
+
 def variants_table(bundle: BundleOnDisk) -> Table:
     rel = bundle.release
+    over = rel.adapter_base
+    caption = f"LoRA adapter over {over.name}@{over.version} ({over.artifact_sha256[:12]})" if over else None
     table = Table(
         "variant",
         "format",
@@ -129,6 +181,7 @@ def variants_table(bundle: BundleOnDisk) -> Table:
         "tok/s",
         "gate",
         title=f"{rel.name}@{rel.version}",
+        caption=caption,
     )
     for v in rel.manifest.variants:
         measured = v.perplexity_milli > 0

@@ -140,6 +140,11 @@ class VerifiedRelease:
     artifacts: Mapping[str, ArtifactInfo]
     metadata: bytes
 
+    @property
+    def adapter_base(self) -> bundle_pb2.AdapterBase | None:
+        """The base release a LoRA adapter release must be installed over; None for a model."""
+        return self.manifest.adapter_base if self.manifest.HasField("adapter_base") else None
+
     def variant(self, variant_id: str) -> bundle_pb2.Variant:
         for variant in self.manifest.variants:
             if variant.id == variant_id:
@@ -228,6 +233,8 @@ def _describe(md: Metadata[Targets], data: bytes) -> VerifiedRelease:
         raise ManifestMismatch("manifest has no bundle name")
     if not manifest.variants:
         raise ManifestMismatch("manifest lists no variants")
+    if manifest.HasField("adapter_base"):
+        _check_adapter_base(manifest)
     for variant in manifest.variants:
         info = artifacts.get(variant.artifact)
         if info is None:
@@ -242,6 +249,22 @@ def _describe(md: Metadata[Targets], data: bytes) -> VerifiedRelease:
         artifacts=artifacts,
         metadata=data,
     )
+
+
+def _check_adapter_base(manifest: bundle_pb2.BundleManifest) -> None:
+    """An adapter release has one variant (the adapter file) and names its base completely."""
+    base = manifest.adapter_base
+    if len(manifest.variants) != 1:
+        raise ManifestMismatch(
+            f"adapter release {manifest.name!r} lists {len(manifest.variants)} variants, not one"
+        )
+    if not base.name or base.version < 1 or base.name == manifest.name:
+        raise ManifestMismatch(f"adapter release {manifest.name!r} names no valid base release")
+    digest = base.artifact_sha256
+    if len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise ManifestMismatch(
+            f"adapter release {manifest.name!r} names its base's artifact by a malformed sha256"
+        )
 
 
 def _signed_chunks(custom: object, length: int, path: str) -> ChunkList | None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgefleet.protos.fleet.v1 import common_pb2 as edgefleet_dot_protos_dot_fleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&edgefleet/protos/fleet/v1/bundle.proto\x12\x08\x66leet.v1\x1a&edgefleet/protos/fleet/v1/common.proto\"\x81\x01\n\x0e\x42undleManifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12#\n\x08variants\x18\x04 \x03(\x0b\x32\x11.fleet.v1.Variant\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\xb3\x02\n\x07Variant\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.fleet.v1.ModelFormat\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x15\n\rmin_ram_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\x18\n\x10perplexity_milli\x18\t \x01(\x04\x12\x1e\n\x16perplexity_increase_bp\x18\n \x01(\x12\x12\x1f\n\x17tokens_per_second_milli\x18\x0b \x01(\x04\x12\x14\n\x0cquality_gate\x18\x0c \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&edgefleet/protos/fleet/v1/bundle.proto\x12\x08\x66leet.v1\x1a&edgefleet/protos/fleet/v1/common.proto\"\xae\x01\n\x0e\x42undleManifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12#\n\x08variants\x18\x04 \x03(\x0b\x32\x11.fleet.v1.Variant\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12+\n\x0c\x61\x64\x61pter_base\x18\x06 \x01(\x0b\x32\x15.fleet.v1.AdapterBase\"E\n\x0b\x41\x64\x61pterBase\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\"\xb3\x02\n\x07Variant\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.fleet.v1.ModelFormat\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x15\n\rmin_ram_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\x18\n\x10perplexity_milli\x18\t \x01(\x04\x12\x1e\n\x16perplexity_increase_bp\x18\n \x01(\x12\x12\x1f\n\x17tokens_per_second_milli\x18\x0b \x01(\x04\x12\x14\n\x0cquality_gate\x18\x0c \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.protos.fleet.v1.b
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BUNDLEMANIFEST']._serialized_start=93
-  _globals['_BUNDLEMANIFEST']._serialized_end=222
-  _globals['_VARIANT']._serialized_start=225
-  _globals['_VARIANT']._serialized_end=532
+  _globals['_BUNDLEMANIFEST']._serialized_end=267
+  _globals['_ADAPTERBASE']._serialized_start=269
+  _globals['_ADAPTERBASE']._serialized_end=338
+  _globals['_VARIANT']._serialized_start=341
+  _globals['_VARIANT']._serialized_end=648
 # @@protoc_insertion_point(module_scope)

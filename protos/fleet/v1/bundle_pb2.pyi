@@ -8,18 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BundleManifest(_message.Message):
-    __slots__ = ("schema_version", "name", "version", "variants", "description")
+    __slots__ = ("schema_version", "name", "version", "variants", "description", "adapter_base")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_BASE_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     name: str
     version: int
     variants: _containers.RepeatedCompositeFieldContainer[Variant]
     description: str
-    def __init__(self, schema_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+    adapter_base: AdapterBase
+    def __init__(self, schema_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., description: _Optional[str] = ..., adapter_base: _Optional[_Union[AdapterBase, _Mapping]] = ...) -> None: ...
+
+class AdapterBase(_message.Message):
+    __slots__ = ("name", "version", "artifact_sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    artifact_sha256: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
 
 class Variant(_message.Message):
     __slots__ = ("id", "format", "quantization", "artifact", "size_bytes", "min_ram_bytes", "context_length", "has_chat_template", "perplexity_milli", "perplexity_increase_bp", "tokens_per_second_milli", "quality_gate")
