@@ -66,9 +66,13 @@ DEVICE_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1
 with different client certificates must never be pooled into one."""
 
 
-def idle_options(idle_seconds: float) -> list[tuple[str, str | int]]:
+def idle_options(idle_seconds: float | None) -> list[tuple[str, str | int]]:
     """The agent's options with ``--desired-via broker`` (edgefleet.agent.device.channel), and
-    a connection of each channel's own."""
+    a connection of each channel's own. ``idle_seconds`` None: the channel keeps its connection
+    until the control plane closes it for idleness (``--max-connection-idle-seconds``)."""
+    if idle_seconds is None:
+        options = [(k, v) for k, v in DEVICE_CHANNEL_OPTIONS if k != "grpc.keepalive_permit_without_calls"]
+        return [*options, ("grpc.keepalive_permit_without_calls", 0)]
     options = channel_options("127.0.0.1:1", idle_seconds=idle_seconds)
     return [*options, ("grpc.use_local_subchannel_pool", 1)]
 
@@ -118,7 +122,7 @@ class SimFleet:
         mqtt_url: str | None = None,
         hostname_prefix: str = "sim",
         notices: bool = False,
-        idle_seconds: float = 5.0,
+        idle_seconds: float | None = 5.0,
     ) -> None:
         self.target = target
         self.ca_pem = ca_pem

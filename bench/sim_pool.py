@@ -56,7 +56,8 @@ class FleetSpec:
     size: int
     enroll_concurrency: int = 32
     notices: bool = False  # devices hear of changes on the broker (bench.sim_notices), not a stream
-    idle_seconds: float = 5.0  # with notices: an unused device channel lets its connection go
+    idle_seconds: float | None = 5.0  # with notices: an unused channel lets its connection go
+    # after this (None: it keeps it until the control plane closes it for idleness)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,12 @@ class FleetPool:
         lasts = await self._all("wait", progress, within)
         return max(0.0, max(float(last) for last in lasts) - since)
 
+    async def crossings(self, progress: Progress, since: float) -> list[float]:
+        """Seconds from ``since`` at which each device reached its armed goal, sorted (after a
+        ``wait`` for the same progress): the spread behind the last one."""
+        times = [t for worker in await self._all("crossings", progress) for t in worker]
+        return sorted(max(0.0, t - since) for t in times)
+
     async def stats(self) -> list[WorkerStats]:
         """Each worker's RSS and CPU time, read from outside (psutil) so no command waits."""
         out = []
@@ -211,6 +218,22 @@ class _Worker:
         waits = {"generation": self.fleet.wait_generation, "reported": self.fleet.wait_reported}
         return await waits[progress](self.goals, within, since=0.0)
 
+    async def crossings(self, progress: Progress) -> list[float]:
+        """When each device with a goal reached it (time.monotonic()), for those that did."""
+        out = []
+        for device in self.fleet.devices:
+            goal = self.goals.get(device.device_id)
+            if goal is None:
+                continue
+            held, at = (
+                (device.generation, device.received_at)
+                if progress == "generation"
+                else (device.reported, device.reported_at)
+            )
+            if held >= goal:
+                out.append(at)
+        return out
+
     def handler(self, name: str) -> Callable[..., Awaitable[Any]]:
         table: dict[str, Callable[..., Awaitable[Any]]] = {
             "ready": self.ready,
@@ -218,6 +241,7 @@ class _Worker:
             "connect": self.connect,
             "arm": self.arm,
             "wait": self.wait,
+            "crossings": self.crossings,
         }
         return table[name]
 
