@@ -86,6 +86,10 @@ class InstallRecord:
     artifact_sha256: str
     length: int
     memory_bytes: int = 0  # estimated weights + KV cache when loaded (0: unknown, use length)
+    # A LoRA adapter release: the base bundle it is loaded over and that base artifact's sha256
+    # (both empty for a model). It serves as <base>:<bundle>, never as a model of its own.
+    adapter_of: str = ""
+    base_sha256: str = ""
 
     @property
     def model_id(self) -> str:

@@ -49,6 +49,7 @@ from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
 from edgefleet.agent.runtimes.memory_budget import MemoryBudget
 from edgefleet.agent.runtimes.model_table import ModelTable
 from edgefleet.agent.runtimes.registry import load_runtime, supported_formats
+from edgefleet.agent.update import adapters
 from edgefleet.agent.update.artifacts import ArtifactStore
 from edgefleet.agent.update.errors import ControlPlaneUnavailable, TransientFailure, typed_os_errors
 from edgefleet.agent.update.lifecycle import (
@@ -237,6 +238,8 @@ class Updater:
         served: list[str] = []
         rolled_back: list[str] = []
         for record in self.state.models:
+            if record.adapter_of:
+                continue  # loaded over its base once the bases serve
             runtime = await self._try_load_installed(record)
             if runtime is None and (rollback := self.state.previous_of(record.bundle)) is not None:
                 runtime = await self._try_load_installed(rollback)
@@ -247,6 +250,7 @@ class Updater:
                 self.models.put(runtime)
                 self.steps.loaded_with[record.bundle] = self.settings.load
                 served.append(record.bundle)
+        await adapters.reattach(self.steps, self.state, served)
         if not served:
             self.lifecycle.save_best_effort(self.state, why="boot loads ended")
             return
@@ -376,7 +380,7 @@ class Updater:
             state=self.state,
             settings=self.settings,
             loaded_with=self.steps.loaded_with,
-            is_loaded=lambda name: self.models.get(name) is not None,
+            is_loaded=self._is_loaded,
         )
         todo = plan(
             assignment,
@@ -387,22 +391,40 @@ class Updater:
             serving=serving,
             on_selection=self._selected,
         )
+        adapters.check_plan(todo, assignment.releases, self.state)
+        # An adapter is not loaded again on its own: it follows its base's runtime.
+        todo.keep += [r for r in todo.reload if r.adapter_of]
+        todo.reload = [r for r in todo.reload if not r.adapter_of]
         await self.steps.reload(todo.reload, settings, generation)
+        await adapters.reattach(self.steps, self.state, [r.bundle for r in todo.reload])
         self._put_in_force(config, settings, todo.keep, generation, pin_overridden=pin_overridden(assignment))
         refused = todo.refused[0] if todo.refused else None
         for release, selection in todo.install:
             self.selection = selection  # the FETCHING transition reports this release's choice
             try:
-                await self.steps.install(release, selection, generation, stub, settings)
+                if release.adapter_base is not None:
+                    await adapters.install(self.steps, release, selection, generation, stub)
+                else:
+                    await self.steps.install(release, selection, generation, stub, settings)
             except TransientFailure:
                 raise
             except REFUSALS as exc:
                 log.error("refused %s@%d: %s: %s", release.name, release.version, type(exc).__name__, exc)
                 refused = refused or (release.name, exc)
         assigned = {release.name for release in assignment.releases}
+        needed = adapters.needed_bases(assignment.releases)
         for record in self.state.models:
-            if record.bundle not in assigned:
-                await self.steps.remove(record.bundle, generation)
+            if record.bundle in assigned:
+                continue
+            if record.bundle in needed:
+                refused = refused or (
+                    record.bundle,
+                    adapters.AdapterBaseNeeded(record.model_id, needed[record.bundle]),
+                )
+                continue
+            if record.adapter_of:
+                await adapters.unload(self.models, record)
+            await self.steps.remove(record.bundle, generation)
         self.steps.collect_garbage(keep_partial=False)
         if refused is not None:
             self._refuse(generation, refused[1], model=refused[0])
@@ -410,6 +432,13 @@ class Updater:
         served = ", ".join(f"{r.model_id} ({r.variant})" for r in self.state.models) or "no model"
         applied = replace(self.state, desired_generation=generation, applied_generation=generation)
         self._settle(Event.SETTLED_SERVING, applied, generation, f"serving {served}")
+
+    def _is_loaded(self, name: str) -> bool:
+        """A model's runtime is in the table, or an adapter is loaded over its base."""
+        record = self.state.model(name)
+        if record is not None and record.adapter_of:
+            return adapters.is_loaded(self.models, record)
+        return self.models.get(name) is not None
 
     def _selected(self, selection: Selection) -> None:
         self.selection = selection
