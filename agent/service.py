@@ -343,8 +343,12 @@ class AgentService:
 
     def _apply_settings(self, settings: EffectiveSettings) -> None:
         """The live settings the updater hands over (at boot and when a device config changes
-        them): queue limits without dropping anyone queued, and the telemetry interval."""
+        them): queue limits without dropping anyone queued, the telemetry interval, and the
+        mirrors and rate limit of the downloads that start from now on."""
         self.flush_schedule.interval_seconds = settings.telemetry_interval_seconds
+        updater: Updater | None = getattr(self, "updater", None)
+        if updater is not None:
+            updater.store.mirrors.configure(settings.mirrors, settings.max_download_rate)
         if self.admission is not None:
             self.admission.set_limits(
                 QueueLimits(

@@ -9,6 +9,9 @@ An artifact whose release signed a chunk list is assembled chunk by chunk instea
 fetched by range, and the chunk lists of stored artifacts are kept in ``artifacts-chunks/``
 (:mod:`.chunk_index`) for the next release. Either way the part file is published only once
 the whole artifact matched its signed length and hash.
+
+Bytes come from the HTTP mirrors of the signed device config first, then the control plane
+(:mod:`.sources`), all through one token bucket (``max_download_rate``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -36,13 +39,9 @@ from edgefleet.agent.update.errors import (
     TransientFailure,
     typed_os_errors,
 )
-from edgefleet.agent.update.transfer import (
-    TRANSIENT_CODES,
-    SourceLengthMismatch,
-    TransferCounters,
-    check_served_length,
-    rpc_failure,
-)
+from edgefleet.agent.update.mirrors import MirrorSettings
+from edgefleet.agent.update.sources import DownloadSources
+from edgefleet.agent.update.transfer import TRANSIENT_CODES, SourceLengthMismatch, TransferCounters
 from edgefleet.protos.fleet.fsio import fsync_dir
 from edgefleet.protos.fleet.release import (
     ArtifactError,
@@ -51,7 +50,7 @@ from edgefleet.protos.fleet.release import (
     ArtifactLengthMismatch,
     ArtifactVerifier,
 )
-from edgefleet.protos.fleet.v1 import device_pb2, device_pb2_grpc
+from edgefleet.protos.fleet.v1 import device_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,11 @@ Progress = Callable[[int, int], None]
 class EmptyArtifact(ArtifactError):
     """The signed target is 0 bytes long: no model fits in nothing, so it is refused before
     any download (a hash of no bytes would "verify" and leave nothing to load)."""
+
+
+class MirrorBytesRefused(ControlPlaneUnavailable):
+    """The assembled artifact failed its hash with bytes from a mirror in it: the mirrors are
+    refused and the download starts again from the next source (a transient failure)."""
 
 
 class InstalledArtifactMissing(ArtifactError):
@@ -93,6 +97,7 @@ class ArtifactStore:
     unpacked_dir: Path | None = None  # folder variants (ONNX, MLX), extracted per artifact
     index_dir: Path | None = None  # chunk lists of stored artifacts; default: beside artifact_dir
     counters: TransferCounters = field(default_factory=TransferCounters, compare=False)
+    mirrors: MirrorSettings = field(default_factory=MirrorSettings, compare=False)
 
     @property
     def chunk_index(self) -> ChunkIndex:
@@ -209,54 +214,72 @@ class ArtifactStore:
             stored.unlink()
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
-        fetched, copied = self.counters.fetched_bytes, self.counters.copied_bytes
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientFailure),
-            wait=wait_random_exponential(multiplier=0.5, max=10),
-            stop=stop_after_attempt(attempts),
-            reraise=True,
-        ):
-            with attempt, typed_os_errors():
-                await self._download_once(stub, info, progress=progress)
+        counters = self.counters
+        fetched, copied, mirrored = counters.fetched_bytes, counters.copied_bytes, counters.mirror_bytes
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(self.mirrors.client()) if self.mirrors.mirrors else None
+            sources = DownloadSources(stub, info, counters, self.mirrors, client)
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(TransientFailure),
+                wait=wait_random_exponential(multiplier=0.5, max=10),
+                stop=stop_after_attempt(attempts),
+                reraise=True,
+            ):
+                with attempt, typed_os_errors():
+                    sources.new_attempt()
+                    await self._download_once(sources, info, progress=progress)
         with typed_os_errors():
             published = self._publish(info)
         log.info(
-            "artifact %s verified: %d bytes fetched, %d copied from artifacts already here, of %d",
+            "artifact %s verified: %d bytes fetched from the control plane, %d from mirrors, "
+            "%d copied from artifacts already here, of %d",
             info.sha256[:12],
-            self.counters.fetched_bytes - fetched,
-            self.counters.copied_bytes - copied,
+            counters.fetched_bytes - fetched,
+            counters.mirror_bytes - mirrored,
+            counters.copied_bytes - copied,
             info.length,
         )
         return published
 
     async def _download_once(
         self,
-        stub: device_pb2_grpc.DeviceServiceStub,
+        sources: DownloadSources,
         info: ArtifactInfo,
         *,
         progress: Progress | None,
     ) -> None:
         if info.chunks is not None:
-            await self._assemble_once(stub, info, progress=progress)
+            await self._assemble_once(sources, info, progress=progress)
             return
         verifier, offset = self._resume(info)
+        if offset == 0:
+            sources.forget_contributors()
         self._check_disk(info.length - offset)
         part = self.part_path(info.sha256)
         if offset < info.length:
-            await self._stream_into(stub, part, info, verifier, progress=progress)
+            await self._stream_into(sources, part, info, verifier, progress=progress)
         if verifier.received < info.length:
             raise ControlPlaneUnavailable(
                 f"artifact stream ended at {verifier.received} of {info.length} bytes; resuming"
             )
+        self._finish(sources, part, verifier)
+
+    @staticmethod
+    def _finish(sources: DownloadSources, part: Path, verifier: ArtifactVerifier) -> None:
+        """Checks the whole artifact's hash; wrong bytes are removed, so the next attempt starts
+        clean, and when a mirror served any of them it is refused and the download goes on
+        (MirrorBytesRefused) without it."""
         try:
             verifier.finish()
-        except ArtifactHashMismatch:
-            part.unlink(missing_ok=True)  # wrong bytes: the next attempt starts clean
+        except ArtifactHashMismatch as exc:
+            part.unlink(missing_ok=True)
+            if sources.refuse_contributors(f"the assembled artifact does not verify: {exc}"):
+                raise MirrorBytesRefused(f"refused a mirror's bytes of {part.name}; fetching again") from exc
             raise
 
     async def _assemble_once(
         self,
-        stub: device_pb2_grpc.DeviceServiceStub,
+        sources: DownloadSources,
         info: ArtifactInfo,
         *,
         progress: Progress | None,
@@ -266,43 +289,31 @@ class ArtifactStore:
         self._check_disk(info.length - (part.stat().st_size if part.exists() else 0))
         verifier = ArtifactVerifier(info)
         held = self.chunk_index.held(exclude=info.sha256)
-        await assemble(stub, info, part, verifier, held=held, counters=self.counters, progress=progress)
+        await assemble(sources, info, part, verifier, held=held, counters=self.counters, progress=progress)
         if verifier.received < info.length:
             raise ControlPlaneUnavailable(f"artifact assembled to {verifier.received} of {info.length} bytes")
-        try:
-            verifier.finish()
-        except ArtifactHashMismatch:
-            part.unlink(missing_ok=True)  # every chunk matched a list the hash disagrees with
-            raise
+        self._finish(sources, part, verifier)  # every chunk matched: a list the hash disagrees with
 
     async def _stream_into(
         self,
-        stub: device_pb2_grpc.DeviceServiceStub,
+        sources: DownloadSources,
         part: Path,
         info: ArtifactInfo,
         verifier: ArtifactVerifier,
         *,
         progress: Progress | None,
     ) -> None:
-        request = device_pb2.FetchArtifactRequest(sha256=info.sha256, offset=verifier.received)
-        try:
-            fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "ab") as out:
-                async for chunk in stub.FetchArtifact(request):
-                    self.counters.fetched_bytes += len(chunk.data)
-                    check_served_length(chunk, info)
-                    if chunk.offset != verifier.received:
-                        raise ControlPlaneUnavailable(
-                            f"artifact chunk at offset {chunk.offset}, expected {verifier.received}"
-                        )
-                    verifier.update(chunk.data)  # raises before writing past the signed length
-                    out.write(chunk.data)
+        fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "ab") as out:
+            try:
+                async for data in sources.pieces(verifier.received):
+                    verifier.update(data)  # raises before writing past the signed length
+                    out.write(data)
                     if progress is not None:
                         progress(verifier.received, info.length)
+            finally:
                 out.flush()
                 os.fsync(out.fileno())
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_failure(exc, info, verifier.received) from exc
 
     def _publish(self, info: ArtifactInfo) -> Path:
         part = self.part_path(info.sha256)

@@ -1,11 +1,13 @@
 """Assembles an artifact from its signed chunk list: chunks the device holds are copied from
-its own files, the rest fetched from the control plane by range, all into the part file, front
-to back (the plan: :mod:`.delta_plan`).
+its own files, the rest fetched by range from the download's sources (:mod:`.sources`: HTTP
+mirrors, then the control plane), all into the part file, front to back (the plan:
+:mod:`.delta_plan`).
 
 Every chunk is hashed before it is written. A copied chunk whose bytes no longer match (the
 held file changed, the index was wrong) is refused as :class:`HeldChunkMismatch`, logged,
-counted and fetched from the control plane instead; a fetched chunk that does not match is
-:class:`ChunkHashMismatch`, a refusal: the control plane's bytes disagree with the signed list.
+counted and fetched instead; a fetched chunk that does not match refuses the mirror that served
+it, or is :class:`ChunkHashMismatch`, a refusal, when the control plane's bytes disagree with
+the signed list.
 Whatever is written also feeds the whole-artifact verifier, so the caller still checks the
 signed length and hash of the assembled file exactly as for a whole-file download.
 
@@ -25,19 +27,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgefleet.agent.update.delta_plan import Copy, Fetch, HeldChunk, Plan, plan_chunks
-from edgefleet.agent.update.transfer import TransferCounters, fetch_range
+from edgefleet.agent.update.sources import ChunkHashMismatch, DownloadSources
+from edgefleet.agent.update.transfer import TransferCounters
 from edgefleet.protos.fleet.chunking import Chunk
-from edgefleet.protos.fleet.release import ArtifactError, ArtifactHashMismatch, ArtifactInfo, ArtifactVerifier
-from edgefleet.protos.fleet.v1 import device_pb2_grpc
+from edgefleet.protos.fleet.release import ArtifactError, ArtifactInfo, ArtifactVerifier
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
 
-class ChunkHashMismatch(ArtifactHashMismatch):
-    """Bytes the control plane served for a chunk do not hash to the chunk's signed sha256: the
-    artifact's bytes are wrong, found before the whole file is."""
+__all__ = ["ChunkHashMismatch", "HeldChunkMismatch", "assemble", "read_held", "verified_prefix"]
 
 
 class HeldChunkMismatch(ArtifactError):
@@ -92,14 +92,14 @@ class ChunkAssembler:
 
     def __init__(
         self,
-        stub: device_pb2_grpc.DeviceServiceStub,
+        sources: DownloadSources,
         info: ArtifactInfo,
         part: Path,
         verifier: ArtifactVerifier,
         counters: TransferCounters,
         progress: Progress | None,
     ) -> None:
-        self.stub, self.info, self.part = stub, info, part
+        self.sources, self.info, self.part = sources, info, part
         self.verifier, self.counters, self.progress = verifier, counters, progress
 
     async def run(self, plan: Plan, out: BinaryIO) -> None:
@@ -108,7 +108,7 @@ class ChunkAssembler:
                 try:
                     data = read_held(step.source, self.part, step.chunk)
                 except HeldChunkMismatch as exc:
-                    log.warning("%s; fetching it from the control plane", exc)
+                    log.warning("%s; fetching it instead", exc)
                     self.counters.refetched_chunks += 1
                     await self._fetch(Fetch((step.chunk,)), out)
                     continue
@@ -118,22 +118,10 @@ class ChunkAssembler:
                 await self._fetch(step, out)
 
     async def _fetch(self, step: Fetch, out: BinaryIO) -> None:
-        pending = list(step.chunks)
-        buffer = bytearray()
-        pieces = fetch_range(self.stub, self.info, step.offset, step.length, self.counters)
+        pieces = self.sources.chunks(step.chunks)  # each chunk checked against its signed hash
         async with aclosing(pieces):  # a refusal mid-range ends the call now, not at collection
-            async for piece in pieces:
-                buffer += piece
-                while pending and len(buffer) >= pending[0].length:
-                    chunk = pending.pop(0)
-                    data = bytes(buffer[: chunk.length])
-                    del buffer[: chunk.length]
-                    if hashlib.sha256(data).hexdigest() != chunk.sha256:
-                        raise ChunkHashMismatch(
-                            f"artifact {self.info.path!r}: the control plane's bytes at {chunk.offset} do "
-                            f"not hash to the chunk's signed sha256 {chunk.sha256[:12]}"
-                        )
-                    self._write(out, data)
+            async for data in pieces:
+                self._write(out, data)
 
     def _write(self, out: BinaryIO, data: bytes) -> None:
         self.verifier.update(data)  # raises before writing past the signed length
@@ -144,7 +132,7 @@ class ChunkAssembler:
 
 
 async def assemble(
-    stub: device_pb2_grpc.DeviceServiceStub,
+    sources: DownloadSources,
     info: ArtifactInfo,
     part: Path,
     verifier: ArtifactVerifier,
@@ -172,7 +160,7 @@ async def assemble(
     fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "ab") as out:
         try:
-            await ChunkAssembler(stub, info, part, verifier, counters, progress).run(plan, out)
+            await ChunkAssembler(sources, info, part, verifier, counters, progress).run(plan, out)
         finally:
             out.flush()
             os.fsync(out.fileno())

@@ -42,11 +42,14 @@ class TransferCounters:
     ``fetched_bytes`` counts artifact bytes received from the control plane (whole-file and
     ranged fetches alike); ``copied_bytes`` the bytes of chunks copied, verified, from artifacts
     already on the device; ``refetched_chunks`` local chunks whose bytes no longer matched their
-    hash and were fetched instead."""
+    hash and were fetched instead; ``mirror_bytes`` artifact bytes received from HTTP mirrors
+    (:mod:`.sources`) and ``mirror_refusals`` how often a mirror was refused for wrong bytes."""
 
     fetched_bytes: int = 0
     copied_bytes: int = 0
     refetched_chunks: int = 0
+    mirror_bytes: int = 0
+    mirror_refusals: int = 0
 
 
 def rpc_failure(exc: grpc.aio.AioRpcError, info: ArtifactInfo, offset: int) -> Exception:
@@ -105,3 +108,26 @@ async def fetch_range(
             call.cancel()  # a no-op once the stream ended; stops an old control plane's overshoot
     if position < end:
         raise ControlPlaneUnavailable(f"artifact range ended at {position} of {end} bytes; resuming")
+
+
+async def fetch_rest(
+    stub: device_pb2_grpc.DeviceServiceStub,
+    info: ArtifactInfo,
+    offset: int,
+    counters: TransferCounters,
+) -> AsyncGenerator[bytes, None]:
+    """The artifact from ``offset`` to the end of the control plane's copy, uncut: a whole-file
+    download hands every byte to the verifier, which refuses one past the signed length
+    (ArtifactTooLong) rather than letting an endless stream be trimmed into looking right."""
+    request = device_pb2.FetchArtifactRequest(sha256=info.sha256, offset=offset)
+    position = offset
+    try:
+        async for chunk in stub.FetchArtifact(request):
+            counters.fetched_bytes += len(chunk.data)
+            check_served_length(chunk, info)
+            if chunk.offset != position:
+                raise ControlPlaneUnavailable(f"artifact chunk at offset {chunk.offset}, expected {position}")
+            position += len(chunk.data)
+            yield chunk.data
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_failure(exc, info, position) from exc
