@@ -12,7 +12,7 @@ own counters, so a figure here is what a device would report.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,14 +119,22 @@ class Device:
         release = next(r for r in assignment.releases if (r.name, r.version) == (bundle, version))
         return release.artifacts[release.manifest.variants[0].artifact]
 
-    async def install(self, bundle: str, version: int, *, store: ArtifactStore | None = None) -> Delivery:
+    async def install(
+        self,
+        bundle: str,
+        version: int,
+        *,
+        store: ArtifactStore | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Delivery:
         """Verifies the assignment and downloads ``bundle@version``'s artifact into ``store``
-        (default: the device's own, which holds what it installed before)."""
+        (default: the device's own, which holds what it installed before); ``progress`` is
+        called with the bytes written and the artifact's length as the download goes."""
         store = store or self.store
         info = await asyncio.to_thread(self._verified_artifact, bundle, version)
         fetched, copied = store.counters.fetched_bytes, store.counters.copied_bytes
         async with self.channel() as channel:
-            path = await store.fetch(device_pb2_grpc.DeviceServiceStub(channel), info)
+            path = await store.fetch(device_pb2_grpc.DeviceServiceStub(channel), info, progress=progress)
         return Delivery(
             info=info,
             path=path,
