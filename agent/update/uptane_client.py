@@ -143,6 +143,7 @@ class UptaneVerifier:
         assigned = dict(assignment.releases)
         variants: dict[str, list[bundle_pb2.Variant]] = {name: [] for name in assigned}
         artifacts: dict[str, dict[str, rel.ArtifactInfo]] = {name: {} for name in assigned}
+        bases: dict[str, bundle_pb2.AdapterBase | None] = {}
         for path, wanted in assignment.targets.items():
             try:
                 target = image.get_targetinfo(path)
@@ -166,6 +167,9 @@ class UptaneVerifier:
             variant.artifact = path
             variants[image_target.bundle].append(variant)
             artifacts[image_target.bundle][path] = image_target.info
+            base = image_target.adapter_base
+            if bases.setdefault(image_target.bundle, base) != base:
+                raise rel.ManifestMismatch(f"the targets of {image_target.bundle} name different bases")
         releases = []
         for name, version in assignment.releases:
             if not variants[name]:
@@ -178,6 +182,8 @@ class UptaneVerifier:
                 version=version,
                 variants=variants[name],
             )
+            if (base := bases.get(name)) is not None:
+                manifest.adapter_base.CopyFrom(base)
             releases.append(
                 rel.VerifiedRelease(
                     name=name,

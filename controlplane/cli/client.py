@@ -211,7 +211,9 @@ def _release_targets(bundle: BundleOnDisk, *, chunk_lists: bool) -> dict[str, Ta
             {"sha256": info.sha256},
             path,
             unrecognized_fields={
-                "custom": uptane.image_target_custom(rel.name, rel.version, variant, chunks)
+                "custom": uptane.image_target_custom(
+                    rel.name, rel.version, variant, chunks, adapter_base=rel.adapter_base
+                )
             },
         )
     return targets

@@ -250,6 +250,8 @@ class Repositories:
             same_bytes = (parsed.info.length, parsed.info.sha256) == (info.length, info.sha256)
             if not same_bytes or (parsed.bundle, parsed.version) != (release.name, release.version):
                 raise RepositoryRefusal(f"image target {path!r} differs from the release it carries")
+            if parsed.adapter_base != release.adapter_base:
+                raise RepositoryRefusal(f"image target {path!r} names another base than its release")
             # A target may omit the release's chunk list (its devices fetch it whole), not change it.
             if None not in (parsed.info.chunks, info.chunks) and parsed.info.chunks != info.chunks:
                 raise RepositoryRefusal(f"image target {path!r} signs another chunk list than its release")

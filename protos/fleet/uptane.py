@@ -78,13 +78,19 @@ class ImageTarget:
     version: int
     variant: bundle_pb2.Variant
     info: ArtifactInfo
+    adapter_base: bundle_pb2.AdapterBase | None = None  # set: the release is a LoRA adapter over it
 
 
 def image_target_custom(
-    bundle: str, version: int, variant: bundle_pb2.Variant, chunks: ChunkList | None = None
+    bundle: str,
+    version: int,
+    variant: bundle_pb2.Variant,
+    chunks: ChunkList | None = None,
+    adapter_base: bundle_pb2.AdapterBase | None = None,
 ) -> dict[str, Any]:
     """The custom data of an image target; ``chunks``, the artifact's chunk list, is signed with
-    the rest so a device can fetch only the chunks it lacks (see :mod:`.chunk_list`)."""
+    the rest so a device can fetch only the chunks it lacks (see :mod:`.chunk_list`);
+    ``adapter_base``, for a LoRA adapter release, names the base release it installs over."""
     fields: dict[str, Any] = {
         "bundle": bundle,
         "version": version,
@@ -92,6 +98,8 @@ def image_target_custom(
     }
     if chunks is not None:
         fields["chunks"] = encode_chunks(chunks)
+    if adapter_base is not None:
+        fields["adapter_base"] = json_format.MessageToDict(adapter_base)
     return {CUSTOM_KEY: fields}
 
 
@@ -110,6 +118,12 @@ def parse_image_target(path: str, target: TargetFile) -> ImageTarget:
     try:
         variant = json_format.ParseDict(raw["variant"], bundle_pb2.Variant(), ignore_unknown_fields=True)
         bundle, version = str(raw["bundle"]), int(raw["version"])
+        base = raw.get("adapter_base")
+        adapter_base = (
+            None
+            if base is None
+            else json_format.ParseDict(base, bundle_pb2.AdapterBase(), ignore_unknown_fields=True)
+        )
     except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
         raise MalformedMetadata(f"image target {path!r} has a malformed custom field: {exc}") from exc
     info = artifact_info(path, target)
@@ -117,7 +131,7 @@ def parse_image_target(path: str, target: TargetFile) -> ImageTarget:
     chunks = signed_chunks(raw, info.length, where=f"image target {path!r}")
     if chunks is not None:
         info = ArtifactInfo(path=info.path, length=info.length, sha256=info.sha256, chunks=chunks)
-    return ImageTarget(bundle=bundle, version=version, variant=variant, info=info)
+    return ImageTarget(bundle=bundle, version=version, variant=variant, info=info, adapter_base=adapter_base)
 
 
 def release_targets(targets: Targets, bundle: str, version: int) -> dict[str, ImageTarget]:
