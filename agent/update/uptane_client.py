@@ -352,6 +352,9 @@ def rebuilt_state(recovery: Recovery) -> AgentState:
                 model_format=chosen.variant.format,
                 artifact_sha256=chosen.info.sha256,
                 length=chosen.info.length,
+                # An adapter goes back over its base (loaded at boot only if that base is there).
+                adapter_of=chosen.adapter_base.name if chosen.adapter_base else "",
+                base_sha256=chosen.adapter_base.artifact_sha256 if chosen.adapter_base else "",
             )
         )
     for name, version in sorted((assigned or {}).items()):

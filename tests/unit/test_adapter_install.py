@@ -13,7 +13,9 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.runtimes.base import Runtime
 from edgefleet.agent.runtimes.lora import LoraFileInvalid, LoraInfo
 from edgefleet.agent.update.adapters import AdapterBaseMissing, AdapterBaseNeeded
+from edgefleet.agent.update.uptane_client import RecoveredInstall, Recovery, rebuilt_state
 from edgefleet.protos.fleet import release as rel
+from edgefleet.protos.fleet import uptane
 from edgefleet.protos.fleet.v1 import bundle_pb2, common_pb2
 from tests.unit.test_device_config_agent import (
     ArtifactServer,
@@ -199,3 +201,13 @@ async def test_an_installed_adapter_loads_again_over_its_base_after_a_restart(
     assert loader.loads == ["smol"]
     assert served(again) == ["smol", "smol:style"]
     assert again.state.phase == S.DEVICE_STATE_ACTIVE
+
+
+def test_a_state_rebuilt_from_the_disk_keeps_an_adapter_over_its_base() -> None:
+    base = bundle_pb2.AdapterBase(name="smol", version=1, artifact_sha256=sha256_of(SMOL))
+    variant = STYLE.manifest.variants[0]
+    (info,) = STYLE.artifacts.values()
+    target = uptane.ImageTarget(bundle="style", version=1, variant=variant, info=info, adapter_base=base)
+    state = rebuilt_state(Recovery(installs=[RecoveredInstall(target)], assigned={"style": 1}))
+    (record,) = state.models
+    assert (record.bundle, record.adapter_of, record.base_sha256) == ("style", "smol", sha256_of(SMOL))
