@@ -117,8 +117,11 @@ async def mirror_range(
     headers = {"Range": f"bytes={offset}-{end - 1}", "Accept-Encoding": "identity"}
     try:
         async with client.stream("GET", blob_url(mirror, info.sha256), headers=headers) as response:
+            if response.headers.get("content-encoding", "identity").lower() != "identity":
+                # Asked for identity: a compressed body's ranges and lengths are not the file's.
+                raise MirrorFailed(mirror, f"sent a {response.headers['content-encoding']} body")
             _check_range(mirror, response, info, offset, end)
-            pieces = response.aiter_raw()
+            pieces = response.aiter_bytes()
             async for raw in pieces:
                 data = raw[: end - position]
                 if data:
