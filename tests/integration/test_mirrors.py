@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -73,10 +74,15 @@ async def test_a_good_mirror_serves_the_whole_artifact_and_the_control_plane_non
     device = await installed_device(op, enrolled, controlplane, keys, smollm2_bundle, tmp_path)
     mirror = NginxMirror(blob_root(tmp_path), tmp_path / "nginx-good").start()
     try:
-        device.store.mirrors.configure((DEAD_MIRROR, mirror.url), 0)  # a dead one first: skipped
+        rate = 64 << 20
+        device.store.mirrors.configure((DEAD_MIRROR, mirror.url), rate)  # a dead one first: skipped
+        started = time.monotonic()
         got = await device.install("smollm2", 1)
+        elapsed = time.monotonic() - started
     finally:
         mirror.stop()
+    # max_download_rate holds: beyond the bucket's one-second burst, no faster than the rate.
+    assert elapsed >= (got.info.length - rate) / rate
     assert got.info.chunks is not None
     assert got.fetched_bytes == 0  # not one artifact byte from the control plane
     assert device.store.counters.mirror_bytes == got.info.length

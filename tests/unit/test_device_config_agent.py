@@ -615,3 +615,16 @@ def test_healthz_shows_the_config_in_force_and_the_settings_it_results_in(tmp_pa
     }
     service.updater.state = AgentState()  # type: ignore[misc]
     assert service._health()["device_config"] is None
+
+
+def test_the_mirrors_and_rate_in_force_reach_the_artifact_store(tmp_path: Path) -> None:
+    config = AgentConfig(controlplane="127.0.0.1:1", state_dir=tmp_path, trust_path=tmp_path / "trust.json")
+    service = AgentService(config)
+    store = ArtifactStore(config.artifact_dir, config.download_dir)
+    service.updater = SimpleNamespace(store=store)  # type: ignore[assignment]
+    device_config = Config(mirrors=["http://a.local/blobs", "https://b.local"], max_download_rate=1 << 20)
+    service._apply_settings(effective_settings(config, device_config))
+    assert store.mirrors.mirrors == ("http://a.local/blobs", "https://b.local")
+    assert store.mirrors.limiter.rate == 1 << 20
+    service._apply_settings(effective_settings(config, Config()))  # a config without them: none
+    assert store.mirrors.mirrors == () and store.mirrors.limiter.rate == 0
