@@ -123,7 +123,7 @@ class DownloadSources:
                     yield data
             return
         assert self.client is not None
-        log.info("artifact %s: bytes %d-%d from mirror %s", self.info.sha256[:12], offset, end - 1, mirror)
+        log.debug("artifact %s: bytes %d-%d from mirror %s", self.info.sha256[:12], offset, end - 1, mirror)
         pieces = mirror_range(self.client, mirror, self.info, offset, end, self.settings.limiter)
         async with aclosing(pieces):
             async for data in pieces:
