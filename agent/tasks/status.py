@@ -12,6 +12,7 @@ from typing import cast
 
 from edgefleet.agent.runtimes.keep_alive import KeepAliveRuntime
 from edgefleet.agent.runtimes.model_table import ModelTable
+from edgefleet.agent.update import adapters
 from edgefleet.agent.update.selection import Selection
 from edgefleet.agent.update.state import AgentState
 from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, telemetry_pb2
@@ -30,8 +31,11 @@ def installed_models(models: ModelTable, state: AgentState) -> list[common_pb2.I
     """Every installed model, and whether it is in memory now (unloaded ones load on demand)."""
     listed = []
     for record in state.models:
-        runtime = models.get(record.bundle)
+        # A LoRA adapter is in memory while it is loaded over its base and the base is.
+        runtime = models.get(record.adapter_of or record.bundle)
         loaded = runtime is not None and (not isinstance(runtime, KeepAliveRuntime) or runtime.loaded)
+        if record.adapter_of:
+            loaded = loaded and adapters.is_loaded(models, record)
         listed.append(
             common_pb2.InstalledModel(
                 bundle=common_pb2.BundleRef(name=record.bundle, version=record.version),

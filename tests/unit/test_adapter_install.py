@@ -12,6 +12,7 @@ import pytest
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.runtimes.base import Runtime
 from edgefleet.agent.runtimes.lora import LoraFileInvalid, LoraInfo
+from edgefleet.agent.tasks.status import installed_models
 from edgefleet.agent.update.adapters import AdapterBaseMissing, AdapterBaseNeeded
 from edgefleet.agent.update.uptane_client import RecoveredInstall, Recovery, rebuilt_state
 from edgefleet.protos.fleet import release as rel
@@ -125,6 +126,10 @@ async def test_an_adapter_loads_over_the_base_it_names_without_loading_the_base_
     record = device.state.model("style")
     assert record is not None and (record.adapter_of, record.version) == ("smol", 1)
     assert record.base_sha256 == next(iter(SMOL.artifacts.values())).sha256
+    reported = installed_models(device.updater.models, device.state)
+    assert [(m.bundle.name, m.loaded) for m in reported] == [("smol", True), ("style", True)]
+    await device.deploy(3, SMOL)
+    assert [m.bundle.name for m in installed_models(device.updater.models, device.state)] == ["smol"]
 
 
 async def test_a_base_and_its_adapter_deploy_together(device: Device) -> None:
