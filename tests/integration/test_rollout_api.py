@@ -126,6 +126,8 @@ async def test_rollout_requests_are_checked(
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "fraction" in message
     code, message = await create(name="x", config=common_pb2.DeviceConfig(n_threads=0))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("device config refused: n_threads")
+    code, message = await create(name="x", config=common_pb2.DeviceConfig(mirrors=["ftp://mirror.local"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "refused: mirrors[0]: must be an http" in message
     code, message = await create(name="x", bundle=common_pb2.BundleRef(name="m", version=9))
     assert code == grpc.StatusCode.NOT_FOUND and "m@9" in message
     code, message = await create(name="x", bundle=m1, selector={"region": "us"})
