@@ -59,6 +59,7 @@ from edgefleet.protos.fleet.topics import TopicKind, telemetry_topic
 from edgefleet.protos.fleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 REPORT_TIMEOUT_S = 30.0
+REPORTS_IN_FLIGHT = 128
 ENROLL_TIMEOUT_S = 60.0
 ENROLL_ATTEMPTS = 3
 DEVICE_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
@@ -147,6 +148,11 @@ class SimFleet:
         self._enroll_channel: grpc.aio.Channel | None = None
         self._telemetry: TelemetryLink | None = None
         self._telemetry_lock = asyncio.Lock()
+        # Reports in flight from this process at once. Thousands of first connections and
+        # calls at once (devices that were idle, all told of a deploy) grew a worker's gRPC
+        # memory by gigabytes until the kernel killed it; the control plane writes a few
+        # hundred reports a second, so this many in flight per process still keep it busy.
+        self._report_slots = asyncio.Semaphore(REPORTS_IN_FLIGHT)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -362,7 +368,8 @@ class SimFleet:
         failures = 0
         while True:
             try:
-                await device.stub.ReportStatus(report, timeout=REPORT_TIMEOUT_S)
+                async with self._report_slots:
+                    await device.stub.ReportStatus(report, timeout=REPORT_TIMEOUT_S)
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
