@@ -26,6 +26,8 @@ class Run:
     deploy_call_s: float = 0.0
     deploy_fanout_s: float = 0.0
     deploy_reported_s: float = 0.0
+    deploy_fanout_p50_s: float = 0.0  # half the devices held the new state by then
+    deploy_fanout_p90_s: float = 0.0
     rollout_fanout_s: float | None = None
     rollout_reported_s: float | None = None
     rollout_completed_s: float | None = None

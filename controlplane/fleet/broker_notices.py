@@ -34,6 +34,7 @@ import contextlib
 import logging
 import ssl
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -124,6 +125,7 @@ class BrokerNotices:
             await asyncio.shield(self._task)
 
     async def _announce_pending(self) -> None:
+        started, before = time.monotonic(), self.announced
         while self._pending:
             batch = list(self._pending)[:MAX_IDS_PER_READ]
             for device_id in batch:
@@ -138,6 +140,12 @@ class BrokerNotices:
                 log.exception("could not read %d devices' desired state to announce them", len(batch))
                 continue
             await asyncio.to_thread(self._publish_all, states)
+        if self.announced > before:
+            log.info(
+                "announced %d devices' desired state in %.2f s",
+                self.announced - before,
+                time.monotonic() - started,
+            )
 
     def _publish_all(self, states: dict[str, device_pb2.DesiredState]) -> None:
         client = self._client
