@@ -14,11 +14,12 @@ after the commit, so a device never hears of a generation the database does not 
 
 Delivery: QoS 0 over TCP, deliberately. A notice is lost only with a connection, and a device
 whose connection broke asks the control plane when it subscribes again, so QoS 1 would add an
-acknowledgement per device (measured: 10,000 notices took ~30 s through paho's 20 in-flight
-QoS 1 messages while the devices' reports loaded the process, against ~1 s at QoS 0) and no
-delivery a device does not already get. While the broker is away nothing is queued (a long
-outage must not grow memory) and the dropped announcements are counted: devices poll slowly
-while they cannot subscribe (agent/tasks/desired_notices).
+acknowledgement per device, and paho's in-flight window (20 by default) between the control
+plane and the broker, for no delivery a device does not already get. Measured with
+bench.fanout at 10,000 devices: 90% hold the new state 2.7 s after the Deploy call returns.
+While the broker is away nothing is queued (a long outage must not grow memory) and the
+dropped announcements are counted: devices poll slowly while they cannot subscribe
+(agent/tasks/desired_notices).
 A device missing from the read (revoked or removed) is not announced to: revocation ends its
 broker session (trust/revocation.py), and its next poll is refused.
 
