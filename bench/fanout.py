@@ -4,7 +4,7 @@ what each connected device costs it in memory, and how fast devices enroll.
     python -m bench.fanout [--quick] [--sizes 100,1000,10000] [--db sqlite|postgres]
                            [--via broker|stream] [--devices-per-worker 2500]
 
-For each fleet size (default 100, 1000 and 2000 devices; --quick: 100 and 200; the first size
+For each fleet size (default 100, 1000 and 10000 devices; --quick: 100 and 200; the first size
 is the baseline) a fresh control plane runs as a child process (``fleetctl serve`` on SQLite
 under a temp dir, or with ``--db postgres`` on a throwaway PostgreSQL database of its own; a
 Mosquitto of our own or the embedded broker; device certificates valid 30 days), and worker
@@ -95,7 +95,7 @@ from edgefleet.controlplane.trust.tls import channel_credentials
 from edgefleet.protos.fleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 BASELINE_SIZE = 100
-SIZES = (BASELINE_SIZE, 1000, 2000)
+SIZES = (BASELINE_SIZE, 1000, 10000)
 QUICK_SIZES = (BASELINE_SIZE, 200)
 DEVICES_PER_WORKER = 2500
 CERT_VALIDITY = "30d"  # no simulated device renews during a run
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sizes",
         type=parse_sizes,
-        help="comma-separated fleet sizes, the first the baseline (default: 100,1000,2000)",
+        help="comma-separated fleet sizes, the first the baseline (default: 100,1000,10000)",
     )
     parser.add_argument("--db", choices=DATABASES, default="sqlite", help="the control plane's store")
     parser.add_argument(

@@ -44,6 +44,7 @@ class OperatorParts:
     repositories: Repositories
     on_device_revoked: Callable[[str], Awaitable[None]] | None  # re-issue the CRL, cut the broker session
     machine: RolloutMachine
+    wake_rollouts: Callable[[], None] | None  # the rollout engine steps now, not at its next tick
 
     async def command(self, work: Callable[[Session], T], *, action: str, target: str) -> T:
         """Runs one domain command in one transaction; its refusal fails the call named

@@ -52,6 +52,7 @@ class OperatorService(
         on_device_revoked: Callable[[str], Awaitable[None]] | None = None,
         rollout_config: EngineConfig | None = None,
         rate_limit: RateLimit | None = None,
+        wake_rollouts: Callable[[], None] | None = None,
     ) -> None:
         self.guard = CallGuard(db=db, rate_limit=rate_limit)
         self.db = db
@@ -59,4 +60,5 @@ class OperatorService(
         self.notifier = notifier
         self.repositories = repositories
         self.on_device_revoked = on_device_revoked  # e.g. re-issue the CRL and cut the broker session
+        self.wake_rollouts = wake_rollouts  # the rollout engine steps now, not at its next tick
         self.machine = RolloutMachine(repositories, rollout_config or EngineConfig())

@@ -50,11 +50,14 @@ class RolloutRpcs(OperatorParts):
             spec = convert.spec(request)
         except convert.InvalidRollout as exc:
             raise refused(exc, action="rollout.create", target=request.name) from exc
-        return await self.command(
+        created = await self.command(
             lambda s: commands.describe(s, commands.create(s, spec, actor=who.actor)),
             action="rollout.create",
             target=request.name,
         )
+        if self.wake_rollouts is not None:
+            self.wake_rollouts()  # its first wave starts now, not at the engine's next tick
+        return created
 
     async def GetRollout(
         self, request: operator_pb2.GetRolloutRequest, context: Context
@@ -88,6 +91,8 @@ class RolloutRpcs(OperatorParts):
 
         described, nudge = await self.command(control, action=action, target=_target(request.rollout))
         self.notifier.changed(nudge)
+        if self.wake_rollouts is not None:
+            self.wake_rollouts()  # a resumed or advanced rollout moves now
         return bounded_devices(described)
 
 

@@ -275,6 +275,7 @@ async def _start(
     # host reads); revocations.follow is the slower check behind it.
     feed.on_revoked(revocations.heard_revocation)
     rollout_config = EngineConfig(tick_seconds=settings.rollout_tick_seconds)
+    rollouts = RolloutEngine(db=db, repositories=repositories, notifier=notifier, config=rollout_config)
     operator_service = OperatorService(
         db=db,
         blobs=blobs,
@@ -282,6 +283,7 @@ async def _start(
         repositories=repositories,
         on_device_revoked=revocations.device_revoked,
         rollout_config=rollout_config,
+        wake_rollouts=rollouts.wake,
     )
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(operator_service, grpc_server.server)
     health = ControlPlaneHealth()
@@ -302,7 +304,6 @@ async def _start(
             "upkeep",
         )
     )
-    rollouts = RolloutEngine(db=db, repositories=repositories, notifier=notifier, config=rollout_config)
     rollouts.start()
     stack.push_async_callback(rollouts.stop)
     return RunningControlPlane(

@@ -24,8 +24,10 @@ A device missing from the read (revoked or removed) is not announced to: revocat
 broker session (trust/revocation.py), and its next poll is refused.
 
 Threads: ``announce`` runs on the event loop and never blocks; one task reads and hands each
-batch to paho on a worker thread; paho's network thread (``loop_start``) sends and reconnects
-with paho's own backoff.
+batch to paho on a thread of its own (not the loop's default executor: after a deploy that one
+is busy with the devices' status reports, and a batch queued behind them reached its devices
+seconds late); paho's network thread (``loop_start``) sends and reconnects with paho's own
+backoff.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import logging
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -81,6 +84,7 @@ class BrokerNotices:
         self._connected = threading.Event()
         self._pending: dict[str, None] = {}  # insertion-ordered set of device ids to announce
         self._task: asyncio.Task[None] | None = None
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-notices")
         self.announced = 0  # notices handed to paho
         self.dropped = 0  # notices not sent because the broker was away (devices poll instead)
         self.failed_reads = 0  # batches whose read failed (their devices poll instead)
@@ -110,6 +114,7 @@ class BrokerNotices:
         if client is not None:
             await asyncio.to_thread(_disconnect, client)
         self._connected.clear()
+        self._publisher.shutdown(wait=False)
 
     def announce(self, device_ids: list[str]) -> None:
         """Queues these devices' current desired state for announcing (event loop; never blocks).
@@ -140,7 +145,7 @@ class BrokerNotices:
                 self.failed_reads += 1
                 log.exception("could not read %d devices' desired state to announce them", len(batch))
                 continue
-            await asyncio.to_thread(self._publish_all, states)
+            await asyncio.get_running_loop().run_in_executor(self._publisher, self._publish_all, states)
         if self.announced > before:
             log.info(
                 "announced %d devices' desired state in %.2f s",

@@ -42,6 +42,12 @@ class RolloutEngine:
         self.leading = False
         self.steps = 0  # rollout steps taken while leading, for tests and metrics
         self._task: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Steps the rollouts now instead of at the next tick: one was just created or
+        controlled through this replica (a replica that does not lead steps nothing)."""
+        self._woken.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="rollout-engine")
@@ -71,8 +77,10 @@ class RolloutEngine:
 
     async def _run(self) -> None:
         while True:
+            self._woken.clear()  # a wake during the tick makes the next one start at once
             try:
                 await self.tick()
             except Exception:
                 log.exception("rollout engine tick failed; retrying in %.1fs", self.config.tick_seconds)
-            await asyncio.sleep(self.config.tick_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.config.tick_seconds)
