@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,16 +175,13 @@ async def install(
     )
     attempt = attempt_of(record, generation)
     lifecycle = steps.lifecycle
-    lifecycle.fire(
-        Event.FETCH_STARTED,
-        replace(lifecycle.state, desired_generation=generation),
+    path = await steps.fetch(
+        stub,
+        info,
         generation=generation,
         detail=f"{verified.name}: LoRA adapter over {base_ref(base)}",
         attempt=attempt,
     )
-    with typed_os_errors():
-        path = await steps.store.fetch(stub, info)
-    lifecycle.fire(Event.FETCHED, generation=generation)
     lifecycle.fire(
         Event.LOAD_STARTED,
         generation=generation,

@@ -140,16 +140,9 @@ class Steps:
         attempt = attempt_of(record, generation)
         lifecycle = self.lifecycle
         # The guard refuses a load that crashed the agent too often before anything downloads.
-        lifecycle.fire(
-            Event.FETCH_STARTED,
-            replace(lifecycle.state, desired_generation=generation),
-            generation=generation,
-            detail=f"{verified.name}: {selection.reason}",
-            attempt=attempt,
+        path = await self.fetch(
+            stub, info, generation=generation, detail=f"{verified.name}: {selection.reason}", attempt=attempt
         )
-        with typed_os_errors():
-            path = await self.store.fetch(stub, info)
-        lifecycle.fire(Event.FETCHED, generation=generation)
 
         # The marker is persisted before the load: a process that dies inside it leaves it
         # behind, and the next one counts the crash (AgentState.after_restart).
@@ -182,6 +175,29 @@ class Steps:
         finally:
             if old is not None and old is not runtime:
                 await self.retire(old)  # in-flight requests on the old release finish first
+
+    async def fetch(
+        self,
+        stub: device_pb2_grpc.DeviceServiceStub,
+        info: rel.ArtifactInfo,
+        *,
+        generation: int,
+        detail: str,
+        attempt: LoadAttempt,
+    ) -> Path:
+        """Downloads and verifies one artifact of an install, its lifecycle steps around it."""
+        lifecycle = self.lifecycle
+        lifecycle.fire(
+            Event.FETCH_STARTED,
+            replace(lifecycle.state, desired_generation=generation),
+            generation=generation,
+            detail=detail,
+            attempt=attempt,
+        )
+        with typed_os_errors():
+            path = await self.store.fetch(stub, info)
+        lifecycle.fire(Event.FETCHED, generation=generation)
+        return path
 
     async def reload(
         self, records: list[InstallRecord], settings: EffectiveSettings, generation: int
