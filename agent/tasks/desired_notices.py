@@ -44,6 +44,10 @@ LOST_POLL_DELAY_S = (1.0, 5.0)  # after losing the broker, poll once within this
 POLL_TIMEOUT_S = 30.0
 
 
+class NoGetDesiredState(Exception):
+    """The control plane predates GetDesiredState (UNIMPLEMENTED): the agent holds a stream."""
+
+
 class NoticeRefused(ValueError):
     """A message on the desired topic that is not a DesiredState within bounds."""
 
@@ -118,7 +122,7 @@ class DesiredNotices:
 
 async def ask_desired(link: DeviceLink, known_generation: int) -> device_pb2.DesiredState:
     """One GetDesiredState call; raises DeviceRevoked, ControlPlaneUnavailable, or
-    NotImplementedError for a control plane without the call."""
+    NoGetDesiredState for a control plane without the call."""
     request = device_pb2.GetDesiredStateRequest(known_generation=known_generation)
     try:
         state: device_pb2.DesiredState = await link.stub.GetDesiredState(request, timeout=POLL_TIMEOUT_S)
@@ -127,7 +131,7 @@ async def ask_desired(link: DeviceLink, known_generation: int) -> device_pb2.Des
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             raise DeviceRevoked(exc.details() or "device credential refused") from exc
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            raise NotImplementedError("the control plane has no GetDesiredState") from exc
+            raise NoGetDesiredState("the control plane has no GetDesiredState") from exc
         raise ControlPlaneUnavailable(f"desired state: {exc.code().name}: {exc.details()}") from exc
 
 
@@ -152,7 +156,7 @@ async def follow_notices(
             async for attempt in retrying(max_wait_seconds=every_deaf):
                 with attempt:
                     state = await ask_desired(link, updater.state.applied_generation)
-        except NotImplementedError:
+        except NoGetDesiredState:
             log.warning("the control plane predates desired-state notices; holding a stream instead")
             await watch_desired(link, updater, desired)
             return
