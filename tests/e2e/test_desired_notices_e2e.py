@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 
 IDLE_S = 2.0  # --controlplane-idle-seconds
 POLL_WITHOUT_BROKER_S = 2.0  # --desired-poll-without-broker-seconds
+SERVER_IDLE_S = 5.0  # the control plane's --max-connection-idle-seconds
 
 
 @pytest.fixture
@@ -37,6 +38,9 @@ def fleet(tmp_path: Path, smollm2_path: Path) -> Iterator[tuple[Fleet, Broker]]:
         keys=keys,
         mqtt=broker.url,
         agent_ports=[free_port(), free_port()],
+        # The control plane's backstop too (default ten minutes): on a loaded machine gRPC's
+        # client idle timer alone sometimes kept a connection past the wait below.
+        serve_options=["--max-connection-idle-seconds", str(SERVER_IDLE_S)],
         agent_options=[
             "--controlplane-idle-seconds",
             str(IDLE_S),
@@ -93,7 +97,7 @@ def test_deploys_arrive_as_notices_idle_agents_hold_no_connection_and_polls_cove
     wait_for(
         "the agents to let their control-plane connections go",
         lambda: all(device_connections(agent, cluster) == 0 for agent in cluster.agents),
-        timeout=IDLE_S + 30,
+        timeout=2 * SERVER_IDLE_S + 50,
     )
 
     started = time.monotonic()
